@@ -1,0 +1,161 @@
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use tron_service::config::duration;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Where Forward clients connect.
+    pub listen: SocketAddr,
+    /// `/metrics` and `/health`.
+    #[serde(default = "default_metrics_listen")]
+    pub metrics_listen: SocketAddr,
+    /// Name sent in the handshake's PONG.
+    #[serde(default = "default_hostname")]
+    pub hostname: String,
+    /// TLS material. Required unless `plaintext = true`.
+    pub tls: Option<TlsConfig>,
+    /// Accept unencrypted TCP. Only for a trusted network.
+    #[serde(default)]
+    pub plaintext: bool,
+    pub security: Option<SecurityConfig>,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    pub kafka: KafkaConfig,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// When set, clients must present a certificate signed by this CA (mutual TLS).
+    pub client_ca: Option<PathBuf>,
+}
+
+/// The Forward handshake: fluentd `<security>` / fluent-bit `Shared_Key`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityConfig {
+    pub shared_key: String,
+    /// When non-empty, clients must also send one of these user names and its password.
+    #[serde(default)]
+    pub users: Vec<UserConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserConfig {
+    pub username: String,
+    pub password: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub max_frame_bytes: usize,
+    pub max_decompressed_bytes: usize,
+    pub max_entries_per_chunk: usize,
+    /// Decoded records waiting for Kafka, across all connections. Past it, sockets are not read.
+    pub max_inflight_bytes: usize,
+    pub max_connections: usize,
+    #[serde(with = "duration")]
+    pub handshake_timeout: Duration,
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_frame_bytes: 16 << 20,
+            max_decompressed_bytes: 64 << 20,
+            max_entries_per_chunk: 1_000_000,
+            max_inflight_bytes: 256 << 20,
+            max_connections: 1024,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub default_topic: String,
+    /// Ordered; the first pattern that matches the tag picks the topic.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    /// Record field whose value becomes the message key (none: no key, round-robin).
+    pub key_field: Option<String>,
+    #[serde(default = "default_linger", with = "duration")]
+    pub linger: Duration,
+    #[serde(default = "default_batch_bytes")]
+    pub batch_bytes: usize,
+    #[serde(default = "default_compression")]
+    pub compression: String,
+    /// How long one record may wait for Kafka before its chunk is failed (the client re-sends).
+    #[serde(default = "default_delivery_timeout", with = "duration")]
+    pub delivery_timeout: Duration,
+    /// Passed to librdkafka as they are; they win over the settings above.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Fluentd-style tag pattern: `*` is one tag part, `**` any number of parts.
+    pub pattern: String,
+    pub topic: String,
+}
+
+fn default_metrics_listen() -> SocketAddr {
+    "127.0.0.1:9465".parse().expect("valid")
+}
+fn default_hostname() -> String {
+    std::env::var("HOSTNAME").unwrap_or_else(|_| "tron-relay".into())
+}
+fn default_linger() -> Duration {
+    Duration::from_millis(20)
+}
+fn default_batch_bytes() -> usize {
+    1 << 20
+}
+fn default_compression() -> String {
+    "lz4".into()
+}
+fn default_delivery_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+impl RelayConfig {
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let bad = |k: &str, m: &str| Err((k.to_string(), m.to_string()));
+        if self.tls.is_none() && !self.plaintext {
+            return bad("tls", "missing: set [tls] cert and key, or plaintext = true for a trusted network");
+        }
+        if self.tls.is_some() && self.plaintext {
+            return bad("plaintext", "cannot be true when [tls] is set");
+        }
+        if !["none", "gzip", "snappy", "lz4", "zstd"].contains(&self.kafka.compression.as_str()) {
+            return bad("kafka.compression", "must be one of none, gzip, snappy, lz4, zstd");
+        }
+        if self.limits.max_inflight_bytes < self.limits.max_decompressed_bytes.min(self.limits.max_frame_bytes) {
+            return bad("limits.max_inflight_bytes", "must be at least the frame limit, or a single chunk could never pass");
+        }
+        if self.kafka.default_topic.is_empty() {
+            return bad("kafka.default_topic", "must not be empty");
+        }
+        for (i, r) in self.kafka.routes.iter().enumerate() {
+            if r.topic.is_empty() {
+                return Err((format!("kafka.routes[{i}].topic"), "must not be empty".into()));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,179 @@
+//! One client connection: optional shared-key handshake, then frames → Kafka → acks.
+//!
+//! Every decoded chunk takes its decoded size from a relay-wide byte budget before it is handed
+//! to Kafka and gives it back when Kafka has answered. While the budget is spent this loop does
+//! not read the socket, so overload becomes TCP backpressure instead of memory growth.
+
+use crate::kafka::Kafka;
+use crate::route::Router;
+use forward::handshake::{Helo, Pong};
+use forward::{EventBatch, Frame, Limits, ServerCodec};
+use futures::{SinkExt, StreamExt};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use tron_service::Shutdown;
+
+pub struct Context {
+    pub kafka: Kafka,
+    pub router: Router,
+    pub limits: Limits,
+    pub budget: Arc<Semaphore>,
+    pub max_inflight_bytes: usize,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub security: Option<Security>,
+}
+
+pub struct Security {
+    pub hostname: String,
+    pub shared_key: String,
+    pub users: Vec<(String, String)>,
+}
+
+pub async fn serve<S>(stream: S, peer: SocketAddr, ctx: Arc<Context>, shutdown: Shutdown)
+where
+    S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let mut framed = Framed::new(stream, ServerCodec::new(ctx.limits));
+    if let Some(security) = &ctx.security {
+        if let Err(reason) = handshake(&mut framed, security, ctx.handshake_timeout).await {
+            tracing::warn!(%peer, %reason, "handshake refused");
+            metrics::counter!("tron_relay_connections_refused_total", "reason" => "handshake").increment(1);
+            return;
+        }
+    }
+    let (mut sink, mut frames) = framed.split();
+    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let writer = tokio::spawn(async move {
+        while let Some(ack) = ack_rx.recv().await {
+            if sink.send(ack).await.is_err() {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    // A failed delivery closes the connection: the client then re-sends its unacked chunks
+    // instead of waiting for an ack time-out.
+    let failed = CancellationToken::new();
+    let mut deliveries = JoinSet::new();
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = shutdown.wait() => break,
+            _ = failed.cancelled() => break,
+            Some(_) = deliveries.join_next(), if !deliveries.is_empty() => continue,
+            next = tokio::time::timeout(ctx.idle_timeout, frames.next()) => next,
+        };
+        let frame = match next {
+            Err(_) => {
+                tracing::debug!(%peer, "idle time-out; closing");
+                break;
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                tracing::warn!(%peer, error = %e, "malformed frame; closing connection");
+                metrics::counter!("tron_relay_frames_rejected_total", "reason" => e.reason()).increment(1);
+                break;
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        let batch = match frame {
+            Frame::Heartbeat => continue,
+            Frame::Ping(_) => {
+                tracing::warn!(%peer, "PING outside a handshake; closing connection");
+                metrics::counter!("tron_relay_frames_rejected_total", "reason" => "unexpected_ping").increment(1);
+                break;
+            }
+            Frame::Events(batch) => batch,
+        };
+        metrics::counter!("tron_relay_chunks_received_total").increment(1);
+        metrics::counter!("tron_relay_records_received_total").increment(batch.entries.len() as u64);
+        let cost = batch.decoded_bytes().clamp(1, ctx.max_inflight_bytes) as u32;
+        let permit = tokio::select! {
+            _ = shutdown.wait() => break,
+            permit = ctx.budget.clone().acquire_many_owned(cost) => permit.expect("budget semaphore is never closed"),
+        };
+        metrics::gauge!("tron_relay_inflight_bytes").increment(cost as f64);
+        let ctx = ctx.clone();
+        let ack_tx = ack_tx.clone();
+        let failed = failed.clone();
+        deliveries.spawn(async move {
+            deliver(&ctx, &batch, peer, &ack_tx, &failed).await;
+            metrics::gauge!("tron_relay_inflight_bytes").decrement(cost as f64);
+            drop(permit);
+        });
+    }
+    // Finish what was accepted: every chunk already read is delivered and, if it succeeds, acked.
+    while deliveries.join_next().await.is_some() {}
+    drop(ack_tx);
+    let _ = writer.await;
+}
+
+async fn deliver(
+    ctx: &Context,
+    batch: &EventBatch,
+    peer: SocketAddr,
+    acks: &mpsc::UnboundedSender<Vec<u8>>,
+    failed: &CancellationToken,
+) {
+    let topic = ctx.router.topic(&batch.tag);
+    match ctx.kafka.deliver(topic, &batch.tag, &batch.entries).await {
+        Ok(()) => {
+            metrics::counter!("tron_relay_records_delivered_total").increment(batch.entries.len() as u64);
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as i64;
+            let latency = metrics::histogram!("tron_relay_event_to_kafka_seconds");
+            for e in &batch.entries {
+                latency.record((now - e.time.unix_nanos()).max(0) as f64 / 1e9);
+            }
+            if let Some(ack) = batch.ack() {
+                metrics::counter!("tron_relay_chunks_acked_total").increment(1);
+                let _ = acks.send(ack);
+            }
+        }
+        Err(e) => {
+            tracing::warn!(%peer, tag = %batch.tag, records = batch.entries.len(), error = %e, "chunk not delivered; not acked");
+            metrics::counter!("tron_relay_delivery_failures_total", "reason" => e.reason()).increment(1);
+            failed.cancel();
+        }
+    }
+}
+
+async fn handshake<S>(framed: &mut Framed<S, ServerCodec>, security: &Security, timeout: Duration) -> Result<(), String>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let helo = Helo {
+        nonce: hex_nonce(),
+        auth_salt: if security.users.is_empty() { Vec::new() } else { hex_nonce() },
+        keepalive: true,
+    };
+    framed.send(helo.encode()).await.map_err(|e| format!("sending HELO: {e}"))?;
+    let ping = match tokio::time::timeout(timeout, framed.next()).await {
+        Err(_) => return Err(format!("no PING within {timeout:?}")),
+        Ok(None) => return Err("closed during handshake".into()),
+        Ok(Some(Err(e))) => return Err(format!("bad PING: {e}")),
+        Ok(Some(Ok(Frame::Ping(ping)))) => ping,
+        Ok(Some(Ok(_))) => return Err("sent events before completing the handshake".into()),
+    };
+    match ping.verify(&helo, &security.shared_key, &security.users) {
+        Ok(()) => {
+            let pong = Pong::accept(&ping, &helo, &security.hostname, &security.shared_key);
+            framed.send(pong.encode()).await.map_err(|e| format!("sending PONG: {e}"))
+        }
+        Err(reason) => {
+            let _ = framed.send(Pong::reject(&reason).encode()).await;
+            Err(format!("{reason} (client hostname {:?})", ping.hostname))
+        }
+    }
+}
+
+fn hex_nonce() -> Vec<u8> {
+    let bytes: [u8; 16] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect::<String>().into_bytes()
+}

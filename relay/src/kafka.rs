@@ -1,0 +1,141 @@
+//! Delivers a chunk's records to Kafka and answers only when every one of them is acknowledged.
+
+use crate::config::KafkaConfig;
+use forward::{json, Entry};
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use std::time::Duration;
+
+pub struct Kafka {
+    producer: FutureProducer,
+    key_field: Option<String>,
+}
+
+/// Why a chunk was not delivered; the label goes into `tron_relay_delivery_failures_total`.
+#[derive(Debug, thiserror::Error)]
+pub enum DeliveryError {
+    #[error("topic {topic}: record too large for Kafka: {error}")]
+    TooLarge { topic: String, error: KafkaError },
+    #[error("topic {topic}: {error}")]
+    Kafka { topic: String, error: KafkaError },
+    #[error("producer shut down before delivery was confirmed")]
+    Canceled,
+}
+
+impl DeliveryError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DeliveryError::TooLarge { .. } => "too_large",
+            DeliveryError::Kafka { error, .. } => match error.rdkafka_error_code() {
+                Some(RDKafkaErrorCode::MessageTimedOut) => "timed_out",
+                Some(RDKafkaErrorCode::UnknownTopicOrPartition) | Some(RDKafkaErrorCode::UnknownTopic) => {
+                    "unknown_topic"
+                }
+                _ => "kafka_error",
+            },
+            DeliveryError::Canceled => "canceled",
+        }
+    }
+}
+
+impl Kafka {
+    pub fn new(cfg: &KafkaConfig) -> anyhow::Result<Self> {
+        let mut client = ClientConfig::new();
+        client
+            .set("bootstrap.servers", &cfg.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", cfg.linger.as_millis().to_string())
+            .set("batch.size", cfg.batch_bytes.to_string())
+            .set("compression.type", &cfg.compression)
+            .set("message.timeout.ms", cfg.delivery_timeout.as_millis().to_string())
+            // The relay's own in-flight bound is the real limit; librdkafka's queue must never
+            // be the one that refuses, so it is sized above it.
+            .set("queue.buffering.max.messages", "2000000")
+            .set("queue.buffering.max.kbytes", "2097151");
+        for (k, v) in &cfg.properties {
+            client.set(k, v);
+        }
+        let producer: FutureProducer = client.create()?;
+        Ok(Kafka { producer, key_field: cfg.key_field.clone() })
+    }
+
+    /// Produces every entry and waits for all acknowledgements.
+    pub async fn deliver(&self, topic: &str, tag: &str, entries: &[Entry]) -> Result<(), DeliveryError> {
+        let mut pending = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let record = match &entry.record {
+                rmpv::Value::Map(pairs) => json::to_json_map(pairs),
+                _ => serde_json::Map::new(),
+            };
+            let key = self.key_field.as_ref().and_then(|f| record.get(f)).map(|v| match v {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            });
+            let payload = serde_json::to_vec(&record).expect("JSON maps always serialize");
+            let time_ns = entry.time.unix_nanos().to_string();
+            let headers = OwnedHeaders::new()
+                .insert(Header { key: "tag", value: Some(tag) })
+                .insert(Header { key: "event_time_ns", value: Some(&time_ns) });
+            let mut rec = FutureRecord::to(topic)
+                .payload(&payload)
+                .timestamp(entry.time.unix_millis())
+                .headers(headers);
+            if let Some(k) = &key {
+                rec = rec.key(k.as_str());
+            }
+            loop {
+                match self.producer.send_result(rec) {
+                    Ok(fut) => {
+                        pending.push(fut);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        rec = back;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((error, _)) => return Err(classify(topic, error)),
+                }
+            }
+        }
+        let mut first_error = None;
+        for fut in pending {
+            let outcome = match fut.await {
+                Ok(Ok(_)) => continue,
+                Ok(Err((error, _))) => classify(topic, error),
+                Err(_) => DeliveryError::Canceled,
+            };
+            first_error.get_or_insert(outcome);
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Waits for everything queued to be acknowledged, up to `timeout`.
+    pub fn flush(&self, timeout: Duration) -> anyhow::Result<()> {
+        self.producer.flush(timeout)?;
+        Ok(())
+    }
+
+    /// Whether the cluster answers a metadata request, for `/health`.
+    pub fn reachable(&self, timeout: Duration) -> Result<(), String> {
+        self.producer
+            .client()
+            .fetch_metadata(None, timeout)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn classify(topic: &str, error: KafkaError) -> DeliveryError {
+    let too_large = matches!(
+        error.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::MessageSizeTooLarge) | Some(RDKafkaErrorCode::InvalidMessageSize)
+    );
+    if too_large {
+        DeliveryError::TooLarge { topic: topic.to_string(), error }
+    } else {
+        DeliveryError::Kafka { topic: topic.to_string(), error }
+    }
+}

@@ -1,0 +1,121 @@
+//! tron-relay: Forward protocol in (TLS), Kafka out; a chunk is acked only once Kafka has all of it.
+
+mod config;
+mod connection;
+mod kafka;
+mod route;
+mod server;
+
+use anyhow::Context as _;
+use clap::Parser;
+use config::RelayConfig;
+use connection::{Context, Security};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+use tron_service::{config as cfgload, http, systemd, telemetry, tls, Health, Shutdown};
+
+#[derive(Parser)]
+#[command(version, about = "Accepts Fluentd Forward protocol over TLS and acks each chunk only after Kafka has it")]
+struct Args {
+    /// Configuration file.
+    #[arg(short, long, default_value = "/etc/tron/relay.toml")]
+    config: PathBuf,
+    /// Validate the configuration and exit (0 valid, 1 invalid).
+    #[arg(long)]
+    check_config: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    telemetry::init_logging();
+    let cfg = match cfgload::load(&args.config, RelayConfig::validate) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("tron-relay: invalid configuration: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.check_config {
+        println!("{}: configuration is valid", args.config.display());
+        return ExitCode::SUCCESS;
+    }
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match runtime.block_on(run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
+    tls::install_default_provider();
+    let metrics = telemetry::init_metrics()?;
+    let health = Health::new();
+    let shutdown = Shutdown::new();
+    shutdown.on_signals()?;
+
+    let tls = match &cfg.tls {
+        Some(t) => {
+            let server = tls::server_config(&t.cert, &t.key, t.client_ca.as_deref())?;
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(server)))
+        }
+        None => None,
+    };
+    let ctx = Arc::new(Context {
+        kafka: kafka::Kafka::new(&cfg.kafka).context("creating the Kafka producer")?,
+        router: route::Router::new(
+            cfg.kafka.routes.iter().map(|r| (r.pattern.clone(), r.topic.clone())),
+            cfg.kafka.default_topic.clone(),
+        ),
+        limits: forward::Limits {
+            max_frame_bytes: cfg.limits.max_frame_bytes,
+            max_decompressed_bytes: cfg.limits.max_decompressed_bytes,
+            max_entries_per_chunk: cfg.limits.max_entries_per_chunk,
+        },
+        budget: Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_inflight_bytes)),
+        max_inflight_bytes: cfg.limits.max_inflight_bytes,
+        handshake_timeout: cfg.limits.handshake_timeout,
+        idle_timeout: cfg.limits.idle_timeout,
+        security: cfg.security.as_ref().map(|s| Security {
+            hostname: cfg.hostname.clone(),
+            shared_key: s.shared_key.clone(),
+            users: s.users.iter().map(|u| (u.username.clone(), u.password.clone())).collect(),
+        }),
+    });
+
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("binding listen = {}", cfg.listen))?;
+    let metrics_addr = http::serve(cfg.metrics_listen, metrics, health.clone(), shutdown.clone())
+        .await
+        .with_context(|| format!("binding metrics_listen = {}", cfg.metrics_listen))?;
+    spawn_kafka_health(ctx.clone(), health.clone(), shutdown.clone());
+    tracing::info!(listen = %cfg.listen, metrics = %metrics_addr, tls = cfg.tls.is_some(), "tron-relay ready");
+    systemd::ready();
+    systemd::spawn_watchdog(|| true);
+
+    server::run(listener, ctx.clone(), tls, cfg.limits.max_connections, shutdown).await;
+    let kafka_ctx = ctx.clone();
+    tokio::task::spawn_blocking(move || kafka_ctx.kafka.flush(Duration::from_secs(30))).await??;
+    tracing::info!("drained; bye");
+    Ok(())
+}
+
+fn spawn_kafka_health(ctx: Arc<Context>, health: Health, shutdown: Shutdown) {
+    tokio::spawn(async move {
+        while !shutdown.is_triggered() {
+            let c = ctx.clone();
+            let result = tokio::task::spawn_blocking(move || c.kafka.reachable(Duration::from_secs(5))).await;
+            match result {
+                Ok(Ok(())) => health.up("kafka"),
+                Ok(Err(e)) => health.down("kafka", format!("brokers unreachable: {e}")),
+                Err(e) => health.down("kafka", e.to_string()),
+            }
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+    });
+}

@@ -1,0 +1,63 @@
+//! Accepts connections (TLS unless configured otherwise), caps how many are open, and drains them
+//! on shutdown.
+
+use crate::connection::{self, Context};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::task::TaskTracker;
+use tron_service::Shutdown;
+
+pub async fn run(listener: TcpListener, ctx: Arc<Context>, tls: Option<TlsAcceptor>, max_connections: usize, shutdown: Shutdown) {
+    let slots = Arc::new(Semaphore::new(max_connections));
+    let tracker = TaskTracker::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.wait() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, max_connections, "connection refused: connection limit reached");
+            metrics::counter!("tron_relay_connections_refused_total", "reason" => "connection_limit").increment(1);
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let ctx = ctx.clone();
+        let tls = tls.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            metrics::gauge!("tron_relay_connections").increment(1.0);
+            match tls {
+                Some(acceptor) => {
+                    let handshake = tokio::time::timeout(ctx.handshake_timeout, acceptor.accept(tcp)).await;
+                    match handshake {
+                        Ok(Ok(stream)) => connection::serve(stream, peer, ctx, shutdown).await,
+                        Ok(Err(e)) => {
+                            tracing::warn!(%peer, error = %e, "TLS handshake failed");
+                            metrics::counter!("tron_relay_connections_refused_total", "reason" => "tls").increment(1);
+                        }
+                        Err(_) => {
+                            tracing::warn!(%peer, "TLS handshake timed out");
+                            metrics::counter!("tron_relay_connections_refused_total", "reason" => "tls_timeout").increment(1);
+                        }
+                    }
+                }
+                None => connection::serve(tcp, peer, ctx, shutdown).await,
+            }
+            metrics::gauge!("tron_relay_connections").decrement(1.0);
+            drop(slot);
+        });
+    }
+    tracker.close();
+    tracing::info!(open = tracker.len(), "listener closed; waiting for open connections to finish their chunks");
+    tracker.wait().await;
+}

@@ -1,0 +1,169 @@
+//! Loads one TOML file into a typed config. Unknown keys and bad values fail with the key's path
+//! (`destinations.s3.bucket`), what was wrong, and the file; `${NAME}` is replaced by the
+//! environment variable NAME so secrets stay out of the file.
+
+use serde::de::DeserializeOwned;
+use std::path::{Path, PathBuf};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: ${{{var}}} is used but the environment variable {var} is not set")]
+    MissingEnv { path: PathBuf, var: String },
+    #[error("{path}: key `{key}`: {message}")]
+    Invalid { path: PathBuf, key: String, message: String },
+    #[error("{path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+}
+
+/// Reads, expands and parses `path`; `validate` adds checks serde cannot express and returns
+/// `(key path, message)` for the first problem.
+pub fn load<T, F>(path: &Path, validate: F) -> Result<T, ConfigError>
+where
+    T: DeserializeOwned,
+    F: FnOnce(&T) -> Result<(), (String, String)>,
+{
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    parse(&text, path, validate)
+}
+
+pub fn parse<T, F>(text: &str, path: &Path, validate: F) -> Result<T, ConfigError>
+where
+    T: DeserializeOwned,
+    F: FnOnce(&T) -> Result<(), (String, String)>,
+{
+    let text = expand_env(text, |name| std::env::var(name).ok())
+        .map_err(|var| ConfigError::MissingEnv { path: path.into(), var })?;
+    let de = toml::Deserializer::new(&text);
+    let value: T = serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let message = first_line(&e.inner().message().to_string());
+        if key == "." {
+            ConfigError::Syntax { path: path.into(), message: e.inner().to_string().trim().to_string() }
+        } else {
+            ConfigError::Invalid { path: path.into(), key, message }
+        }
+    })?;
+    validate(&value).map_err(|(key, message)| ConfigError::Invalid { path: path.into(), key, message })?;
+    Ok(value)
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or_default().trim().to_string()
+}
+
+/// Replaces `${NAME}`; `$${` stays a literal `${`. Returns the first unset name as the error.
+pub fn expand_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i..];
+        if after.starts_with("$${") {
+            out.push_str("${");
+            rest = &after[3..];
+        } else if let (true, Some(end)) = (after.starts_with("${"), after.find('}')) {
+            let name = &after[2..end];
+            out.push_str(&lookup(name).ok_or_else(|| name.to_string())?);
+            rest = &after[end + 1..];
+        } else {
+            out.push('$');
+            rest = &after[1..];
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Parses durations written as `500ms`, `30s`, `5m`, `1h`.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 30s, 5m, 1h"))?;
+    let ms = match unit {
+        "ms" => n,
+        "s" | "" => n * 1000,
+        "m" => n * 60_000,
+        "h" => n * 3_600_000,
+        _ => return Err(format!("invalid duration {s:?}: unit must be ms, s, m or h")),
+    };
+    Ok(std::time::Duration::from_millis(ms))
+}
+
+/// Serde adapter for duration fields: `#[serde(with = "tron_service::config::duration")]`.
+pub mod duration {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        super::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+
+    pub fn serialize<S: Serializer>(v: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}ms", v.as_millis()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Top {
+        name: String,
+        inner: Inner,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Inner {
+        size: u32,
+        #[serde(default, with = "duration")]
+        wait: std::time::Duration,
+    }
+
+    fn parse_top(text: &str) -> Result<Top, ConfigError> {
+        parse(text, Path::new("/etc/tron/x.toml"), |_: &Top| Ok(()))
+    }
+
+    #[test]
+    fn unknown_key_names_its_path() {
+        let err = parse_top("name = 'a'\n[inner]\nsize = 1\nsizee = 2\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("/etc/tron/x.toml: key `inner.sizee`: unknown field `sizee`"), "{msg}");
+    }
+
+    #[test]
+    fn wrong_type_names_its_path() {
+        let err = parse_top("name = 'a'\n[inner]\nsize = 'big'\n").unwrap_err();
+        assert!(err.to_string().contains("key `inner.size`: invalid type: string \"big\", expected u32"), "{err}");
+    }
+
+    #[test]
+    fn bad_duration_names_its_path() {
+        let err = parse_top("name = 'a'\n[inner]\nsize = 1\nwait = '5 parsecs'\n").unwrap_err();
+        assert!(err.to_string().contains("key `inner.wait`: invalid duration"), "{err}");
+    }
+
+    #[test]
+    fn env_expansion() {
+        let env = |n: &str| (n == "KEY").then(|| "s3cr3t".to_string());
+        assert_eq!(expand_env("k = \"${KEY}\" $${KEY} $5", env).unwrap(), "k = \"s3cr3t\" ${KEY} $5");
+        assert_eq!(expand_env("${NOPE}", env).unwrap_err(), "NOPE");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap().as_millis(), 250);
+        assert_eq!(parse_duration("2m").unwrap().as_secs(), 120);
+        assert!(parse_duration("2 weeks").is_err());
+    }
+}

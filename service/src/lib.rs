@@ -1,0 +1,12 @@
+//! What every tron daemon shares: strict config loading, tracing, the metrics and health
+//! endpoint, systemd readiness and watchdog, shutdown signals, and TLS material.
+
+pub mod config;
+pub mod http;
+pub mod shutdown;
+pub mod systemd;
+pub mod telemetry;
+pub mod tls;
+
+pub use http::Health;
+pub use shutdown::Shutdown;

