@@ -1,1 +1,211 @@
-fn main(){}
+//! tron-agent: tails log files and ships every line to each configured destination (S3 archive,
+//! relay), each with its own checkpoint; the files on disk are the buffer.
+
+mod checkpoint;
+mod config;
+mod discover;
+mod fingerprint;
+mod parse;
+mod reader;
+mod relay;
+mod s3;
+mod ship;
+
+use anyhow::Context as _;
+use clap::Parser;
+use config::AgentConfig;
+use discover::Registry;
+use notify::Watcher;
+use ship::Shipper;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tron_service::{config as cfgload, http, systemd, telemetry, tls, Health, Shutdown};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "Tails log files and ships every line to S3 and to tron-relay"
+)]
+struct Args {
+    /// Configuration file.
+    #[arg(short, long, default_value = "/etc/tron/agent.toml")]
+    config: PathBuf,
+    /// Validate the configuration and exit (0 valid, 1 invalid).
+    #[arg(long)]
+    check_config: bool,
+}
+
+/// How long SIGTERM waits for outstanding batches before exiting (systemd's stop time-out is
+/// longer, so the process exits on its own).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    telemetry::init_logging();
+    let cfg = match cfgload::load(&args.config, AgentConfig::validate) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("tron-agent: invalid configuration: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.check_config {
+        println!("{}: configuration is valid", args.config.display());
+        return ExitCode::SUCCESS;
+    }
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match runtime.block_on(run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
+    tls::install_default_provider();
+    let metrics = telemetry::init_metrics()?;
+    let health = Health::new();
+    let shutdown = Shutdown::new();
+    shutdown.on_signals()?;
+    let host = cfg.host.clone().unwrap_or_else(system_hostname);
+    std::fs::create_dir_all(&cfg.state_dir)
+        .with_context(|| format!("state_dir {}", cfg.state_dir.display()))?;
+
+    let destinations =
+        cfg.destinations.s3.is_some() as usize + cfg.destinations.relay.is_some() as usize;
+    let registry = Registry::new(&cfg.sources, cfg.files.clone(), destinations);
+    {
+        let r = registry.clone();
+        tokio::task::spawn_blocking(move || r.scan()).await?;
+    }
+    let scan_requested = Arc::new(AtomicBool::new(false));
+    let _watcher = watch_dirs(&registry, scan_requested.clone());
+    spawn_scanner(
+        registry.clone(),
+        scan_requested,
+        cfg.files.scan_interval,
+        shutdown.clone(),
+    );
+
+    let mut shippers = Vec::new();
+    let mut index = 0;
+    if let Some(s3cfg) = &cfg.destinations.s3 {
+        let dest = Arc::new(s3::S3Archive::new(s3cfg, &host).await?);
+        let cp = checkpoint::Checkpointer::open(&cfg.state_dir, "s3")?;
+        let shipper = Shipper::new(
+            dest,
+            index,
+            registry.clone(),
+            cp,
+            cfg.fields.clone(),
+            host.clone(),
+            health.clone(),
+            cfg.files.checkpoint_interval,
+        );
+        shippers.push(tokio::spawn(shipper.run(shutdown.clone(), DRAIN_TIMEOUT)));
+        health.up("s3");
+        index += 1;
+    }
+    if let Some(relay_cfg) = &cfg.destinations.relay {
+        let dest = Arc::new(relay::RelayForwarder::new(
+            relay_cfg,
+            &host,
+            health.clone(),
+        )?);
+        let cp = checkpoint::Checkpointer::open(&cfg.state_dir, "relay")?;
+        let shipper = Shipper::new(
+            dest,
+            index,
+            registry.clone(),
+            cp,
+            cfg.fields.clone(),
+            host.clone(),
+            health.clone(),
+            cfg.files.checkpoint_interval,
+        );
+        shippers.push(tokio::spawn(shipper.run(shutdown.clone(), DRAIN_TIMEOUT)));
+    }
+
+    let metrics_addr = http::serve(
+        cfg.metrics_listen,
+        metrics,
+        health.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .with_context(|| format!("binding metrics_listen = {}", cfg.metrics_listen))?;
+    tracing::info!(%host, metrics = %metrics_addr, files = registry.snapshot().len(), "tron-agent ready");
+    systemd::ready();
+    systemd::spawn_watchdog(|| true);
+
+    for s in shippers {
+        s.await?;
+    }
+    tracing::info!("drained; bye");
+    Ok(())
+}
+
+/// inotify on the directories the globs live in: a change wakes the shippers at once and asks
+/// for a rescan; the periodic scan stays as the safety net.
+fn watch_dirs(
+    registry: &Arc<Registry>,
+    scan_requested: Arc<AtomicBool>,
+) -> Option<notify::RecommendedWatcher> {
+    let r = registry.clone();
+    let mut watcher =
+        match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if let Ok(event) = event {
+                if !matches!(
+                    event.kind,
+                    notify::EventKind::Modify(notify::event::ModifyKind::Data(_))
+                ) {
+                    scan_requested.store(true, Ordering::SeqCst);
+                }
+                r.poke();
+            }
+        }) {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "inotify unavailable; relying on the periodic scan");
+                return None;
+            }
+        };
+    for dir in registry.watch_dirs() {
+        if let Err(e) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch directory; relying on the periodic scan");
+        }
+    }
+    Some(watcher)
+}
+
+fn spawn_scanner(
+    registry: Arc<Registry>,
+    requested: Arc<AtomicBool>,
+    every: Duration,
+    shutdown: Shutdown,
+) {
+    tokio::spawn(async move {
+        let mut last = Instant::now();
+        while !shutdown.is_triggered() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if requested.swap(false, Ordering::SeqCst) || last.elapsed() >= every {
+                let r = registry.clone();
+                let _ = tokio::task::spawn_blocking(move || r.scan()).await;
+                last = Instant::now();
+            }
+        }
+    });
+}
+
+fn system_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}

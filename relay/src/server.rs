@@ -10,7 +10,13 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 use tron_service::Shutdown;
 
-pub async fn run(listener: TcpListener, ctx: Arc<Context>, tls: Option<TlsAcceptor>, max_connections: usize, shutdown: Shutdown) {
+pub async fn run(
+    listener: TcpListener,
+    ctx: Arc<Context>,
+    tls: Option<TlsAcceptor>,
+    max_connections: usize,
+    shutdown: Shutdown,
+) {
     let slots = Arc::new(Semaphore::new(max_connections));
     let tracker = TaskTracker::new();
     loop {
@@ -58,6 +64,9 @@ pub async fn run(listener: TcpListener, ctx: Arc<Context>, tls: Option<TlsAccept
         });
     }
     tracker.close();
-    tracing::info!(open = tracker.len(), "listener closed; waiting for open connections to finish their chunks");
+    tracing::info!(
+        open = tracker.len(),
+        "listener closed; waiting for open connections to finish their chunks"
+    );
     tracker.wait().await;
 }

@@ -27,7 +27,9 @@ pub fn watchdog_ping() {
 
 /// Pings the watchdog every half period while `alive()` holds, so a wedged process is restarted.
 pub fn spawn_watchdog(alive: impl Fn() -> bool + Send + 'static) {
-    let Some(every) = watchdog_interval() else { return };
+    let Some(every) = watchdog_interval() else {
+        return;
+    };
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(every);
         loop {

@@ -1,0 +1,131 @@
+//! Per-destination checkpoints: for each file identity, the byte offset up to which this
+//! destination has confirmed delivery. Written atomically (temp file, fsync, rename, fsync dir),
+//! so a crash leaves either the old or the new checkpoint, never a torn one.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Checkpoint {
+    pub version: u32,
+    /// Fingerprint (hex) → position.
+    pub files: BTreeMap<String, Position>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Position {
+    pub offset: u64,
+    /// Last path seen, for operators reading the file.
+    pub path: String,
+}
+
+pub struct Checkpointer {
+    path: PathBuf,
+    state: Checkpoint,
+    dirty: bool,
+}
+
+pub fn key(fingerprint: u64) -> String {
+    format!("{fingerprint:016x}")
+}
+
+impl Checkpointer {
+    pub fn open(state_dir: &Path, destination: &str) -> anyhow::Result<Self> {
+        let dir = state_dir.join("checkpoints");
+        std::fs::create_dir_all(&dir)
+            .map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", dir.display()))?;
+        let path = dir.join(format!("{destination}.json"));
+        let state = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| anyhow::anyhow!("{}: corrupt checkpoint: {e}", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Checkpoint {
+                version: 1,
+                ..Default::default()
+            },
+            Err(e) => anyhow::bail!("{}: cannot read checkpoint: {e}", path.display()),
+        };
+        Ok(Checkpointer {
+            path,
+            state,
+            dirty: false,
+        })
+    }
+
+    pub fn get(&self, fingerprint: u64) -> Option<u64> {
+        self.state.files.get(&key(fingerprint)).map(|p| p.offset)
+    }
+
+    pub fn set(&mut self, fingerprint: u64, offset: u64, path: &str) {
+        let entry = self
+            .state
+            .files
+            .entry(key(fingerprint))
+            .or_insert_with(|| Position {
+                offset,
+                path: path.into(),
+            });
+        if entry.offset != offset || entry.path != path {
+            entry.offset = offset;
+            entry.path = path.into();
+            self.dirty = true;
+        }
+    }
+
+    pub fn remove(&mut self, fingerprint: u64) {
+        self.dirty |= self.state.files.remove(&key(fingerprint)).is_some();
+    }
+
+    pub fn save_if_dirty(&mut self) -> std::io::Result<()> {
+        if !self.dirty {
+            return Ok(());
+        }
+        let tmp = self.path.with_extension("json.tmp");
+        {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(&serde_json::to_vec_pretty(&self.state).expect("checkpoint serializes"))?;
+            f.sync_all()?;
+        }
+        std::fs::rename(&tmp, &self.path)?;
+        if let Some(dir) = self.path.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        self.dirty = false;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Checkpointer::open(dir.path(), "s3").unwrap();
+        c.set(7, 100, "/a.log");
+        c.save_if_dirty().unwrap();
+        let c2 = Checkpointer::open(dir.path(), "s3").unwrap();
+        assert_eq!(c2.get(7), Some(100));
+        assert_eq!(
+            Checkpointer::open(dir.path(), "relay").unwrap().get(7),
+            None
+        );
+    }
+
+    #[test]
+    fn corrupt_file_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("checkpoints")).unwrap();
+        std::fs::write(dir.path().join("checkpoints/s3.json"), b"{not json").unwrap();
+        let err = Checkpointer::open(dir.path(), "s3")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("checkpoints/s3.json: corrupt checkpoint"),
+            "{err}"
+        );
+    }
+}

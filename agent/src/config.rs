@@ -1,0 +1,294 @@
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use tron_service::config::duration;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Checkpoints live here (`StateDirectory=` under systemd).
+    pub state_dir: PathBuf,
+    /// This machine's name in records and object keys. Default: the system host name.
+    pub host: Option<String>,
+    #[serde(default = "default_metrics_listen")]
+    pub metrics_listen: SocketAddr,
+    pub sources: Vec<SourceConfig>,
+    #[serde(default)]
+    pub fields: FieldsConfig,
+    #[serde(default)]
+    pub files: FilesConfig,
+    pub destinations: DestinationsConfig,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    pub name: String,
+    pub include: Vec<String>,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    pub tag: String,
+    /// For files already present at start that have no checkpoint. Files that appear later are
+    /// always read from the beginning.
+    #[serde(default)]
+    pub read_from: ReadFrom,
+    #[serde(default)]
+    pub parser: Parser,
+    /// Longer lines are split into parts of this size (counted, never dropped).
+    #[serde(default = "default_max_line_bytes")]
+    pub max_line_bytes: usize,
+    /// JSON field holding the event time; without it (or when absent/unparsable) the read time is used.
+    pub time_field: Option<String>,
+    /// `rfc3339`, `unix`, `unix_ms`, `unix_us`, `unix_ns`, or a strftime pattern.
+    #[serde(default = "default_time_format")]
+    pub time_format: String,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ReadFrom {
+    #[default]
+    Beginning,
+    End,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Parser {
+    #[default]
+    Raw,
+    Json,
+}
+
+/// Names of the fields the agent adds; an empty string switches one off.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct FieldsConfig {
+    pub host: String,
+    pub file: String,
+    pub id: String,
+}
+
+impl Default for FieldsConfig {
+    fn default() -> Self {
+        FieldsConfig {
+            host: "host".into(),
+            file: "file".into(),
+            id: "_id".into(),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct FilesConfig {
+    /// Safety-net rescan of the globs; inotify wakes the agent sooner.
+    #[serde(with = "duration")]
+    pub scan_interval: Duration,
+    /// A file's identity is a hash of its first line, or of this many bytes if the line is longer.
+    pub fingerprint_bytes: usize,
+    /// A rotated file that stopped growing is closed this long after every destination has it.
+    #[serde(with = "duration")]
+    pub rotate_wait: Duration,
+    /// A rotated file is given up (logged, counted) after this long even if a destination lags.
+    #[serde(with = "duration")]
+    pub max_rotated_keep: Duration,
+    #[serde(with = "duration")]
+    pub checkpoint_interval: Duration,
+}
+
+impl Default for FilesConfig {
+    fn default() -> Self {
+        FilesConfig {
+            scan_interval: Duration::from_secs(1),
+            fingerprint_bytes: 256,
+            rotate_wait: Duration::from_secs(5),
+            max_rotated_keep: Duration::from_secs(24 * 3600),
+            checkpoint_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DestinationsConfig {
+    pub s3: Option<S3Config>,
+    pub relay: Option<RelayConfig>,
+}
+
+/// Batching shared by both destinations.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct BatchConfig {
+    /// Uncompressed record bytes in one object or chunk.
+    pub max_bytes: usize,
+    /// A non-full batch is sent this long after its first record (0: as soon as the file has no
+    /// more lines for now).
+    #[serde(with = "duration")]
+    pub max_age: Duration,
+    /// Batches being sent or retried at once.
+    pub max_inflight: usize,
+    /// Bytes of records this destination may hold in memory (open, in flight and retrying).
+    pub max_buffer_bytes: usize,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Config {
+    /// `s3://bucket/prefix` or `file:///directory` (a local stand-in).
+    pub url: String,
+    /// For S3-compatible stores and tests; path-style addressing is used when set.
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    #[serde(default = "default_gzip_level")]
+    pub gzip_level: u32,
+    #[serde(default = "s3_batch")]
+    pub batch: BatchConfig,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Tried in order; on failure the next one is used.
+    pub addresses: Vec<String>,
+    /// CA that signed the relay's certificate. Required unless `plaintext = true`.
+    pub tls_ca: Option<PathBuf>,
+    /// Name to verify in the relay's certificate (default: the address's host).
+    pub tls_server_name: Option<String>,
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    #[serde(default)]
+    pub plaintext: bool,
+    pub shared_key: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    #[serde(default = "default_ack_timeout", with = "duration")]
+    pub ack_timeout: Duration,
+    #[serde(default = "default_gzip_level")]
+    pub gzip_level: u32,
+    #[serde(default = "relay_batch")]
+    pub batch: BatchConfig,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        relay_batch()
+    }
+}
+
+fn relay_batch() -> BatchConfig {
+    BatchConfig {
+        max_bytes: 1 << 20,
+        max_age: Duration::ZERO,
+        max_inflight: 8,
+        max_buffer_bytes: 64 << 20,
+    }
+}
+fn s3_batch() -> BatchConfig {
+    BatchConfig {
+        max_bytes: 32 << 20,
+        max_age: Duration::from_secs(60),
+        max_inflight: 4,
+        max_buffer_bytes: 256 << 20,
+    }
+}
+fn default_metrics_listen() -> SocketAddr {
+    "127.0.0.1:9464".parse().expect("valid")
+}
+fn default_max_line_bytes() -> usize {
+    1 << 20
+}
+fn default_time_format() -> String {
+    "rfc3339".into()
+}
+fn default_gzip_level() -> u32 {
+    6
+}
+fn default_ack_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl AgentConfig {
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let err = |k: String, m: &str| Err((k, m.to_string()));
+        if self.sources.is_empty() {
+            return err("sources".into(), "at least one [[sources]] is required");
+        }
+        for (i, s) in self.sources.iter().enumerate() {
+            if s.include.is_empty() {
+                return err(
+                    format!("sources[{i}].include"),
+                    "at least one glob is required",
+                );
+            }
+            for (j, g) in s.include.iter().chain(&s.exclude).enumerate() {
+                if let Err(e) = glob::Pattern::new(g) {
+                    return Err((
+                        format!("sources[{i}].include/exclude[{j}]"),
+                        format!("invalid glob {g:?}: {e}"),
+                    ));
+                }
+            }
+            if s.max_line_bytes < 64 {
+                return err(
+                    format!("sources[{i}].max_line_bytes"),
+                    "must be at least 64",
+                );
+            }
+            if let Err(m) = crate::parse::TimeFormat::parse(&s.time_format) {
+                return Err((format!("sources[{i}].time_format"), m));
+            }
+        }
+        if self.destinations.s3.is_none() && self.destinations.relay.is_none() {
+            return err(
+                "destinations".into(),
+                "configure [destinations.s3], [destinations.relay], or both",
+            );
+        }
+        if let Some(s3) = &self.destinations.s3 {
+            if !(s3.url.starts_with("s3://") || s3.url.starts_with("file://")) {
+                return err(
+                    "destinations.s3.url".into(),
+                    "must start with s3:// or file://",
+                );
+            }
+            check_batch("destinations.s3.batch", &s3.batch)?;
+        }
+        if let Some(r) = &self.destinations.relay {
+            if r.addresses.is_empty() {
+                return err(
+                    "destinations.relay.addresses".into(),
+                    "at least one host:port is required",
+                );
+            }
+            if r.tls_ca.is_none() && !r.plaintext {
+                return err(
+                    "destinations.relay.tls_ca".into(),
+                    "missing: set the relay's CA, or plaintext = true",
+                );
+            }
+            if r.client_cert.is_some() != r.client_key.is_some() {
+                return err(
+                    "destinations.relay.client_cert".into(),
+                    "client_cert and client_key go together",
+                );
+            }
+            check_batch("destinations.relay.batch", &r.batch)?;
+        }
+        Ok(())
+    }
+}
+
+fn check_batch(key: &str, b: &BatchConfig) -> Result<(), (String, String)> {
+    if b.max_inflight == 0 {
+        return Err((format!("{key}.max_inflight"), "must be at least 1".into()));
+    }
+    if b.max_buffer_bytes < b.max_bytes {
+        return Err((
+            format!("{key}.max_buffer_bytes"),
+            "must be at least max_bytes".into(),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,425 @@
+//! The set of files being tailed, keyed by content identity (fingerprint), kept open so that a
+//! renamed or deleted file can still be read to its end by every destination.
+//!
+//! A scan (every `scan_interval`, sooner when inotify reports a change) expands the globs and
+//! notices: new files, files renamed away (rotation), files whose content was replaced under the
+//! same inode (copytruncate), and rotated files that every destination has finished.
+
+use crate::config::{FilesConfig, ReadFrom, SourceConfig};
+use crate::fingerprint;
+use crate::parse::SourceSettings;
+use std::collections::{HashMap, HashSet};
+use std::fs::File;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+use tokio::sync::watch;
+
+pub struct TrackedFile {
+    pub fingerprint: u64,
+    pub source: Arc<SourceSettings>,
+    /// Where a destination with no checkpoint for this file starts.
+    pub start_offset: u64,
+    /// Per destination: offset confirmed delivered.
+    pub acked: Vec<AtomicU64>,
+    /// Rotated away and idle: a trailing line without newline is complete.
+    pub finished: AtomicBool,
+    /// The content behind this identity is gone (truncated with no copy found).
+    pub gone: AtomicBool,
+    handle: RwLock<Arc<File>>,
+    inner: Mutex<Lifecycle>,
+}
+
+struct Lifecycle {
+    path: String,
+    dev_ino: (u64, u64),
+    at_path: bool,
+    rotated_since: Option<Instant>,
+    size: u64,
+    last_growth: Instant,
+}
+
+impl TrackedFile {
+    pub fn handle(&self) -> Arc<File> {
+        self.handle.read().expect("handle lock").clone()
+    }
+
+    pub fn path(&self) -> String {
+        self.inner.lock().expect("lifecycle lock").path.clone()
+    }
+
+    pub fn size(&self) -> u64 {
+        self.handle().metadata().map(|m| m.len()).unwrap_or(0)
+    }
+}
+
+struct Source {
+    cfg: SourceConfig,
+    settings: Arc<SourceSettings>,
+    exclude: Vec<glob::Pattern>,
+}
+
+pub struct Registry {
+    sources: Vec<Source>,
+    cfg: FilesConfig,
+    destinations: usize,
+    files: RwLock<HashMap<u64, Arc<TrackedFile>>>,
+    by_path: Mutex<HashMap<PathBuf, u64>>,
+    /// Paths already reported as unreadable, so the log says it once, not every scan.
+    complained: Mutex<HashSet<PathBuf>>,
+    generation: watch::Sender<u64>,
+    first_scan_done: AtomicBool,
+}
+
+impl Registry {
+    pub fn new(sources: &[SourceConfig], cfg: FilesConfig, destinations: usize) -> Arc<Self> {
+        let sources = sources
+            .iter()
+            .map(|s| Source {
+                settings: Arc::new(SourceSettings::new(s)),
+                exclude: s
+                    .exclude
+                    .iter()
+                    .map(|g| glob::Pattern::new(g).expect("validated"))
+                    .collect(),
+                cfg: s.clone(),
+            })
+            .collect();
+        Arc::new(Registry {
+            sources,
+            cfg,
+            destinations,
+            files: RwLock::new(HashMap::new()),
+            by_path: Mutex::new(HashMap::new()),
+            complained: Mutex::new(HashSet::new()),
+            generation: watch::channel(0).0,
+            first_scan_done: AtomicBool::new(false),
+        })
+    }
+
+    /// Changes whenever files may have new data or the set of files changed.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+
+    pub fn poke(&self) {
+        self.generation.send_modify(|g| *g += 1);
+    }
+
+    pub fn snapshot(&self) -> Vec<Arc<TrackedFile>> {
+        self.files
+            .read()
+            .expect("files lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    pub fn contains(&self, fingerprint: u64) -> bool {
+        self.files
+            .read()
+            .expect("files lock")
+            .contains_key(&fingerprint)
+    }
+
+    /// Directories to watch with inotify: the fixed prefix of every include glob.
+    pub fn watch_dirs(&self) -> Vec<PathBuf> {
+        let mut dirs: Vec<PathBuf> = self
+            .sources
+            .iter()
+            .flat_map(|s| s.cfg.include.iter())
+            .map(|g| {
+                let fixed: PathBuf = Path::new(g)
+                    .components()
+                    .take_while(|c| !c.as_os_str().to_string_lossy().contains(['*', '?', '[']))
+                    .collect();
+                if fixed.as_os_str() == g.as_str() {
+                    fixed.parent().map(Path::to_path_buf).unwrap_or(fixed)
+                } else {
+                    fixed
+                }
+            })
+            .collect();
+        dirs.sort();
+        dirs.dedup();
+        dirs
+    }
+
+    pub fn scan(&self) {
+        let first = !self.first_scan_done.swap(true, Ordering::SeqCst);
+        let mut seen: HashSet<u64> = HashSet::new();
+        let mut seen_paths: HashSet<PathBuf> = HashSet::new();
+        for source in &self.sources {
+            for path in self.expand(source) {
+                if seen_paths.insert(path.clone()) {
+                    if let Some(fp) = self.examine(&path, source, first) {
+                        seen.insert(fp);
+                    }
+                }
+            }
+        }
+        self.retire(&seen);
+        metrics::gauge!("tron_agent_files_tracked")
+            .set(self.files.read().expect("files lock").len() as f64);
+        self.poke();
+    }
+
+    fn expand(&self, source: &Source) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for pattern in &source.cfg.include {
+            let Ok(paths) = glob::glob(pattern) else {
+                continue;
+            };
+            for path in paths.flatten() {
+                if !source.exclude.iter().any(|p| p.matches_path(&path)) {
+                    out.push(path);
+                }
+            }
+        }
+        out
+    }
+
+    /// Looks at one path; returns the identity it holds, if it is (now) tracked.
+    fn examine(&self, path: &Path, source: &Source, first: bool) -> Option<u64> {
+        let meta = match std::fs::metadata(path) {
+            Ok(m) => m,
+            Err(_) => return None, // vanished between glob and stat; the next scan settles it
+        };
+        if !meta.is_file() {
+            self.complain(
+                path,
+                "not a regular file (a directory where a file was expected?); skipped",
+            );
+            return None;
+        }
+        let dev_ino = (meta.dev(), meta.ino());
+        let known = self
+            .by_path
+            .lock()
+            .expect("by_path lock")
+            .get(path)
+            .copied();
+        if let Some(fp) = known {
+            let tracked = self.files.read().expect("files lock").get(&fp).cloned();
+            if let Some(tf) = tracked {
+                if tf.inner.lock().expect("lifecycle lock").dev_ino == dev_ino {
+                    return self.check_truncation(&tf, path).then_some(fp);
+                }
+            }
+        }
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) => {
+                self.complain(path, &format!("cannot open: {e}"));
+                return None;
+            }
+        };
+        self.complained
+            .lock()
+            .expect("complained lock")
+            .remove(path);
+        let fp = match fingerprint::of_file(&file, self.cfg.fingerprint_bytes) {
+            Ok(Some(fp)) => fp,
+            Ok(None) => return None, // no complete first line yet: wait for it
+            Err(e) => {
+                self.complain(path, &format!("cannot read: {e}"));
+                return None;
+            }
+        };
+        let path_str = path.to_string_lossy().into_owned();
+        let mut files = self.files.write().expect("files lock");
+        if let Some(tf) = files.get(&fp) {
+            let mut life = tf.inner.lock().expect("lifecycle lock");
+            if life.dev_ino == dev_ino {
+                // The same file under a new name (rename rotation into another matched path).
+                life.path = path_str;
+                drop(life);
+                self.by_path
+                    .lock()
+                    .expect("by_path lock")
+                    .insert(path.to_path_buf(), fp);
+                return Some(fp);
+            }
+            // Another inode with the same first line: a copy of content we already follow.
+            return None;
+        }
+        let start_offset = if first && source.cfg.read_from == ReadFrom::End {
+            meta.len()
+        } else {
+            0
+        };
+        tracing::info!(path = %path_str, fingerprint = %format!("{fp:016x}"), start_offset, "following file");
+        let tf = Arc::new(TrackedFile {
+            fingerprint: fp,
+            source: source.settings.clone(),
+            start_offset,
+            acked: (0..self.destinations).map(|_| AtomicU64::new(0)).collect(),
+            finished: AtomicBool::new(false),
+            gone: AtomicBool::new(false),
+            handle: RwLock::new(Arc::new(file)),
+            inner: Mutex::new(Lifecycle {
+                path: path_str,
+                dev_ino,
+                at_path: true,
+                rotated_since: None,
+                size: meta.len(),
+                last_growth: Instant::now(),
+            }),
+        });
+        files.insert(fp, tf);
+        self.by_path
+            .lock()
+            .expect("by_path lock")
+            .insert(path.to_path_buf(), fp);
+        Some(fp)
+    }
+
+    /// Copytruncate shows as the same inode whose content now starts differently (or is shorter
+    /// than we saw). Returns whether the identity still lives at this path.
+    fn check_truncation(&self, tf: &Arc<TrackedFile>, path: &Path) -> bool {
+        let handle = tf.handle();
+        let size = handle.metadata().map(|m| m.len()).unwrap_or(0);
+        let head = fingerprint::of_file(&handle, self.cfg.fingerprint_bytes)
+            .ok()
+            .flatten();
+        let mut life = tf.inner.lock().expect("lifecycle lock");
+        if size >= life.size && head == Some(tf.fingerprint) {
+            if size > life.size {
+                life.size = size;
+                life.last_growth = Instant::now();
+            }
+            return true;
+        }
+        let old_size = life.size;
+        drop(life);
+        self.by_path.lock().expect("by_path lock").remove(path);
+        // The rotation tool usually copied the file next to it first: follow the copy, so lines
+        // written before the copy are not lost for a destination that had not read them yet.
+        if let Some((copy, copy_path, dev_ino)) = self.find_copy(path, tf.fingerprint, old_size) {
+            tracing::info!(path = %path.display(), copy = %copy_path.display(), "truncated in place; following the copy for the unread rest");
+            *tf.handle.write().expect("handle lock") = Arc::new(copy);
+            let mut life = tf.inner.lock().expect("lifecycle lock");
+            life.path = copy_path.to_string_lossy().into_owned();
+            life.dev_ino = dev_ino;
+            life.at_path = false;
+            life.rotated_since.get_or_insert_with(Instant::now);
+            return false;
+        }
+        tf.gone.store(true, Ordering::SeqCst);
+        for (i, acked) in tf.acked.iter().enumerate() {
+            let lost = old_size.saturating_sub(acked.load(Ordering::SeqCst));
+            if lost > 0 {
+                tracing::warn!(path = %path.display(), destination = i, lost_bytes = lost, "file truncated before this destination read it and no copy was found");
+                metrics::counter!("tron_agent_lost_bytes_total", "reason" => "truncated")
+                    .increment(lost);
+            }
+        }
+        self.files
+            .write()
+            .expect("files lock")
+            .remove(&tf.fingerprint);
+        false
+    }
+
+    /// A sibling (`app.log.1`, `app.log-20261122`, …) with the same identity and at least the
+    /// bytes we had seen.
+    fn find_copy(
+        &self,
+        path: &Path,
+        fp: u64,
+        min_size: u64,
+    ) -> Option<(File, PathBuf, (u64, u64))> {
+        let dir = path.parent()?;
+        let name = path.file_name()?.to_string_lossy().into_owned();
+        for entry in std::fs::read_dir(dir).ok()?.flatten() {
+            let candidate = entry.path();
+            let cname = entry.file_name().to_string_lossy().into_owned();
+            if candidate == path || !cname.starts_with(&name) {
+                continue;
+            }
+            let Ok(meta) = entry.metadata() else { continue };
+            if !meta.is_file() || meta.len() < min_size {
+                continue;
+            }
+            let Ok(file) = File::open(&candidate) else {
+                continue;
+            };
+            if fingerprint::of_file(&file, self.cfg.fingerprint_bytes)
+                .ok()
+                .flatten()
+                == Some(fp)
+            {
+                return Some((file, candidate, (meta.dev(), meta.ino())));
+            }
+        }
+        None
+    }
+
+    /// Marks files that left every matched path as rotated; closes rotated files once every
+    /// destination has them (or gives up after `max_rotated_keep`).
+    fn retire(&self, seen: &HashSet<u64>) {
+        let now = Instant::now();
+        let mut drop_list = Vec::new();
+        for tf in self.snapshot() {
+            let size = tf.size();
+            let mut life = tf.inner.lock().expect("lifecycle lock");
+            if size > life.size {
+                life.size = size;
+                life.last_growth = now;
+            }
+            if seen.contains(&tf.fingerprint) {
+                life.at_path = true;
+                life.rotated_since = None;
+                tf.finished.store(false, Ordering::SeqCst);
+                continue;
+            }
+            if life.at_path {
+                life.at_path = false;
+                life.rotated_since = Some(now);
+                tracing::info!(path = %life.path, "file rotated or removed; reading it to the end");
+            }
+            let rotated_for = now.duration_since(life.rotated_since.unwrap_or(now));
+            let idle_for = now.duration_since(life.last_growth);
+            let settled = rotated_for >= self.cfg.rotate_wait && idle_for >= self.cfg.rotate_wait;
+            tf.finished.store(settled, Ordering::SeqCst);
+            let all_done = tf.acked.iter().all(|a| a.load(Ordering::SeqCst) >= size);
+            if settled && all_done {
+                tracing::info!(path = %life.path, "rotated file fully shipped; closing");
+                drop_list.push(tf.fingerprint);
+            } else if rotated_for >= self.cfg.max_rotated_keep {
+                for (i, acked) in tf.acked.iter().enumerate() {
+                    let lost = size.saturating_sub(acked.load(Ordering::SeqCst));
+                    if lost > 0 {
+                        tracing::warn!(path = %life.path, destination = i, lost_bytes = lost, "giving up on rotated file after max_rotated_keep");
+                        metrics::counter!("tron_agent_lost_bytes_total", "reason" => "rotated_given_up").increment(lost);
+                    }
+                }
+                drop_list.push(tf.fingerprint);
+            }
+        }
+        if !drop_list.is_empty() {
+            let mut files = self.files.write().expect("files lock");
+            for fp in drop_list {
+                files.remove(&fp);
+            }
+            self.by_path
+                .lock()
+                .expect("by_path lock")
+                .retain(|_, fp| files.contains_key(fp));
+        }
+    }
+
+    fn complain(&self, path: &Path, what: &str) {
+        if self
+            .complained
+            .lock()
+            .expect("complained lock")
+            .insert(path.to_path_buf())
+        {
+            tracing::warn!(path = %path.display(), "{what}");
+            metrics::counter!("tron_agent_file_errors_total").increment(1);
+        }
+    }
+}

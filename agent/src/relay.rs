@@ -1,0 +1,269 @@
+//! The relay destination: CompressedPackedForward chunks over TLS, each waiting for its ack.
+//!
+//! One connection task owns the socket; senders hand it a chunk and wait for the ack matched by
+//! chunk id, so several chunks are in flight at once. A broken connection fails every waiting
+//! chunk (the shipper re-sends them) and the task moves to the next address with back-off.
+
+use crate::config::{BatchConfig, RelayConfig};
+use crate::parse::Record;
+use crate::ship::{BatchMeta, Destination};
+use forward::handshake::Ping;
+use forward::{ChunkBuilder, ClientCodec, ServerMessage};
+use futures::{SinkExt, StreamExt};
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::Framed;
+use tron_service::Health;
+
+trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
+
+struct Request {
+    frame: Arc<Vec<u8>>,
+    chunk: Vec<u8>,
+    reply: oneshot::Sender<Result<(), String>>,
+}
+
+pub struct RelayForwarder {
+    requests: mpsc::Sender<Request>,
+    batch: BatchConfig,
+    gzip_level: u32,
+    ack_timeout: Duration,
+}
+
+pub struct SealedChunk {
+    frame: Arc<Vec<u8>>,
+    /// The chunk id as MessagePack, as the ack will carry it.
+    chunk: Vec<u8>,
+}
+
+struct Connector {
+    addresses: Vec<String>,
+    tls: Option<(tokio_rustls::TlsConnector, Option<String>)>,
+    shared_key: Option<String>,
+    user: Option<(String, String)>,
+    hostname: String,
+}
+
+impl RelayForwarder {
+    pub fn new(cfg: &RelayConfig, hostname: &str, health: Health) -> anyhow::Result<Self> {
+        let tls = match &cfg.tls_ca {
+            Some(ca) if !cfg.plaintext => {
+                let client_cert = cfg.client_cert.as_deref().zip(cfg.client_key.as_deref());
+                let config = tron_service::tls::client_config(ca, client_cert)?;
+                Some((
+                    tokio_rustls::TlsConnector::from(Arc::new(config)),
+                    cfg.tls_server_name.clone(),
+                ))
+            }
+            _ => None,
+        };
+        let connector = Connector {
+            addresses: cfg.addresses.clone(),
+            tls,
+            shared_key: cfg.shared_key.clone(),
+            user: cfg.username.clone().zip(cfg.password.clone()),
+            hostname: hostname.to_string(),
+        };
+        let (tx, rx) = mpsc::channel(cfg.batch.max_inflight.max(1) * 2);
+        tokio::spawn(connection_task(connector, rx, health));
+        Ok(RelayForwarder {
+            requests: tx,
+            batch: cfg.batch.clone(),
+            gzip_level: cfg.gzip_level,
+            ack_timeout: cfg.ack_timeout,
+        })
+    }
+}
+
+impl Destination for RelayForwarder {
+    type Builder = ChunkBuilder;
+    type Sealed = SealedChunk;
+
+    fn name(&self) -> &'static str {
+        "relay"
+    }
+
+    fn batch_config(&self) -> &BatchConfig {
+        &self.batch
+    }
+
+    fn split_by_hour(&self) -> bool {
+        false
+    }
+
+    fn builder(&self) -> ChunkBuilder {
+        ChunkBuilder::new(self.gzip_level)
+    }
+
+    fn push(&self, builder: &mut ChunkBuilder, record: &Record) {
+        builder.push(record.time, &record.fields);
+    }
+
+    fn seal(&self, builder: ChunkBuilder, meta: &BatchMeta) -> SealedChunk {
+        // Deterministic: a re-sent chunk carries the same id.
+        let id = format!("{:016x}-{:020}", meta.fingerprint, meta.first_offset);
+        let mut chunk = Vec::new();
+        rmp::encode::write_str(&mut chunk, &id).expect("vec");
+        SealedChunk {
+            frame: Arc::new(builder.finish(&meta.tag, &id)),
+            chunk,
+        }
+    }
+
+    async fn send(
+        self: Arc<Self>,
+        sealed: Arc<SealedChunk>,
+        _meta: Arc<BatchMeta>,
+    ) -> Result<(), String> {
+        let (reply, wait) = oneshot::channel();
+        let req = Request {
+            frame: sealed.frame.clone(),
+            chunk: sealed.chunk.clone(),
+            reply,
+        };
+        self.requests
+            .send(req)
+            .await
+            .map_err(|_| "relay connection task stopped".to_string())?;
+        match tokio::time::timeout(self.ack_timeout, wait).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err("connection closed before the ack".into()),
+            Err(_) => Err(format!("no ack within {:?}", self.ack_timeout)),
+        }
+    }
+}
+
+async fn connection_task(
+    connector: Connector,
+    mut requests: mpsc::Receiver<Request>,
+    health: Health,
+) {
+    let mut next = 0usize;
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let address = connector.addresses[next % connector.addresses.len()].clone();
+        next += 1;
+        let mut framed = match connector.connect(&address).await {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(relay = %address, error = %e, "cannot connect to relay");
+                health.down("relay", format!("{address}: {e}"));
+                // Fail what is queued so the shipper backs off instead of waiting for an ack.
+                loop {
+                    match requests.try_recv() {
+                        Ok(r) => {
+                            let _ = r
+                                .reply
+                                .send(Err(format!("relay {address} unreachable: {e}")));
+                        }
+                        Err(mpsc::error::TryRecvError::Empty) => break,
+                        Err(mpsc::error::TryRecvError::Disconnected) => return,
+                    }
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        };
+        tracing::info!(relay = %address, "connected to relay");
+        health.up("relay");
+        backoff = Duration::from_millis(200);
+        let mut waiting: HashMap<Vec<u8>, oneshot::Sender<Result<(), String>>> = HashMap::new();
+        let error = loop {
+            tokio::select! {
+                req = requests.recv() => {
+                    let Some(req) = req else { return };
+                    if let Err(e) = framed.send(req.frame.as_slice()).await {
+                        let _ = req.reply.send(Err(format!("write to {address}: {e}")));
+                        break format!("write failed: {e}");
+                    }
+                    waiting.insert(req.chunk, req.reply);
+                }
+                msg = framed.next() => match msg {
+                    Some(Ok(ServerMessage::Ack(chunk))) => {
+                        if let Some(reply) = waiting.remove(&chunk) {
+                            let _ = reply.send(Ok(()));
+                        }
+                    }
+                    Some(Ok(other)) => break format!("unexpected message from relay: {other:?}"),
+                    Some(Err(e)) => break format!("bad reply from relay: {e}"),
+                    None => break "relay closed the connection".to_string(),
+                },
+            }
+        };
+        tracing::warn!(relay = %address, error = %error, pending = waiting.len(), "relay connection lost; pending chunks will be re-sent");
+        for (_, reply) in waiting.drain() {
+            let _ = reply.send(Err(error.clone()));
+        }
+    }
+}
+
+impl Connector {
+    async fn connect(
+        &self,
+        address: &str,
+    ) -> Result<Framed<Pin<Box<dyn Stream>>, ClientCodec>, String> {
+        let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(address))
+            .await
+            .map_err(|_| "connect timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        let _ = tcp.set_nodelay(true);
+        let stream: Pin<Box<dyn Stream>> = match &self.tls {
+            Some((tls, name)) => {
+                let host = name.clone().unwrap_or_else(|| {
+                    address
+                        .rsplit_once(':')
+                        .map_or(address, |(h, _)| h)
+                        .to_string()
+                });
+                let server_name = rustls::pki_types::ServerName::try_from(host.clone())
+                    .map_err(|e| format!("server name {host:?}: {e}"))?;
+                let tls_stream =
+                    tokio::time::timeout(Duration::from_secs(10), tls.connect(server_name, tcp))
+                        .await
+                        .map_err(|_| "TLS handshake timed out".to_string())?
+                        .map_err(|e| format!("TLS: {e}"))?;
+                Box::pin(tls_stream)
+            }
+            None => Box::pin(tcp),
+        };
+        let mut framed = Framed::new(stream, ClientCodec::new());
+        if let Some(key) = &self.shared_key {
+            self.handshake(&mut framed, key).await?;
+        }
+        Ok(framed)
+    }
+
+    async fn handshake(
+        &self,
+        framed: &mut Framed<Pin<Box<dyn Stream>>, ClientCodec>,
+        key: &str,
+    ) -> Result<(), String> {
+        let helo = match tokio::time::timeout(Duration::from_secs(10), framed.next()).await {
+            Ok(Some(Ok(ServerMessage::Helo(h)))) => h,
+            Ok(other) => return Err(format!("expected HELO, got {other:?}")),
+            Err(_) => {
+                return Err("no HELO from relay (is shared_key configured on both sides?)".into())
+            }
+        };
+        let salt: [u8; 16] = rand::random();
+        let salt = hex::encode(salt);
+        let user = self.user.as_ref().map(|(u, p)| (u.as_str(), p.as_str()));
+        let ping = Ping::answer(&helo, &self.hostname, salt.as_bytes(), key, user);
+        framed
+            .send(ping.encode())
+            .await
+            .map_err(|e| e.to_string())?;
+        match tokio::time::timeout(Duration::from_secs(10), framed.next()).await {
+            Ok(Some(Ok(ServerMessage::Pong(pong)))) => pong.verify(&ping, &helo, key),
+            Ok(other) => Err(format!("expected PONG, got {other:?}")),
+            Err(_) => Err("no PONG from relay".into()),
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! The S3 archive: one gzip NDJSON object per batch (one file, one event hour), named after the
+//! data it holds so a retried upload overwrites instead of duplicating.
+
+use crate::config::{BatchConfig, S3Config};
+use crate::parse::Record;
+use crate::ship::{BatchMeta, Destination};
+use aws_sdk_s3::primitives::ByteStream;
+use flate2::write::GzEncoder;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+enum Store {
+    S3 {
+        client: aws_sdk_s3::Client,
+        bucket: String,
+    },
+    /// `file://` stand-in: the same keys under a local directory.
+    Dir(PathBuf),
+}
+
+pub struct S3Archive {
+    store: Store,
+    prefix: String,
+    host: String,
+    batch: BatchConfig,
+    gzip_level: u32,
+}
+
+impl S3Archive {
+    pub async fn new(cfg: &S3Config, host: &str) -> anyhow::Result<Self> {
+        let (store, prefix) = if let Some(rest) = cfg.url.strip_prefix("file://") {
+            let (dir, prefix) = (PathBuf::from(rest), String::new());
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", dir.display()))?;
+            (Store::Dir(dir), prefix)
+        } else {
+            let rest = cfg.url.strip_prefix("s3://").expect("validated");
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+            if let Some(region) = &cfg.region {
+                loader = loader.region(aws_config::Region::new(region.clone()));
+            }
+            let shared = loader.load().await;
+            let mut s3 = aws_sdk_s3::config::Builder::from(&shared);
+            if let Some(endpoint) = &cfg.endpoint {
+                s3 = s3.endpoint_url(endpoint).force_path_style(true);
+            }
+            let client = aws_sdk_s3::Client::from_conf(s3.build());
+            (
+                Store::S3 {
+                    client,
+                    bucket: bucket.to_string(),
+                },
+                prefix.trim_matches('/').to_string(),
+            )
+        };
+        Ok(S3Archive {
+            store,
+            prefix,
+            host: host.to_string(),
+            batch: cfg.batch.clone(),
+            gzip_level: cfg.gzip_level,
+        })
+    }
+
+    /// `{prefix}/{tag}/dt=YYYY-MM-DD/hr=HH/{host}-{fingerprint}-{first_offset:020}.ndjson.gz`
+    pub fn key(&self, meta: &BatchMeta) -> String {
+        let hour = chrono::DateTime::from_timestamp(meta.hour * 3600, 0).unwrap_or_default();
+        let name = format!(
+            "{}/dt={}/hr={}/{}-{:016x}-{:020}.ndjson.gz",
+            meta.tag,
+            hour.format("%Y-%m-%d"),
+            hour.format("%H"),
+            self.host,
+            meta.fingerprint,
+            meta.first_offset
+        );
+        if self.prefix.is_empty() {
+            name
+        } else {
+            format!("{}/{name}", self.prefix)
+        }
+    }
+}
+
+pub struct SealedObject {
+    key: String,
+    body: bytes::Bytes,
+}
+
+impl Destination for S3Archive {
+    type Builder = GzEncoder<Vec<u8>>;
+    type Sealed = SealedObject;
+
+    fn name(&self) -> &'static str {
+        "s3"
+    }
+
+    fn batch_config(&self) -> &BatchConfig {
+        &self.batch
+    }
+
+    fn split_by_hour(&self) -> bool {
+        true
+    }
+
+    fn builder(&self) -> Self::Builder {
+        GzEncoder::new(Vec::new(), flate2::Compression::new(self.gzip_level))
+    }
+
+    fn push(&self, gz: &mut Self::Builder, record: &Record) {
+        let time = chrono::DateTime::from_timestamp_nanos(record.time.unix_nanos());
+        let mut line = Vec::with_capacity(256);
+        line.extend_from_slice(b"{\"_time\":\"");
+        line.extend_from_slice(
+            time.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+                .as_bytes(),
+        );
+        line.push(b'"');
+        let fields = serde_json::to_vec(&record.fields).expect("JSON maps serialize");
+        if fields.len() > 2 {
+            line.push(b',');
+        }
+        line.extend_from_slice(&fields[1..]);
+        line.push(b'\n');
+        gz.write_all(&line).expect("writing to a Vec cannot fail");
+    }
+
+    fn seal(&self, gz: Self::Builder, meta: &BatchMeta) -> SealedObject {
+        SealedObject {
+            key: self.key(meta),
+            body: gz.finish().expect("writing to a Vec cannot fail").into(),
+        }
+    }
+
+    async fn send(
+        self: Arc<Self>,
+        sealed: Arc<SealedObject>,
+        _meta: Arc<BatchMeta>,
+    ) -> Result<(), String> {
+        match &self.store {
+            Store::S3 { client, bucket } => client
+                .put_object()
+                .bucket(bucket)
+                .key(&sealed.key)
+                .content_type("application/x-ndjson")
+                .body(ByteStream::from(sealed.body.clone()))
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| {
+                    format!(
+                        "s3://{bucket}/{}: {}",
+                        sealed.key,
+                        aws_sdk_s3::error::DisplayErrorContext(e)
+                    )
+                }),
+            Store::Dir(dir) => {
+                let dir = dir.clone();
+                let sealed = sealed.clone();
+                tokio::task::spawn_blocking(move || {
+                    write_atomically(&dir.join(&sealed.key), &sealed.body)
+                })
+                .await
+                .map_err(|e| e.to_string())?
+            }
+        }
+    }
+}
+
+fn write_atomically(path: &std::path::Path, body: &[u8]) -> Result<(), String> {
+    let fail = |e: std::io::Error| format!("{}: {e}", path.display());
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(fail)?;
+    }
+    let tmp = path.with_extension("gz.tmp");
+    let mut f = std::fs::File::create(&tmp).map_err(fail)?;
+    f.write_all(body).map_err(fail)?;
+    f.sync_all().map_err(fail)?;
+    std::fs::rename(&tmp, path).map_err(fail)
+}

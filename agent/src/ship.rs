@@ -1,0 +1,461 @@
+//! The loop that drives one destination: reads every tracked file from this destination's own
+//! position, cuts batches, sends them (retrying until they succeed), and moves the checkpoint
+//! only over batches that succeeded, in file order.
+//!
+//! Memory is bounded by `max_buffer_bytes` (records in open, in-flight and retrying batches):
+//! when it is reached the loop stops reading, and the file on disk is the buffer.
+
+use crate::checkpoint::Checkpointer;
+use crate::config::{BatchConfig, FieldsConfig};
+use crate::discover::{Registry, TrackedFile};
+use crate::parse::{parse_line, Origin, Record};
+use crate::reader::read_lines;
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::sync::mpsc;
+use tron_service::{Health, Shutdown};
+
+const HOUR_NS: i64 = 3_600_000_000_000;
+
+/// What a batch covers; destinations name objects and chunks from it.
+#[derive(Debug, Clone)]
+pub struct BatchMeta {
+    pub fingerprint: u64,
+    pub path: String,
+    pub tag: String,
+    pub first_offset: u64,
+    pub end_offset: u64,
+    /// Hours since the epoch of the batch's records (when the destination splits by hour).
+    pub hour: i64,
+    pub records: u64,
+    pub raw_bytes: usize,
+}
+
+/// A place records are shipped to.
+pub trait Destination: Send + Sync + 'static {
+    type Builder: Send + 'static;
+    type Sealed: Send + Sync + 'static;
+
+    fn name(&self) -> &'static str;
+    fn batch_config(&self) -> &BatchConfig;
+    /// Whether a batch must hold records of a single event hour.
+    fn split_by_hour(&self) -> bool;
+    fn builder(&self) -> Self::Builder;
+    fn push(&self, builder: &mut Self::Builder, record: &Record);
+    fn seal(&self, builder: Self::Builder, meta: &BatchMeta) -> Self::Sealed;
+    /// Delivers one sealed batch. Called again with the same batch until it succeeds, so it must
+    /// be idempotent where the destination allows (same object key, same chunk id).
+    fn send(
+        self: Arc<Self>,
+        sealed: Arc<Self::Sealed>,
+        meta: Arc<BatchMeta>,
+    ) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+struct OpenBatch<B> {
+    builder: B,
+    meta: BatchMeta,
+    started: Instant,
+}
+
+struct Cursor<B> {
+    file: Arc<TrackedFile>,
+    /// Next byte to read.
+    read: u64,
+    /// Delivered up to here.
+    acked: u64,
+    /// Sealed batches by first offset: (end offset, delivered).
+    sealed: BTreeMap<u64, (u64, bool)>,
+    open: Option<OpenBatch<B>>,
+}
+
+struct Done {
+    fingerprint: u64,
+    first_offset: u64,
+    cost: usize,
+}
+
+pub struct Shipper<D: Destination> {
+    dest: Arc<D>,
+    index: usize,
+    registry: Arc<Registry>,
+    checkpoints: Checkpointer,
+    fields: FieldsConfig,
+    host: String,
+    health: Health,
+    cursors: HashMap<u64, Cursor<D::Builder>>,
+    buffered: usize,
+    inflight: usize,
+    done_tx: mpsc::UnboundedSender<Done>,
+    done_rx: mpsc::UnboundedReceiver<Done>,
+    buf: Vec<u8>,
+    checkpoint_interval: Duration,
+}
+
+impl<D: Destination> Shipper<D> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        dest: Arc<D>,
+        index: usize,
+        registry: Arc<Registry>,
+        checkpoints: Checkpointer,
+        fields: FieldsConfig,
+        host: String,
+        health: Health,
+        checkpoint_interval: Duration,
+    ) -> Self {
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        Shipper {
+            dest,
+            index,
+            registry,
+            checkpoints,
+            fields,
+            host,
+            health,
+            cursors: HashMap::new(),
+            buffered: 0,
+            inflight: 0,
+            done_tx,
+            done_rx,
+            buf: Vec::new(),
+            checkpoint_interval,
+        }
+    }
+
+    pub async fn run(mut self, shutdown: Shutdown, drain_timeout: Duration) {
+        let mut wake = self.registry.subscribe();
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_save = Instant::now();
+        let stop = shutdown.token();
+        while !stop.is_cancelled() {
+            self.collect_done();
+            self.sync_files();
+            tokio::task::block_in_place(|| self.read_all());
+            if last_save.elapsed() >= self.checkpoint_interval {
+                self.save_checkpoint();
+                last_save = Instant::now();
+            }
+            tokio::select! {
+                _ = stop.cancelled() => {},
+                _ = wake.changed() => {},
+                Some(done) = self.done_rx.recv() => self.complete(done),
+                _ = tick.tick() => {},
+            }
+        }
+        self.drain(drain_timeout).await;
+    }
+
+    /// On shutdown: send what is open, wait for outstanding batches, save the checkpoint.
+    async fn drain(&mut self, timeout: Duration) {
+        let fps: Vec<u64> = self.cursors.keys().copied().collect();
+        for fp in fps {
+            self.seal(fp);
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.inflight > 0 {
+            match tokio::time::timeout_at(deadline, self.done_rx.recv()).await {
+                Ok(Some(done)) => self.complete(done),
+                _ => break,
+            }
+        }
+        self.advance_all();
+        if self.inflight > 0 {
+            tracing::warn!(
+                destination = self.dest.name(),
+                batches = self.inflight,
+                "drain time-out: unsent batches will be re-read after restart"
+            );
+        }
+        self.save_checkpoint();
+        tracing::info!(destination = self.dest.name(), "drained");
+    }
+
+    fn collect_done(&mut self) {
+        while let Ok(done) = self.done_rx.try_recv() {
+            self.complete(done);
+        }
+        self.advance_all();
+    }
+
+    fn complete(&mut self, done: Done) {
+        self.inflight -= 1;
+        self.buffered -= done.cost;
+        if let Some(c) = self.cursors.get_mut(&done.fingerprint) {
+            if let Some(entry) = c.sealed.get_mut(&done.first_offset) {
+                entry.1 = true;
+            }
+        }
+    }
+
+    fn advance_all(&mut self) {
+        for (fp, c) in self.cursors.iter_mut() {
+            let before = c.acked;
+            while let Some(entry) = c.sealed.first_entry() {
+                if !entry.get().1 {
+                    break;
+                }
+                c.acked = entry.get().0;
+                entry.remove();
+            }
+            if c.acked != before || self.checkpoints.get(*fp).is_none() {
+                c.file.acked[self.index].store(c.acked, Ordering::SeqCst);
+                self.checkpoints.set(*fp, c.acked, &c.file.path());
+            }
+        }
+        let lag: u64 = self
+            .cursors
+            .values()
+            .map(|c| c.file.size().saturating_sub(c.acked))
+            .sum();
+        metrics::gauge!("tron_agent_destination_lag_bytes", "destination" => self.dest.name())
+            .set(lag as f64);
+    }
+
+    /// Adds cursors for new files and forgets files the registry closed.
+    fn sync_files(&mut self) {
+        for tf in self.registry.snapshot() {
+            if self.cursors.contains_key(&tf.fingerprint) {
+                continue;
+            }
+            let size = tf.size();
+            let start = match self.checkpoints.get(tf.fingerprint) {
+                // A checkpoint past the end means the file was truncated while we were down.
+                Some(offset) if offset <= size => offset,
+                Some(_) => 0,
+                None => tf.start_offset,
+            };
+            tf.acked[self.index].store(start, Ordering::SeqCst);
+            self.checkpoints.set(tf.fingerprint, start, &tf.path());
+            self.cursors.insert(
+                tf.fingerprint,
+                Cursor {
+                    file: tf,
+                    read: start,
+                    acked: start,
+                    sealed: BTreeMap::new(),
+                    open: None,
+                },
+            );
+        }
+        let registry = &self.registry;
+        let checkpoints = &mut self.checkpoints;
+        self.cursors.retain(|fp, c| {
+            let keep = registry.contains(*fp) || !c.sealed.is_empty() || c.open.is_some();
+            if !keep {
+                checkpoints.remove(*fp);
+            }
+            keep
+        });
+    }
+
+    fn read_all(&mut self) {
+        let cfg = self.dest.batch_config().clone();
+        let fps: Vec<u64> = self.cursors.keys().copied().collect();
+        for fp in fps {
+            loop {
+                if self.buffered >= cfg.max_buffer_bytes || self.inflight >= cfg.max_inflight {
+                    break;
+                }
+                if self.read_some(fp, &cfg) == 0 {
+                    break;
+                }
+            }
+            let due = match &self.cursors[&fp].open {
+                Some(open) => open.started.elapsed() >= cfg.max_age,
+                None => false,
+            };
+            if due {
+                self.seal(fp);
+            }
+        }
+    }
+
+    /// Reads up to one batch worth of lines from a file; returns bytes consumed.
+    fn read_some(&mut self, fp: u64, cfg: &BatchConfig) -> usize {
+        let cursor = self.cursors.get_mut(&fp).expect("cursor exists");
+        let file = cursor.file.clone();
+        if file.gone.load(Ordering::SeqCst) {
+            return 0;
+        }
+        let open_bytes = cursor.open.as_ref().map_or(0, |o| o.meta.raw_bytes);
+        let budget = cfg.max_bytes.saturating_sub(open_bytes).max(1);
+        let path = file.path();
+        let origin = Origin {
+            host: &self.host,
+            path: &path,
+            fingerprint: fp,
+        };
+        let now_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as i64;
+        let mut lines: Vec<(Record, u64, usize)> = Vec::new();
+        let mut splits = 0u64;
+        let src = file.source.clone();
+        let outcome = read_lines(
+            &file.handle(),
+            cursor.read,
+            budget,
+            src.max_line_bytes,
+            file.finished.load(Ordering::SeqCst),
+            &mut self.buf,
+            |offset, line, end| {
+                if !line.is_empty() {
+                    lines.push((
+                        parse_line(line, offset, &src, &self.fields, &origin, now_ns),
+                        end,
+                        line.len(),
+                    ));
+                } else {
+                    lines.push((
+                        Record {
+                            time: Default::default(),
+                            fields: Default::default(),
+                        },
+                        end,
+                        0,
+                    ));
+                }
+            },
+            || splits += 1,
+        );
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(path = %path, error = %e, "read failed");
+                return 0;
+            }
+        };
+        if splits > 0 {
+            metrics::counter!("tron_agent_lines_split_total", "source" => src.name.clone())
+                .increment(splits);
+        }
+        if outcome.bytes_read == 0 {
+            return 0;
+        }
+        metrics::counter!("tron_agent_lines_read_total", "destination" => self.dest.name())
+            .increment(lines.len() as u64);
+        metrics::counter!("tron_agent_bytes_read_total", "destination" => self.dest.name())
+            .increment(outcome.bytes_read as u64);
+        let split_hours = self.dest.split_by_hour();
+        for (record, end, len) in lines {
+            let empty = len == 0 && record.fields.is_empty();
+            let hour = record.time.unix_nanos().div_euclid(HOUR_NS);
+            let cursor = self.cursors.get_mut(&fp).expect("cursor exists");
+            let needs_new = match &cursor.open {
+                Some(open) => {
+                    split_hours && !empty && open.meta.records > 0 && open.meta.hour != hour
+                }
+                None => false,
+            };
+            if needs_new {
+                self.seal(fp);
+            }
+            let cursor = self.cursors.get_mut(&fp).expect("cursor exists");
+            let start = cursor.read;
+            let open = cursor.open.get_or_insert_with(|| OpenBatch {
+                builder: self.dest.builder(),
+                meta: BatchMeta {
+                    fingerprint: fp,
+                    path: path.clone(),
+                    tag: src.tag.clone(),
+                    first_offset: start,
+                    end_offset: start,
+                    hour,
+                    records: 0,
+                    raw_bytes: 0,
+                },
+                started: Instant::now(),
+            });
+            if !empty {
+                if open.meta.records == 0 {
+                    open.meta.hour = hour;
+                }
+                self.dest.push(&mut open.builder, &record);
+                open.meta.records += 1;
+                open.meta.raw_bytes += len + 1;
+                self.buffered += len + 1;
+            }
+            open.meta.end_offset = end;
+            cursor.read = end;
+            if open.meta.raw_bytes >= cfg.max_bytes {
+                self.seal(fp);
+            }
+        }
+        debug_assert_eq!(self.cursors[&fp].read, outcome.next_offset);
+        outcome.bytes_read
+    }
+
+    /// Closes the open batch of a file and starts sending it.
+    fn seal(&mut self, fp: u64) {
+        let Some(cursor) = self.cursors.get_mut(&fp) else {
+            return;
+        };
+        let Some(open) = cursor.open.take() else {
+            return;
+        };
+        let meta = open.meta;
+        if meta.records == 0 {
+            // Only empty lines: nothing to send, but the range is done.
+            cursor
+                .sealed
+                .insert(meta.first_offset, (meta.end_offset, true));
+            return;
+        }
+        cursor
+            .sealed
+            .insert(meta.first_offset, (meta.end_offset, false));
+        let sealed = Arc::new(self.dest.seal(open.builder, &meta));
+        let meta = Arc::new(meta);
+        self.inflight += 1;
+        let dest = self.dest.clone();
+        let done = self.done_tx.clone();
+        let health = self.health.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            let mut failures = 0u32;
+            loop {
+                match dest.clone().send(sealed.clone(), meta.clone()).await {
+                    Ok(()) => {
+                        metrics::counter!("tron_agent_records_sent_total", "destination" => dest.name()).increment(meta.records);
+                        metrics::counter!("tron_agent_batches_sent_total", "destination" => dest.name()).increment(1);
+                        if failures > 0 {
+                            health.up(dest.name());
+                        }
+                        let _ = done.send(Done {
+                            fingerprint: meta.fingerprint,
+                            first_offset: meta.first_offset,
+                            cost: meta.raw_bytes,
+                        });
+                        return;
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        metrics::counter!("tron_agent_send_retries_total", "destination" => dest.name()).increment(1);
+                        if failures == 1 || failures.is_power_of_two() {
+                            tracing::warn!(destination = dest.name(), path = %meta.path, first_offset = meta.first_offset, attempt = failures, error = %e, "send failed; will retry");
+                        }
+                        health.down(dest.name(), e);
+                        if done.is_closed() {
+                            return;
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(30));
+                    }
+                }
+            }
+        });
+    }
+
+    fn save_checkpoint(&mut self) {
+        if let Err(e) = self.checkpoints.save_if_dirty() {
+            tracing::error!(destination = self.dest.name(), error = %e, "cannot save checkpoint");
+            metrics::counter!("tron_agent_checkpoint_errors_total").increment(1);
+        }
+    }
+}

@@ -1,0 +1,213 @@
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+use tron_service::config::duration;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkConfig {
+    #[serde(default = "default_metrics_listen")]
+    pub metrics_listen: SocketAddr,
+    /// Local directory where objects are written before upload; cleared at start.
+    pub staging_dir: PathBuf,
+    pub kafka: KafkaConfig,
+    pub output: OutputConfig,
+    #[serde(default)]
+    pub roll: RollConfig,
+    #[serde(default)]
+    pub finalize: FinalizeConfig,
+    pub bigquery: Option<BigQueryConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    pub brokers: String,
+    pub group_id: String,
+    pub topics: Vec<String>,
+    /// Passed to librdkafka as they are.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputConfig {
+    /// `gs://bucket/prefix` or `file:///directory`.
+    pub url: String,
+    /// GCS JSON API endpoint override (an emulator); requests are then unauthenticated.
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub format: Format,
+    /// CSV/TSV columns, in order. Default: time, tag, record.
+    #[serde(default = "default_columns")]
+    pub columns: Vec<Column>,
+    #[serde(default = "default_gzip_level")]
+    pub gzip_level: u32,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    #[default]
+    Csv,
+    Tsv,
+    Ndjson,
+}
+
+impl Format {
+    pub fn ext(&self) -> &'static str {
+        match self {
+            Format::Csv => "csv",
+            Format::Tsv => "tsv",
+            Format::Ndjson => "ndjson",
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct Column {
+    pub name: String,
+    /// A record field (`a.b` for nested), or `@time`, `@tag`, `@topic`, `@partition`, `@offset`,
+    /// `@record` (the whole record as JSON).
+    pub source: String,
+    /// BigQuery type: STRING, INTEGER, FLOAT, BOOLEAN, TIMESTAMP, JSON.
+    #[serde(rename = "type", default = "default_type")]
+    pub kind: String,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct RollConfig {
+    pub max_records: u64,
+    /// Uncompressed row bytes staged per partition before a cut.
+    pub max_bytes: u64,
+    /// A partition's staged rows are uploaded at the latest this long after the first arrived.
+    #[serde(with = "duration")]
+    pub max_age: Duration,
+    /// No message for this long means the partition is caught up (for the finalizer).
+    #[serde(with = "duration")]
+    pub idle_after: Duration,
+}
+
+impl Default for RollConfig {
+    fn default() -> Self {
+        RollConfig {
+            max_records: 1_000_000,
+            max_bytes: 256 << 20,
+            max_age: Duration::from_secs(60),
+            idle_after: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct FinalizeConfig {
+    /// How long after an hour ends its records are still expected.
+    #[serde(with = "duration")]
+    pub lateness: Duration,
+    #[serde(with = "duration")]
+    pub interval: Duration,
+}
+
+impl Default for FinalizeConfig {
+    fn default() -> Self {
+        FinalizeConfig {
+            lateness: Duration::from_secs(300),
+            interval: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct BigQueryConfig {
+    pub dataset: String,
+    /// Table per topic; default: the topic name with `.`/`-` as `_`.
+    #[serde(default)]
+    pub tables: BTreeMap<String, String>,
+}
+
+fn default_metrics_listen() -> SocketAddr {
+    "127.0.0.1:9466".parse().expect("valid")
+}
+fn default_gzip_level() -> u32 {
+    6
+}
+fn default_type() -> String {
+    "STRING".into()
+}
+fn default_columns() -> Vec<Column> {
+    vec![
+        Column {
+            name: "time".into(),
+            source: "@time".into(),
+            kind: "TIMESTAMP".into(),
+        },
+        Column {
+            name: "tag".into(),
+            source: "@tag".into(),
+            kind: "STRING".into(),
+        },
+        Column {
+            name: "record".into(),
+            source: "@record".into(),
+            kind: "JSON".into(),
+        },
+    ]
+}
+
+impl SinkConfig {
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        let err = |k: String, m: &str| Err((k, m.to_string()));
+        if self.kafka.topics.is_empty() {
+            return err("kafka.topics".into(), "at least one topic is required");
+        }
+        if !(self.output.url.starts_with("gs://") || self.output.url.starts_with("file://")) {
+            return err("output.url".into(), "must start with gs:// or file://");
+        }
+        for (i, c) in self.output.columns.iter().enumerate() {
+            if !["STRING", "INTEGER", "FLOAT", "BOOLEAN", "TIMESTAMP", "JSON"]
+                .contains(&c.kind.as_str())
+            {
+                return err(
+                    format!("output.columns[{i}].type"),
+                    "must be STRING, INTEGER, FLOAT, BOOLEAN, TIMESTAMP or JSON",
+                );
+            }
+            if c.name.is_empty()
+                || !c
+                    .name
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
+            {
+                return err(
+                    format!("output.columns[{i}].name"),
+                    "must be letters, digits and underscores (a BigQuery column name)",
+                );
+            }
+        }
+        if self.roll.max_records == 0 {
+            return err("roll.max_records".into(), "must be at least 1");
+        }
+        Ok(())
+    }
+
+    /// Bucket URL (`gs://b` / `file:///d`) and the key prefix inside it.
+    pub fn split_url(&self) -> (String, String) {
+        let url = &self.output.url;
+        let (scheme, rest) = url.split_once("://").expect("validated");
+        if scheme == "file" {
+            return (url.clone(), String::new());
+        }
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        (
+            format!("gs://{bucket}"),
+            prefix.trim_matches('/').to_string(),
+        )
+    }
+}

@@ -1,0 +1,199 @@
+"""Runs the real tron binaries (release builds in target/release, or $TRON_BIN_DIR) with
+generated configs, and reads back what they produced. Shared by the end-to-end suites and by
+scripts/run-local.sh."""
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(ROOT, "tests", "services"))
+import servers  # noqa: E402
+
+BIN = os.environ.get("TRON_BIN_DIR", os.path.join(ROOT, "target", "release"))
+
+
+def toml_value(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return str(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join("%s = %s" % (json.dumps(k), toml_value(x)) for k, x in v.items()) + " }"
+    raise TypeError(v)
+
+
+def to_toml(doc, prefix=""):
+    """Enough TOML for our configs: scalars, arrays, tables and arrays of tables."""
+    lines, tables = [], []
+    for k, v in doc.items():
+        if isinstance(v, dict) and not k.startswith("="):
+            tables.append((k, v))
+        elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
+            tables.append((k, v))
+        else:
+            lines.append("%s = %s" % (k, toml_value(v)))
+    out = "\n".join(lines) + "\n"
+    for k, v in tables:
+        name = prefix + k
+        if isinstance(v, list):
+            for item in v:
+                out += "\n[[%s]]\n" % name + to_toml(item, name + ".")
+        else:
+            out += "\n[%s]\n" % name + to_toml(v, name + ".")
+    return out
+
+
+def metrics_port():
+    return servers.free_port()
+
+
+class Proc:
+    """One tron process with its config file and log."""
+
+    def __init__(self, name, binary, config, workdir, env=None):
+        self.name = name
+        self.binary = os.path.join(BIN, binary)
+        self.config_path = os.path.join(workdir, name + ".toml")
+        self.log = os.path.join(workdir, name + ".log")
+        self.config = config
+        self.env = dict(os.environ, RUST_LOG=os.environ.get("TRON_LOG", "info"), **(env or {}))
+        self.proc = None
+        with open(self.config_path, "w") as f:
+            f.write(to_toml(config))
+
+    def start(self):
+        self.proc = subprocess.Popen([self.binary, "--config", self.config_path], stdout=open(self.log, "ab"),
+                                     stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        port = int(self.config["metrics_listen"].rsplit(":", 1)[1])
+        servers.wait_for(self.name, lambda: servers.http_ok("http://127.0.0.1:%d/metrics" % port),
+                         timeout=60, proc=self.proc, log=self.log)
+        return self
+
+    def metrics(self):
+        port = int(self.config["metrics_listen"].rsplit(":", 1)[1])
+        with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=5) as r:
+            return r.read().decode()
+
+    def health(self):
+        port = int(self.config["metrics_listen"].rsplit(":", 1)[1])
+        try:
+            with urllib.request.urlopen("http://127.0.0.1:%d/health" % port, timeout=5) as r:
+                return r.status, json.load(r)
+        except urllib.error.HTTPError as e:
+            return e.code, json.load(e)
+
+    def running(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout=60):
+        """SIGTERM and wait: returns the exit code (a clean drain exits 0)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    def kill(self):
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def tail(self, n=4000):
+        try:
+            return open(self.log, errors="replace").read()[-n:]
+        except OSError:
+            return ""
+
+
+def relay_config(workdir, certs, brokers, topic="logs", plaintext=False, shared_key=None, **extra):
+    cfg = {
+        "listen": "127.0.0.1:%d" % servers.free_port(),
+        "metrics_listen": "127.0.0.1:%d" % servers.free_port(),
+        "hostname": "relay-test",
+        "kafka": {"brokers": brokers, "default_topic": topic, "linger": "5ms", "compression": "lz4",
+                  "delivery_timeout": "30s"},
+    }
+    if plaintext:
+        cfg["plaintext"] = True
+    else:
+        cfg["tls"] = {"cert": certs["server_cert"], "key": certs["server_key"]}
+    if shared_key:
+        cfg["security"] = {"shared_key": shared_key}
+    cfg.update(extra)
+    return cfg
+
+
+def agent_config(workdir, log_glob, s3_url, relay_address, certs, s3_endpoint=None, shared_key=None, **extra):
+    cfg = {
+        "state_dir": os.path.join(workdir, "agent-state"),
+        "host": "app-1",
+        "metrics_listen": "127.0.0.1:%d" % servers.free_port(),
+        "sources": [{"name": "app", "include": [log_glob], "tag": "app.log", "parser": "json",
+                     "time_field": "time", "time_format": "rfc3339"}],
+        "files": {"scan_interval": "500ms", "rotate_wait": "2s", "checkpoint_interval": "500ms"},
+        "destinations": {
+            "s3": {"url": s3_url, "batch": {"max_bytes": 4 << 20, "max_age": "1s", "max_inflight": 4,
+                                              "max_buffer_bytes": 64 << 20}},
+            "relay": {"addresses": [relay_address], "tls_ca": certs["ca"], "tls_server_name": "localhost",
+                      "ack_timeout": "20s",
+                      "batch": {"max_bytes": 512 << 10, "max_age": "0ms", "max_inflight": 8,
+                                "max_buffer_bytes": 32 << 20}},
+        },
+    }
+    if s3_endpoint:
+        cfg["destinations"]["s3"]["endpoint"] = s3_endpoint
+        cfg["destinations"]["s3"]["region"] = "us-east-1"
+    if shared_key:
+        cfg["destinations"]["relay"]["shared_key"] = shared_key
+    cfg.update(extra)
+    return cfg
+
+
+def sink_config(workdir, brokers, url, gcs_endpoint=None, topic="logs", group="tron-sink", name="sink", **extra):
+    cfg = {
+        "metrics_listen": "127.0.0.1:%d" % servers.free_port(),
+        "staging_dir": os.path.join(workdir, name + "-staging"),
+        "kafka": {"brokers": brokers, "group_id": group, "topics": [topic]},
+        "output": {"url": url, "format": "csv", "columns": [
+            {"name": "time", "source": "@time", "type": "TIMESTAMP"},
+            {"name": "tag", "source": "@tag", "type": "STRING"},
+            {"name": "id", "source": "_id", "type": "STRING"},
+            {"name": "seq", "source": "seq", "type": "INTEGER"},
+            {"name": "msg", "source": "msg", "type": "STRING"},
+        ]},
+        "roll": {"max_records": 200000, "max_age": "3s", "idle_after": "2s"},
+        "finalize": {"lateness": "5s", "interval": "1s"},
+    }
+    if gcs_endpoint:
+        cfg["output"]["endpoint"] = gcs_endpoint
+    cfg.update(extra)
+    return cfg
+
+
+def read_gz_lines(data):
+    return gzip.decompress(data).decode("utf-8").splitlines()
+
+
+def wait_until(what, check, timeout, interval=1.0, on_timeout=None):
+    deadline = time.time() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.time() > deadline:
+            detail = on_timeout() if on_timeout else ""
+            raise AssertionError("timed out after %ds waiting for %s\n%s" % (timeout, what, detail))
+        time.sleep(interval)
