@@ -1,0 +1,39 @@
+"""Bad configuration is refused at start with the file, the key's path and the problem."""
+import os
+import subprocess
+
+import tron
+
+CASES = [
+    ("tron-relay", 'listen = "127.0.0.1:1"\nplaintext = true\nlisten_backlog = 5\n[kafka]\nbrokers = "x"\ndefault_topic = "t"\n',
+     "key `listen_backlog`: unknown field `listen_backlog`"),
+    ("tron-relay", 'listen = "127.0.0.1:1"\n[kafka]\nbrokers = "x"\ndefault_topic = "t"\n',
+     "key `tls`: missing: set [tls] cert and key, or plaintext = true"),
+    ("tron-relay", 'listen = "nowhere"\nplaintext = true\n[kafka]\nbrokers = "x"\ndefault_topic = "t"\n',
+     "key `listen`: invalid socket address syntax"),
+    ("tron-agent", 'state_dir = "/tmp/x"\n[[sources]]\nname = "a"\ninclude = ["/x/*.log"]\ntag = "t"\nparser = "xml"\n[destinations.s3]\nurl = "file:///tmp/y"\n',
+     "key `sources[0].parser`: unknown variant `xml`, expected `raw` or `json`"),
+    ("tron-agent", 'state_dir = "/tmp/x"\n[[sources]]\nname = "a"\ninclude = ["/x/*.log"]\ntag = "t"\n[destinations.s3]\nurl = "file:///tmp/y"\n[destinations.s3.batch]\nmax_age = "soon"\n',
+     "key `destinations.s3.batch.max_age`: invalid duration \"soon\""),
+    ("tron-sink-secor", 'staging_dir = "/tmp/s"\n[kafka]\nbrokers = "x"\ngroup_id = "g"\ntopics = ["t"]\n[output]\nurl = "s3://nope"\n',
+     "key `output.url`: must start with gs:// or file://"),
+]
+
+
+def test_bad_configs_name_the_key_and_the_problem(tmp_path):
+    for i, (binary, text, expected) in enumerate(CASES):
+        path = tmp_path / ("c%d.toml" % i)
+        path.write_text(text)
+        out = subprocess.run([os.path.join(tron.BIN, binary), "--config", str(path), "--check-config"],
+                             capture_output=True, text=True)
+        assert out.returncode == 1, (binary, text, out.stdout)
+        assert str(path) in out.stderr and expected in out.stderr, "%s\nexpected: %s\ngot: %s" % (text, expected, out.stderr)
+
+
+def test_good_config_passes_check(tmp_path):
+    path = tmp_path / "relay.toml"
+    path.write_text('listen = "127.0.0.1:24224"\nplaintext = true\n[kafka]\nbrokers = "127.0.0.1:9092"\ndefault_topic = "logs"\n')
+    out = subprocess.run([os.path.join(tron.BIN, "tron-relay"), "--config", str(path), "--check-config"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "configuration is valid" in out.stdout
