@@ -1,0 +1,243 @@
+"""tron benchmarks against the real servers (Tansu, fake-gcs-server) on 127.0.0.1. Prints
+throughput, latency percentiles and peak RSS (VmHWM) per component. Not timed assertions: figures.
+
+    bash bench/run.sh                 # all, 1,000,000 records each
+    bash bench/run.sh agent --records 200000
+"""
+import argparse
+import datetime
+import gzip
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests", "e2e"))
+sys.path.insert(0, os.path.join(ROOT, "tests", "services"))
+import certs as certs_mod  # noqa: E402
+import msgpack  # noqa: E402
+import servers  # noqa: E402
+import tron  # noqa: E402
+
+
+def peak_rss_mib(proc):
+    with open("/proc/%d/status" % proc.proc.pid) as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def metric(proc, name):
+    total = 0.0
+    for line in proc.metrics().splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def histogram_percentiles(proc, name, qs=(0.5, 0.9, 0.99)):
+    buckets = []
+    for line in proc.metrics().splitlines():
+        m = re.match(r'%s_bucket\{.*le="([^"]+)".*\} (\S+)' % name, line)
+        if m:
+            buckets.append((float("inf") if m.group(1) == "+Inf" else float(m.group(1)), float(m.group(2))))
+    buckets.sort()
+    if not buckets or buckets[-1][1] == 0:
+        return {}
+    total = buckets[-1][1]
+    return {q: next(le for le, c in buckets if c >= q * total) for q in qs}
+
+
+def record_line(i, now_iso):
+    # 215 bytes with the newline: a typical access-log JSON line.
+    base = '{"time":"%s","seq":%d,"method":"GET","path":"/api/v1/items/%08d","status":200,"bytes":5120,"ua":"bench"' % (now_iso, i, i)
+    pad = 214 - len(base) - len(',"pad":""}')
+    return base + ',"pad":"' + "x" * max(pad, 0) + '"}'
+
+
+def wait_metric(proc, name, target, timeout, sampler=None):
+    start = time.time()
+    while time.time() - start < timeout:
+        if sampler:
+            sampler()
+        if metric(proc, name) >= target:
+            return time.time() - start
+        time.sleep(0.2)
+    raise RuntimeError("%s did not reach %d within %ds (at %d)" % (name, target, timeout, metric(proc, name)))
+
+
+def bench_agent(svc, certs, work, n):
+    """One file of n 215-byte JSON lines, tail → relay with acks (relay → Kafka)."""
+    svc.create_topic("bench-agent", 3)
+    relay = tron.Proc("relay", "tron-relay", tron.relay_config(work, certs, svc.kafka_brokers, topic="bench-agent"), work).start()
+    logs = os.path.join(work, "logs")
+    os.makedirs(logs)
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+    with open(os.path.join(logs, "big.log"), "w") as f:
+        for i in range(n):
+            f.write(record_line(i, now) + "\n")
+    size = os.path.getsize(os.path.join(logs, "big.log"))
+    cfg = tron.agent_config(work, os.path.join(logs, "*.log"), "file://" + os.path.join(work, "s3"),
+                            relay.config["listen"], certs)
+    del cfg["destinations"]["s3"]
+    agent = tron.Proc("agent", "tron-agent", cfg, work)
+    start = time.time()
+    agent.start()
+    elapsed = wait_metric(relay, "tron_relay_records_delivered_total", n, 600)
+    elapsed = time.time() - start
+    acked = wait_metric(agent, "tron_agent_records_sent_total", n, 60)
+    print("agent → relay (acked, into Kafka): %d lines (%.1f MB) in %.1fs = %.0f lines/s, %.1f MB/s; "
+          "agent peak RSS %.1f MiB, relay peak RSS %.1f MiB"
+          % (n, size / 1e6, elapsed, n / elapsed, size / 1e6 / elapsed, peak_rss_mib(agent), peak_rss_mib(relay)))
+    agent.stop(), relay.stop()
+
+
+def chunk_frames(client, n, per_chunk):
+    now = time.time()
+    frames = []
+    for c in range(0, n, per_chunk):
+        entries = b"".join(msgpack.packb([msgpack.ExtType(0, int(now).to_bytes(4, "big") + b"\0\0\0\0"),
+                                          json.loads(record_line(client * n + i, "2026-11-22T00:00:00Z"))])
+                           for i in range(c, min(c + per_chunk, n)))
+        frames.append(("c%d-%d" % (client, c), msgpack.packb(
+            ["bench", gzip.compress(entries, 1), {"chunk": "c%d-%d" % (client, c), "size": min(per_chunk, n - c), "compressed": "gzip"}])))
+    return frames
+
+
+def send_chunks(host, port, frames, window=16):
+    s = socket.create_connection((host, port))
+    unpacker = msgpack.Unpacker(raw=False)
+    pending = 0
+    i = 0
+    while i < len(frames) or pending:
+        while i < len(frames) and pending < window:
+            s.sendall(frames[i][1])
+            i += 1
+            pending += 1
+        unpacker.feed(s.recv(65536))
+        for _ in unpacker:
+            pending -= 1
+    s.close()
+
+
+def bench_relay(svc, certs, work, n, clients=4):
+    """n 215-byte records from `clients` concurrent Forward clients (1000-record gzip chunks with acks)."""
+    svc.create_topic("bench-relay", 3)
+    cfg = tron.relay_config(work, certs, svc.kafka_brokers, topic="bench-relay", plaintext=True)
+    cfg["limits"] = {"max_inflight_bytes": 64 << 20}
+    relay = tron.Proc("relay", "tron-relay", cfg, work).start()
+    host, port = relay.config["listen"].rsplit(":", 1)
+    per = n // clients
+    frames = [chunk_frames(c, per, 1000) for c in range(clients)]
+    start = time.time()
+    threads = [threading.Thread(target=send_chunks, args=(host, int(port), f)) for f in frames]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.time() - start
+    print("relay: %d records from %d clients into Kafka, acked, in %.1fs = %.0f records/s; relay peak RSS %.1f MiB"
+          " (max_inflight_bytes 64 MiB)" % (per * clients, clients, elapsed, per * clients / elapsed, peak_rss_mib(relay)))
+    relay.stop()
+    return per * clients
+
+
+def bench_sink(svc, work, n, topic="bench-relay"):
+    """n records already in Kafka → gzip CSV objects in fake-gcs-server."""
+    svc.create_gcs_bucket("bench")
+    cfg = tron.sink_config(work, svc.kafka_brokers, "gs://bench/w", gcs_endpoint=svc.gcs_endpoint, topic=topic,
+                           group="bench-sink")
+    cfg["output"]["columns"] = [{"name": "time", "source": "@time", "type": "TIMESTAMP"},
+                                {"name": "path", "source": "path", "type": "STRING"},
+                                {"name": "status", "source": "status", "type": "INTEGER"},
+                                {"name": "record", "source": "@record", "type": "JSON"}]
+    cfg["roll"] = {"max_records": 250000, "max_age": "30s", "idle_after": "3s"}
+    sink = tron.Proc("sink", "tron-sink-secor", cfg, work)
+    sink.start()
+    while metric(sink, "tron_sink_records_consumed_total") == 0:
+        time.sleep(0.05)
+    start = time.time()  # the group has joined and the first record arrived
+    wait_metric(sink, "tron_sink_records_uploaded_total", n, 900)
+    elapsed = time.time() - start
+    raw = n * 215
+    gz = metric(sink, "tron_sink_bytes_uploaded_total")
+    print("sink: %d records (%.0f MB of JSON) from Kafka to gzip CSV in GCS in %.1fs (first record consumed → last uploaded; includes the 3 s idle wait before the final cut) = %.0f records/s, "
+          "%.1f MB/s in, %.1f MB gzip out; peak RSS %.1f MiB"
+          % (n, raw / 1e6, elapsed, n / elapsed, raw / 1e6 / elapsed, gz / 1e6, peak_rss_mib(sink)))
+    sink.stop()
+
+
+def bench_latency(svc, certs, work, seconds=20, rate=2000):
+    """Live lines at `rate`/s through the whole pipeline: event time → Kafka and → object."""
+    svc.create_topic("bench-live", 3)
+    svc.create_gcs_bucket("live")
+    relay = tron.Proc("relay", "tron-relay", tron.relay_config(work, certs, svc.kafka_brokers, topic="bench-live"), work).start()
+    sink_cfg = tron.sink_config(work, svc.kafka_brokers, "gs://live/w", gcs_endpoint=svc.gcs_endpoint,
+                                topic="bench-live", group="bench-live")
+    sink_cfg["roll"] = {"max_records": 100000, "max_age": "1s", "idle_after": "2s"}
+    sink = tron.Proc("sink", "tron-sink-secor", sink_cfg, work).start()
+    logs = os.path.join(work, "live")
+    os.makedirs(logs)
+    cfg = tron.agent_config(work, os.path.join(logs, "*.log"), "file://" + os.path.join(work, "s3l"),
+                            relay.config["listen"], certs)
+    cfg["state_dir"] = os.path.join(work, "live-state")
+    agent = tron.Proc("agent", "tron-agent", cfg, work).start()
+    total = 0
+    with open(os.path.join(logs, "live.log"), "w") as f:
+        end = time.time() + seconds
+        while time.time() < end:
+            now = datetime.datetime.now(datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+            for _ in range(rate // 10):
+                f.write(record_line(total, now) + "\n")
+                total += 1
+            f.flush()
+            time.sleep(0.1)
+    wait_metric(sink, "tron_sink_records_uploaded_total", total, 120)
+    k = histogram_percentiles(relay, "tron_relay_event_to_kafka_seconds")
+    o = histogram_percentiles(sink, "tron_sink_event_to_object_seconds")
+    fmt = lambda p: ", ".join("p%d ≤ %gs" % (q * 100, v) for q, v in sorted(p.items()))  # noqa: E731
+    print("end-to-end latency at %d lines/s (%d lines): event→Kafka %s; event→GCS object (oldest record of "
+          "each object) %s [histogram bucket upper bounds]" % (rate, total, fmt(k), fmt(o)))
+    print("  peak RSS: agent %.1f MiB, relay %.1f MiB, sink %.1f MiB" % (peak_rss_mib(agent), peak_rss_mib(relay), peak_rss_mib(sink)))
+    for p in (agent, relay, sink):
+        p.stop()
+
+
+def mk(work, name):
+    path = os.path.join(work, name)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("which", nargs="*", default=["agent", "relay", "sink", "latency"])
+    ap.add_argument("--records", type=int, default=1_000_000)
+    args = ap.parse_args()
+    work = os.path.join(ROOT, ".run", "bench")
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    svc = servers.Services(os.path.join(work, "services")).start()
+    try:
+        certs = certs_mod.make(os.path.join(work, "certs"))
+        if "agent" in args.which:
+            bench_agent(svc, certs, mk(work, "agent"), args.records)
+        delivered = None
+        if "relay" in args.which or "sink" in args.which:
+            delivered = bench_relay(svc, certs, mk(work, "relay"), args.records)
+        if "sink" in args.which:
+            bench_sink(svc, mk(work, "sink"), delivered)
+        if "latency" in args.which:
+            bench_latency(svc, certs, mk(work, "latency"))
+    finally:
+        svc.stop()
+
+
+if __name__ == "__main__":
+    main()
