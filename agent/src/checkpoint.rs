@@ -34,23 +34,15 @@ pub fn key(fingerprint: u64) -> String {
 impl Checkpointer {
     pub fn open(state_dir: &Path, destination: &str) -> anyhow::Result<Self> {
         let dir = state_dir.join("checkpoints");
-        std::fs::create_dir_all(&dir)
-            .map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", dir.display()))?;
+        std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", dir.display()))?;
         let path = dir.join(format!("{destination}.json"));
         let state = match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes)
                 .map_err(|e| anyhow::anyhow!("{}: corrupt checkpoint: {e}", path.display()))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Checkpoint {
-                version: 1,
-                ..Default::default()
-            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Checkpoint { version: 1, ..Default::default() },
             Err(e) => anyhow::bail!("{}: cannot read checkpoint: {e}", path.display()),
         };
-        Ok(Checkpointer {
-            path,
-            state,
-            dirty: false,
-        })
+        Ok(Checkpointer { path, state, dirty: false })
     }
 
     pub fn get(&self, fingerprint: u64) -> Option<u64> {
@@ -58,17 +50,9 @@ impl Checkpointer {
     }
 
     pub fn set(&mut self, fingerprint: u64, offset: u64, path: &str) {
-        let entry = self
-            .state
-            .files
-            .entry(key(fingerprint))
-            .or_insert_with(|| Position {
-                offset,
-                path: path.into(),
-            });
-        if entry.offset != offset || entry.path != path {
-            entry.offset = offset;
-            entry.path = path.into();
+        let position = Position { offset, path: path.into() };
+        if self.state.files.get(&key(fingerprint)) != Some(&position) {
+            self.state.files.insert(key(fingerprint), position);
             self.dirty = true;
         }
     }
@@ -108,10 +92,7 @@ mod tests {
         c.save_if_dirty().unwrap();
         let c2 = Checkpointer::open(dir.path(), "s3").unwrap();
         assert_eq!(c2.get(7), Some(100));
-        assert_eq!(
-            Checkpointer::open(dir.path(), "relay").unwrap().get(7),
-            None
-        );
+        assert_eq!(Checkpointer::open(dir.path(), "relay").unwrap().get(7), None);
     }
 
     #[test]
@@ -119,13 +100,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("checkpoints")).unwrap();
         std::fs::write(dir.path().join("checkpoints/s3.json"), b"{not json").unwrap();
-        let err = Checkpointer::open(dir.path(), "s3")
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(
-            err.contains("checkpoints/s3.json: corrupt checkpoint"),
-            "{err}"
-        );
+        let err = Checkpointer::open(dir.path(), "s3").err().unwrap().to_string();
+        assert!(err.contains("checkpoints/s3.json: corrupt checkpoint"), "{err}");
     }
 }

@@ -72,11 +72,7 @@ pub struct FieldsConfig {
 
 impl Default for FieldsConfig {
     fn default() -> Self {
-        FieldsConfig {
-            host: "host".into(),
-            file: "file".into(),
-            id: "_id".into(),
-        }
+        FieldsConfig { host: "host".into(), file: "file".into(), id: "_id".into() }
     }
 }
 
@@ -178,20 +174,10 @@ impl Default for BatchConfig {
 }
 
 fn relay_batch() -> BatchConfig {
-    BatchConfig {
-        max_bytes: 1 << 20,
-        max_age: Duration::ZERO,
-        max_inflight: 8,
-        max_buffer_bytes: 64 << 20,
-    }
+    BatchConfig { max_bytes: 1 << 20, max_age: Duration::ZERO, max_inflight: 8, max_buffer_bytes: 64 << 20 }
 }
 fn s3_batch() -> BatchConfig {
-    BatchConfig {
-        max_bytes: 32 << 20,
-        max_age: Duration::from_secs(60),
-        max_inflight: 4,
-        max_buffer_bytes: 256 << 20,
-    }
+    BatchConfig { max_bytes: 32 << 20, max_age: Duration::from_secs(60), max_inflight: 4, max_buffer_bytes: 256 << 20 }
 }
 fn default_metrics_listen() -> SocketAddr {
     "127.0.0.1:9464".parse().expect("valid")
@@ -217,62 +203,38 @@ impl AgentConfig {
         }
         for (i, s) in self.sources.iter().enumerate() {
             if s.include.is_empty() {
-                return err(
-                    format!("sources[{i}].include"),
-                    "at least one glob is required",
-                );
+                return err(format!("sources[{i}].include"), "at least one glob is required");
             }
             for (j, g) in s.include.iter().chain(&s.exclude).enumerate() {
                 if let Err(e) = glob::Pattern::new(g) {
-                    return Err((
-                        format!("sources[{i}].include/exclude[{j}]"),
-                        format!("invalid glob {g:?}: {e}"),
-                    ));
+                    return Err((format!("sources[{i}].include/exclude[{j}]"), format!("invalid glob {g:?}: {e}")));
                 }
             }
             if s.max_line_bytes < 64 {
-                return err(
-                    format!("sources[{i}].max_line_bytes"),
-                    "must be at least 64",
-                );
+                return err(format!("sources[{i}].max_line_bytes"), "must be at least 64");
             }
             if let Err(m) = crate::parse::TimeFormat::parse(&s.time_format) {
                 return Err((format!("sources[{i}].time_format"), m));
             }
         }
         if self.destinations.s3.is_none() && self.destinations.relay.is_none() {
-            return err(
-                "destinations".into(),
-                "configure [destinations.s3], [destinations.relay], or both",
-            );
+            return err("destinations".into(), "configure [destinations.s3], [destinations.relay], or both");
         }
         if let Some(s3) = &self.destinations.s3 {
             if !(s3.url.starts_with("s3://") || s3.url.starts_with("file://")) {
-                return err(
-                    "destinations.s3.url".into(),
-                    "must start with s3:// or file://",
-                );
+                return err("destinations.s3.url".into(), "must start with s3:// or file://");
             }
             check_batch("destinations.s3.batch", &s3.batch)?;
         }
         if let Some(r) = &self.destinations.relay {
             if r.addresses.is_empty() {
-                return err(
-                    "destinations.relay.addresses".into(),
-                    "at least one host:port is required",
-                );
+                return err("destinations.relay.addresses".into(), "at least one host:port is required");
             }
             if r.tls_ca.is_none() && !r.plaintext {
-                return err(
-                    "destinations.relay.tls_ca".into(),
-                    "missing: set the relay's CA, or plaintext = true",
-                );
+                return err("destinations.relay.tls_ca".into(), "missing: set the relay's CA, or plaintext = true");
             }
             if r.client_cert.is_some() != r.client_key.is_some() {
-                return err(
-                    "destinations.relay.client_cert".into(),
-                    "client_cert and client_key go together",
-                );
+                return err("destinations.relay.client_cert".into(), "client_cert and client_key go together");
             }
             check_batch("destinations.relay.batch", &r.batch)?;
         }
@@ -285,10 +247,7 @@ fn check_batch(key: &str, b: &BatchConfig) -> Result<(), (String, String)> {
         return Err((format!("{key}.max_inflight"), "must be at least 1".into()));
     }
     if b.max_buffer_bytes < b.max_bytes {
-        return Err((
-            format!("{key}.max_buffer_bytes"),
-            "must be at least max_bytes".into(),
-        ));
+        return Err((format!("{key}.max_buffer_bytes"), "must be at least max_bytes".into()));
     }
     Ok(())
 }

@@ -79,11 +79,7 @@ impl Registry {
             .iter()
             .map(|s| Source {
                 settings: Arc::new(SourceSettings::new(s)),
-                exclude: s
-                    .exclude
-                    .iter()
-                    .map(|g| glob::Pattern::new(g).expect("validated"))
-                    .collect(),
+                exclude: s.exclude.iter().map(|g| glob::Pattern::new(g).expect("validated")).collect(),
                 cfg: s.clone(),
             })
             .collect();
@@ -109,19 +105,11 @@ impl Registry {
     }
 
     pub fn snapshot(&self) -> Vec<Arc<TrackedFile>> {
-        self.files
-            .read()
-            .expect("files lock")
-            .values()
-            .cloned()
-            .collect()
+        self.files.read().expect("files lock").values().cloned().collect()
     }
 
     pub fn contains(&self, fingerprint: u64) -> bool {
-        self.files
-            .read()
-            .expect("files lock")
-            .contains_key(&fingerprint)
+        self.files.read().expect("files lock").contains_key(&fingerprint)
     }
 
     /// Directories to watch with inotify: the fixed prefix of every include glob.
@@ -161,8 +149,7 @@ impl Registry {
             }
         }
         self.retire(&seen);
-        metrics::gauge!("tron_agent_files_tracked")
-            .set(self.files.read().expect("files lock").len() as f64);
+        metrics::gauge!("tron_agent_files_tracked").set(self.files.read().expect("files lock").len() as f64);
         self.poke();
     }
 
@@ -188,19 +175,11 @@ impl Registry {
             Err(_) => return None, // vanished between glob and stat; the next scan settles it
         };
         if !meta.is_file() {
-            self.complain(
-                path,
-                "not a regular file (a directory where a file was expected?); skipped",
-            );
+            self.complain(path, "not a regular file (a directory where a file was expected?); skipped");
             return None;
         }
         let dev_ino = (meta.dev(), meta.ino());
-        let known = self
-            .by_path
-            .lock()
-            .expect("by_path lock")
-            .get(path)
-            .copied();
+        let known = self.by_path.lock().expect("by_path lock").get(path).copied();
         if let Some(fp) = known {
             let tracked = self.files.read().expect("files lock").get(&fp).cloned();
             if let Some(tf) = tracked {
@@ -216,10 +195,7 @@ impl Registry {
                 return None;
             }
         };
-        self.complained
-            .lock()
-            .expect("complained lock")
-            .remove(path);
+        self.complained.lock().expect("complained lock").remove(path);
         let fp = match fingerprint::of_file(&file, self.cfg.fingerprint_bytes) {
             Ok(Some(fp)) => fp,
             Ok(None) => return None, // no complete first line yet: wait for it
@@ -236,20 +212,13 @@ impl Registry {
                 // The same file under a new name (rename rotation into another matched path).
                 life.path = path_str;
                 drop(life);
-                self.by_path
-                    .lock()
-                    .expect("by_path lock")
-                    .insert(path.to_path_buf(), fp);
+                self.by_path.lock().expect("by_path lock").insert(path.to_path_buf(), fp);
                 return Some(fp);
             }
             // Another inode with the same first line: a copy of content we already follow.
             return None;
         }
-        let start_offset = if first && source.cfg.read_from == ReadFrom::End {
-            meta.len()
-        } else {
-            0
-        };
+        let start_offset = if first && source.cfg.read_from == ReadFrom::End { meta.len() } else { 0 };
         tracing::info!(path = %path_str, fingerprint = %format!("{fp:016x}"), start_offset, "following file");
         let tf = Arc::new(TrackedFile {
             fingerprint: fp,
@@ -269,10 +238,7 @@ impl Registry {
             }),
         });
         files.insert(fp, tf);
-        self.by_path
-            .lock()
-            .expect("by_path lock")
-            .insert(path.to_path_buf(), fp);
+        self.by_path.lock().expect("by_path lock").insert(path.to_path_buf(), fp);
         Some(fp)
     }
 
@@ -281,9 +247,7 @@ impl Registry {
     fn check_truncation(&self, tf: &Arc<TrackedFile>, path: &Path) -> bool {
         let handle = tf.handle();
         let size = handle.metadata().map(|m| m.len()).unwrap_or(0);
-        let head = fingerprint::of_file(&handle, self.cfg.fingerprint_bytes)
-            .ok()
-            .flatten();
+        let head = fingerprint::of_file(&handle, self.cfg.fingerprint_bytes).ok().flatten();
         let mut life = tf.inner.lock().expect("lifecycle lock");
         if size >= life.size && head == Some(tf.fingerprint) {
             if size > life.size {
@@ -312,25 +276,16 @@ impl Registry {
             let lost = old_size.saturating_sub(acked.load(Ordering::SeqCst));
             if lost > 0 {
                 tracing::warn!(path = %path.display(), destination = i, lost_bytes = lost, "file truncated before this destination read it and no copy was found");
-                metrics::counter!("tron_agent_lost_bytes_total", "reason" => "truncated")
-                    .increment(lost);
+                metrics::counter!("tron_agent_lost_bytes_total", "reason" => "truncated").increment(lost);
             }
         }
-        self.files
-            .write()
-            .expect("files lock")
-            .remove(&tf.fingerprint);
+        self.files.write().expect("files lock").remove(&tf.fingerprint);
         false
     }
 
     /// A sibling (`app.log.1`, `app.log-20261122`, …) with the same identity and at least the
     /// bytes we had seen.
-    fn find_copy(
-        &self,
-        path: &Path,
-        fp: u64,
-        min_size: u64,
-    ) -> Option<(File, PathBuf, (u64, u64))> {
+    fn find_copy(&self, path: &Path, fp: u64, min_size: u64) -> Option<(File, PathBuf, (u64, u64))> {
         let dir = path.parent()?;
         let name = path.file_name()?.to_string_lossy().into_owned();
         for entry in std::fs::read_dir(dir).ok()?.flatten() {
@@ -346,11 +301,7 @@ impl Registry {
             let Ok(file) = File::open(&candidate) else {
                 continue;
             };
-            if fingerprint::of_file(&file, self.cfg.fingerprint_bytes)
-                .ok()
-                .flatten()
-                == Some(fp)
-            {
+            if fingerprint::of_file(&file, self.cfg.fingerprint_bytes).ok().flatten() == Some(fp) {
                 return Some((file, candidate, (meta.dev(), meta.ino())));
             }
         }
@@ -393,7 +344,8 @@ impl Registry {
                     let lost = size.saturating_sub(acked.load(Ordering::SeqCst));
                     if lost > 0 {
                         tracing::warn!(path = %life.path, destination = i, lost_bytes = lost, "giving up on rotated file after max_rotated_keep");
-                        metrics::counter!("tron_agent_lost_bytes_total", "reason" => "rotated_given_up").increment(lost);
+                        metrics::counter!("tron_agent_lost_bytes_total", "reason" => "rotated_given_up")
+                            .increment(lost);
                     }
                 }
                 drop_list.push(tf.fingerprint);
@@ -404,20 +356,12 @@ impl Registry {
             for fp in drop_list {
                 files.remove(&fp);
             }
-            self.by_path
-                .lock()
-                .expect("by_path lock")
-                .retain(|_, fp| files.contains_key(fp));
+            self.by_path.lock().expect("by_path lock").retain(|_, fp| files.contains_key(fp));
         }
     }
 
     fn complain(&self, path: &Path, what: &str) {
-        if self
-            .complained
-            .lock()
-            .expect("complained lock")
-            .insert(path.to_path_buf())
-        {
+        if self.complained.lock().expect("complained lock").insert(path.to_path_buf()) {
             tracing::warn!(path = %path.display(), "{what}");
             metrics::counter!("tron_agent_file_errors_total").increment(1);
         }

@@ -25,10 +25,7 @@ use std::time::{Duration, Instant};
 use tron_service::{config as cfgload, http, systemd, telemetry, tls, Health, Shutdown};
 
 #[derive(Parser)]
-#[command(
-    version,
-    about = "Tails log files and ships every line to S3 and to tron-relay"
-)]
+#[command(version, about = "Tails log files and ships every line to S3 and to tron-relay")]
 struct Args {
     /// Configuration file.
     #[arg(short, long, default_value = "/etc/tron/agent.toml")]
@@ -73,11 +70,9 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     let shutdown = Shutdown::new();
     shutdown.on_signals()?;
     let host = cfg.host.clone().unwrap_or_else(system_hostname);
-    std::fs::create_dir_all(&cfg.state_dir)
-        .with_context(|| format!("state_dir {}", cfg.state_dir.display()))?;
+    std::fs::create_dir_all(&cfg.state_dir).with_context(|| format!("state_dir {}", cfg.state_dir.display()))?;
 
-    let destinations =
-        cfg.destinations.s3.is_some() as usize + cfg.destinations.relay.is_some() as usize;
+    let destinations = cfg.destinations.s3.is_some() as usize + cfg.destinations.relay.is_some() as usize;
     let registry = Registry::new(&cfg.sources, cfg.files.clone(), destinations);
     {
         let r = registry.clone();
@@ -85,12 +80,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     }
     let scan_requested = Arc::new(AtomicBool::new(false));
     let _watcher = watch_dirs(&registry, scan_requested.clone());
-    spawn_scanner(
-        registry.clone(),
-        scan_requested,
-        cfg.files.scan_interval,
-        shutdown.clone(),
-    );
+    spawn_scanner(registry.clone(), scan_requested, cfg.files.scan_interval, shutdown.clone());
 
     let mut shippers = Vec::new();
     let mut index = 0;
@@ -112,11 +102,7 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         index += 1;
     }
     if let Some(relay_cfg) = &cfg.destinations.relay {
-        let dest = Arc::new(relay::RelayForwarder::new(
-            relay_cfg,
-            &host,
-            health.clone(),
-        )?);
+        let dest = Arc::new(relay::RelayForwarder::new(relay_cfg, &host, health.clone())?);
         let cp = checkpoint::Checkpointer::open(&cfg.state_dir, "relay")?;
         let shipper = Shipper::new(
             dest,
@@ -131,14 +117,9 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
         shippers.push(tokio::spawn(shipper.run(shutdown.clone(), DRAIN_TIMEOUT)));
     }
 
-    let metrics_addr = http::serve(
-        cfg.metrics_listen,
-        metrics,
-        health.clone(),
-        shutdown.clone(),
-    )
-    .await
-    .with_context(|| format!("binding metrics_listen = {}", cfg.metrics_listen))?;
+    let metrics_addr = http::serve(cfg.metrics_listen, metrics, health.clone(), shutdown.clone())
+        .await
+        .with_context(|| format!("binding metrics_listen = {}", cfg.metrics_listen))?;
     tracing::info!(%host, metrics = %metrics_addr, files = registry.snapshot().len(), "tron-agent ready");
     systemd::ready();
     systemd::spawn_watchdog(|| true);
@@ -152,29 +133,22 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
 
 /// inotify on the directories the globs live in: a change wakes the shippers at once and asks
 /// for a rescan; the periodic scan stays as the safety net.
-fn watch_dirs(
-    registry: &Arc<Registry>,
-    scan_requested: Arc<AtomicBool>,
-) -> Option<notify::RecommendedWatcher> {
+fn watch_dirs(registry: &Arc<Registry>, scan_requested: Arc<AtomicBool>) -> Option<notify::RecommendedWatcher> {
     let r = registry.clone();
-    let mut watcher =
-        match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if let Ok(event) = event {
-                if !matches!(
-                    event.kind,
-                    notify::EventKind::Modify(notify::event::ModifyKind::Data(_))
-                ) {
-                    scan_requested.store(true, Ordering::SeqCst);
-                }
-                r.poke();
+    let mut watcher = match notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(event) = event {
+            if !matches!(event.kind, notify::EventKind::Modify(notify::event::ModifyKind::Data(_))) {
+                scan_requested.store(true, Ordering::SeqCst);
             }
-        }) {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::warn!(error = %e, "inotify unavailable; relying on the periodic scan");
-                return None;
-            }
-        };
+            r.poke();
+        }
+    }) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "inotify unavailable; relying on the periodic scan");
+            return None;
+        }
+    };
     for dir in registry.watch_dirs() {
         if let Err(e) = watcher.watch(&dir, notify::RecursiveMode::NonRecursive) {
             tracing::warn!(dir = %dir.display(), error = %e, "cannot watch directory; relying on the periodic scan");
@@ -183,12 +157,7 @@ fn watch_dirs(
     Some(watcher)
 }
 
-fn spawn_scanner(
-    registry: Arc<Registry>,
-    requested: Arc<AtomicBool>,
-    every: Duration,
-    shutdown: Shutdown,
-) {
+fn spawn_scanner(registry: Arc<Registry>, requested: Arc<AtomicBool>, every: Duration, shutdown: Shutdown) {
     tokio::spawn(async move {
         let mut last = Instant::now();
         while !shutdown.is_triggered() {

@@ -21,16 +21,20 @@ impl TimeFormat {
             "unix_us" => TimeFormat::Epoch(6),
             "unix_ns" => TimeFormat::Epoch(9),
             p if p.contains('%') => TimeFormat::Strftime(p.to_string()),
-            other => return Err(format!("unknown time format {other:?}: use rfc3339, unix, unix_ms, unix_us, unix_ns or a strftime pattern")),
+            other => {
+                return Err(format!(
+                    "unknown time format {other:?}: use rfc3339, unix, unix_ms, unix_us, unix_ns or a strftime pattern"
+                ))
+            }
         })
     }
 
     /// Nanoseconds since the epoch, or None when the value does not fit the format.
     pub fn to_nanos(&self, v: &Value) -> Option<i64> {
         match (self, v) {
-            (TimeFormat::Rfc3339, Value::String(s)) => chrono::DateTime::parse_from_rfc3339(s)
-                .ok()?
-                .timestamp_nanos_opt(),
+            (TimeFormat::Rfc3339, Value::String(s)) => {
+                chrono::DateTime::parse_from_rfc3339(s).ok()?.timestamp_nanos_opt()
+            }
             (TimeFormat::Epoch(scale), Value::Number(n)) => {
                 let factor = 10i64.pow(9 - scale);
                 match n.as_i64() {
@@ -38,17 +42,12 @@ impl TimeFormat {
                     None => n.as_f64().map(|f| (f * factor as f64) as i64),
                 }
             }
-            (TimeFormat::Epoch(_), Value::String(s)) => {
-                self.to_nanos(&serde_json::from_str(s).ok()?)
-            }
+            (TimeFormat::Epoch(_), Value::String(s)) => self.to_nanos(&serde_json::from_str(s).ok()?),
             (TimeFormat::Strftime(p), Value::String(s)) => {
                 if let Ok(t) = chrono::DateTime::parse_from_str(s, p) {
                     return t.timestamp_nanos_opt();
                 }
-                chrono::NaiveDateTime::parse_from_str(s, p)
-                    .ok()?
-                    .and_utc()
-                    .timestamp_nanos_opt()
+                chrono::NaiveDateTime::parse_from_str(s, p).ok()?.and_utc().timestamp_nanos_opt()
             }
             _ => None,
         }
@@ -129,15 +128,9 @@ pub fn parse_line(
         map.insert(fields.file.clone(), Value::String(origin.path.to_string()));
     }
     if !fields.id.is_empty() {
-        map.insert(
-            fields.id.clone(),
-            Value::String(record_id(origin.host, origin.fingerprint, offset)),
-        );
+        map.insert(fields.id.clone(), Value::String(record_id(origin.host, origin.fingerprint, offset)));
     }
-    Record {
-        time: EventTime::from_unix_nanos(time_ns),
-        fields: map,
-    }
+    Record { time: EventTime::from_unix_nanos(time_ns), fields: map }
 }
 
 fn message_only(text: String) -> Map<String, Value> {
@@ -190,11 +183,7 @@ mod tests {
     }
 
     fn origin() -> Origin<'static> {
-        Origin {
-            host: "h1",
-            path: "/var/log/a.log",
-            fingerprint: 42,
-        }
+        Origin { host: "h1", path: "/var/log/a.log", fingerprint: 42 }
     }
 
     #[test]
@@ -232,17 +221,9 @@ mod tests {
     fn epoch_and_strftime_formats() {
         let ms = TimeFormat::parse("unix_ms").unwrap();
         assert_eq!(ms.to_nanos(&serde_json::json!(1500)), Some(1_500_000_000));
-        assert_eq!(
-            TimeFormat::parse("unix")
-                .unwrap()
-                .to_nanos(&serde_json::json!(1.25)),
-            Some(1_250_000_000)
-        );
+        assert_eq!(TimeFormat::parse("unix").unwrap().to_nanos(&serde_json::json!(1.25)), Some(1_250_000_000));
         let f = TimeFormat::parse("%d/%b/%Y:%H:%M:%S %z").unwrap();
-        assert_eq!(
-            f.to_nanos(&serde_json::json!("10/Oct/2000:13:55:36 -0700")),
-            Some(971211336 * 1_000_000_000)
-        );
+        assert_eq!(f.to_nanos(&serde_json::json!("10/Oct/2000:13:55:36 -0700")), Some(971211336 * 1_000_000_000));
         assert!(TimeFormat::parse("weird").is_err());
     }
 
@@ -261,19 +242,8 @@ mod tests {
 
     #[test]
     fn added_fields_can_be_renamed_or_switched_off() {
-        let fields = FieldsConfig {
-            host: "".into(),
-            file: "path".into(),
-            id: "".into(),
-        };
-        let r = parse_line(
-            b"x",
-            0,
-            &src(Parser::Raw, None, "rfc3339"),
-            &fields,
-            &origin(),
-            0,
-        );
+        let fields = FieldsConfig { host: "".into(), file: "path".into(), id: "".into() };
+        let r = parse_line(b"x", 0, &src(Parser::Raw, None, "rfc3339"), &fields, &origin(), 0);
         assert_eq!(r.fields.keys().collect::<Vec<_>>(), ["message", "path"]);
     }
 

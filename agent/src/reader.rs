@@ -8,11 +8,13 @@ pub struct ReadOutcome {
     /// Offset just past the last byte consumed (a full line, or a split part).
     pub next_offset: u64,
     pub bytes_read: usize,
+    /// Lines longer than `max_line` that were cut into parts.
+    pub splits: u64,
 }
 
 /// Calls `on_line(offset, line, end_offset)` for each complete line from `offset`, stopping once
 /// `budget` bytes were consumed. A line longer than `max_line` is cut into `max_line`-byte parts
-/// (`on_split` counts them). With `eof_ends_line`, a trailing line without newline is complete
+/// (counted in `splits`). With `eof_ends_line`, a trailing line without newline is complete
 /// too (the file is finished: rotated away and idle).
 pub fn read_lines(
     file: &File,
@@ -22,8 +24,8 @@ pub fn read_lines(
     eof_ends_line: bool,
     buf: &mut Vec<u8>,
     mut on_line: impl FnMut(u64, &[u8], u64),
-    mut on_split: impl FnMut(),
 ) -> std::io::Result<ReadOutcome> {
+    let mut splits = 0;
     let mut want = budget.clamp(64 * 1024, 4 << 20);
     loop {
         buf.resize(want, 0);
@@ -40,12 +42,8 @@ pub fn read_lines(
                     pos += nl + 1;
                 }
                 _ if rest.len() >= max_line => {
-                    on_split();
-                    on_line(
-                        offset + pos as u64,
-                        &rest[..max_line],
-                        offset + (pos + max_line) as u64,
-                    );
+                    splits += 1;
+                    on_line(offset + pos as u64, &rest[..max_line], offset + (pos + max_line) as u64);
                     pos += max_line;
                 }
                 None if at_eof && eof_ends_line => {
@@ -62,10 +60,7 @@ pub fn read_lines(
             want = max_line + 1;
             continue;
         }
-        return Ok(ReadOutcome {
-            next_offset: offset + pos as u64,
-            bytes_read: pos,
-        });
+        return Ok(ReadOutcome { next_offset: offset + pos as u64, bytes_read: pos, splits });
     }
 }
 
@@ -97,19 +92,11 @@ mod tests {
         let mut f = tempfile::tempfile().unwrap();
         f.write_all(content).unwrap();
         let mut lines = Vec::new();
-        let mut splits = 0;
-        let out = read_lines(
-            &f,
-            offset,
-            budget,
-            max_line,
-            eof,
-            &mut Vec::new(),
-            |o, l, e| lines.push((o, String::from_utf8_lossy(l).into_owned(), e)),
-            || splits += 1,
-        )
+        let out = read_lines(&f, offset, budget, max_line, eof, &mut Vec::new(), |o, l, e| {
+            lines.push((o, String::from_utf8_lossy(l).into_owned(), e))
+        })
         .unwrap();
-        (lines, out.next_offset, splits)
+        (lines, out.next_offset, out.splits as usize)
     }
 
     #[test]
@@ -128,10 +115,7 @@ mod tests {
         content.push(b'\n');
         let (lines, next, splits) = collect(&content, 0, 1 << 20, 100, false);
         assert_eq!(splits, 2);
-        assert_eq!(
-            lines.iter().map(|l| l.1.len()).collect::<Vec<_>>(),
-            vec![100, 100, 50]
-        );
+        assert_eq!(lines.iter().map(|l| l.1.len()).collect::<Vec<_>>(), vec![100, 100, 50]);
         assert_eq!(next, 251);
     }
 
@@ -140,10 +124,7 @@ mod tests {
         let mut content = vec![b'y'; 200_000];
         content.push(b'\n');
         let (lines, next, splits) = collect(&content, 0, 10, 1 << 20, false);
-        assert_eq!(
-            (lines.len(), lines[0].1.len(), next, splits),
-            (1, 200_000, 200_001, 0)
-        );
+        assert_eq!((lines.len(), lines[0].1.len(), next, splits), (1, 200_000, 200_001, 0));
     }
 
     #[test]

@@ -56,10 +56,7 @@ impl RelayForwarder {
             Some(ca) if !cfg.plaintext => {
                 let client_cert = cfg.client_cert.as_deref().zip(cfg.client_key.as_deref());
                 let config = tron_service::tls::client_config(ca, client_cert)?;
-                Some((
-                    tokio_rustls::TlsConnector::from(Arc::new(config)),
-                    cfg.tls_server_name.clone(),
-                ))
+                Some((tokio_rustls::TlsConnector::from(Arc::new(config)), cfg.tls_server_name.clone()))
             }
             _ => None,
         };
@@ -110,27 +107,13 @@ impl Destination for RelayForwarder {
         let id = format!("{:016x}-{:020}", meta.fingerprint, meta.first_offset);
         let mut chunk = Vec::new();
         rmp::encode::write_str(&mut chunk, &id).expect("vec");
-        SealedChunk {
-            frame: Arc::new(builder.finish(&meta.tag, &id)),
-            chunk,
-        }
+        SealedChunk { frame: Arc::new(builder.finish(&meta.tag, &id)), chunk }
     }
 
-    async fn send(
-        self: Arc<Self>,
-        sealed: Arc<SealedChunk>,
-        _meta: Arc<BatchMeta>,
-    ) -> Result<(), String> {
+    async fn send(self: Arc<Self>, sealed: Arc<SealedChunk>, _meta: Arc<BatchMeta>) -> Result<(), String> {
         let (reply, wait) = oneshot::channel();
-        let req = Request {
-            frame: sealed.frame.clone(),
-            chunk: sealed.chunk.clone(),
-            reply,
-        };
-        self.requests
-            .send(req)
-            .await
-            .map_err(|_| "relay connection task stopped".to_string())?;
+        let req = Request { frame: sealed.frame.clone(), chunk: sealed.chunk.clone(), reply };
+        self.requests.send(req).await.map_err(|_| "relay connection task stopped".to_string())?;
         match tokio::time::timeout(self.ack_timeout, wait).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err("connection closed before the ack".into()),
@@ -139,11 +122,7 @@ impl Destination for RelayForwarder {
     }
 }
 
-async fn connection_task(
-    connector: Connector,
-    mut requests: mpsc::Receiver<Request>,
-    health: Health,
-) {
+async fn connection_task(connector: Connector, mut requests: mpsc::Receiver<Request>, health: Health) {
     let mut next = 0usize;
     let mut backoff = Duration::from_millis(200);
     loop {
@@ -158,9 +137,7 @@ async fn connection_task(
                 loop {
                     match requests.try_recv() {
                         Ok(r) => {
-                            let _ = r
-                                .reply
-                                .send(Err(format!("relay {address} unreachable: {e}")));
+                            let _ = r.reply.send(Err(format!("relay {address} unreachable: {e}")));
                         }
                         Err(mpsc::error::TryRecvError::Empty) => break,
                         Err(mpsc::error::TryRecvError::Disconnected) => return,
@@ -205,10 +182,7 @@ async fn connection_task(
 }
 
 impl Connector {
-    async fn connect(
-        &self,
-        address: &str,
-    ) -> Result<Framed<Pin<Box<dyn Stream>>, ClientCodec>, String> {
+    async fn connect(&self, address: &str) -> Result<Framed<Pin<Box<dyn Stream>>, ClientCodec>, String> {
         let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(address))
             .await
             .map_err(|_| "connect timed out".to_string())?
@@ -216,19 +190,14 @@ impl Connector {
         let _ = tcp.set_nodelay(true);
         let stream: Pin<Box<dyn Stream>> = match &self.tls {
             Some((tls, name)) => {
-                let host = name.clone().unwrap_or_else(|| {
-                    address
-                        .rsplit_once(':')
-                        .map_or(address, |(h, _)| h)
-                        .to_string()
-                });
+                let host =
+                    name.clone().unwrap_or_else(|| address.rsplit_once(':').map_or(address, |(h, _)| h).to_string());
                 let server_name = rustls::pki_types::ServerName::try_from(host.clone())
                     .map_err(|e| format!("server name {host:?}: {e}"))?;
-                let tls_stream =
-                    tokio::time::timeout(Duration::from_secs(10), tls.connect(server_name, tcp))
-                        .await
-                        .map_err(|_| "TLS handshake timed out".to_string())?
-                        .map_err(|e| format!("TLS: {e}"))?;
+                let tls_stream = tokio::time::timeout(Duration::from_secs(10), tls.connect(server_name, tcp))
+                    .await
+                    .map_err(|_| "TLS handshake timed out".to_string())?
+                    .map_err(|e| format!("TLS: {e}"))?;
                 Box::pin(tls_stream)
             }
             None => Box::pin(tcp),
@@ -240,26 +209,17 @@ impl Connector {
         Ok(framed)
     }
 
-    async fn handshake(
-        &self,
-        framed: &mut Framed<Pin<Box<dyn Stream>>, ClientCodec>,
-        key: &str,
-    ) -> Result<(), String> {
+    async fn handshake(&self, framed: &mut Framed<Pin<Box<dyn Stream>>, ClientCodec>, key: &str) -> Result<(), String> {
         let helo = match tokio::time::timeout(Duration::from_secs(10), framed.next()).await {
             Ok(Some(Ok(ServerMessage::Helo(h)))) => h,
             Ok(other) => return Err(format!("expected HELO, got {other:?}")),
-            Err(_) => {
-                return Err("no HELO from relay (is shared_key configured on both sides?)".into())
-            }
+            Err(_) => return Err("no HELO from relay (is shared_key configured on both sides?)".into()),
         };
         let salt: [u8; 16] = rand::random();
         let salt = hex::encode(salt);
         let user = self.user.as_ref().map(|(u, p)| (u.as_str(), p.as_str()));
         let ping = Ping::answer(&helo, &self.hostname, salt.as_bytes(), key, user);
-        framed
-            .send(ping.encode())
-            .await
-            .map_err(|e| e.to_string())?;
+        framed.send(ping.encode()).await.map_err(|e| e.to_string())?;
         match tokio::time::timeout(Duration::from_secs(10), framed.next()).await {
             Ok(Some(Ok(ServerMessage::Pong(pong)))) => pong.verify(&ping, &helo, key),
             Ok(other) => Err(format!("expected PONG, got {other:?}")),

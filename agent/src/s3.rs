@@ -31,8 +31,7 @@ impl S3Archive {
     pub async fn new(cfg: &S3Config, host: &str) -> anyhow::Result<Self> {
         let (store, prefix) = if let Some(rest) = cfg.url.strip_prefix("file://") {
             let (dir, prefix) = (PathBuf::from(rest), String::new());
-            std::fs::create_dir_all(&dir)
-                .map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", dir.display()))?;
+            std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("{}: cannot create: {e}", dir.display()))?;
             (Store::Dir(dir), prefix)
         } else {
             let rest = cfg.url.strip_prefix("s3://").expect("validated");
@@ -47,21 +46,9 @@ impl S3Archive {
                 s3 = s3.endpoint_url(endpoint).force_path_style(true);
             }
             let client = aws_sdk_s3::Client::from_conf(s3.build());
-            (
-                Store::S3 {
-                    client,
-                    bucket: bucket.to_string(),
-                },
-                prefix.trim_matches('/').to_string(),
-            )
+            (Store::S3 { client, bucket: bucket.to_string() }, prefix.trim_matches('/').to_string())
         };
-        Ok(S3Archive {
-            store,
-            prefix,
-            host: host.to_string(),
-            batch: cfg.batch.clone(),
-            gzip_level: cfg.gzip_level,
-        })
+        Ok(S3Archive { store, prefix, host: host.to_string(), batch: cfg.batch.clone(), gzip_level: cfg.gzip_level })
     }
 
     /// `{prefix}/{tag}/dt=YYYY-MM-DD/hr=HH/{host}-{fingerprint}-{first_offset:020}.ndjson.gz`
@@ -113,10 +100,7 @@ impl Destination for S3Archive {
         let time = chrono::DateTime::from_timestamp_nanos(record.time.unix_nanos());
         let mut line = Vec::with_capacity(256);
         line.extend_from_slice(b"{\"_time\":\"");
-        line.extend_from_slice(
-            time.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
-                .as_bytes(),
-        );
+        line.extend_from_slice(time.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true).as_bytes());
         line.push(b'"');
         let fields = serde_json::to_vec(&record.fields).expect("JSON maps serialize");
         if fields.len() > 2 {
@@ -128,17 +112,10 @@ impl Destination for S3Archive {
     }
 
     fn seal(&self, gz: Self::Builder, meta: &BatchMeta) -> SealedObject {
-        SealedObject {
-            key: self.key(meta),
-            body: gz.finish().expect("writing to a Vec cannot fail").into(),
-        }
+        SealedObject { key: self.key(meta), body: gz.finish().expect("writing to a Vec cannot fail").into() }
     }
 
-    async fn send(
-        self: Arc<Self>,
-        sealed: Arc<SealedObject>,
-        _meta: Arc<BatchMeta>,
-    ) -> Result<(), String> {
+    async fn send(self: Arc<Self>, sealed: Arc<SealedObject>, _meta: Arc<BatchMeta>) -> Result<(), String> {
         match &self.store {
             Store::S3 { client, bucket } => client
                 .put_object()
@@ -149,21 +126,13 @@ impl Destination for S3Archive {
                 .send()
                 .await
                 .map(|_| ())
-                .map_err(|e| {
-                    format!(
-                        "s3://{bucket}/{}: {}",
-                        sealed.key,
-                        aws_sdk_s3::error::DisplayErrorContext(e)
-                    )
-                }),
+                .map_err(|e| format!("s3://{bucket}/{}: {}", sealed.key, aws_sdk_s3::error::DisplayErrorContext(e))),
             Store::Dir(dir) => {
                 let dir = dir.clone();
                 let sealed = sealed.clone();
-                tokio::task::spawn_blocking(move || {
-                    write_atomically(&dir.join(&sealed.key), &sealed.body)
-                })
-                .await
-                .map_err(|e| e.to_string())?
+                tokio::task::spawn_blocking(move || write_atomically(&dir.join(&sealed.key), &sealed.body))
+                    .await
+                    .map_err(|e| e.to_string())?
             }
         }
     }

@@ -207,13 +207,8 @@ impl<D: Destination> Shipper<D> {
                 self.checkpoints.set(*fp, c.acked, &c.file.path());
             }
         }
-        let lag: u64 = self
-            .cursors
-            .values()
-            .map(|c| c.file.size().saturating_sub(c.acked))
-            .sum();
-        metrics::gauge!("tron_agent_destination_lag_bytes", "destination" => self.dest.name())
-            .set(lag as f64);
+        let lag: u64 = self.cursors.values().map(|c| c.file.size().saturating_sub(c.acked)).sum();
+        metrics::gauge!("tron_agent_destination_lag_bytes", "destination" => self.dest.name()).set(lag as f64);
     }
 
     /// Adds cursors for new files and forgets files the registry closed.
@@ -233,13 +228,7 @@ impl<D: Destination> Shipper<D> {
             self.checkpoints.set(tf.fingerprint, start, &tf.path());
             self.cursors.insert(
                 tf.fingerprint,
-                Cursor {
-                    file: tf,
-                    read: start,
-                    acked: start,
-                    sealed: BTreeMap::new(),
-                    open: None,
-                },
+                Cursor { file: tf, read: start, acked: start, sealed: BTreeMap::new(), open: None },
             );
         }
         let registry = &self.registry;
@@ -285,17 +274,9 @@ impl<D: Destination> Shipper<D> {
         let open_bytes = cursor.open.as_ref().map_or(0, |o| o.meta.raw_bytes);
         let budget = cfg.max_bytes.saturating_sub(open_bytes).max(1);
         let path = file.path();
-        let origin = Origin {
-            host: &self.host,
-            path: &path,
-            fingerprint: fp,
-        };
-        let now_ns = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_nanos() as i64;
+        let origin = Origin { host: &self.host, path: &path, fingerprint: fp };
+        let now_ns = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as i64;
         let mut lines: Vec<(Record, u64, usize)> = Vec::new();
-        let mut splits = 0u64;
         let src = file.source.clone();
         let outcome = read_lines(
             &file.handle(),
@@ -306,23 +287,11 @@ impl<D: Destination> Shipper<D> {
             &mut self.buf,
             |offset, line, end| {
                 if !line.is_empty() {
-                    lines.push((
-                        parse_line(line, offset, &src, &self.fields, &origin, now_ns),
-                        end,
-                        line.len(),
-                    ));
+                    lines.push((parse_line(line, offset, &src, &self.fields, &origin, now_ns), end, line.len()));
                 } else {
-                    lines.push((
-                        Record {
-                            time: Default::default(),
-                            fields: Default::default(),
-                        },
-                        end,
-                        0,
-                    ));
+                    lines.push((Record { time: Default::default(), fields: Default::default() }, end, 0));
                 }
             },
-            || splits += 1,
         );
         let outcome = match outcome {
             Ok(o) => o,
@@ -331,9 +300,8 @@ impl<D: Destination> Shipper<D> {
                 return 0;
             }
         };
-        if splits > 0 {
-            metrics::counter!("tron_agent_lines_split_total", "source" => src.name.clone())
-                .increment(splits);
+        if outcome.splits > 0 {
+            metrics::counter!("tron_agent_lines_split_total", "source" => src.name.clone()).increment(outcome.splits);
         }
         if outcome.bytes_read == 0 {
             return 0;
@@ -348,9 +316,7 @@ impl<D: Destination> Shipper<D> {
             let hour = record.time.unix_nanos().div_euclid(HOUR_NS);
             let cursor = self.cursors.get_mut(&fp).expect("cursor exists");
             let needs_new = match &cursor.open {
-                Some(open) => {
-                    split_hours && !empty && open.meta.records > 0 && open.meta.hour != hour
-                }
+                Some(open) => split_hours && !empty && open.meta.records > 0 && open.meta.hour != hour,
                 None => false,
             };
             if needs_new {
@@ -402,14 +368,10 @@ impl<D: Destination> Shipper<D> {
         let meta = open.meta;
         if meta.records == 0 {
             // Only empty lines: nothing to send, but the range is done.
-            cursor
-                .sealed
-                .insert(meta.first_offset, (meta.end_offset, true));
+            cursor.sealed.insert(meta.first_offset, (meta.end_offset, true));
             return;
         }
-        cursor
-            .sealed
-            .insert(meta.first_offset, (meta.end_offset, false));
+        cursor.sealed.insert(meta.first_offset, (meta.end_offset, false));
         let sealed = Arc::new(self.dest.seal(open.builder, &meta));
         let meta = Arc::new(meta);
         self.inflight += 1;
@@ -422,7 +384,8 @@ impl<D: Destination> Shipper<D> {
             loop {
                 match dest.clone().send(sealed.clone(), meta.clone()).await {
                     Ok(()) => {
-                        metrics::counter!("tron_agent_records_sent_total", "destination" => dest.name()).increment(meta.records);
+                        metrics::counter!("tron_agent_records_sent_total", "destination" => dest.name())
+                            .increment(meta.records);
                         metrics::counter!("tron_agent_batches_sent_total", "destination" => dest.name()).increment(1);
                         if failures > 0 {
                             health.up(dest.name());

@@ -29,9 +29,7 @@ impl ChunkBuilder {
         self.scratch.push(0x92);
         write_event_time(&mut self.scratch, time);
         write_json_map(&mut self.scratch, record);
-        self.gz
-            .write_all(&self.scratch)
-            .expect("writing to a Vec cannot fail");
+        self.gz.write_all(&self.scratch).expect("writing to a Vec cannot fail");
         self.entries += 1;
         self.raw_bytes += self.scratch.len();
     }

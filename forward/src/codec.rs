@@ -23,11 +23,7 @@ impl ServerCodec {
 }
 
 /// Splits off the next whole top-level value, if it has arrived.
-fn next_value(
-    src: &mut BytesMut,
-    need: &mut usize,
-    limits: &Limits,
-) -> Result<Option<BytesMut>, DecodeError> {
+fn next_value(src: &mut BytesMut, need: &mut usize, limits: &Limits) -> Result<Option<BytesMut>, DecodeError> {
     if src.is_empty() || src.len() < *need {
         return Ok(None);
     }
@@ -84,13 +80,7 @@ pub struct ClientCodec {
 impl ClientCodec {
     pub fn new() -> Self {
         // Server replies are tiny; a megabyte is generous and bounds a misbehaving server.
-        ClientCodec {
-            limits: Limits {
-                max_frame_bytes: 1 << 20,
-                ..Limits::default()
-            },
-            need: 0,
-        }
+        ClientCodec { limits: Limits { max_frame_bytes: 1 << 20, ..Limits::default() }, need: 0 }
     }
 }
 
@@ -102,8 +92,7 @@ impl Decoder for ClientCodec {
         let Some(bytes) = next_value(src, &mut self.need, &self.limits)? else {
             return Ok(None);
         };
-        let value = rmpv::decode::read_value(&mut &bytes[..])
-            .map_err(|e| DecodeError::Msgpack(e.to_string()))?;
+        let value = rmpv::decode::read_value(&mut &bytes[..]).map_err(|e| DecodeError::Msgpack(e.to_string()))?;
         match &value {
             Value::Array(items) if items.first().and_then(Value::as_str) == Some("HELO") => {
                 Helo::from_value(value).map(ServerMessage::Helo).map(Some)
@@ -117,14 +106,10 @@ impl Decoder for ClientCodec {
                     .find(|(k, _)| k.as_str() == Some("ack"))
                     .ok_or_else(|| malformed("a reply map without \"ack\""))?;
                 let mut raw = Vec::new();
-                rmpv::encode::write_value(&mut raw, &ack.1)
-                    .map_err(|e| DecodeError::Msgpack(e.to_string()))?;
+                rmpv::encode::write_value(&mut raw, &ack.1).map_err(|e| DecodeError::Msgpack(e.to_string()))?;
                 Ok(Some(ServerMessage::Ack(raw)))
             }
-            other => Err(malformed(format!(
-                "unexpected reply from server: {}",
-                kind(other)
-            ))),
+            other => Err(malformed(format!("unexpected reply from server: {}", kind(other)))),
         }
     }
 }

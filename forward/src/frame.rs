@@ -60,10 +60,7 @@ impl EventBatch {
 
     /// Sum of the entries' decoded sizes, an estimate of what holding them costs.
     pub fn decoded_bytes(&self) -> usize {
-        self.entries
-            .iter()
-            .map(|e| approx_size(&e.record) + 16)
-            .sum()
+        self.entries.iter().map(|e| approx_size(&e.record) + 16).sum()
     }
 }
 
@@ -82,12 +79,7 @@ pub(crate) fn parse_frame(bytes: &[u8], limits: &Limits) -> Result<Frame, Decode
     let items = match value {
         Value::Nil => return Ok(Frame::Heartbeat),
         Value::Array(items) => items,
-        other => {
-            return Err(malformed(format!(
-                "a frame must be an array or nil, got {}",
-                kind(&other)
-            )))
-        }
+        other => return Err(malformed(format!("a frame must be an array or nil, got {}", kind(&other)))),
     };
     if items.len() == 6 && items[0].as_str() == Some("PING") {
         return Ping::from_items(items).map(Frame::Ping);
@@ -95,58 +87,30 @@ pub(crate) fn parse_frame(bytes: &[u8], limits: &Limits) -> Result<Frame, Decode
     parse_events(items, bytes.len(), limits).map(Frame::Events)
 }
 
-fn parse_events(
-    mut items: Vec<Value>,
-    wire_bytes: usize,
-    limits: &Limits,
-) -> Result<EventBatch, DecodeError> {
+fn parse_events(mut items: Vec<Value>, wire_bytes: usize, limits: &Limits) -> Result<EventBatch, DecodeError> {
     if !(2..=4).contains(&items.len()) {
-        return Err(malformed(format!(
-            "an event frame has 2 to 4 elements, got {}",
-            items.len()
-        )));
+        return Err(malformed(format!("an event frame has 2 to 4 elements, got {}", items.len())));
     }
     let tag = match &items[0] {
-        Value::String(s) => s
-            .as_str()
-            .ok_or_else(|| malformed("tag is not valid UTF-8"))?
-            .to_owned(),
-        other => {
-            return Err(malformed(format!(
-                "tag must be a string, got {}",
-                kind(other)
-            )))
-        }
+        Value::String(s) => s.as_str().ok_or_else(|| malformed("tag is not valid UTF-8"))?.to_owned(),
+        other => return Err(malformed(format!("tag must be a string, got {}", kind(other)))),
     };
     let is_forward = matches!(&items[1], Value::Array(a) if a.first().is_none_or(Value::is_array));
     let is_packed = matches!(&items[1], Value::Binary(_) | Value::String(_));
     if is_forward || is_packed {
         if items.len() > 3 {
-            return Err(malformed(format!(
-                "Forward/PackedForward frames have 2 or 3 elements, got {}",
-                items.len()
-            )));
+            return Err(malformed(format!("Forward/PackedForward frames have 2 or 3 elements, got {}", items.len())));
         }
         let options = match items.get(2) {
             Some(v) => parse_options(v)?,
             None => Options::default(),
         };
         let (mode, entries) = if is_forward {
-            let Value::Array(list) = std::mem::replace(&mut items[1], Value::Nil) else {
-                unreachable!()
-            };
+            let Value::Array(list) = std::mem::replace(&mut items[1], Value::Nil) else { unreachable!() };
             if list.len() > limits.max_entries_per_chunk {
-                return Err(DecodeError::TooManyEntries {
-                    count: list.len(),
-                    limit: limits.max_entries_per_chunk,
-                });
+                return Err(DecodeError::TooManyEntries { count: list.len(), limit: limits.max_entries_per_chunk });
             }
-            (
-                Mode::Forward,
-                list.into_iter()
-                    .map(parse_entry)
-                    .collect::<Result<Vec<_>, _>>()?,
-            )
+            (Mode::Forward, list.into_iter().map(parse_entry).collect::<Result<Vec<_>, _>>()?)
         } else {
             let packed = match std::mem::replace(&mut items[1], Value::Nil) {
                 Value::Binary(b) => b,
@@ -154,26 +118,15 @@ fn parse_events(
                 _ => unreachable!(),
             };
             match options.compressed.as_deref() {
-                Some("gzip") => (
-                    Mode::CompressedPackedForward,
-                    parse_packed(&gunzip(&packed, limits)?, limits)?,
-                ),
+                Some("gzip") => (Mode::CompressedPackedForward, parse_packed(&gunzip(&packed, limits)?, limits)?),
                 None | Some("text") => (Mode::PackedForward, parse_packed(&packed, limits)?),
                 Some(other) => return Err(DecodeError::UnsupportedCompression(other.to_owned())),
             }
         };
-        return Ok(EventBatch {
-            tag,
-            mode,
-            entries,
-            options,
-            wire_bytes,
-        });
+        return Ok(EventBatch { tag, mode, entries, options, wire_bytes });
     }
     if items.len() < 3 {
-        return Err(malformed(
-            "a Message frame is [tag, time, record] or [tag, time, record, options]",
-        ));
+        return Err(malformed("a Message frame is [tag, time, record] or [tag, time, record, options]"));
     }
     let options = match items.get(3) {
         Some(v) => parse_options(v)?,
@@ -182,34 +135,19 @@ fn parse_events(
     let record = std::mem::replace(&mut items[2], Value::Nil);
     let time = std::mem::replace(&mut items[1], Value::Nil);
     let entry = parse_entry(Value::Array(vec![time, record]))?;
-    Ok(EventBatch {
-        tag,
-        mode: Mode::Message,
-        entries: vec![entry],
-        options,
-        wire_bytes,
-    })
+    Ok(EventBatch { tag, mode: Mode::Message, entries: vec![entry], options, wire_bytes })
 }
 
 fn parse_entry(v: Value) -> Result<Entry, DecodeError> {
     let Value::Array(mut pair) = v else {
-        return Err(malformed(format!(
-            "an entry must be [time, record], got {}",
-            kind(&v)
-        )));
+        return Err(malformed(format!("an entry must be [time, record], got {}", kind(&v))));
     };
     if pair.len() != 2 {
-        return Err(malformed(format!(
-            "an entry must be [time, record], got {} elements",
-            pair.len()
-        )));
+        return Err(malformed(format!("an entry must be [time, record], got {} elements", pair.len())));
     }
     let record = pair.pop().expect("2 elements");
     if !record.is_map() {
-        return Err(malformed(format!(
-            "a record must be a map, got {}",
-            kind(&record)
-        )));
+        return Err(malformed(format!("a record must be a map, got {}", kind(&record))));
     }
     let (time, metadata) = match pair.pop().expect("1 element") {
         Value::Array(mut t) if t.len() == 2 => {
@@ -218,21 +156,14 @@ fn parse_entry(v: Value) -> Result<Entry, DecodeError> {
         }
         t => (EventTime::from_value(&t)?, None),
     };
-    Ok(Entry {
-        time,
-        record,
-        metadata,
-    })
+    Ok(Entry { time, record, metadata })
 }
 
 fn parse_packed(mut bytes: &[u8], limits: &Limits) -> Result<Vec<Entry>, DecodeError> {
     let mut entries = Vec::new();
     while !bytes.is_empty() {
         if entries.len() == limits.max_entries_per_chunk {
-            return Err(DecodeError::TooManyEntries {
-                count: entries.len() + 1,
-                limit: limits.max_entries_per_chunk,
-            });
+            return Err(DecodeError::TooManyEntries { count: entries.len() + 1, limit: limits.max_entries_per_chunk });
         }
         let v = rmpv::decode::read_value(&mut bytes)
             .map_err(|e| DecodeError::Msgpack(format!("in packed entries: {e}")))?;
@@ -245,10 +176,7 @@ fn parse_options(v: &Value) -> Result<Options, DecodeError> {
     let Value::Map(pairs) = v else {
         return match v {
             Value::Nil => Ok(Options::default()),
-            other => Err(malformed(format!(
-                "options must be a map, got {}",
-                kind(other)
-            ))),
+            other => Err(malformed(format!("options must be a map, got {}", kind(other)))),
         };
     };
     let mut options = Options::default();
@@ -257,8 +185,7 @@ fn parse_options(v: &Value) -> Result<Options, DecodeError> {
             Some("size") => options.size = v.as_u64(),
             Some("chunk") => {
                 let mut raw = Vec::new();
-                rmpv::encode::write_value(&mut raw, v)
-                    .map_err(|e| DecodeError::Msgpack(e.to_string()))?;
+                rmpv::encode::write_value(&mut raw, v).map_err(|e| DecodeError::Msgpack(e.to_string()))?;
                 options.chunk = Some(raw);
             }
             Some("compressed") => options.compressed = v.as_str().map(str::to_owned),
@@ -273,27 +200,17 @@ fn parse_options(v: &Value) -> Result<Options, DecodeError> {
 fn gunzip(data: &[u8], limits: &Limits) -> Result<Vec<u8>, DecodeError> {
     let limit = limits.max_decompressed_bytes;
     let mut out = Vec::with_capacity((data.len() * 4).min(limit));
-    flate2::read::MultiGzDecoder::new(data)
-        .take(limit as u64 + 1)
-        .read_to_end(&mut out)
-        .map_err(DecodeError::Gzip)?;
+    flate2::read::MultiGzDecoder::new(data).take(limit as u64 + 1).read_to_end(&mut out).map_err(DecodeError::Gzip)?;
     if out.len() > limit {
-        return Err(DecodeError::DecompressedTooLarge {
-            size: out.len(),
-            limit,
-        });
+        return Err(DecodeError::DecompressedTooLarge { size: out.len(), limit });
     }
     Ok(out)
 }
 
 fn read_one(mut bytes: &[u8]) -> Result<Value, DecodeError> {
-    let v =
-        rmpv::decode::read_value(&mut bytes).map_err(|e| DecodeError::Msgpack(e.to_string()))?;
+    let v = rmpv::decode::read_value(&mut bytes).map_err(|e| DecodeError::Msgpack(e.to_string()))?;
     if !bytes.is_empty() {
-        return Err(DecodeError::Msgpack(format!(
-            "{} trailing bytes after the frame",
-            bytes.len()
-        )));
+        return Err(DecodeError::Msgpack(format!("{} trailing bytes after the frame", bytes.len())));
     }
     Ok(v)
 }
@@ -303,12 +220,7 @@ fn approx_size(v: &Value) -> usize {
         Value::String(s) => s.as_bytes().len() + 8,
         Value::Binary(b) => b.len() + 8,
         Value::Array(a) => a.iter().map(approx_size).sum::<usize>() + 8,
-        Value::Map(m) => {
-            m.iter()
-                .map(|(k, v)| approx_size(k) + approx_size(v))
-                .sum::<usize>()
-                + 8
-        }
+        Value::Map(m) => m.iter().map(|(k, v)| approx_size(k) + approx_size(v)).sum::<usize>() + 8,
         _ => 9,
     }
 }

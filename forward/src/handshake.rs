@@ -57,14 +57,8 @@ impl Helo {
         let v = Value::Array(vec![
             "HELO".into(),
             Value::Map(vec![
-                (
-                    "nonce".into(),
-                    Value::String(String::from_utf8_lossy(&self.nonce).into_owned().into()),
-                ),
-                (
-                    "auth".into(),
-                    Value::String(String::from_utf8_lossy(&self.auth_salt).into_owned().into()),
-                ),
+                ("nonce".into(), Value::String(String::from_utf8_lossy(&self.nonce).into_owned().into())),
+                ("auth".into(), Value::String(String::from_utf8_lossy(&self.auth_salt).into_owned().into())),
                 ("keepalive".into(), self.keepalive.into()),
             ]),
         ]);
@@ -76,11 +70,7 @@ impl Helo {
         let Value::Map(opts) = &items[1] else {
             return Err(malformed("HELO options must be a map"));
         };
-        let mut helo = Helo {
-            nonce: Vec::new(),
-            auth_salt: Vec::new(),
-            keepalive: false,
-        };
+        let mut helo = Helo { nonce: Vec::new(), auth_salt: Vec::new(), keepalive: false };
         for (k, v) in opts {
             match k.as_str() {
                 Some("nonce") => helo.nonce = bytes_of(v)?,
@@ -95,18 +85,11 @@ impl Helo {
 
 impl Ping {
     /// The client's answer to `helo`. `user` is `(name, password)` when the server asked for it.
-    pub fn answer(
-        helo: &Helo,
-        hostname: &str,
-        salt: &[u8],
-        shared_key: &str,
-        user: Option<(&str, &str)>,
-    ) -> Ping {
+    pub fn answer(helo: &Helo, hostname: &str, salt: &[u8], shared_key: &str, user: Option<(&str, &str)>) -> Ping {
         let (username, password_digest) = match user {
-            Some((name, password)) if !helo.auth_salt.is_empty() => (
-                name.to_owned(),
-                self::password_digest(&helo.auth_salt, name, password),
-            ),
+            Some((name, password)) if !helo.auth_salt.is_empty() => {
+                (name.to_owned(), self::password_digest(&helo.auth_salt, name, password))
+            }
             _ => (String::new(), String::new()),
         };
         Ping {
@@ -122,11 +105,7 @@ impl Ping {
         encode(&Value::Array(vec![
             "PING".into(),
             self.hostname.as_str().into(),
-            Value::String(
-                String::from_utf8_lossy(&self.shared_key_salt)
-                    .into_owned()
-                    .into(),
-            ),
+            Value::String(String::from_utf8_lossy(&self.shared_key_salt).into_owned().into()),
             self.shared_key_digest.as_str().into(),
             self.username.as_str().into(),
             self.password_digest.as_str().into(),
@@ -144,18 +123,8 @@ impl Ping {
     }
 
     /// The server's verdict: `Err(reason)` is what goes into a failed PONG.
-    pub fn verify(
-        &self,
-        helo: &Helo,
-        shared_key: &str,
-        users: &[(String, String)],
-    ) -> Result<(), String> {
-        let expected = shared_key_digest(
-            &self.shared_key_salt,
-            &self.hostname,
-            &helo.nonce,
-            shared_key,
-        );
+    pub fn verify(&self, helo: &Helo, shared_key: &str, users: &[(String, String)]) -> Result<(), String> {
+        let expected = shared_key_digest(&self.shared_key_salt, &self.hostname, &helo.nonce, shared_key);
         if !constant_time_eq(expected.as_bytes(), self.shared_key_digest.as_bytes()) {
             return Err("shared_key mismatch".into());
         }
@@ -181,12 +150,7 @@ impl Pong {
             auth_result: true,
             reason: String::new(),
             hostname: server_hostname.to_owned(),
-            shared_key_digest: shared_key_digest(
-                &ping.shared_key_salt,
-                server_hostname,
-                &helo.nonce,
-                shared_key,
-            ),
+            shared_key_digest: shared_key_digest(&ping.shared_key_salt, server_hostname, &helo.nonce, shared_key),
         }
     }
 
@@ -212,9 +176,7 @@ impl Pong {
     pub fn from_value(v: Value) -> Result<Self, DecodeError> {
         let items = expect_array(v, "PONG", 5)?;
         Ok(Pong {
-            auth_result: items[1]
-                .as_bool()
-                .ok_or_else(|| malformed("PONG auth result must be a boolean"))?,
+            auth_result: items[1].as_bool().ok_or_else(|| malformed("PONG auth result must be a boolean"))?,
             reason: string_of(&items[2], "PONG reason")?,
             hostname: string_of(&items[3], "PONG hostname")?,
             shared_key_digest: string_of(&items[4], "PONG digest")?,
@@ -226,12 +188,7 @@ impl Pong {
         if !self.auth_result {
             return Err(format!("server refused the handshake: {}", self.reason));
         }
-        let expected = shared_key_digest(
-            &ping.shared_key_salt,
-            &self.hostname,
-            &helo.nonce,
-            shared_key,
-        );
+        let expected = shared_key_digest(&ping.shared_key_salt, &self.hostname, &helo.nonce, shared_key);
         if !constant_time_eq(expected.as_bytes(), self.shared_key_digest.as_bytes()) {
             return Err("server's shared key digest does not match ours".into());
         }
@@ -242,10 +199,7 @@ impl Pong {
 fn expect_array(v: Value, name: &str, len: usize) -> Result<Vec<Value>, DecodeError> {
     match v {
         Value::Array(items) if items.len() == len && items[0].as_str() == Some(name) => Ok(items),
-        other => Err(malformed(format!(
-            "expected [\"{name}\", ...] of {len} elements, got {}",
-            kind(&other)
-        ))),
+        other => Err(malformed(format!("expected [\"{name}\", ...] of {len} elements, got {}", kind(&other)))),
     }
 }
 
@@ -254,10 +208,7 @@ fn bytes_of(v: &Value) -> Result<Vec<u8>, DecodeError> {
         Value::String(s) => Ok(s.as_bytes().to_vec()),
         Value::Binary(b) => Ok(b.clone()),
         Value::Nil => Ok(Vec::new()),
-        other => Err(malformed(format!(
-            "expected a string or binary, got {}",
-            kind(other)
-        ))),
+        other => Err(malformed(format!("expected a string or binary, got {}", kind(other)))),
     }
 }
 
@@ -266,10 +217,7 @@ fn string_of(v: &Value, what: &str) -> Result<String, DecodeError> {
         Value::String(s) => Ok(String::from_utf8_lossy(s.as_bytes()).into_owned()),
         Value::Binary(b) => Ok(String::from_utf8_lossy(b).into_owned()),
         Value::Nil => Ok(String::new()),
-        other => Err(malformed(format!(
-            "{what} must be a string, got {}",
-            kind(other)
-        ))),
+        other => Err(malformed(format!("{what} must be a string, got {}", kind(other)))),
     }
 }
 
@@ -288,28 +236,19 @@ mod tests {
     use super::*;
 
     fn helo(auth: &[u8]) -> Helo {
-        Helo {
-            nonce: b"0123456789abcdef".to_vec(),
-            auth_salt: auth.to_vec(),
-            keepalive: true,
-        }
+        Helo { nonce: b"0123456789abcdef".to_vec(), auth_salt: auth.to_vec(), keepalive: true }
     }
 
     #[test]
     fn shared_key_round_trip() {
         let helo = helo(b"");
-        let decoded =
-            Helo::from_value(rmpv::decode::read_value(&mut &helo.encode()[..]).unwrap()).unwrap();
+        let decoded = Helo::from_value(rmpv::decode::read_value(&mut &helo.encode()[..]).unwrap()).unwrap();
         assert_eq!(decoded, helo);
         let ping = Ping::answer(&helo, "app-1", b"salt", "secret", None);
         assert_eq!(ping.verify(&helo, "secret", &[]), Ok(()));
-        assert_eq!(
-            ping.verify(&helo, "other", &[]),
-            Err("shared_key mismatch".into())
-        );
+        assert_eq!(ping.verify(&helo, "other", &[]), Err("shared_key mismatch".into()));
         let pong = Pong::accept(&ping, &helo, "relay", "secret");
-        let pong =
-            Pong::from_value(rmpv::decode::read_value(&mut &pong.encode()[..]).unwrap()).unwrap();
+        let pong = Pong::from_value(rmpv::decode::read_value(&mut &pong.encode()[..]).unwrap()).unwrap();
         assert_eq!(pong.verify(&ping, &helo, "secret"), Ok(()));
         assert!(pong.verify(&ping, &helo, "wrong").is_err());
     }
@@ -321,10 +260,7 @@ mod tests {
         let good = Ping::answer(&helo, "h", b"s", "k", Some(("alice", "pw")));
         assert_eq!(good.verify(&helo, "k", &users), Ok(()));
         let bad = Ping::answer(&helo, "h", b"s", "k", Some(("alice", "nope")));
-        assert_eq!(
-            bad.verify(&helo, "k", &users),
-            Err("username/password mismatch".into())
-        );
+        assert_eq!(bad.verify(&helo, "k", &users), Err("username/password mismatch".into()));
     }
 
     #[test]

@@ -25,10 +25,7 @@ pub fn to_json(v: &Value) -> Json {
         Value::Ext(t, data) => {
             let mut m = Map::new();
             m.insert("ext".into(), Json::Number((*t).into()));
-            m.insert(
-                "base64".into(),
-                Json::String(base64::engine::general_purpose::STANDARD.encode(data)),
-            );
+            m.insert("base64".into(), Json::String(base64::engine::general_purpose::STANDARD.encode(data)));
             Json::Object(m)
         }
     }
@@ -58,14 +55,8 @@ mod tests {
             ("msg".into(), "hi".into()),
             ("n".into(), Value::from(-3)),
             ("raw".into(), Value::Binary(b"bytes".to_vec())),
-            (
-                "list".into(),
-                Value::Array(vec![Value::Nil, Value::F64(1.5)]),
-            ),
+            ("list".into(), Value::Array(vec![Value::Nil, Value::F64(1.5)])),
         ]);
-        assert_eq!(
-            to_json(&v),
-            serde_json::json!({"msg": "hi", "n": -3, "raw": "bytes", "list": [null, 1.5]})
-        );
+        assert_eq!(to_json(&v), serde_json::json!({"msg": "hi", "n": -3, "raw": "bytes", "list": [null, 1.5]}));
     }
 }

@@ -28,11 +28,7 @@ pub(crate) fn value_len(buf: &[u8], limits: &Limits) -> Result<Scan, DecodeError
             0x80..=0x8f => (1, 0, 2 * (marker & 0x0f) as u64),
             0x90..=0x9f => (1, 0, (marker & 0x0f) as u64),
             0xa0..=0xbf => (1, (marker & 0x1f) as usize, 0),
-            0xc1 => {
-                return Err(DecodeError::Msgpack(format!(
-                    "reserved byte 0xc1 at offset {pos}"
-                )))
-            }
+            0xc1 => return Err(DecodeError::Msgpack(format!("reserved byte 0xc1 at offset {pos}"))),
             0xc4 | 0xd9 => (2, be(buf, pos + 1, 1)?, 0),
             0xc5 | 0xda => (3, be(buf, pos + 1, 2)?, 0),
             0xc6 | 0xdb => (5, be(buf, pos + 1, 4)?, 0),
@@ -97,19 +93,12 @@ mod tests {
         let mut bytes = encoded(&v);
         let len = bytes.len();
         bytes.extend_from_slice(&[0x90, 0x91]);
-        assert_eq!(
-            value_len(&bytes, &Limits::default()).unwrap(),
-            Scan::Complete(len)
-        );
+        assert_eq!(value_len(&bytes, &Limits::default()).unwrap(), Scan::Complete(len));
     }
 
     #[test]
     fn every_prefix_is_incomplete() {
-        let v = rmpv::Value::Array(vec![
-            "t".into(),
-            rmpv::Value::Binary(vec![7; 70_000]),
-            rmpv::Value::Nil,
-        ]);
+        let v = rmpv::Value::Array(vec!["t".into(), rmpv::Value::Binary(vec![7; 70_000]), rmpv::Value::Nil]);
         let bytes = encoded(&v);
         for cut in [0, 1, 2, 3, 5, 6, 100, bytes.len() - 1] {
             match value_len(&bytes[..cut], &Limits::default()).unwrap() {
@@ -121,26 +110,17 @@ mod tests {
 
     #[test]
     fn oversized_header_fails_before_the_body_arrives() {
-        let limits = Limits {
-            max_frame_bytes: 1000,
-            ..Limits::default()
-        };
+        let limits = Limits { max_frame_bytes: 1000, ..Limits::default() };
         // array of 2: fixstr "t", bin32 claiming 1 MiB
         let bytes = [0x92, 0xa1, b't', 0xc6, 0x00, 0x10, 0x00, 0x00];
         let err = value_len(&bytes, &limits).unwrap_err();
-        assert!(
-            matches!(err, DecodeError::FrameTooLarge { limit: 1000, .. }),
-            "{err}"
-        );
+        assert!(matches!(err, DecodeError::FrameTooLarge { limit: 1000, .. }), "{err}");
         assert!(err.to_string().contains("max_frame_bytes=1000"));
     }
 
     #[test]
     fn huge_array_claim_allocates_nothing() {
         let bytes = [0xdd, 0xff, 0xff, 0xff, 0xff, 0xc0];
-        assert!(matches!(
-            value_len(&bytes, &Limits::default()).unwrap(),
-            Scan::Incomplete(_)
-        ));
+        assert!(matches!(value_len(&bytes, &Limits::default()).unwrap(), Scan::Incomplete(_)));
     }
 }

@@ -12,20 +12,14 @@ pub(crate) const EVENT_TIME_EXT: i8 = 0;
 
 impl EventTime {
     pub fn new(seconds: u32, nanoseconds: u32) -> Self {
-        EventTime {
-            seconds,
-            nanoseconds,
-        }
+        EventTime { seconds, nanoseconds }
     }
 
     /// Clamps to the range EventTime can carry (1970 to 2106).
     pub fn from_unix_nanos(nanos: i64) -> Self {
         let nanos = nanos.max(0) as u64;
         let seconds = (nanos / 1_000_000_000).min(u32::MAX as u64) as u32;
-        EventTime {
-            seconds,
-            nanoseconds: (nanos % 1_000_000_000) as u32,
-        }
+        EventTime { seconds, nanoseconds: (nanos % 1_000_000_000) as u32 }
     }
 
     pub fn unix_nanos(&self) -> i64 {
@@ -49,10 +43,7 @@ impl EventTime {
     pub fn from_value(v: &Value) -> Result<Self, DecodeError> {
         match v {
             Value::Integer(i) => {
-                let secs = i
-                    .as_u64()
-                    .or_else(|| i.as_i64().map(|s| s.max(0) as u64))
-                    .unwrap_or(0);
+                let secs = i.as_u64().or_else(|| i.as_i64().map(|s| s.max(0) as u64)).unwrap_or(0);
                 Ok(EventTime::new(secs.min(u32::MAX as u64) as u32, 0))
             }
             Value::F32(f) => Ok(Self::from_float(*f as f64)),
@@ -65,10 +56,7 @@ impl EventTime {
                 "time is ext type {t} with {} bytes; EventTime is ext type 0 with 8 bytes",
                 data.len()
             ))),
-            other => Err(malformed(format!(
-                "time must be an integer or EventTime, got {}",
-                kind(other)
-            ))),
+            other => Err(malformed(format!("time must be an integer or EventTime, got {}", kind(other)))),
         }
     }
 
@@ -108,14 +96,8 @@ mod tests {
 
     #[test]
     fn accepts_integer_float_and_ext() {
-        assert_eq!(
-            EventTime::from_value(&Value::from(5u64)).unwrap(),
-            EventTime::new(5, 0)
-        );
-        assert_eq!(
-            EventTime::from_value(&Value::F64(1.5)).unwrap(),
-            EventTime::new(1, 500_000_000)
-        );
+        assert_eq!(EventTime::from_value(&Value::from(5u64)).unwrap(), EventTime::new(5, 0));
+        assert_eq!(EventTime::from_value(&Value::F64(1.5)).unwrap(), EventTime::new(1, 500_000_000));
         let ext = Value::Ext(0, EventTime::new(7, 9).to_ext_payload().to_vec());
         assert_eq!(EventTime::from_value(&ext).unwrap(), EventTime::new(7, 9));
         assert!(EventTime::from_value(&Value::Ext(1, vec![0; 8])).is_err());

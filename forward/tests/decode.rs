@@ -56,18 +56,12 @@ fn third_party_vectors_decode_to_the_expected_events() {
             continue;
         }
         let wire = std::fs::read(&path).unwrap();
-        let expected: Value =
-            serde_json::from_slice(&std::fs::read(path.with_extension("json")).unwrap()).unwrap();
+        let expected: Value = serde_json::from_slice(&std::fs::read(path.with_extension("json")).unwrap()).unwrap();
         for step in [1, 3, wire.len()] {
-            let frames = decode_all(&wire, Limits::default(), step)
-                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let frames =
+                decode_all(&wire, Limits::default(), step).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             assert_eq!(frames.len(), 1, "{}", path.display());
-            assert_eq!(
-                describe(&frames[0]),
-                expected,
-                "{} fed {step} bytes at a time",
-                path.display()
-            );
+            assert_eq!(describe(&frames[0]), expected, "{} fed {step} bytes at a time", path.display());
         }
         seen += 1;
     }
@@ -76,18 +70,12 @@ fn third_party_vectors_decode_to_the_expected_events() {
 
 #[test]
 fn ack_echoes_the_chunk_id_exactly() {
-    let wire = std::fs::read(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/forward_mixed_times.msgpack"),
-    )
-    .unwrap();
+    let wire =
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/forward_mixed_times.msgpack")).unwrap();
     let frames = decode_all(&wire, Limits::default(), wire.len()).unwrap();
-    let Frame::Events(batch) = &frames[0] else {
-        panic!("not events")
-    };
+    let Frame::Events(batch) = &frames[0] else { panic!("not events") };
     // {"ack": "fwd-1"} as the PyPI msgpack packer writes it.
-    let expected = [
-        0x81, 0xa3, b'a', b'c', b'k', 0xa5, b'f', b'w', b'd', b'-', b'1',
-    ];
+    let expected = [0x81, 0xa3, b'a', b'c', b'k', 0xa5, b'f', b'w', b'd', b'-', b'1'];
     assert_eq!(batch.ack().unwrap(), expected);
 }
 
@@ -96,25 +84,17 @@ fn chunk_builder_round_trips_through_the_decoder() {
     let mut b = ChunkBuilder::new(6);
     for i in 0..1000u32 {
         let rec = json!({"message": format!("line {i}"), "i": i, "nested": {"a": [1, 2]}});
-        b.push(
-            EventTime::new(1_700_000_000 + i, i),
-            rec.as_object().unwrap(),
-        );
+        b.push(EventTime::new(1_700_000_000 + i, i), rec.as_object().unwrap());
     }
     assert_eq!(b.entries(), 1000);
     let wire = b.finish("app.log", "chunk-7");
     let frames = decode_all(&wire, Limits::default(), 4096).unwrap();
-    let Frame::Events(batch) = &frames[0] else {
-        panic!("not events")
-    };
+    let Frame::Events(batch) = &frames[0] else { panic!("not events") };
     assert_eq!(batch.mode, forward::Mode::CompressedPackedForward);
     assert_eq!(batch.options.size, Some(1000));
     assert_eq!(batch.entries.len(), 1000);
     assert_eq!(batch.entries[999].time, EventTime::new(1_700_000_999, 999));
-    assert_eq!(
-        json::to_json(&batch.entries[5].record),
-        json!({"message": "line 5", "i": 5, "nested": {"a": [1, 2]}})
-    );
+    assert_eq!(json::to_json(&batch.entries[5].record), json!({"message": "line 5", "i": 5, "nested": {"a": [1, 2]}}));
 }
 
 #[test]
@@ -126,25 +106,10 @@ fn gzip_bomb_is_refused_at_the_decompressed_limit() {
     }
     let wire = b.finish("bomb", "c");
     assert!(wire.len() < 100_000, "compressed to {}", wire.len());
-    let limits = Limits {
-        max_decompressed_bytes: 1_000_000,
-        ..Limits::default()
-    };
+    let limits = Limits { max_decompressed_bytes: 1_000_000, ..Limits::default() };
     let err = decode_all(&wire, limits, wire.len()).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            DecodeError::DecompressedTooLarge {
-                limit: 1_000_000,
-                ..
-            }
-        ),
-        "{err}"
-    );
-    assert!(
-        err.to_string().contains("max_decompressed_bytes=1000000"),
-        "{err}"
-    );
+    assert!(matches!(err, DecodeError::DecompressedTooLarge { limit: 1_000_000, .. }), "{err}");
+    assert!(err.to_string().contains("max_decompressed_bytes=1000000"), "{err}");
 }
 
 #[test]
@@ -154,35 +119,23 @@ fn entries_limit_names_the_limit_and_the_excess() {
         b.push(EventTime::default(), json!({"m": 1}).as_object().unwrap());
     }
     let wire = b.finish("t", "c");
-    let limits = Limits {
-        max_entries_per_chunk: 10,
-        ..Limits::default()
-    };
+    let limits = Limits { max_entries_per_chunk: 10, ..Limits::default() };
     let err = decode_all(&wire, limits, wire.len()).unwrap_err();
-    assert_eq!(
-        err.to_string(),
-        "chunk carries 11 entries, more than max_entries_per_chunk=10 by 1"
-    );
+    assert_eq!(err.to_string(), "chunk carries 11 entries, more than max_entries_per_chunk=10 by 1");
 }
 
 #[test]
 fn oversized_frame_reports_size_and_limit() {
     let wire = rmp_frame(&"y".repeat(5000));
-    let limits = Limits {
-        max_frame_bytes: 1000,
-        ..Limits::default()
-    };
+    let limits = Limits { max_frame_bytes: 1000, ..Limits::default() };
     let err = decode_all(&wire, limits, 10).unwrap_err();
     assert!(err.to_string().starts_with("frame of at least"), "{err}");
     assert!(err.to_string().contains("max_frame_bytes=1000 by"), "{err}");
 }
 
 fn rmp_frame(msg: &str) -> Vec<u8> {
-    let v = rmpv::Value::Array(vec![
-        "t".into(),
-        rmpv::Value::from(1u32),
-        rmpv::Value::Map(vec![("m".into(), msg.into())]),
-    ]);
+    let v =
+        rmpv::Value::Array(vec!["t".into(), rmpv::Value::from(1u32), rmpv::Value::Map(vec![("m".into(), msg.into())])]);
     let mut out = Vec::new();
     rmpv::encode::write_value(&mut out, &v).unwrap();
     out
@@ -195,24 +148,13 @@ fn malformed_frames_fail_with_a_reason() {
         (&[0x91, 0xa1, b't'], "an event frame has 2 to 4 elements"),
         (&[0x93, 0x01, 0x01, 0x80], "tag must be a string"),
         (&[0x93, 0xa1, b't', 0x01, 0x01], "a record must be a map"),
-        (
-            &[0x92, 0xa1, b't', 0xc4, 0x02, 0x92, 0x01],
-            "invalid MessagePack: in packed entries",
-        ),
-        (
-            &[0x94, 0xa1, b't', 0x01, 0x80, 0x05],
-            "options must be a map",
-        ),
+        (&[0x92, 0xa1, b't', 0xc4, 0x02, 0x92, 0x01], "invalid MessagePack: in packed entries"),
+        (&[0x94, 0xa1, b't', 0x01, 0x80, 0x05], "options must be a map"),
         (&[0xc1], "reserved byte 0xc1"),
     ];
     for (bytes, want) in cases {
-        let err = decode_all(bytes, Limits::default(), bytes.len())
-            .map(|_| ())
-            .unwrap_err();
-        assert!(
-            err.to_string().contains(want),
-            "{bytes:?}: got {err}, want {want}"
-        );
+        let err = decode_all(bytes, Limits::default(), bytes.len()).map(|_| ()).unwrap_err();
+        assert!(err.to_string().contains(want), "{bytes:?}: got {err}, want {want}");
     }
 }
 
@@ -227,16 +169,9 @@ fn garbage_never_panics() {
         seed
     };
     let mut b = ChunkBuilder::new(1);
-    b.push(
-        EventTime::new(1, 2),
-        json!({"m": "hello"}).as_object().unwrap(),
-    );
+    b.push(EventTime::new(1, 2), json!({"m": "hello"}).as_object().unwrap());
     let valid = [b.finish("t", "c"), rmp_frame("abc")];
-    let limits = Limits {
-        max_frame_bytes: 4096,
-        max_decompressed_bytes: 65536,
-        max_entries_per_chunk: 100,
-    };
+    let limits = Limits { max_frame_bytes: 4096, max_decompressed_bytes: 65536, max_entries_per_chunk: 100 };
     for round in 0..20_000 {
         let mut bytes = valid[round % 2].clone();
         for _ in 0..(next() % 4 + 1) {

@@ -137,26 +137,15 @@ impl RelayConfig {
     pub fn validate(&self) -> Result<(), (String, String)> {
         let bad = |k: &str, m: &str| Err((k.to_string(), m.to_string()));
         if self.tls.is_none() && !self.plaintext {
-            return bad(
-                "tls",
-                "missing: set [tls] cert and key, or plaintext = true for a trusted network",
-            );
+            return bad("tls", "missing: set [tls] cert and key, or plaintext = true for a trusted network");
         }
         if self.tls.is_some() && self.plaintext {
             return bad("plaintext", "cannot be true when [tls] is set");
         }
         if !["none", "gzip", "snappy", "lz4", "zstd"].contains(&self.kafka.compression.as_str()) {
-            return bad(
-                "kafka.compression",
-                "must be one of none, gzip, snappy, lz4, zstd",
-            );
+            return bad("kafka.compression", "must be one of none, gzip, snappy, lz4, zstd");
         }
-        if self.limits.max_inflight_bytes
-            < self
-                .limits
-                .max_decompressed_bytes
-                .min(self.limits.max_frame_bytes)
-        {
+        if self.limits.max_inflight_bytes < self.limits.max_decompressed_bytes.min(self.limits.max_frame_bytes) {
             return bad(
                 "limits.max_inflight_bytes",
                 "must be at least the frame limit, or a single chunk could never pass",
@@ -167,10 +156,7 @@ impl RelayConfig {
         }
         for (i, r) in self.kafka.routes.iter().enumerate() {
             if r.topic.is_empty() {
-                return Err((
-                    format!("kafka.routes[{i}].topic"),
-                    "must not be empty".into(),
-                ));
+                return Err((format!("kafka.routes[{i}].topic"), "must not be empty".into()));
             }
         }
         Ok(())

@@ -44,8 +44,7 @@ where
     if let Some(security) = &ctx.security {
         if let Err(reason) = handshake(&mut framed, security, ctx.handshake_timeout).await {
             tracing::warn!(%peer, %reason, "handshake refused");
-            metrics::counter!("tron_relay_connections_refused_total", "reason" => "handshake")
-                .increment(1);
+            metrics::counter!("tron_relay_connections_refused_total", "reason" => "handshake").increment(1);
             return;
         }
     }
@@ -79,8 +78,7 @@ where
             Ok(None) => break,
             Ok(Some(Err(e))) => {
                 tracing::warn!(%peer, error = %e, "malformed frame; closing connection");
-                metrics::counter!("tron_relay_frames_rejected_total", "reason" => e.reason())
-                    .increment(1);
+                metrics::counter!("tron_relay_frames_rejected_total", "reason" => e.reason()).increment(1);
                 break;
             }
             Ok(Some(Ok(frame))) => frame,
@@ -95,8 +93,7 @@ where
             Frame::Events(batch) => batch,
         };
         metrics::counter!("tron_relay_chunks_received_total").increment(1);
-        metrics::counter!("tron_relay_records_received_total")
-            .increment(batch.entries.len() as u64);
+        metrics::counter!("tron_relay_records_received_total").increment(batch.entries.len() as u64);
         let cost = batch.decoded_bytes().clamp(1, ctx.max_inflight_bytes) as u32;
         let permit = tokio::select! {
             _ = shutdown.wait() => break,
@@ -128,12 +125,8 @@ async fn deliver(
     let topic = ctx.router.topic(&batch.tag);
     match ctx.kafka.deliver(topic, &batch.tag, &batch.entries).await {
         Ok(()) => {
-            metrics::counter!("tron_relay_records_delivered_total")
-                .increment(batch.entries.len() as u64);
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .unwrap_or_default()
-                .as_nanos() as i64;
+            metrics::counter!("tron_relay_records_delivered_total").increment(batch.entries.len() as u64);
+            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as i64;
             let latency = metrics::histogram!("tron_relay_event_to_kafka_seconds");
             for e in &batch.entries {
                 latency.record((now - e.time.unix_nanos()).max(0) as f64 / 1e9);
@@ -145,34 +138,22 @@ async fn deliver(
         }
         Err(e) => {
             tracing::warn!(%peer, tag = %batch.tag, records = batch.entries.len(), error = %e, "chunk not delivered; not acked");
-            metrics::counter!("tron_relay_delivery_failures_total", "reason" => e.reason())
-                .increment(1);
+            metrics::counter!("tron_relay_delivery_failures_total", "reason" => e.reason()).increment(1);
             failed.cancel();
         }
     }
 }
 
-async fn handshake<S>(
-    framed: &mut Framed<S, ServerCodec>,
-    security: &Security,
-    timeout: Duration,
-) -> Result<(), String>
+async fn handshake<S>(framed: &mut Framed<S, ServerCodec>, security: &Security, timeout: Duration) -> Result<(), String>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let helo = Helo {
         nonce: hex_nonce(),
-        auth_salt: if security.users.is_empty() {
-            Vec::new()
-        } else {
-            hex_nonce()
-        },
+        auth_salt: if security.users.is_empty() { Vec::new() } else { hex_nonce() },
         keepalive: true,
     };
-    framed
-        .send(helo.encode())
-        .await
-        .map_err(|e| format!("sending HELO: {e}"))?;
+    framed.send(helo.encode()).await.map_err(|e| format!("sending HELO: {e}"))?;
     let ping = match tokio::time::timeout(timeout, framed.next()).await {
         Err(_) => return Err(format!("no PING within {timeout:?}")),
         Ok(None) => return Err("closed during handshake".into()),
@@ -183,10 +164,7 @@ where
     match ping.verify(&helo, &security.shared_key, &security.users) {
         Ok(()) => {
             let pong = Pong::accept(&ping, &helo, &security.hostname, &security.shared_key);
-            framed
-                .send(pong.encode())
-                .await
-                .map_err(|e| format!("sending PONG: {e}"))
+            framed.send(pong.encode()).await.map_err(|e| format!("sending PONG: {e}"))
         }
         Err(reason) => {
             let _ = framed.send(Pong::reject(&reason).encode()).await;
@@ -197,9 +175,5 @@ where
 
 fn hex_nonce() -> Vec<u8> {
     let bytes: [u8; 16] = rand::random();
-    bytes
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<String>()
-        .into_bytes()
+    bytes.iter().map(|b| format!("{b:02x}")).collect::<String>().into_bytes()
 }

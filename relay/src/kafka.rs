@@ -30,8 +30,9 @@ impl DeliveryError {
             DeliveryError::TooLarge { .. } => "too_large",
             DeliveryError::Kafka { error, .. } => match error.rdkafka_error_code() {
                 Some(RDKafkaErrorCode::MessageTimedOut) => "timed_out",
-                Some(RDKafkaErrorCode::UnknownTopicOrPartition)
-                | Some(RDKafkaErrorCode::UnknownTopic) => "unknown_topic",
+                Some(RDKafkaErrorCode::UnknownTopicOrPartition) | Some(RDKafkaErrorCode::UnknownTopic) => {
+                    "unknown_topic"
+                }
                 _ => "kafka_error",
             },
             DeliveryError::Canceled => "canceled",
@@ -49,10 +50,7 @@ impl Kafka {
             .set("linger.ms", cfg.linger.as_millis().to_string())
             .set("batch.size", cfg.batch_bytes.to_string())
             .set("compression.type", &cfg.compression)
-            .set(
-                "message.timeout.ms",
-                cfg.delivery_timeout.as_millis().to_string(),
-            )
+            .set("message.timeout.ms", cfg.delivery_timeout.as_millis().to_string())
             // The relay's own in-flight bound is the real limit; librdkafka's queue must never
             // be the one that refuses, so it is sized above it.
             .set("queue.buffering.max.messages", "2000000")
@@ -61,48 +59,28 @@ impl Kafka {
             client.set(k, v);
         }
         let producer: FutureProducer = client.create()?;
-        Ok(Kafka {
-            producer,
-            key_field: cfg.key_field.clone(),
-        })
+        Ok(Kafka { producer, key_field: cfg.key_field.clone() })
     }
 
     /// Produces every entry and waits for all acknowledgements.
-    pub async fn deliver(
-        &self,
-        topic: &str,
-        tag: &str,
-        entries: &[Entry],
-    ) -> Result<(), DeliveryError> {
+    pub async fn deliver(&self, topic: &str, tag: &str, entries: &[Entry]) -> Result<(), DeliveryError> {
         let mut pending = Vec::with_capacity(entries.len());
         for entry in entries {
             let record = match &entry.record {
                 rmpv::Value::Map(pairs) => json::to_json_map(pairs),
                 _ => serde_json::Map::new(),
             };
-            let key = self
-                .key_field
-                .as_ref()
-                .and_then(|f| record.get(f))
-                .map(|v| match v {
-                    serde_json::Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                });
+            let key = self.key_field.as_ref().and_then(|f| record.get(f)).map(|v| match v {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            });
             let payload = serde_json::to_vec(&record).expect("JSON maps always serialize");
             let time_ns = entry.time.unix_nanos().to_string();
             let headers = OwnedHeaders::new()
-                .insert(Header {
-                    key: "tag",
-                    value: Some(tag),
-                })
-                .insert(Header {
-                    key: "event_time_ns",
-                    value: Some(&time_ns),
-                });
-            let mut rec = FutureRecord::to(topic)
-                .payload(&payload)
-                .timestamp(entry.time.unix_millis())
-                .headers(headers);
+                .insert(Header { key: "tag", value: Some(tag) })
+                .insert(Header { key: "event_time_ns", value: Some(&time_ns) });
+            let mut rec =
+                FutureRecord::to(topic).payload(&payload).timestamp(entry.time.unix_millis()).headers(headers);
             if let Some(k) = &key {
                 rec = rec.key(k.as_str());
             }
@@ -140,11 +118,7 @@ impl Kafka {
 
     /// Whether the cluster answers a metadata request, for `/health`.
     pub fn reachable(&self, timeout: Duration) -> Result<(), String> {
-        self.producer
-            .client()
-            .fetch_metadata(None, timeout)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        self.producer.client().fetch_metadata(None, timeout).map(|_| ()).map_err(|e| e.to_string())
     }
 }
 
@@ -154,14 +128,8 @@ fn classify(topic: &str, error: KafkaError) -> DeliveryError {
         Some(RDKafkaErrorCode::MessageSizeTooLarge) | Some(RDKafkaErrorCode::InvalidMessageSize)
     );
     if too_large {
-        DeliveryError::TooLarge {
-            topic: topic.to_string(),
-            error,
-        }
+        DeliveryError::TooLarge { topic: topic.to_string(), error }
     } else {
-        DeliveryError::Kafka {
-            topic: topic.to_string(),
-            error,
-        }
+        DeliveryError::Kafka { topic: topic.to_string(), error }
     }
 }

@@ -17,10 +17,7 @@ use std::time::Duration;
 use tron_service::{config as cfgload, http, systemd, telemetry, tls, Health, Shutdown};
 
 #[derive(Parser)]
-#[command(
-    version,
-    about = "Accepts Fluentd Forward protocol over TLS and acks each chunk only after Kafka has it"
-)]
+#[command(version, about = "Accepts Fluentd Forward protocol over TLS and acks each chunk only after Kafka has it")]
 struct Args {
     /// Configuration file.
     #[arg(short, long, default_value = "/etc/tron/relay.toml")]
@@ -71,10 +68,7 @@ async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
     let ctx = Arc::new(Context {
         kafka: kafka::Kafka::new(&cfg.kafka).context("creating the Kafka producer")?,
         router: route::Router::new(
-            cfg.kafka
-                .routes
-                .iter()
-                .map(|r| (r.pattern.clone(), r.topic.clone())),
+            cfg.kafka.routes.iter().map(|r| (r.pattern.clone(), r.topic.clone())),
             cfg.kafka.default_topic.clone(),
         ),
         limits: forward::Limits {
@@ -89,38 +83,21 @@ async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
         security: cfg.security.as_ref().map(|s| Security {
             hostname: cfg.hostname.clone(),
             shared_key: s.shared_key.clone(),
-            users: s
-                .users
-                .iter()
-                .map(|u| (u.username.clone(), u.password.clone()))
-                .collect(),
+            users: s.users.iter().map(|u| (u.username.clone(), u.password.clone())).collect(),
         }),
     });
 
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
+    let listener =
+        tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("binding listen = {}", cfg.listen))?;
+    let metrics_addr = http::serve(cfg.metrics_listen, metrics, health.clone(), shutdown.clone())
         .await
-        .with_context(|| format!("binding listen = {}", cfg.listen))?;
-    let metrics_addr = http::serve(
-        cfg.metrics_listen,
-        metrics,
-        health.clone(),
-        shutdown.clone(),
-    )
-    .await
-    .with_context(|| format!("binding metrics_listen = {}", cfg.metrics_listen))?;
+        .with_context(|| format!("binding metrics_listen = {}", cfg.metrics_listen))?;
     spawn_kafka_health(ctx.clone(), health.clone(), shutdown.clone());
     tracing::info!(listen = %cfg.listen, metrics = %metrics_addr, tls = cfg.tls.is_some(), "tron-relay ready");
     systemd::ready();
     systemd::spawn_watchdog(|| true);
 
-    server::run(
-        listener,
-        ctx.clone(),
-        tls,
-        cfg.limits.max_connections,
-        shutdown,
-    )
-    .await;
+    server::run(listener, ctx.clone(), tls, cfg.limits.max_connections, shutdown).await;
     let kafka_ctx = ctx.clone();
     tokio::task::spawn_blocking(move || kafka_ctx.kafka.flush(Duration::from_secs(30))).await??;
     tracing::info!("drained; bye");
@@ -131,9 +108,7 @@ fn spawn_kafka_health(ctx: Arc<Context>, health: Health, shutdown: Shutdown) {
     tokio::spawn(async move {
         while !shutdown.is_triggered() {
             let c = ctx.clone();
-            let result =
-                tokio::task::spawn_blocking(move || c.kafka.reachable(Duration::from_secs(5)))
-                    .await;
+            let result = tokio::task::spawn_blocking(move || c.kafka.reachable(Duration::from_secs(5))).await;
             match result {
                 Ok(Ok(())) => health.up("kafka"),
                 Ok(Err(e)) => health.down("kafka", format!("brokers unreachable: {e}")),

@@ -10,10 +10,7 @@ pub struct Router {
 impl Router {
     pub fn new(routes: impl IntoIterator<Item = (String, String)>, default_topic: String) -> Self {
         Router {
-            routes: routes
-                .into_iter()
-                .map(|(p, t)| (p.split('.').map(str::to_owned).collect(), t))
-                .collect(),
+            routes: routes.into_iter().map(|(p, t)| (p.split('.').map(str::to_owned).collect(), t)).collect(),
             default_topic,
         }
     }

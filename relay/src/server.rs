@@ -53,7 +53,8 @@ pub async fn run(
                         }
                         Err(_) => {
                             tracing::warn!(%peer, "TLS handshake timed out");
-                            metrics::counter!("tron_relay_connections_refused_total", "reason" => "tls_timeout").increment(1);
+                            metrics::counter!("tron_relay_connections_refused_total", "reason" => "tls_timeout")
+                                .increment(1);
                         }
                     }
                 }
@@ -64,9 +65,6 @@ pub async fn run(
         });
     }
     tracker.close();
-    tracing::info!(
-        open = tracker.len(),
-        "listener closed; waiting for open connections to finish their chunks"
-    );
+    tracing::info!(open = tracker.len(), "listener closed; waiting for open connections to finish their chunks");
     tracker.wait().await;
 }

@@ -9,18 +9,11 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("{path}: cannot read: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("{path}: ${{{var}}} is used but the environment variable {var} is not set")]
     MissingEnv { path: PathBuf, var: String },
     #[error("{path}: key `{key}`: {message}")]
-    Invalid {
-        path: PathBuf,
-        key: String,
-        message: String,
-    },
+    Invalid { path: PathBuf, key: String, message: String },
     #[error("{path}: {message}")]
     Syntax { path: PathBuf, message: String },
 }
@@ -32,10 +25,7 @@ where
     T: DeserializeOwned,
     F: FnOnce(&T) -> Result<(), (String, String)>,
 {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-        path: path.into(),
-        source,
-    })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
     parse(&text, path, validate)
 }
 
@@ -44,34 +34,19 @@ where
     T: DeserializeOwned,
     F: FnOnce(&T) -> Result<(), (String, String)>,
 {
-    let text = expand_env(text, |name| std::env::var(name).ok()).map_err(|var| {
-        ConfigError::MissingEnv {
-            path: path.into(),
-            var,
-        }
-    })?;
+    let text = expand_env(text, |name| std::env::var(name).ok())
+        .map_err(|var| ConfigError::MissingEnv { path: path.into(), var })?;
     let de = toml::Deserializer::new(&text);
     let value: T = serde_path_to_error::deserialize(de).map_err(|e| {
         let key = e.path().to_string();
-        let message = first_line(&e.inner().message().to_string());
+        let message = first_line(e.inner().message());
         if key == "." {
-            ConfigError::Syntax {
-                path: path.into(),
-                message: e.inner().to_string().trim().to_string(),
-            }
+            ConfigError::Syntax { path: path.into(), message: e.inner().to_string().trim().to_string() }
         } else {
-            ConfigError::Invalid {
-                path: path.into(),
-                key,
-                message,
-            }
+            ConfigError::Invalid { path: path.into(), key, message }
         }
     })?;
-    validate(&value).map_err(|(key, message)| ConfigError::Invalid {
-        path: path.into(),
-        key,
-        message,
-    })?;
+    validate(&value).map_err(|(key, message)| ConfigError::Invalid { path: path.into(), key, message })?;
     Ok(value)
 }
 
@@ -86,9 +61,9 @@ pub fn expand_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result
     while let Some(i) = rest.find('$') {
         out.push_str(&rest[..i]);
         let after = &rest[i..];
-        if after.starts_with("$${") {
+        if let Some(stripped) = after.strip_prefix("$${") {
             out.push_str("${");
-            rest = &after[3..];
+            rest = stripped;
         } else if let (true, Some(end)) = (after.starts_with("${"), after.find('}')) {
             let name = &after[2..end];
             out.push_str(&lookup(name).ok_or_else(|| name.to_string())?);
@@ -107,19 +82,13 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 30s, 5m, 1h"))?;
+    let n: u64 = num.parse().map_err(|_| format!("invalid duration {s:?}: expected e.g. 500ms, 30s, 5m, 1h"))?;
     let ms = match unit {
         "ms" => n,
         "s" | "" => n * 1000,
         "m" => n * 60_000,
         "h" => n * 3_600_000,
-        _ => {
-            return Err(format!(
-                "invalid duration {s:?}: unit must be ms, s, m or h"
-            ))
-        }
+        _ => return Err(format!("invalid duration {s:?}: unit must be ms, s, m or h")),
     };
     Ok(std::time::Duration::from_millis(ms))
 }
@@ -169,39 +138,25 @@ mod tests {
     fn unknown_key_names_its_path() {
         let err = parse_top("name = 'a'\n[inner]\nsize = 1\nsizee = 2\n").unwrap_err();
         let msg = err.to_string();
-        assert!(
-            msg.starts_with("/etc/tron/x.toml: key `inner.sizee`: unknown field `sizee`"),
-            "{msg}"
-        );
+        assert!(msg.starts_with("/etc/tron/x.toml: key `inner.sizee`: unknown field `sizee`"), "{msg}");
     }
 
     #[test]
     fn wrong_type_names_its_path() {
         let err = parse_top("name = 'a'\n[inner]\nsize = 'big'\n").unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("key `inner.size`: invalid type: string \"big\", expected u32"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("key `inner.size`: invalid type: string \"big\", expected u32"), "{err}");
     }
 
     #[test]
     fn bad_duration_names_its_path() {
         let err = parse_top("name = 'a'\n[inner]\nsize = 1\nwait = '5 parsecs'\n").unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("key `inner.wait`: invalid duration"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("key `inner.wait`: invalid duration"), "{err}");
     }
 
     #[test]
     fn env_expansion() {
         let env = |n: &str| (n == "KEY").then(|| "s3cr3t".to_string());
-        assert_eq!(
-            expand_env("k = \"${KEY}\" $${KEY} $5", env).unwrap(),
-            "k = \"s3cr3t\" ${KEY} $5"
-        );
+        assert_eq!(expand_env("k = \"${KEY}\" $${KEY} $5", env).unwrap(), "k = \"s3cr3t\" ${KEY} $5");
         assert_eq!(expand_env("${NOPE}", env).unwrap_err(), "NOPE");
     }
 

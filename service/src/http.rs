@@ -18,25 +18,17 @@ impl Health {
     }
 
     pub fn up(&self, part: &str) {
-        self.0
-            .lock()
-            .expect("health lock")
-            .insert(part.to_string(), None);
+        self.0.lock().expect("health lock").insert(part.to_string(), None);
     }
 
     pub fn down(&self, part: &str, reason: impl Into<String>) {
-        self.0
-            .lock()
-            .expect("health lock")
-            .insert(part.to_string(), Some(reason.into()));
+        self.0.lock().expect("health lock").insert(part.to_string(), Some(reason.into()));
     }
 
     pub fn report(&self) -> (bool, serde_json::Value) {
         let parts = self.0.lock().expect("health lock");
-        let down: BTreeMap<_, _> = parts
-            .iter()
-            .filter_map(|(k, v)| v.as_ref().map(|r| (k.clone(), r.clone())))
-            .collect();
+        let down: BTreeMap<_, _> =
+            parts.iter().filter_map(|(k, v)| v.as_ref().map(|r| (k.clone(), r.clone()))).collect();
         let ok = down.is_empty();
         let body = if ok {
             serde_json::json!({"status": "ok", "parts": parts.keys().collect::<Vec<_>>()})
@@ -81,9 +73,7 @@ pub async fn serve(
                     async move { Ok::<_, std::convert::Infallible>(resp) }
                 });
                 let io = hyper_util::rt::TokioIo::new(stream);
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(io, service)
-                    .await;
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await;
             });
         }
     });
@@ -92,25 +82,13 @@ pub async fn serve(
 
 fn respond(path: &str, metrics: &PrometheusHandle, health: &Health) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match path {
-        "/metrics" => (
-            StatusCode::OK,
-            "text/plain; version=0.0.4",
-            metrics.render(),
-        ),
+        "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", metrics.render()),
         "/health" => {
             let (ok, body) = health.report();
-            let status = if ok {
-                StatusCode::OK
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            };
+            let status = if ok { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
             (status, "application/json", body.to_string())
         }
-        _ => (
-            StatusCode::NOT_FOUND,
-            "text/plain",
-            "not found: try /metrics or /health\n".to_string(),
-        ),
+        _ => (StatusCode::NOT_FOUND, "text/plain", "not found: try /metrics or /health\n".to_string()),
     };
     Response::builder()
         .status(status)

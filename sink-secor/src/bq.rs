@@ -18,10 +18,7 @@ pub fn load_command(cfg: &SinkConfig, topic: &str, hour: &str) -> anyhow::Result
         .map_err(|e| anyhow::anyhow!("--hour {hour:?}: expected YYYY-MM-DDTHH: {e}"))?;
     let (bucket, prefix) = cfg.split_url();
     let base = crate::join_key(&prefix, topic);
-    let dataset = cfg
-        .bigquery
-        .as_ref()
-        .map_or("DATASET".to_string(), |b| b.dataset.clone());
+    let dataset = cfg.bigquery.as_ref().map_or("DATASET".to_string(), |b| b.dataset.clone());
     let table = cfg
         .bigquery
         .as_ref()
@@ -29,12 +26,8 @@ pub fn load_command(cfg: &SinkConfig, topic: &str, hour: &str) -> anyhow::Result
         .unwrap_or_else(|| topic.replace(['.', '-'], "_"));
     let ext = cfg.output.format.ext();
     let format_flags = match cfg.output.format {
-        Format::Csv => {
-            "--source_format=CSV --allow_quoted_newlines --field_delimiter=','".to_string()
-        }
-        Format::Tsv => {
-            "--source_format=CSV --allow_quoted_newlines --field_delimiter='\\t'".to_string()
-        }
+        Format::Csv => "--source_format=CSV --allow_quoted_newlines --field_delimiter=','".to_string(),
+        Format::Tsv => "--source_format=CSV --allow_quoted_newlines --field_delimiter='\\t'".to_string(),
         Format::Ndjson => "--source_format=NEWLINE_DELIMITED_JSON".to_string(),
     };
     Ok(format!(

@@ -116,10 +116,7 @@ pub struct FinalizeConfig {
 
 impl Default for FinalizeConfig {
     fn default() -> Self {
-        FinalizeConfig {
-            lateness: Duration::from_secs(300),
-            interval: Duration::from_secs(10),
-        }
+        FinalizeConfig { lateness: Duration::from_secs(300), interval: Duration::from_secs(10) }
     }
 }
 
@@ -143,21 +140,9 @@ fn default_type() -> String {
 }
 fn default_columns() -> Vec<Column> {
     vec![
-        Column {
-            name: "time".into(),
-            source: "@time".into(),
-            kind: "TIMESTAMP".into(),
-        },
-        Column {
-            name: "tag".into(),
-            source: "@tag".into(),
-            kind: "STRING".into(),
-        },
-        Column {
-            name: "record".into(),
-            source: "@record".into(),
-            kind: "JSON".into(),
-        },
+        Column { name: "time".into(), source: "@time".into(), kind: "TIMESTAMP".into() },
+        Column { name: "tag".into(), source: "@tag".into(), kind: "STRING".into() },
+        Column { name: "record".into(), source: "@record".into(), kind: "JSON".into() },
     ]
 }
 
@@ -171,20 +156,13 @@ impl SinkConfig {
             return err("output.url".into(), "must start with gs:// or file://");
         }
         for (i, c) in self.output.columns.iter().enumerate() {
-            if !["STRING", "INTEGER", "FLOAT", "BOOLEAN", "TIMESTAMP", "JSON"]
-                .contains(&c.kind.as_str())
-            {
+            if !["STRING", "INTEGER", "FLOAT", "BOOLEAN", "TIMESTAMP", "JSON"].contains(&c.kind.as_str()) {
                 return err(
                     format!("output.columns[{i}].type"),
                     "must be STRING, INTEGER, FLOAT, BOOLEAN, TIMESTAMP or JSON",
                 );
             }
-            if c.name.is_empty()
-                || !c
-                    .name
-                    .chars()
-                    .all(|ch| ch.is_ascii_alphanumeric() || ch == '_')
-            {
+            if c.name.is_empty() || !c.name.chars().all(|ch| ch.is_ascii_alphanumeric() || ch == '_') {
                 return err(
                     format!("output.columns[{i}].name"),
                     "must be letters, digits and underscores (a BigQuery column name)",
@@ -205,9 +183,6 @@ impl SinkConfig {
             return (url.clone(), String::new());
         }
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-        (
-            format!("gs://{bucket}"),
-            prefix.trim_matches('/').to_string(),
-        )
+        (format!("gs://{bucket}"), prefix.trim_matches('/').to_string())
     }
 }

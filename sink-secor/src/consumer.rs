@@ -6,9 +6,7 @@ use crate::finalize::Finalizer;
 use crate::partition::{Incoming, Output, Partition};
 use crate::store::Store;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
-};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::{HashMap, HashSet};
@@ -121,10 +119,7 @@ pub async fn run(
         }
     }
     // Drain: upload and commit what is staged, so a restart starts clean.
-    tracing::info!(
-        partitions = partitions.len(),
-        "shutting down: uploading staged records"
-    );
+    tracing::info!(partitions = partitions.len(), "shutting down: uploading staged records");
     drop_revoked(&consumer, &mut partitions);
     for p in partitions.values_mut() {
         if let Some(cut) = p.cut_for_shutdown() {
@@ -143,13 +138,7 @@ async fn handle(
     m: &BorrowedMessage<'_>,
 ) -> anyhow::Result<()> {
     let key = (m.topic().to_string(), m.partition());
-    if !consumer
-        .context()
-        .owned
-        .lock()
-        .expect("owned lock")
-        .contains(&key)
-    {
+    if !consumer.context().owned.lock().expect("owned lock").contains(&key) {
         return Ok(()); // fetched before a revoke; the new owner reads it
     }
     if !partitions.contains_key(&key) {
@@ -176,12 +165,7 @@ async fn handle(
             }
         }
     }
-    let incoming = Incoming {
-        offset: m.offset(),
-        time_ns,
-        tag,
-        raw: m.payload().unwrap_or_default(),
-    };
+    let incoming = Incoming { offset: m.offset(), time_ns, tag, raw: m.payload().unwrap_or_default() };
     p.append(out, &incoming)?;
     metrics::counter!("tron_sink_records_consumed_total", "topic" => key.0.clone()).increment(1);
     // Size, hour-passed and replayed cuts are due as soon as the record that triggers them lands.
@@ -191,12 +175,7 @@ async fn handle(
     Ok(())
 }
 
-async fn cut_and_commit(
-    consumer: &GroupConsumer,
-    out: &Output<'_>,
-    p: &mut Partition,
-    cut: i64,
-) -> anyhow::Result<()> {
+async fn cut_and_commit(consumer: &GroupConsumer, out: &Output<'_>, p: &mut Partition, cut: i64) -> anyhow::Result<()> {
     let (topic, partition) = (p.topic.clone(), p.partition);
     let mut backoff = Duration::from_millis(200);
     loop {
@@ -223,9 +202,7 @@ async fn cut_and_commit(
 fn committed_offset(consumer: &GroupConsumer, topic: &str, partition: i32) -> Option<i64> {
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(topic, partition);
-    let committed =
-        tokio::task::block_in_place(|| consumer.committed_offsets(tpl, Duration::from_secs(10)))
-            .ok()?;
+    let committed = tokio::task::block_in_place(|| consumer.committed_offsets(tpl, Duration::from_secs(10))).ok()?;
     match committed.find_partition(topic, partition)?.offset() {
         Offset::Offset(o) => Some(o),
         _ => None,
@@ -233,8 +210,7 @@ fn committed_offset(consumer: &GroupConsumer, topic: &str, partition: i32) -> Op
 }
 
 fn drop_revoked(consumer: &GroupConsumer, partitions: &mut HashMap<(String, i32), Partition>) {
-    let revoked: Vec<_> =
-        std::mem::take(&mut *consumer.context().revoked.lock().expect("revoked lock"));
+    let revoked: Vec<_> = std::mem::take(&mut *consumer.context().revoked.lock().expect("revoked lock"));
     for key in revoked {
         if let Some(p) = partitions.remove(&key) {
             tracing::info!(topic = %key.0, partition = key.1, committed = p.committed(), "revoked: discarding staged records; the new owner re-reads them");
@@ -244,35 +220,18 @@ fn drop_revoked(consumer: &GroupConsumer, partitions: &mut HashMap<(String, i32)
 }
 
 /// The owner of a topic's partition 0 finalizes that topic's hours, so one instance does it.
-async fn finalize(
-    consumer: &GroupConsumer,
-    store: &Store,
-    prefix: &str,
-    cfg: &SinkConfig,
-    finalizer: &mut Finalizer,
-) {
+async fn finalize(consumer: &GroupConsumer, store: &Store, prefix: &str, cfg: &SinkConfig, finalizer: &mut Finalizer) {
     for topic in &cfg.kafka.topics {
-        if !consumer
-            .context()
-            .owned
-            .lock()
-            .expect("owned lock")
-            .contains(&(topic.clone(), 0))
-        {
+        if !consumer.context().owned.lock().expect("owned lock").contains(&(topic.clone(), 0)) {
             continue;
         }
-        let count = tokio::task::block_in_place(|| {
-            consumer.fetch_metadata(Some(topic), Duration::from_secs(10))
-        })
-        .ok()
-        .and_then(|m| m.topics().first().map(|t| t.partitions().len() as i32));
+        let count = tokio::task::block_in_place(|| consumer.fetch_metadata(Some(topic), Duration::from_secs(10)))
+            .ok()
+            .and_then(|m| m.topics().first().map(|t| t.partitions().len() as i32));
         let Some(count) = count.filter(|c| *c > 0) else {
             continue;
         };
-        if let Err(e) = finalizer
-            .run_once(store, prefix, topic, count, cfg.finalize.lateness)
-            .await
-        {
+        if let Err(e) = finalizer.run_once(store, prefix, topic, count, cfg.finalize.lateness).await {
             tracing::warn!(%topic, error = %format!("{e:#}"), "finalizer pass failed; will retry");
         }
     }

@@ -44,16 +44,11 @@ impl Finalizer {
                 continue;
             }
             let deadline = (hour + 1) * HOUR_MS + lateness_ms;
-            let passed = states
-                .iter()
-                .all(|s| s.watermark_ms >= deadline || (s.caught_up && s.as_of_ms >= deadline));
+            let passed = states.iter().all(|s| s.watermark_ms >= deadline || (s.caught_up && s.as_of_ms >= deadline));
             if !passed {
                 continue;
             }
-            if self
-                .finalize_hour(store, prefix, topic, hour, uploaded)
-                .await?
-            {
+            if self.finalize_hour(store, prefix, topic, hour, uploaded).await? {
                 self.done.insert((topic.to_string(), hour), uploaded);
             }
         }
@@ -71,43 +66,24 @@ impl Finalizer {
     ) -> anyhow::Result<bool> {
         let dir = hour_prefix(prefix, topic, hour);
         let listed = store.list(&dir).await?;
-        let objects: Vec<_> = listed
-            .iter()
-            .filter(|o| !o.name[dir.len()..].starts_with('_'))
-            .collect();
+        let objects: Vec<_> = listed.iter().filter(|o| !o.name[dir.len()..].starts_with('_')).collect();
         if (objects.len() as u64) < uploaded.min(1) {
             return Ok(false);
         }
         let manifest_key = format!("{dir}_manifest.json");
-        let previous: Option<serde_json::Value> = store
-            .get(&manifest_key)
-            .await?
-            .and_then(|b| serde_json::from_slice(&b).ok());
+        let previous: Option<serde_json::Value> =
+            store.get(&manifest_key).await?.and_then(|b| serde_json::from_slice(&b).ok());
         let names: Vec<&str> = objects.iter().map(|o| o.name.as_str()).collect();
         let previous_names: Vec<String> = previous
             .as_ref()
             .and_then(|m| m["objects"].as_array())
-            .map(|a| {
-                a.iter()
-                    .filter_map(|o| o["name"].as_str().map(str::to_owned))
-                    .collect()
-            })
+            .map(|a| a.iter().filter_map(|o| o["name"].as_str().map(str::to_owned)).collect())
             .unwrap_or_default();
-        if previous.is_some()
-            && previous_names
-                .iter()
-                .map(String::as_str)
-                .eq(names.iter().copied())
-        {
+        if previous.is_some() && previous_names.iter().map(String::as_str).eq(names.iter().copied()) {
             return Ok(true);
         }
-        let revision = previous
-            .as_ref()
-            .and_then(|m| m["revision"].as_u64())
-            .unwrap_or(0)
-            + 1;
-        let meta =
-            |o: &crate::store::Listed, k: &str| o.metadata.get(k).cloned().unwrap_or_default();
+        let revision = previous.as_ref().and_then(|m| m["revision"].as_u64()).unwrap_or(0) + 1;
+        let meta = |o: &crate::store::Listed, k: &str| o.metadata.get(k).cloned().unwrap_or_default();
         let mut rows = 0u64;
         let mut bytes = 0u64;
         let mut offsets: BTreeMap<String, (i64, i64)> = BTreeMap::new();
@@ -118,7 +94,10 @@ impl Finalizer {
                 let r: u64 = meta(o, "tron-rows").parse().unwrap_or(0);
                 rows += r;
                 bytes += o.size;
-                let (first, last): (i64, i64) = (meta(o, "tron-first-offset").parse().unwrap_or(-1), meta(o, "tron-last-offset").parse().unwrap_or(-1));
+                let (first, last): (i64, i64) = (
+                    meta(o, "tron-first-offset").parse().unwrap_or(-1),
+                    meta(o, "tron-last-offset").parse().unwrap_or(-1),
+                );
                 let range = offsets.entry(meta(o, "tron-partition")).or_insert((first, last));
                 range.0 = range.0.min(first);
                 range.1 = range.1.max(last);
@@ -155,21 +134,16 @@ impl Finalizer {
             .await?;
         let success_key = format!("{dir}_SUCCESS");
         if store.get(&success_key).await?.is_none() {
-            store
-                .put(&success_key, Vec::new(), "text/plain", Default::default())
-                .await?;
+            store.put(&success_key, Vec::new(), "text/plain", Default::default()).await?;
         }
         let delay = chrono::Utc::now().timestamp_millis() - (hour + 1) * HOUR_MS;
         if revision == 1 {
-            metrics::counter!("tron_sink_hours_finalized_total", "topic" => topic.to_string())
-                .increment(1);
-            metrics::histogram!("tron_sink_hour_end_to_success_seconds")
-                .record(delay.max(0) as f64 / 1000.0);
+            metrics::counter!("tron_sink_hours_finalized_total", "topic" => topic.to_string()).increment(1);
+            metrics::histogram!("tron_sink_hour_end_to_success_seconds").record(delay.max(0) as f64 / 1000.0);
             tracing::info!(topic, hour = %manifest["hour"], rows, objects = names.len(), "hour complete: _SUCCESS written");
         } else {
             let late = names.len().saturating_sub(previous_names.len());
-            metrics::counter!("tron_sink_late_objects_total", "topic" => topic.to_string())
-                .increment(late as u64);
+            metrics::counter!("tron_sink_late_objects_total", "topic" => topic.to_string()).increment(late as u64);
             tracing::info!(topic, hour = %manifest["hour"], revision, late_objects = late, "late records: manifest revised");
         }
         Ok(true)

@@ -24,26 +24,24 @@ pub struct RowSource<'a> {
 type Gz = GzEncoder<BufWriter<File>>;
 
 pub enum RowSink {
-    Delimited(csv::Writer<Gz>),
+    Delimited(Box<csv::Writer<Gz>>),
     Lines(Gz),
 }
 
 impl RowSink {
     pub fn create(path: &Path, format: Format, level: u32) -> std::io::Result<Self> {
-        let gz = GzEncoder::new(
-            BufWriter::with_capacity(256 * 1024, File::create(path)?),
-            flate2::Compression::new(level),
-        );
+        let gz =
+            GzEncoder::new(BufWriter::with_capacity(256 * 1024, File::create(path)?), flate2::Compression::new(level));
         Ok(match format {
             Format::Ndjson => RowSink::Lines(gz),
-            Format::Csv | Format::Tsv => RowSink::Delimited(
+            Format::Csv | Format::Tsv => RowSink::Delimited(Box::new(
                 csv::WriterBuilder::new()
                     .delimiter(if format == Format::Tsv { b'\t' } else { b',' })
                     .quote_style(csv::QuoteStyle::Necessary)
                     .terminator(csv::Terminator::Any(b'\n'))
                     .has_headers(false)
                     .from_writer(gz),
-            ),
+            )),
         })
     }
 
@@ -67,9 +65,7 @@ impl RowSink {
     pub fn finish(self) -> std::io::Result<()> {
         let gz = match self {
             RowSink::Lines(gz) => gz,
-            RowSink::Delimited(w) => w
-                .into_inner()
-                .map_err(|e| std::io::Error::other(e.to_string()))?,
+            RowSink::Delimited(w) => w.into_inner().map_err(|e| std::io::Error::other(e.to_string()))?,
         };
         let mut buf = gz.finish()?;
         buf.flush()?;
@@ -79,8 +75,7 @@ impl RowSink {
 
 /// RFC 3339, UTC, microseconds: what BigQuery's TIMESTAMP and DuckDB read without options.
 pub fn rfc3339_micros(time_ns: i64) -> String {
-    chrono::DateTime::from_timestamp_nanos(time_ns)
-        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+    chrono::DateTime::from_timestamp_nanos(time_ns).to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
 fn cell(column: &Column, src: &RowSource) -> String {
@@ -112,11 +107,7 @@ mod tests {
     use std::io::Read;
 
     fn col(name: &str, source: &str) -> Column {
-        Column {
-            name: name.into(),
-            source: source.into(),
-            kind: "STRING".into(),
-        }
+        Column { name: name.into(), source: source.into(), kind: "STRING".into() }
     }
 
     #[test]
@@ -131,7 +122,7 @@ mod tests {
             partition: 3,
             offset: 9,
             tag: "app",
-            time_ns: 1_500_000_123_456_789,
+            time_ns: 1_500_000_000_123_456_789,
             raw: &raw,
             record: &record,
         };
@@ -147,12 +138,7 @@ mod tests {
         sink.write(&cols, &src).unwrap();
         sink.finish().unwrap();
         let mut text = String::new();
-        flate2::read::GzDecoder::new(File::open(&path).unwrap())
-            .read_to_string(&mut text)
-            .unwrap();
-        assert_eq!(
-            text,
-            "2017-07-14T02:40:00.123456Z,\"a,\"\"b\"\"\nc\",5,\"{\"\"k\"\":[1]}\",,é\tx,[1]\n"
-        );
+        flate2::read::GzDecoder::new(File::open(&path).unwrap()).read_to_string(&mut text).unwrap();
+        assert_eq!(text, "2017-07-14T02:40:00.123456Z,\"a,\"\"b\"\"\nc\",5,\"{\"\"k\"\":[1]}\",,é\tx,[1]\n");
     }
 }

@@ -18,18 +18,10 @@ use std::process::ExitCode;
 use tron_service::{config as cfgload, http, systemd, telemetry, tls, Health, Shutdown};
 
 #[derive(Parser)]
-#[command(
-    version,
-    about = "Writes Kafka topics to hourly-partitioned gzip objects in GCS, exactly once per record"
-)]
+#[command(version, about = "Writes Kafka topics to hourly-partitioned gzip objects in GCS, exactly once per record")]
 struct Args {
     /// Configuration file.
-    #[arg(
-        short,
-        long,
-        default_value = "/etc/tron/sink-secor.toml",
-        global = true
-    )]
+    #[arg(short, long, default_value = "/etc/tron/sink-secor.toml", global = true)]
     config: PathBuf,
     /// Validate the configuration and exit (0 valid, 1 invalid).
     #[arg(long)]
@@ -80,10 +72,7 @@ fn main() -> ExitCode {
     }
     match args.command {
         Some(Command::BqSchema { topic: _ }) => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&bq::schema(&cfg)).expect("json")
-            );
+            println!("{}", serde_json::to_string_pretty(&bq::schema(&cfg)).expect("json"));
             return ExitCode::SUCCESS;
         }
         Some(Command::BqLoadCommand { topic, hour }) => {
@@ -118,19 +107,13 @@ async fn run(cfg: SinkConfig) -> anyhow::Result<()> {
     shutdown.on_signals()?;
     // Staging holds only uncommitted data, which Kafka still has: start from a clean slate.
     let _ = std::fs::remove_dir_all(&cfg.staging_dir);
-    std::fs::create_dir_all(&cfg.staging_dir)
-        .with_context(|| format!("staging_dir {}", cfg.staging_dir.display()))?;
+    std::fs::create_dir_all(&cfg.staging_dir).with_context(|| format!("staging_dir {}", cfg.staging_dir.display()))?;
     let (bucket, _) = cfg.split_url();
     let store = store::Store::open(&bucket, cfg.output.endpoint.as_deref()).await?;
     let consumer = consumer::create(&cfg).context("creating the Kafka consumer")?;
-    let metrics_addr = http::serve(
-        cfg.metrics_listen,
-        metrics,
-        health.clone(),
-        shutdown.clone(),
-    )
-    .await
-    .with_context(|| format!("binding metrics_listen = {}", cfg.metrics_listen))?;
+    let metrics_addr = http::serve(cfg.metrics_listen, metrics, health.clone(), shutdown.clone())
+        .await
+        .with_context(|| format!("binding metrics_listen = {}", cfg.metrics_listen))?;
     health.up("kafka");
     tracing::info!(topics = ?cfg.kafka.topics, group = %cfg.kafka.group_id, output = %cfg.output.url, metrics = %metrics_addr, "tron-sink-secor ready");
     systemd::ready();

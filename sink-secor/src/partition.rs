@@ -66,15 +66,8 @@ pub struct Incoming<'a> {
 
 impl Partition {
     /// `committed`: the group's committed offset, or the first offset consumed if none.
-    pub async fn open(
-        out: &Output<'_>,
-        topic: &str,
-        partition: i32,
-        committed: i64,
-    ) -> anyhow::Result<Self> {
-        let previous = state::read(out.store, out.prefix, topic, partition)
-            .await?
-            .unwrap_or_default();
+    pub async fn open(out: &Output<'_>, topic: &str, partition: i32, committed: i64) -> anyhow::Result<Self> {
+        let previous = state::read(out.store, out.prefix, topic, partition).await?.unwrap_or_default();
         let forced_cut = match &previous.pending {
             Some(PendingCut { from, cut }) if *from == committed && *cut > committed => {
                 tracing::info!(
@@ -88,11 +81,7 @@ impl Partition {
             }
             _ => None,
         };
-        let state = PartitionState {
-            committed,
-            pending: None,
-            ..previous
-        };
+        let state = PartitionState { committed, pending: None, ..previous };
         Ok(Partition {
             topic: topic.to_string(),
             partition,
@@ -125,17 +114,10 @@ impl Partition {
         }
         let hour = msg.time_ns.div_euclid(HOUR_MS * 1_000_000);
         if !self.staged.contains_key(&hour) {
-            let name = format!(
-                "{}-{}-{:020}.{}.gz",
-                self.topic,
-                self.partition,
-                msg.offset,
-                out.format.ext()
-            );
+            let name = format!("{}-{}-{:020}.{}.gz", self.topic, self.partition, msg.offset, out.format.ext());
             let path = out.staging.join(name);
-            let sink = RowSink::create(&path, out.format, out.gzip_level).map_err(|e| {
-                anyhow::anyhow!("{}: cannot create staging file: {e}", path.display())
-            })?;
+            let sink = RowSink::create(&path, out.format, out.gzip_level)
+                .map_err(|e| anyhow::anyhow!("{}: cannot create staging file: {e}", path.display()))?;
             let file = StagedFile {
                 path,
                 first_offset: msg.offset,
@@ -147,8 +129,7 @@ impl Partition {
             self.staged.insert(hour, Staged { sink, file });
         }
         let Staged { sink, file: staged } = self.staged.get_mut(&hour).expect("inserted above");
-        let record: serde_json::Value =
-            serde_json::from_slice(msg.raw).unwrap_or(serde_json::Value::Null);
+        let record: serde_json::Value = serde_json::from_slice(msg.raw).unwrap_or(serde_json::Value::Null);
         let src = RowSource {
             topic: &self.topic,
             partition: self.partition,
@@ -158,9 +139,9 @@ impl Partition {
             raw: msg.raw,
             record: &record,
         };
-        let size = sink.write(out.columns, &src).map_err(|e| {
-            anyhow::anyhow!("{}: cannot write staging file: {e}", staged.path.display())
-        })?;
+        let size = sink
+            .write(out.columns, &src)
+            .map_err(|e| anyhow::anyhow!("{}: cannot write staging file: {e}", staged.path.display()))?;
         staged.last_offset = msg.offset;
         staged.rows += 1;
         staged.min_ns = staged.min_ns.min(msg.time_ns);
@@ -183,14 +164,10 @@ impl Partition {
         if self.staged.is_empty() {
             return None;
         }
-        let oldest_hour_end_ns =
-            (self.staged.keys().next().expect("non-empty") + 1) * HOUR_MS * 1_000_000;
+        let oldest_hour_end_ns = (self.staged.keys().next().expect("non-empty") + 1) * HOUR_MS * 1_000_000;
         let hour_passed = self.staged_max_ns >= oldest_hour_end_ns + lateness.as_nanos() as i64;
-        let full =
-            self.records_since_cut >= roll.max_records || self.bytes_since_cut >= roll.max_bytes;
-        let old = self
-            .first_staged_at
-            .is_some_and(|t| t.elapsed() >= roll.max_age);
+        let full = self.records_since_cut >= roll.max_records || self.bytes_since_cut >= roll.max_bytes;
+        let old = self.first_staged_at.is_some_and(|t| t.elapsed() >= roll.max_age);
         (full || old || idle || hour_passed).then_some(self.next_offset)
     }
 
@@ -211,65 +188,35 @@ impl Partition {
         let staged = std::mem::take(&mut self.staged);
         let mut finished = Vec::with_capacity(staged.len());
         for (hour, Staged { sink, file }) in staged {
-            sink.finish().map_err(|e| {
-                anyhow::anyhow!("{}: cannot finish staging file: {e}", file.path.display())
-            })?;
+            sink.finish().map_err(|e| anyhow::anyhow!("{}: cannot finish staging file: {e}", file.path.display()))?;
             finished.push((hour, file));
         }
         // 1. Record the cut before any object of it exists.
         self.state.pending = Some(PendingCut { from, cut });
-        state::write(
-            out.store,
-            out.prefix,
-            &self.topic,
-            self.partition,
-            &self.state,
-        )
-        .await?;
+        state::write(out.store, out.prefix, &self.topic, self.partition, &self.state).await?;
         // 2. Upload. Names depend only on (topic, partition, first offset): a replay overwrites.
         let started = Instant::now();
         let now_ns = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0);
         for (hour, s) in &finished {
-            let key = object_key(
-                out.prefix,
-                &self.topic,
-                *hour,
-                self.partition,
-                s.first_offset,
-                out.format,
-            );
-            let body =
-                std::fs::read(&s.path).map_err(|e| anyhow::anyhow!("{}: {e}", s.path.display()))?;
+            let key = object_key(out.prefix, &self.topic, *hour, self.partition, s.first_offset, out.format);
+            let body = std::fs::read(&s.path).map_err(|e| anyhow::anyhow!("{}: {e}", s.path.display()))?;
             let bytes = body.len() as u64;
             let metadata = HashMap::from([
                 ("tron-rows".to_string(), s.rows.to_string()),
                 ("tron-partition".to_string(), self.partition.to_string()),
                 ("tron-first-offset".to_string(), s.first_offset.to_string()),
                 ("tron-last-offset".to_string(), s.last_offset.to_string()),
-                (
-                    "tron-min-time".to_string(),
-                    crate::format::rfc3339_micros(s.min_ns),
-                ),
-                (
-                    "tron-max-time".to_string(),
-                    crate::format::rfc3339_micros(s.max_ns),
-                ),
+                ("tron-min-time".to_string(), crate::format::rfc3339_micros(s.min_ns)),
+                ("tron-max-time".to_string(), crate::format::rfc3339_micros(s.max_ns)),
             ]);
-            out.store
-                .put(&key, body, content_type(out.format), metadata)
-                .await?;
-            metrics::counter!("tron_sink_objects_uploaded_total", "topic" => self.topic.clone())
-                .increment(1);
-            metrics::counter!("tron_sink_records_uploaded_total", "topic" => self.topic.clone())
-                .increment(s.rows);
-            metrics::counter!("tron_sink_bytes_uploaded_total", "topic" => self.topic.clone())
-                .increment(bytes);
-            metrics::histogram!("tron_sink_event_to_object_seconds")
-                .record((now_ns - s.min_ns).max(0) as f64 / 1e9);
+            out.store.put(&key, body, content_type(out.format), metadata).await?;
+            metrics::counter!("tron_sink_objects_uploaded_total", "topic" => self.topic.clone()).increment(1);
+            metrics::counter!("tron_sink_records_uploaded_total", "topic" => self.topic.clone()).increment(s.rows);
+            metrics::counter!("tron_sink_bytes_uploaded_total", "topic" => self.topic.clone()).increment(bytes);
+            metrics::histogram!("tron_sink_event_to_object_seconds").record((now_ns - s.min_ns).max(0) as f64 / 1e9);
             *self.state.hours.entry(*hour).or_default() += 1;
         }
-        metrics::histogram!("tron_sink_upload_duration_seconds")
-            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!("tron_sink_upload_duration_seconds").record(started.elapsed().as_secs_f64());
         // 3. Commit: only now may the group move past these records.
         commit(cut)?;
         // 4. Clear the intent and advance the watermark.
@@ -293,25 +240,15 @@ impl Partition {
 
     /// Publishes progress for the finalizer: caught up when nothing is staged and the partition
     /// has been idle. Throttled to `every`.
-    pub async fn heartbeat(
-        &mut self,
-        out: &Output<'_>,
-        roll: &RollConfig,
-        every: Duration,
-    ) -> anyhow::Result<()> {
+    pub async fn heartbeat(&mut self, out: &Output<'_>, roll: &RollConfig, every: Duration) -> anyhow::Result<()> {
         if self.state_written_at.elapsed() < every {
             return Ok(());
         }
-        self.write_progress_if(
-            out,
-            self.staged.is_empty() && self.last_message_at.elapsed() >= roll.idle_after,
-        )
-        .await
+        self.write_progress_if(out, self.staged.is_empty() && self.last_message_at.elapsed() >= roll.idle_after).await
     }
 
     async fn write_progress(&mut self, out: &Output<'_>) -> anyhow::Result<()> {
-        let caught_up =
-            self.staged.is_empty() && self.last_message_at.elapsed() >= Duration::from_secs(1);
+        let caught_up = self.staged.is_empty() && self.last_message_at.elapsed() >= Duration::from_secs(1);
         self.write_progress_if(out, caught_up).await
     }
 
@@ -320,14 +257,7 @@ impl Partition {
         self.state.as_of_ms = chrono::Utc::now().timestamp_millis();
         let keep_from = self.state.watermark_ms / HOUR_MS - 72;
         self.state.hours.retain(|h, _| *h >= keep_from);
-        state::write(
-            out.store,
-            out.prefix,
-            &self.topic,
-            self.partition,
-            &self.state,
-        )
-        .await?;
+        state::write(out.store, out.prefix, &self.topic, self.partition, &self.state).await?;
         self.state_written_at = Instant::now();
         Ok(())
     }
@@ -347,25 +277,11 @@ impl Partition {
 
 pub fn hour_prefix(prefix: &str, topic: &str, hour: i64) -> String {
     let t = chrono::DateTime::from_timestamp(hour * 3600, 0).unwrap_or_default();
-    crate::join_key(
-        prefix,
-        &format!("{topic}/dt={}/hr={}/", t.format("%Y-%m-%d"), t.format("%H")),
-    )
+    crate::join_key(prefix, &format!("{topic}/dt={}/hr={}/", t.format("%Y-%m-%d"), t.format("%H")))
 }
 
-pub fn object_key(
-    prefix: &str,
-    topic: &str,
-    hour: i64,
-    partition: i32,
-    first_offset: i64,
-    format: Format,
-) -> String {
-    format!(
-        "{}{topic}-{partition}-{first_offset:020}.{}.gz",
-        hour_prefix(prefix, topic, hour),
-        format.ext()
-    )
+pub fn object_key(prefix: &str, topic: &str, hour: i64, partition: i32, first_offset: i64, format: Format) -> String {
+    format!("{}{topic}-{partition}-{first_offset:020}.{}.gz", hour_prefix(prefix, topic, hour), format.ext())
 }
 
 fn content_type(format: Format) -> &'static str {

@@ -34,17 +34,13 @@ pub fn key(prefix: &str, topic: &str, partition: i32) -> String {
     crate::join_key(prefix, &format!("_tron/state/{topic}/{partition}.json"))
 }
 
-pub async fn read(
-    store: &Store,
-    prefix: &str,
-    topic: &str,
-    partition: i32,
-) -> anyhow::Result<Option<PartitionState>> {
+pub async fn read(store: &Store, prefix: &str, topic: &str, partition: i32) -> anyhow::Result<Option<PartitionState>> {
     let k = key(prefix, topic, partition);
     match store.get(&k).await? {
-        Some(bytes) => Ok(Some(serde_json::from_slice(&bytes).map_err(|e| {
-            anyhow::anyhow!("{}: corrupt state: {e}", store.describe(&k))
-        })?)),
+        Some(bytes) => Ok(Some(
+            serde_json::from_slice(&bytes)
+                .map_err(|e| anyhow::anyhow!("{}: corrupt state: {e}", store.describe(&k)))?,
+        )),
         None => Ok(None),
     }
 }
@@ -57,12 +53,5 @@ pub async fn write(
     state: &PartitionState,
 ) -> anyhow::Result<()> {
     let body = serde_json::to_vec_pretty(state).expect("state serializes");
-    store
-        .put(
-            &key(prefix, topic, partition),
-            body,
-            "application/json",
-            Default::default(),
-        )
-        .await
+    store.put(&key(prefix, topic, partition), body, "application/json", Default::default()).await
 }

@@ -16,7 +16,7 @@ pub struct Listed {
 }
 
 pub enum Store {
-    Gcs { client: Client, bucket: String },
+    Gcs { client: Box<Client>, bucket: String },
     Dir(PathBuf),
 }
 
@@ -24,29 +24,19 @@ impl Store {
     /// `gs://bucket` or `file:///dir`. `endpoint` points the GCS client at an emulator (no auth).
     pub async fn open(url: &str, endpoint: Option<&str>) -> anyhow::Result<Self> {
         if let Some(dir) = url.strip_prefix("file://") {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| anyhow::anyhow!("{dir}: cannot create: {e}"))?;
+            std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{dir}: cannot create: {e}"))?;
             return Ok(Store::Dir(dir.into()));
         }
-        let bucket = url
-            .strip_prefix("gs://")
-            .ok_or_else(|| anyhow::anyhow!("{url}: expected gs://bucket or file:///dir"))?;
+        let bucket =
+            url.strip_prefix("gs://").ok_or_else(|| anyhow::anyhow!("{url}: expected gs://bucket or file:///dir"))?;
         let config = match endpoint {
-            Some(ep) => ClientConfig {
-                storage_endpoint: ep.trim_end_matches('/').to_string(),
-                ..Default::default()
-            }
-            .anonymous(),
+            Some(ep) => ClientConfig { storage_endpoint: ep.trim_end_matches('/').to_string(), ..Default::default() }
+                .anonymous(),
             None => ClientConfig::default().with_auth().await.map_err(|e| {
-                anyhow::anyhow!(
-                    "GCS credentials (GOOGLE_APPLICATION_CREDENTIALS or metadata server): {e}"
-                )
+                anyhow::anyhow!("GCS credentials (GOOGLE_APPLICATION_CREDENTIALS or metadata server): {e}")
             })?,
         };
-        Ok(Store::Gcs {
-            client: Client::new(config),
-            bucket: bucket.trim_end_matches('/').to_string(),
-        })
+        Ok(Store::Gcs { client: Box::new(Client::new(config)), bucket: bucket.trim_end_matches('/').to_string() })
     }
 
     pub fn describe(&self, key: &str) -> String {
@@ -71,16 +61,11 @@ impl Store {
                 let object = Object {
                     name: key.to_string(),
                     content_type: Some(content_type.to_string()),
-                    crc32c: Some(
-                        base64::engine::general_purpose::STANDARD.encode(crc.to_be_bytes()),
-                    ),
+                    crc32c: Some(base64::engine::general_purpose::STANDARD.encode(crc.to_be_bytes())),
                     metadata: Some(metadata),
                     ..Default::default()
                 };
-                let req = UploadObjectRequest {
-                    bucket: bucket.clone(),
-                    ..Default::default()
-                };
+                let req = UploadObjectRequest { bucket: bucket.clone(), ..Default::default() };
                 client
                     .upload_object(&req, body, &UploadType::Multipart(Box::new(object)))
                     .await
@@ -103,17 +88,11 @@ impl Store {
     pub async fn get(&self, key: &str) -> anyhow::Result<Option<Vec<u8>>> {
         match self {
             Store::Gcs { client, bucket } => {
-                let req = GetObjectRequest {
-                    bucket: bucket.clone(),
-                    object: key.to_string(),
-                    ..Default::default()
-                };
+                let req = GetObjectRequest { bucket: bucket.clone(), object: key.to_string(), ..Default::default() };
                 match client.download_object(&req, &Range::default()).await {
                     Ok(bytes) => Ok(Some(bytes)),
                     Err(gcloud_storage::http::Error::Response(e)) if e.code == 404 => Ok(None),
-                    Err(gcloud_storage::http::Error::HttpClient(e))
-                        if e.status().map(|s| s.as_u16()) == Some(404) =>
-                    {
+                    Err(gcloud_storage::http::Error::HttpClient(e)) if e.status().map(|s| s.as_u16()) == Some(404) => {
                         Ok(None)
                     }
                     Err(e) => Err(anyhow::anyhow!("download {}: {e}", self.describe(key))),
@@ -181,11 +160,7 @@ fn list_dir(root: &Path, prefix: &str) -> anyhow::Result<Vec<Listed>> {
         };
         for entry in entries.flatten() {
             let path = entry.path();
-            let name = path
-                .strip_prefix(root)
-                .unwrap_or(&path)
-                .to_string_lossy()
-                .into_owned();
+            let name = path.strip_prefix(root).unwrap_or(&path).to_string_lossy().into_owned();
             if name.starts_with(".meta") {
                 continue;
             }
@@ -197,11 +172,7 @@ fn list_dir(root: &Path, prefix: &str) -> anyhow::Result<Vec<Listed>> {
                     .and_then(|b| serde_json::from_slice(&b).ok())
                     .unwrap_or_default();
                 let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
-                out.push(Listed {
-                    name,
-                    size,
-                    metadata,
-                });
+                out.push(Listed { name, size, metadata });
             }
         }
     }
