@@ -34,20 +34,28 @@ where
     T: DeserializeOwned,
     F: FnOnce(&T) -> Result<(), (String, String)>,
 {
-    let text = expand_env(text, |name| std::env::var(name).ok())
+    let mut doc: toml::Value = toml::from_str(text)
+        .map_err(|e| ConfigError::Syntax { path: path.into(), message: e.to_string().trim().into() })?;
+    // Only string values are expanded, so a `${…}` in a comment is left alone.
+    expand_strings(&mut doc, &|name| std::env::var(name).ok())
         .map_err(|var| ConfigError::MissingEnv { path: path.into(), var })?;
-    let de = toml::Deserializer::new(&text);
-    let value: T = serde_path_to_error::deserialize(de).map_err(|e| {
-        let key = e.path().to_string();
-        let message = first_line(e.inner().message());
-        if key == "." {
-            ConfigError::Syntax { path: path.into(), message: e.inner().to_string().trim().to_string() }
-        } else {
-            ConfigError::Invalid { path: path.into(), key, message }
-        }
+    let value: T = serde_path_to_error::deserialize(doc).map_err(|e| ConfigError::Invalid {
+        path: path.into(),
+        key: e.path().to_string(),
+        message: first_line(&e.inner().to_string()),
     })?;
     validate(&value).map_err(|(key, message)| ConfigError::Invalid { path: path.into(), key, message })?;
     Ok(value)
+}
+
+fn expand_strings(v: &mut toml::Value, lookup: &dyn Fn(&str) -> Option<String>) -> Result<(), String> {
+    match v {
+        toml::Value::String(s) if s.contains('$') => *s = expand_env(s, lookup)?,
+        toml::Value::Array(items) => items.iter_mut().try_for_each(|i| expand_strings(i, lookup))?,
+        toml::Value::Table(t) => t.iter_mut().try_for_each(|(_, i)| expand_strings(i, lookup))?,
+        _ => {}
+    }
+    Ok(())
 }
 
 fn first_line(s: &str) -> String {
@@ -55,7 +63,7 @@ fn first_line(s: &str) -> String {
 }
 
 /// Replaces `${NAME}`; `$${` stays a literal `${`. Returns the first unset name as the error.
-pub fn expand_env(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {
+pub fn expand_env(text: &str, lookup: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(i) = rest.find('$') {
@@ -156,8 +164,22 @@ mod tests {
     #[test]
     fn env_expansion() {
         let env = |n: &str| (n == "KEY").then(|| "s3cr3t".to_string());
-        assert_eq!(expand_env("k = \"${KEY}\" $${KEY} $5", env).unwrap(), "k = \"s3cr3t\" ${KEY} $5");
-        assert_eq!(expand_env("${NOPE}", env).unwrap_err(), "NOPE");
+        assert_eq!(expand_env("k = \"${KEY}\" $${KEY} $5", &env).unwrap(), "k = \"s3cr3t\" ${KEY} $5");
+        assert_eq!(expand_env("${NOPE}", &env).unwrap_err(), "NOPE");
+    }
+
+    #[test]
+    fn env_in_comments_is_ignored_and_in_strings_expanded() {
+        std::env::set_var("TRON_TEST_SECRET", "xyz");
+        let top: Top = parse(
+            "# uses ${NOT_SET}\nname = '${TRON_TEST_SECRET}'\n[inner]\nsize = 1\n",
+            Path::new("c.toml"),
+            |_: &Top| Ok(()),
+        )
+        .unwrap();
+        assert_eq!(top.name, "xyz");
+        let err = parse_top("name = '${TRON_NOT_SET_ANYWHERE}'\n[inner]\nsize = 1\n").unwrap_err();
+        assert!(err.to_string().contains("TRON_NOT_SET_ANYWHERE is not set"), "{err}");
     }
 
     #[test]

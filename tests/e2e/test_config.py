@@ -37,3 +37,27 @@ def test_good_config_passes_check(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "configuration is valid" in out.stdout
+
+
+def test_example_configs_are_valid():
+    for binary, name in [("tron-agent", "agent"), ("tron-relay", "relay"), ("tron-sink-secor", "sink-secor")]:
+        path = os.path.join(tron.ROOT, "examples", name + ".toml")
+        out = subprocess.run([os.path.join(tron.BIN, binary), "--config", path, "--check-config"],
+                             capture_output=True, text=True)
+        assert out.returncode == 0, "%s: %s" % (path, out.stderr)
+
+
+def test_bq_commands():
+    path = os.path.join(tron.ROOT, "examples", "sink-secor.toml")
+    sink = os.path.join(tron.BIN, "tron-sink-secor")
+    schema = subprocess.run([sink, "--config", path, "bq-schema", "--topic", "logs"], capture_output=True, text=True)
+    assert schema.returncode == 0, schema.stderr
+    import json
+    assert [c["name"] for c in json.loads(schema.stdout)] == ["time", "host", "message", "record"]
+    cmd = subprocess.run([sink, "--config", path, "bq-load-command", "--topic", "logs", "--hour", "2026-11-22T03"],
+                         capture_output=True, text=True)
+    assert cmd.returncode == 0, cmd.stderr
+    out = cmd.stdout
+    assert "'logs.app_logs$2026112203'" in out and "--replace" in out, out
+    assert "gs://my-warehouse/tron/logs/dt=2026-11-22/hr=03/*.csv.gz" in out, out
+    assert "{dt:DATE}/{hr:INTEGER}" in out, out
