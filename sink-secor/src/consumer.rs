@@ -9,7 +9,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tron_service::{Health, Shutdown};
@@ -17,7 +17,8 @@ use tron_service::{Health, Shutdown};
 /// Records which partitions this instance owns, as librdkafka reports rebalances.
 #[derive(Default)]
 pub struct GroupContext {
-    owned: Mutex<HashSet<(String, i32)>>,
+    /// Owned partitions and when they were assigned.
+    owned: Mutex<HashMap<(String, i32), Instant>>,
     revoked: Mutex<Vec<(String, i32)>>,
 }
 
@@ -40,7 +41,7 @@ impl ConsumerContext for GroupContext {
         if let Rebalance::Assign(tpl) = rebalance {
             let mut owned = self.owned.lock().expect("owned lock");
             for e in tpl.elements() {
-                owned.insert((e.topic().to_string(), e.partition()));
+                owned.insert((e.topic().to_string(), e.partition()), Instant::now());
             }
             tracing::info!(partitions = tpl.count(), "partitions assigned");
         }
@@ -107,6 +108,7 @@ pub async fn run(
             _ = tick.tick() => {},
         }
         drop_revoked(&consumer, &mut partitions);
+        open_idle_partitions(&consumer, &out, cfg, &mut partitions).await?;
         for p in partitions.values_mut() {
             if let Some(cut) = p.cut_due(&cfg.roll, lateness) {
                 cut_and_commit(&consumer, &out, p, cut).await?;
@@ -138,7 +140,7 @@ async fn handle(
     m: &BorrowedMessage<'_>,
 ) -> anyhow::Result<()> {
     let key = (m.topic().to_string(), m.partition());
-    if !consumer.context().owned.lock().expect("owned lock").contains(&key) {
+    if !consumer.context().owned.lock().expect("owned lock").contains_key(&key) {
         return Ok(()); // fetched before a revoke; the new owner reads it
     }
     if !partitions.contains_key(&key) {
@@ -199,6 +201,38 @@ async fn cut_and_commit(consumer: &GroupConsumer, out: &Output<'_>, p: &mut Part
     }
 }
 
+/// A partition that has had no message since it was assigned still reports progress (caught up),
+/// so an idle partition does not hold back the finalizer.
+async fn open_idle_partitions(
+    consumer: &GroupConsumer,
+    out: &Output<'_>,
+    cfg: &SinkConfig,
+    partitions: &mut HashMap<(String, i32), Partition>,
+) -> anyhow::Result<()> {
+    let idle: Vec<(String, i32)> = consumer
+        .context()
+        .owned
+        .lock()
+        .expect("owned lock")
+        .iter()
+        .filter(|(key, since)| since.elapsed() >= cfg.roll.idle_after && !partitions.contains_key(*key))
+        .map(|(key, _)| key.clone())
+        .collect();
+    for (topic, partition) in idle {
+        let committed = match committed_offset(consumer, &topic, partition) {
+            Some(o) => o,
+            None => {
+                tokio::task::block_in_place(|| consumer.fetch_watermarks(&topic, partition, Duration::from_secs(10)))
+                    .map(|(low, _)| low)
+                    .unwrap_or(0)
+            }
+        };
+        let p = Partition::open(out, &topic, partition, committed).await?;
+        partitions.insert((topic, partition), p);
+    }
+    Ok(())
+}
+
 fn committed_offset(consumer: &GroupConsumer, topic: &str, partition: i32) -> Option<i64> {
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(topic, partition);
@@ -222,7 +256,7 @@ fn drop_revoked(consumer: &GroupConsumer, partitions: &mut HashMap<(String, i32)
 /// The owner of a topic's partition 0 finalizes that topic's hours, so one instance does it.
 async fn finalize(consumer: &GroupConsumer, store: &Store, prefix: &str, cfg: &SinkConfig, finalizer: &mut Finalizer) {
     for topic in &cfg.kafka.topics {
-        if !consumer.context().owned.lock().expect("owned lock").contains(&(topic.clone(), 0)) {
+        if !consumer.context().owned.lock().expect("owned lock").contains_key(&(topic.clone(), 0)) {
             continue;
         }
         let count = tokio::task::block_in_place(|| consumer.fetch_metadata(Some(topic), Duration::from_secs(10)))

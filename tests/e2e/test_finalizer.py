@@ -1,0 +1,54 @@
+"""Hour finalization: idle partitions do not hold an hour back, late records revise the manifest."""
+import datetime
+import json
+import os
+import time
+
+from fluent import sender
+
+import tron
+
+
+def test_idle_partitions_do_not_block_and_late_records_revise_the_manifest(services, certs, workroot, procs):
+    work = os.path.join(workroot, "finalizer")
+    os.makedirs(work)
+    services.create_topic("fin", 8)
+    services.create_gcs_bucket("fin")
+    relay = tron.Proc("relay", "tron-relay", tron.relay_config(work, certs, services.kafka_brokers, topic="fin",
+                                                               plaintext=True), work)
+    sink = tron.Proc("sink", "tron-sink-secor", tron.sink_config(
+        work, services.kafka_brokers, "gs://fin/w", gcs_endpoint=services.gcs_endpoint, topic="fin", group="fin"), work)
+    procs.extend([relay, sink])
+    relay.start(), sink.start()
+    host, port = relay.config["listen"].rsplit(":", 1)
+    hour = datetime.datetime.now(datetime.timezone.utc).replace(minute=0, second=0, microsecond=0) - datetime.timedelta(hours=2)
+    prefix = "w/fin/dt=%s/hr=%s/" % (hour.strftime("%Y-%m-%d"), hour.strftime("%H"))
+
+    def send(n, first):
+        log = sender.FluentSender("app", host=host, port=int(port), nanosecond_precision=True)
+        for i in range(first, first + n):
+            assert log.emit_with_time("x", sender.EventTime(hour.timestamp() + 60 + i), {"seq": i}), log.last_error
+        log.close()
+
+    send(3, 0)  # three records: at most three of the eight partitions get data
+    start = time.time()
+
+    def names():
+        return {o["name"] for o in services.gcs_list("fin", prefix)}
+
+    tron.wait_until("_SUCCESS with five or more idle partitions", lambda: prefix + "_SUCCESS" in names(), timeout=60,
+                    interval=0.5, on_timeout=lambda: sink.tail())
+    print("hour finalized %.1fs after its records were sent (idle_after 2s, finalize interval 1s)" % (time.time() - start))
+    manifest = json.loads(services.gcs_get("fin", prefix + "_manifest.json"))
+    assert manifest["revision"] == 1 and manifest["rows"] == 3, manifest
+    assert all(o["name"].startswith(prefix) for o in manifest["objects"])
+
+    send(2, 100)  # late: the hour is already complete
+
+    def revised():
+        m = json.loads(services.gcs_get("fin", prefix + "_manifest.json"))
+        return m if m["revision"] == 2 else None
+
+    m = tron.wait_until("a second manifest revision", revised, timeout=60, interval=0.5, on_timeout=lambda: sink.tail())
+    assert m["rows"] == 5, m
+    assert "tron_sink_late_objects_total" in sink.metrics()
