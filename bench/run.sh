@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tests/services/install.sh
-cargo build --release --workspace --locked
+cargo build --release --workspace --all-targets --locked
 exec .venv/bin/python bench/bench.py "$@"

@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tests/services/install.sh
-cargo build --release --workspace --locked
+cargo build --release --workspace --all-targets --locked
 exec .venv/bin/python scripts/run_local.py "$@"

@@ -11,7 +11,7 @@ step "installing test servers and clients"
 bash tests/services/install.sh
 
 step "building release binaries"
-cargo build --release --workspace --locked
+cargo build --release --workspace --all-targets --locked
 
 step "unit and integration tests"
 cargo test --release --workspace --locked

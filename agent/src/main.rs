@@ -16,13 +16,14 @@ use clap::Parser;
 use config::AgentConfig;
 use discover::Registry;
 use notify::Watcher;
-use ship::Shipper;
+use ship::{Destination, Shipper};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tron_service::{config as cfgload, http, systemd, telemetry, tls, Health, Shutdown};
+use tron_service::daemon::{self, Daemon};
+use tron_service::Shutdown;
 
 #[derive(Parser)]
 #[command(version, about = "Tails log files and ships every line to S3 and to tron-relay")]
@@ -41,34 +42,15 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    telemetry::init_logging();
-    let cfg = match cfgload::load(&args.config, AgentConfig::validate) {
+    let cfg = match daemon::load_config("tron-agent", &args.config, args.check_config, AgentConfig::validate) {
         Ok(cfg) => cfg,
-        Err(e) => {
-            eprintln!("tron-agent: invalid configuration: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
-    if args.check_config {
-        println!("{}: configuration is valid", args.config.display());
-        return ExitCode::SUCCESS;
-    }
-    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    match runtime.block_on(run(cfg)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    daemon::run(|d| run(cfg, d))
 }
 
-async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
-    tls::install_default_provider();
-    let metrics = telemetry::init_metrics()?;
-    let health = Health::new();
-    let shutdown = Shutdown::new();
-    shutdown.on_signals()?;
+async fn run(cfg: AgentConfig, daemon: Daemon) -> anyhow::Result<()> {
+    let Daemon { health, shutdown, .. } = &daemon;
     let host = cfg.host.clone().unwrap_or_else(system_hostname);
     std::fs::create_dir_all(&cfg.state_dir).with_context(|| format!("state_dir {}", cfg.state_dir.display()))?;
 
@@ -83,52 +65,47 @@ async fn run(cfg: AgentConfig) -> anyhow::Result<()> {
     spawn_scanner(registry.clone(), scan_requested, cfg.files.scan_interval, shutdown.clone());
 
     let mut shippers = Vec::new();
-    let mut index = 0;
+    let ctx = ShipperContext { cfg: &cfg, registry: &registry, host: &host, daemon: &daemon };
     if let Some(s3cfg) = &cfg.destinations.s3 {
         let dest = Arc::new(s3::S3Archive::new(s3cfg, &host).await?);
-        let cp = checkpoint::Checkpointer::open(&cfg.state_dir, "s3")?;
-        let shipper = Shipper::new(
-            dest,
-            index,
-            registry.clone(),
-            cp,
-            cfg.fields.clone(),
-            host.clone(),
-            health.clone(),
-            cfg.files.checkpoint_interval,
-        );
-        shippers.push(tokio::spawn(shipper.run(shutdown.clone(), DRAIN_TIMEOUT)));
+        shippers.push(ctx.spawn(dest, shippers.len())?);
         health.up("s3");
-        index += 1;
     }
     if let Some(relay_cfg) = &cfg.destinations.relay {
         let dest = Arc::new(relay::RelayForwarder::new(relay_cfg, &host, health.clone())?);
-        let cp = checkpoint::Checkpointer::open(&cfg.state_dir, "relay")?;
-        let shipper = Shipper::new(
-            dest,
-            index,
-            registry.clone(),
-            cp,
-            cfg.fields.clone(),
-            host.clone(),
-            health.clone(),
-            cfg.files.checkpoint_interval,
-        );
-        shippers.push(tokio::spawn(shipper.run(shutdown.clone(), DRAIN_TIMEOUT)));
+        shippers.push(ctx.spawn(dest, shippers.len())?);
     }
-
-    let metrics_addr = http::serve(cfg.metrics_listen, metrics, health.clone(), shutdown.clone())
-        .await
-        .with_context(|| format!("binding metrics_listen = {}", cfg.metrics_listen))?;
-    tracing::info!(%host, metrics = %metrics_addr, files = registry.snapshot().len(), "tron-agent ready");
-    systemd::ready();
-    systemd::spawn_watchdog(|| true);
-
+    daemon.ready("tron-agent", cfg.metrics_listen).await?;
+    tracing::info!(%host, files = registry.snapshot().len(), destinations = shippers.len(), "following files");
     for s in shippers {
         s.await?;
     }
-    tracing::info!("drained; bye");
     Ok(())
+}
+
+struct ShipperContext<'a> {
+    cfg: &'a AgentConfig,
+    registry: &'a Arc<Registry>,
+    host: &'a str,
+    daemon: &'a Daemon,
+}
+
+impl ShipperContext<'_> {
+    /// Starts the loop for one destination, with its own checkpoint file.
+    fn spawn<D: Destination>(&self, dest: Arc<D>, index: usize) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+        let checkpoints = checkpoint::Checkpointer::open(&self.cfg.state_dir, dest.name())?;
+        let shipper = Shipper::new(
+            dest,
+            index,
+            self.registry.clone(),
+            checkpoints,
+            self.cfg.fields.clone(),
+            self.host.to_string(),
+            self.daemon.health.clone(),
+            self.cfg.files.checkpoint_interval,
+        );
+        Ok(tokio::spawn(shipper.run(self.daemon.shutdown.clone(), DRAIN_TIMEOUT)))
+    }
 }
 
 /// inotify on the directories the globs live in: a change wakes the shippers at once and asks

@@ -14,7 +14,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
-use tron_service::{config as cfgload, http, systemd, telemetry, tls, Health, Shutdown};
+use tron_service::daemon::{self, Daemon};
+use tron_service::{tls, Health, Shutdown};
 
 #[derive(Parser)]
 #[command(version, about = "Accepts Fluentd Forward protocol over TLS and acks each chunk only after Kafka has it")]
@@ -29,35 +30,15 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    telemetry::init_logging();
-    let cfg = match cfgload::load(&args.config, RelayConfig::validate) {
+    let cfg = match daemon::load_config("tron-relay", &args.config, args.check_config, RelayConfig::validate) {
         Ok(cfg) => cfg,
-        Err(e) => {
-            eprintln!("tron-relay: invalid configuration: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
-    if args.check_config {
-        println!("{}: configuration is valid", args.config.display());
-        return ExitCode::SUCCESS;
-    }
-    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    match runtime.block_on(run(cfg)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    daemon::run(|d| run(cfg, d))
 }
 
-async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
-    tls::install_default_provider();
-    let metrics = telemetry::init_metrics()?;
-    let health = Health::new();
-    let shutdown = Shutdown::new();
-    shutdown.on_signals()?;
-
+async fn run(cfg: RelayConfig, daemon: Daemon) -> anyhow::Result<()> {
+    let Daemon { health, shutdown, .. } = &daemon;
     let tls = match &cfg.tls {
         Some(t) => {
             let server = tls::server_config(&t.cert, &t.key, t.client_ca.as_deref())?;
@@ -89,18 +70,13 @@ async fn run(cfg: RelayConfig) -> anyhow::Result<()> {
 
     let listener =
         tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("binding listen = {}", cfg.listen))?;
-    let metrics_addr = http::serve(cfg.metrics_listen, metrics, health.clone(), shutdown.clone())
-        .await
-        .with_context(|| format!("binding metrics_listen = {}", cfg.metrics_listen))?;
     spawn_kafka_health(ctx.clone(), health.clone(), shutdown.clone());
-    tracing::info!(listen = %cfg.listen, metrics = %metrics_addr, tls = cfg.tls.is_some(), "tron-relay ready");
-    systemd::ready();
-    systemd::spawn_watchdog(|| true);
+    daemon.ready("tron-relay", cfg.metrics_listen).await?;
+    tracing::info!(listen = %cfg.listen, tls = cfg.tls.is_some(), "accepting Forward connections");
 
-    server::run(listener, ctx.clone(), tls, cfg.limits.max_connections, shutdown).await;
+    server::run(listener, ctx.clone(), tls, cfg.limits.max_connections, shutdown.clone()).await;
     let kafka_ctx = ctx.clone();
     tokio::task::spawn_blocking(move || kafka_ctx.kafka.flush(Duration::from_secs(30))).await??;
-    tracing::info!("drained; bye");
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 //! endpoint, systemd readiness and watchdog, shutdown signals, and TLS material.
 
 pub mod config;
+pub mod daemon;
 pub mod http;
 pub mod shutdown;
 pub mod systemd;

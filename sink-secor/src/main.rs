@@ -15,7 +15,7 @@ use clap::{Parser, Subcommand};
 use config::SinkConfig;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use tron_service::{config as cfgload, http, systemd, telemetry, tls, Health, Shutdown};
+use tron_service::daemon::{self, Daemon};
 
 #[derive(Parser)]
 #[command(version, about = "Writes Kafka topics to hourly-partitioned gzip objects in GCS, exactly once per record")]
@@ -58,18 +58,10 @@ pub fn join_key(prefix: &str, name: &str) -> String {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    telemetry::init_logging();
-    let cfg = match cfgload::load(&args.config, SinkConfig::validate) {
+    let cfg = match daemon::load_config("tron-sink-secor", &args.config, args.check_config, SinkConfig::validate) {
         Ok(cfg) => cfg,
-        Err(e) => {
-            eprintln!("tron-sink-secor: invalid configuration: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
-    if args.check_config {
-        println!("{}: configuration is valid", args.config.display());
-        return ExitCode::SUCCESS;
-    }
     match args.command {
         Some(Command::BqSchema { topic: _ }) => {
             println!("{}", serde_json::to_string_pretty(&bq::schema(&cfg)).expect("json"));
@@ -89,36 +81,18 @@ fn main() -> ExitCode {
         }
         None => {}
     }
-    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    match runtime.block_on(run(cfg)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("{e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    daemon::run(|d| run(cfg, d))
 }
 
-async fn run(cfg: SinkConfig) -> anyhow::Result<()> {
-    tls::install_default_provider();
-    let metrics = telemetry::init_metrics()?;
-    let health = Health::new();
-    let shutdown = Shutdown::new();
-    shutdown.on_signals()?;
+async fn run(cfg: SinkConfig, daemon: Daemon) -> anyhow::Result<()> {
     // Staging holds only uncommitted data, which Kafka still has: start from a clean slate.
     let _ = std::fs::remove_dir_all(&cfg.staging_dir);
     std::fs::create_dir_all(&cfg.staging_dir).with_context(|| format!("staging_dir {}", cfg.staging_dir.display()))?;
     let (bucket, _) = cfg.split_url();
     let store = store::Store::open(&bucket, cfg.output.endpoint.as_deref()).await?;
     let consumer = consumer::create(&cfg).context("creating the Kafka consumer")?;
-    let metrics_addr = http::serve(cfg.metrics_listen, metrics, health.clone(), shutdown.clone())
-        .await
-        .with_context(|| format!("binding metrics_listen = {}", cfg.metrics_listen))?;
-    health.up("kafka");
-    tracing::info!(topics = ?cfg.kafka.topics, group = %cfg.kafka.group_id, output = %cfg.output.url, metrics = %metrics_addr, "tron-sink-secor ready");
-    systemd::ready();
-    systemd::spawn_watchdog(|| true);
-    consumer::run(&cfg, consumer, store, health, shutdown).await?;
-    tracing::info!("drained; bye");
-    Ok(())
+    daemon.health.up("kafka");
+    daemon.ready("tron-sink-secor", cfg.metrics_listen).await?;
+    tracing::info!(topics = ?cfg.kafka.topics, group = %cfg.kafka.group_id, output = %cfg.output.url, "consuming");
+    consumer::run(&cfg, consumer, store, daemon.health.clone(), daemon.shutdown.clone()).await
 }

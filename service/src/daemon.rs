@@ -1,0 +1,78 @@
+//! The start-up and exit every tron binary shares: load and validate the config (or only check
+//! it), then run on a tokio runtime with metrics, health, signals and systemd readiness.
+
+use crate::{config, http, systemd, telemetry, tls, Health, Shutdown};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::de::DeserializeOwned;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::ExitCode;
+
+/// Loads `path`. `Err` carries the exit code to return at once: 1 after printing
+/// `name: invalid configuration: …`, or 0 when `check_only` and the file is valid.
+pub fn load_config<C: DeserializeOwned>(
+    name: &str,
+    path: &Path,
+    check_only: bool,
+    validate: fn(&C) -> Result<(), (String, String)>,
+) -> Result<C, ExitCode> {
+    telemetry::init_logging();
+    match config::load(path, validate) {
+        Err(e) => {
+            eprintln!("{name}: invalid configuration: {e}");
+            Err(ExitCode::FAILURE)
+        }
+        Ok(_) if check_only => {
+            println!("{}: configuration is valid", path.display());
+            Err(ExitCode::SUCCESS)
+        }
+        Ok(cfg) => Ok(cfg),
+    }
+}
+
+/// What a running daemon shares with its stages.
+pub struct Daemon {
+    pub health: Health,
+    pub shutdown: Shutdown,
+    metrics: PrometheusHandle,
+}
+
+impl Daemon {
+    /// Serves `/metrics` and `/health`, then tells systemd we are ready.
+    pub async fn ready(&self, name: &str, metrics_listen: SocketAddr) -> anyhow::Result<SocketAddr> {
+        let addr = http::serve(metrics_listen, self.metrics.clone(), self.health.clone(), self.shutdown.clone())
+            .await
+            .map_err(|e| anyhow::anyhow!("binding metrics_listen = {metrics_listen}: {e}"))?;
+        tracing::info!(metrics = %addr, "{name} ready");
+        systemd::ready();
+        systemd::spawn_watchdog(|| true);
+        Ok(addr)
+    }
+}
+
+/// Runs `main` on a multi-threaded runtime; an error is logged and exits 1.
+pub fn run<F, Fut>(main: F) -> ExitCode
+where
+    F: FnOnce(Daemon) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    let result = runtime.block_on(async {
+        tls::install_default_provider();
+        let metrics = telemetry::init_metrics()?;
+        let shutdown = Shutdown::new();
+        shutdown.on_signals()?;
+        main(Daemon { health: Health::new(), shutdown, metrics }).await
+    });
+    match result {
+        Ok(()) => {
+            tracing::info!("drained; bye");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
