@@ -45,6 +45,11 @@ impl Checkpointer {
         Ok(Checkpointer { path, state, dirty: false })
     }
 
+    /// Every file identity with a saved position.
+    pub fn fingerprints(&self) -> impl Iterator<Item = u64> + '_ {
+        self.state.files.keys().filter_map(|k| u64::from_str_radix(k, 16).ok())
+    }
+
     pub fn get(&self, fingerprint: u64) -> Option<u64> {
         self.state.files.get(&key(fingerprint)).map(|p| p.offset)
     }

@@ -71,10 +71,17 @@ pub struct Registry {
     complained: Mutex<HashSet<PathBuf>>,
     generation: watch::Sender<u64>,
     first_scan_done: AtomicBool,
+    started: std::time::SystemTime,
+    /// Identities some destination had not finished when the agent last stopped.
+    resume: HashSet<u64>,
+    /// Identities shipped and closed, so a rotated copy of them is not adopted again.
+    finished_ids: Mutex<HashMap<u64, Instant>>,
 }
 
 impl Registry {
-    pub fn new(sources: &[SourceConfig], cfg: FilesConfig, destinations: usize) -> Arc<Self> {
+    /// `resume`: fingerprints with a checkpoint, so rotated files still being read when the agent
+    /// stopped are found again under their new names.
+    pub fn new(sources: &[SourceConfig], cfg: FilesConfig, destinations: usize, resume: HashSet<u64>) -> Arc<Self> {
         let sources = sources
             .iter()
             .map(|s| Source {
@@ -92,6 +99,9 @@ impl Registry {
             complained: Mutex::new(HashSet::new()),
             generation: watch::channel(0).0,
             first_scan_done: AtomicBool::new(false),
+            started: std::time::SystemTime::now(),
+            resume,
+            finished_ids: Mutex::new(HashMap::new()),
         })
     }
 
@@ -106,6 +116,12 @@ impl Registry {
 
     pub fn snapshot(&self) -> Vec<Arc<TrackedFile>> {
         self.files.read().expect("files lock").values().cloned().collect()
+    }
+
+    /// Whether `handle` still starts with the tracked file's first line. Readers check before and
+    /// after a read, so a copytruncate that lands mid-read never passes new content off as old.
+    pub fn is_intact(&self, tf: &TrackedFile, handle: &File) -> bool {
+        fingerprint::of_file(handle, self.cfg.fingerprint_bytes).ok().flatten() == Some(tf.fingerprint)
     }
 
     pub fn contains(&self, fingerprint: u64) -> bool {
@@ -145,6 +161,7 @@ impl Registry {
                     if let Some(fp) = self.examine(&path, source, first) {
                         seen.insert(fp);
                     }
+                    self.adopt_rotated_siblings(&path, source, first, &seen_paths);
                 }
             }
         }
@@ -308,6 +325,64 @@ impl Registry {
         None
     }
 
+    /// A file rotated away before any scan saw it (`app.log` → `app.log.1` within one scan
+    /// interval) would otherwise be lost. Siblings named `{name}.…`/`{name}-…` whose identity is
+    /// unknown are followed to their end if they changed since the agent started, or if a
+    /// checkpoint says a destination had not finished them.
+    fn adopt_rotated_siblings(&self, path: &Path, source: &Source, first: bool, matched: &HashSet<PathBuf>) {
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return };
+        let name = name.to_string_lossy();
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        let tracked: HashSet<(u64, u64)> =
+            self.snapshot().iter().map(|tf| tf.inner.lock().expect("lifecycle lock").dev_ino).collect();
+        for entry in entries.flatten() {
+            let cname = entry.file_name().to_string_lossy().into_owned();
+            let Some(rest) = cname.strip_prefix(name.as_ref()) else { continue };
+            let candidate = entry.path();
+            if !(rest.starts_with('.') || rest.starts_with('-'))
+                || [".gz", ".bz2", ".xz", ".zst", ".zip"].iter().any(|ext| cname.ends_with(ext))
+                || matched.contains(&candidate)
+                || source.exclude.iter().any(|p| p.matches_path(&candidate))
+            {
+                continue;
+            }
+            let Ok(meta) = entry.metadata() else { continue };
+            if !meta.is_file() || tracked.contains(&(meta.dev(), meta.ino())) {
+                continue;
+            }
+            let recent = !first && meta.modified().is_ok_and(|m| m >= self.started);
+            let Ok(file) = File::open(&candidate) else { continue };
+            let Ok(Some(fp)) = fingerprint::of_file(&file, self.cfg.fingerprint_bytes) else { continue };
+            if !(recent || self.resume.contains(&fp))
+                || self.contains(fp)
+                || self.finished_ids.lock().expect("finished lock").contains_key(&fp)
+            {
+                continue;
+            }
+            let path_str = candidate.to_string_lossy().into_owned();
+            tracing::info!(path = %path_str, fingerprint = %format!("{fp:016x}"), "following a file rotated before it was seen");
+            let now = Instant::now();
+            let tf = Arc::new(TrackedFile {
+                fingerprint: fp,
+                source: source.settings.clone(),
+                start_offset: 0,
+                acked: (0..self.destinations).map(|_| AtomicU64::new(0)).collect(),
+                finished: AtomicBool::new(false),
+                gone: AtomicBool::new(false),
+                handle: RwLock::new(Arc::new(file)),
+                inner: Mutex::new(Lifecycle {
+                    path: path_str,
+                    dev_ino: (meta.dev(), meta.ino()),
+                    at_path: false,
+                    rotated_since: Some(now),
+                    size: meta.len(),
+                    last_growth: now,
+                }),
+            });
+            self.files.write().expect("files lock").entry(fp).or_insert(tf);
+        }
+    }
+
     /// Marks files that left every matched path as rotated; closes rotated files once every
     /// destination has them (or gives up after `max_rotated_keep`).
     fn retire(&self, seen: &HashSet<u64>) {
@@ -353,8 +428,11 @@ impl Registry {
         }
         if !drop_list.is_empty() {
             let mut files = self.files.write().expect("files lock");
+            let mut finished = self.finished_ids.lock().expect("finished lock");
+            finished.retain(|_, at| at.elapsed() < std::time::Duration::from_secs(24 * 3600));
             for fp in drop_list {
                 files.remove(&fp);
+                finished.insert(fp, Instant::now());
             }
             self.by_path.lock().expect("by_path lock").retain(|_, fp| files.contains_key(fp));
         }

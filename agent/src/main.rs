@@ -55,7 +55,11 @@ async fn run(cfg: AgentConfig, daemon: Daemon) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.state_dir).with_context(|| format!("state_dir {}", cfg.state_dir.display()))?;
 
     let destinations = cfg.destinations.s3.is_some() as usize + cfg.destinations.relay.is_some() as usize;
-    let registry = Registry::new(&cfg.sources, cfg.files.clone(), destinations);
+    let mut resume = std::collections::HashSet::new();
+    for name in ["s3", "relay"] {
+        resume.extend(checkpoint::Checkpointer::open(&cfg.state_dir, name)?.fingerprints());
+    }
+    let registry = Registry::new(&cfg.sources, cfg.files.clone(), destinations, resume);
     {
         let r = registry.clone();
         tokio::task::spawn_blocking(move || r.scan()).await?;

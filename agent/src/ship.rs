@@ -278,8 +278,12 @@ impl<D: Destination> Shipper<D> {
         let now_ns = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as i64;
         let mut lines: Vec<(Record, u64, usize)> = Vec::new();
         let src = file.source.clone();
+        let handle = file.handle();
+        if !self.registry.is_intact(&file, &handle) {
+            return 0; // replaced under us (copytruncate); the next scan sorts out what it is now
+        }
         let outcome = read_lines(
-            &file.handle(),
+            &handle,
             cursor.read,
             budget,
             src.max_line_bytes,
@@ -300,6 +304,9 @@ impl<D: Destination> Shipper<D> {
                 return 0;
             }
         };
+        if !self.registry.is_intact(&file, &handle) {
+            return 0; // truncated while we read: what we read may be new content; drop it
+        }
         if outcome.splits > 0 {
             metrics::counter!("tron_agent_lines_split_total", "source" => src.name.clone()).increment(outcome.splits);
         }

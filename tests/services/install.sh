@@ -3,6 +3,14 @@
 # .venv/ (Python) and tests/node/node_modules (npm). Idempotent: a second run is a no-op.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
+# logrotate: the rotation tests use the real tool.
+if ! command -v logrotate >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq logrotate >/dev/null
+  else
+    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq logrotate >/dev/null
+  fi
+fi
 venv="$root/.venv"
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
