@@ -77,3 +77,45 @@ def test_fluent_logger_python_and_raw_forward_chunks_reach_kafka(services, certs
     raw = sorted(json.loads(r[2])["j"] for r in rows if r[1] == "raw.forward")
     assert raw == list(range(50))
     assert "tron_relay_chunks_acked_total 1" in relay.metrics()
+
+
+def test_npm_fluent_logger_over_tls_with_shared_key_and_acks(services, certs, workroot, procs):
+    import subprocess
+    work = os.path.join(workroot, "interop-npm")
+    os.makedirs(work)
+    services.create_topic("npm", 2)
+    services.create_gcs_bucket("npm-out")
+    relay = tron.Proc("relay", "tron-relay", tron.relay_config(work, certs, services.kafka_brokers, topic="npm",
+                                                               shared_key="s3cr3t"), work)
+    sink_cfg = tron.sink_config(work, services.kafka_brokers, "gs://npm-out/w", gcs_endpoint=services.gcs_endpoint,
+                                topic="npm", group="npm")
+    sink_cfg["output"]["columns"] = [
+        {"name": "time", "source": "@time", "type": "TIMESTAMP"},
+        {"name": "tag", "source": "@tag", "type": "STRING"},
+        {"name": "record", "source": "@record", "type": "JSON"},
+    ]
+    sink = tron.Proc("sink", "tron-sink-secor", sink_cfg, work)
+    procs.extend([relay, sink])
+    relay.start(), sink.start()
+    host, port = relay.config["listen"].rsplit(":", 1)
+    script = os.path.join(tron.ROOT, "tests", "node", "send.js")
+    modes = ["Message", "PackedForward", "CompressedPackedForward"]
+    for mode in modes:
+        out = subprocess.run(["node", script, host, port, certs["ca"], "s3cr3t", "30", mode],
+                             capture_output=True, text=True, timeout=90)
+        assert out.returncode == 0, (mode, out.stdout, out.stderr, relay.tail())
+        assert json.loads(out.stdout.strip().splitlines()[-1]) == {"acked": 30, "failed": 0}, out.stdout
+
+    # A wrong shared key is refused with a logged reason, and nothing is acked.
+    bad = subprocess.run(["node", script, host, port, certs["ca"], "wrong", "1", "Message", "5000"],
+                         capture_output=True, text=True, timeout=90)
+    assert bad.returncode != 0
+    assert "shared_key mismatch" in relay.tail()
+
+    tron.wait_until("90 npm records in Kafka", lambda: len(rows_in(services, "npm-out", "w/npm/")) >= 90, timeout=120,
+                    on_timeout=lambda: sink.tail())
+    rows = rows_in(services, "npm-out", "w/npm/")
+    assert len(rows) == 90
+    assert {r[1] for r in rows} == {"npm.evt"}
+    assert sorted(json.loads(r[2])["i"] for r in rows) == sorted(list(range(30)) * 3)
+    assert all(r[0].endswith(".250000Z") for r in rows)

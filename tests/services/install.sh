@@ -22,3 +22,7 @@ if [ ! -f "$stamp" ]; then
     'fluent-logger' 'msgpack' 'boto3' 'requests' 'pytest' 'duckdb'
   touch "$stamp"
 fi
+# npm fluent-logger: a third-party Forward client with TLS, shared key and acks.
+if [ ! -d "$root/tests/node/node_modules/fluent-logger" ]; then
+  (cd "$root/tests/node" && npm install --no-audit --no-fund --silent)
+fi
