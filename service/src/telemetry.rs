@@ -1,10 +1,16 @@
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-/// Logs to stderr (journald picks it up), filtered by `RUST_LOG`, `info` by default.
+/// Logs to stderr (journald picks it up), filtered by `RUST_LOG`, `info` by default. Colours
+/// only on a terminal, so journald and log files get plain `key=value` text.
 pub fn init_logging() {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
 }
 
 /// Installs the process-wide Prometheus recorder. Metrics whose names end in `_seconds` are
