@@ -1,0 +1,73 @@
+"""A destination that is down pauses only itself; the file is the buffer; memory stays bounded.
+TRON_OUTAGE_SECONDS sets the outage (the issue's full variant: 30)."""
+import datetime
+import json
+import os
+import threading
+import time
+
+import tron
+from test_crash import gcs_rows
+
+OUTAGE = int(os.environ.get("TRON_OUTAGE_SECONDS", "10"))
+
+
+def peak_rss_mib(proc):
+    with open("/proc/%d/status" % proc.proc.pid) as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+
+
+def test_relay_down_pauses_only_the_relay_destination_and_loses_nothing(services, certs, workroot, procs):
+    work = os.path.join(workroot, "outage")
+    logs = os.path.join(work, "logs")
+    os.makedirs(logs)
+    services.create_topic("outage", 3)
+    services.create_gcs_bucket("outage")
+    relay = tron.Proc("relay", "tron-relay", tron.relay_config(work, certs, services.kafka_brokers, topic="outage"), work)
+    sink_cfg = tron.sink_config(work, services.kafka_brokers, "gs://outage/w", gcs_endpoint=services.gcs_endpoint,
+                                topic="outage", group="outage")
+    sink_cfg["output"]["columns"] = [{"name": "seq", "source": "seq", "type": "INTEGER"}]
+    sink = tron.Proc("sink", "tron-sink-secor", sink_cfg, work)
+    s3_dir = os.path.join(work, "s3")
+    agent = tron.Proc("agent", "tron-agent", tron.agent_config(
+        work, os.path.join(logs, "*.log"), "file://" + s3_dir, relay.config["listen"], certs), work)
+    procs.extend([relay, sink, agent])
+    relay.start(), sink.start(), agent.start()
+
+    total = 3000 * (OUTAGE + 6)
+    base = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=1)
+
+    def write():
+        with open(os.path.join(logs, "a.log"), "a") as f:
+            for seq in range(total):
+                t = base + datetime.timedelta(milliseconds=seq)
+                f.write(json.dumps({"time": t.isoformat().replace("+00:00", "Z"), "seq": seq, "msg": "o" * 150}) + "\n")
+                if seq % 300 == 299:
+                    f.flush()
+                    time.sleep(0.1)
+
+    w = threading.Thread(target=write)
+    w.start()
+    time.sleep(2)
+    relay.kill()
+    down_at = time.time()
+    # While the relay is down the S3 archive keeps up: its lag stays small.
+    time.sleep(OUTAGE / 2)
+    s3_lag = float([l for l in agent.metrics().splitlines()
+                    if l.startswith('tron_agent_destination_lag_bytes{destination="s3"}')][0].rsplit(" ", 1)[1])
+    relay_lag = float([l for l in agent.metrics().splitlines()
+                       if l.startswith('tron_agent_destination_lag_bytes{destination="relay"}')][0].rsplit(" ", 1)[1])
+    assert agent.health()[0] == 503 and "relay" in json.dumps(agent.health()[1])
+    time.sleep(max(0, OUTAGE - (time.time() - down_at)))
+    relay.start()
+    w.join()
+    tron.wait_until("every line through the relay after a %ds outage" % OUTAGE,
+                    lambda: len({int(r[0]) for r in gcs_rows(services, "outage", "w/outage/")}) >= total,
+                    timeout=120, interval=2, on_timeout=lambda: agent.tail())
+    rss = peak_rss_mib(agent)
+    print("relay down %ds: s3 lag %.0f bytes, relay lag %.0f bytes mid-outage; agent peak RSS %.1f MiB; no loss"
+          % (OUTAGE, s3_lag, relay_lag, rss))
+    assert relay_lag > s3_lag
+    assert rss < 150, "agent peak RSS %.1f MiB" % rss
