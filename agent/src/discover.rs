@@ -237,23 +237,7 @@ impl Registry {
         }
         let start_offset = if first && source.cfg.read_from == ReadFrom::End { meta.len() } else { 0 };
         tracing::info!(path = %path_str, fingerprint = %format!("{fp:016x}"), start_offset, "following file");
-        let tf = Arc::new(TrackedFile {
-            fingerprint: fp,
-            source: source.settings.clone(),
-            start_offset,
-            acked: (0..self.destinations).map(|_| AtomicU64::new(0)).collect(),
-            finished: AtomicBool::new(false),
-            gone: AtomicBool::new(false),
-            handle: RwLock::new(Arc::new(file)),
-            inner: Mutex::new(Lifecycle {
-                path: path_str,
-                dev_ino,
-                at_path: true,
-                rotated_since: None,
-                size: meta.len(),
-                last_growth: Instant::now(),
-            }),
-        });
+        let tf = self.track(fp, source, start_offset, file, path_str, dev_ino, meta.len(), true);
         files.insert(fp, tf);
         self.by_path.lock().expect("by_path lock").insert(path.to_path_buf(), fp);
         Some(fp)
@@ -325,6 +309,39 @@ impl Registry {
         None
     }
 
+    /// A newly followed file; `at_path: false` means it is already rotated away.
+    #[allow(clippy::too_many_arguments)]
+    fn track(
+        &self,
+        fingerprint: u64,
+        source: &Source,
+        start_offset: u64,
+        file: File,
+        path: String,
+        dev_ino: (u64, u64),
+        size: u64,
+        at_path: bool,
+    ) -> Arc<TrackedFile> {
+        let now = Instant::now();
+        Arc::new(TrackedFile {
+            fingerprint,
+            source: source.settings.clone(),
+            start_offset,
+            acked: (0..self.destinations).map(|_| AtomicU64::new(0)).collect(),
+            finished: AtomicBool::new(false),
+            gone: AtomicBool::new(false),
+            handle: RwLock::new(Arc::new(file)),
+            inner: Mutex::new(Lifecycle {
+                path,
+                dev_ino,
+                at_path,
+                rotated_since: (!at_path).then_some(now),
+                size,
+                last_growth: now,
+            }),
+        })
+    }
+
     /// A file rotated away before any scan saw it (`app.log` → `app.log.1` within one scan
     /// interval) would otherwise be lost. Siblings named `{name}.…`/`{name}-…` whose identity is
     /// unknown are followed to their end if they changed since the agent started, or if a
@@ -361,24 +378,7 @@ impl Registry {
             }
             let path_str = candidate.to_string_lossy().into_owned();
             tracing::info!(path = %path_str, fingerprint = %format!("{fp:016x}"), "following a file rotated before it was seen");
-            let now = Instant::now();
-            let tf = Arc::new(TrackedFile {
-                fingerprint: fp,
-                source: source.settings.clone(),
-                start_offset: 0,
-                acked: (0..self.destinations).map(|_| AtomicU64::new(0)).collect(),
-                finished: AtomicBool::new(false),
-                gone: AtomicBool::new(false),
-                handle: RwLock::new(Arc::new(file)),
-                inner: Mutex::new(Lifecycle {
-                    path: path_str,
-                    dev_ino: (meta.dev(), meta.ino()),
-                    at_path: false,
-                    rotated_since: Some(now),
-                    size: meta.len(),
-                    last_growth: now,
-                }),
-            });
+            let tf = self.track(fp, source, 0, file, path_str, (meta.dev(), meta.ino()), meta.len(), false);
             self.files.write().expect("files lock").entry(fp).or_insert(tf);
         }
     }

@@ -13,6 +13,13 @@ from fluent import sender
 import tron
 
 
+RECORD_COLUMNS = [
+    {"name": "time", "source": "@time", "type": "TIMESTAMP"},
+    {"name": "tag", "source": "@tag", "type": "STRING"},
+    {"name": "record", "source": "@record", "type": "JSON"},
+]
+
+
 def rows_in(services, bucket, prefix):
     out = []
     for obj in services.gcs_list(bucket, prefix):
@@ -31,11 +38,7 @@ def test_fluent_logger_python_and_raw_forward_chunks_reach_kafka(services, certs
                                                                plaintext=True), work)
     sink_cfg = tron.sink_config(work, services.kafka_brokers, "gs://interop/w", gcs_endpoint=services.gcs_endpoint,
                                 topic="interop", group="interop")
-    sink_cfg["output"]["columns"] = [
-        {"name": "time", "source": "@time", "type": "TIMESTAMP"},
-        {"name": "tag", "source": "@tag", "type": "STRING"},
-        {"name": "record", "source": "@record", "type": "JSON"},
-    ]
+    sink_cfg["output"]["columns"] = RECORD_COLUMNS
     sink = tron.Proc("sink", "tron-sink-secor", sink_cfg, work)
     procs.extend([relay, sink])
     relay.start(), sink.start()
@@ -89,11 +92,7 @@ def test_npm_fluent_logger_over_tls_with_shared_key_and_acks(services, certs, wo
                                                                shared_key="s3cr3t"), work)
     sink_cfg = tron.sink_config(work, services.kafka_brokers, "gs://npm-out/w", gcs_endpoint=services.gcs_endpoint,
                                 topic="npm", group="npm")
-    sink_cfg["output"]["columns"] = [
-        {"name": "time", "source": "@time", "type": "TIMESTAMP"},
-        {"name": "tag", "source": "@tag", "type": "STRING"},
-        {"name": "record", "source": "@record", "type": "JSON"},
-    ]
+    sink_cfg["output"]["columns"] = RECORD_COLUMNS
     sink = tron.Proc("sink", "tron-sink-secor", sink_cfg, work)
     procs.extend([relay, sink])
     relay.start(), sink.start()
