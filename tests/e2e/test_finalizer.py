@@ -10,22 +10,13 @@ import tron
 
 
 def test_idle_partitions_do_not_block_and_late_records_revise_the_manifest(services, certs, workroot, procs):
-    work = os.path.join(workroot, "finalizer")
-    os.makedirs(work)
-    services.create_topic("fin", 8)
-    services.create_gcs_bucket("fin")
-    relay = tron.Proc("relay", "tron-relay", tron.relay_config(work, certs, services.kafka_brokers, topic="fin",
-                                                               plaintext=True), work)
-    sink = tron.Proc("sink", "tron-sink-secor", tron.sink_config(
-        work, services.kafka_brokers, "gs://fin/w", gcs_endpoint=services.gcs_endpoint, topic="fin", group="fin"), work)
-    procs.extend([relay, sink])
-    relay.start(), sink.start()
-    host, port = relay.config["listen"].rsplit(":", 1)
+    relay, sink, host, port = tron.relay_to_gcs(services, certs, os.path.join(workroot, "finalizer"), procs, "fin", "fin",
+                                                8, plaintext=True)
     hour = datetime.datetime.now(datetime.timezone.utc).replace(minute=0, second=0, microsecond=0) - datetime.timedelta(hours=2)
     prefix = "w/fin/dt=%s/hr=%s/" % (hour.strftime("%Y-%m-%d"), hour.strftime("%H"))
 
     def send(n, first):
-        log = sender.FluentSender("app", host=host, port=int(port), nanosecond_precision=True)
+        log = sender.FluentSender("app", host=host, port=port, nanosecond_precision=True)
         for i in range(first, first + n):
             assert log.emit_with_time("x", sender.EventTime(hour.timestamp() + 60 + i), {"seq": i}), log.last_error
         log.close()

@@ -18,26 +18,15 @@ DUCK_TYPES = {"STRING": "VARCHAR", "INTEGER": "BIGINT", "FLOAT": "DOUBLE", "BOOL
 
 def test_an_hour_loads_into_duckdb_with_the_printed_schema(services, certs, workroot, procs):
     work = os.path.join(workroot, "duckdb")
-    os.makedirs(work)
-    services.create_topic("load", 2)
-    services.create_gcs_bucket("load")
-    relay = tron.Proc("relay", "tron-relay", tron.relay_config(work, certs, services.kafka_brokers, topic="load",
-                                                               plaintext=True), work)
-    sink_cfg = tron.sink_config(work, services.kafka_brokers, "gs://load/w", gcs_endpoint=services.gcs_endpoint,
-                                topic="load", group="load")
-    sink_cfg["output"]["columns"] = [
+    relay, sink, host, port = tron.relay_to_gcs(services, certs, work, procs, "load", "load", 2, [
         {"name": "time", "source": "@time", "type": "TIMESTAMP"},
         {"name": "i", "source": "i", "type": "INTEGER"},
         {"name": "text", "source": "text", "type": "STRING"},
         {"name": "ok", "source": "ok", "type": "BOOLEAN"},
         {"name": "nested", "source": "nested", "type": "JSON"},
-    ]
-    sink = tron.Proc("sink", "tron-sink-secor", sink_cfg, work)
-    procs.extend([relay, sink])
-    relay.start(), sink.start()
-    host, port = relay.config["listen"].rsplit(":", 1)
+    ], plaintext=True)
     hour = datetime.datetime.now(datetime.timezone.utc).replace(minute=0, second=0, microsecond=0) - datetime.timedelta(hours=3)
-    log = sender.FluentSender("load", host=host, port=int(port), nanosecond_precision=True)
+    log = sender.FluentSender("load", host=host, port=port, nanosecond_precision=True)
     sent = {}
     for i in range(200):
         rec = {"i": i, "text": NASTY[i % len(NASTY)] + " #%d" % i, "ok": i % 2 == 0, "nested": {"a": [i, "x,y"]}}

@@ -30,22 +30,11 @@ def rows_in(services, bucket, prefix):
 
 
 def test_fluent_logger_python_and_raw_forward_chunks_reach_kafka(services, certs, workroot, procs):
-    work = os.path.join(workroot, "interop")
-    os.makedirs(work)
-    services.create_topic("interop", 2)
-    services.create_gcs_bucket("interop")
-    relay = tron.Proc("relay", "tron-relay", tron.relay_config(work, certs, services.kafka_brokers, topic="interop",
-                                                               plaintext=True), work)
-    sink_cfg = tron.sink_config(work, services.kafka_brokers, "gs://interop/w", gcs_endpoint=services.gcs_endpoint,
-                                topic="interop", group="interop")
-    sink_cfg["output"]["columns"] = RECORD_COLUMNS
-    sink = tron.Proc("sink", "tron-sink-secor", sink_cfg, work)
-    procs.extend([relay, sink])
-    relay.start(), sink.start()
-    host, port = relay.config["listen"].rsplit(":", 1)
+    relay, sink, host, port = tron.relay_to_gcs(services, certs, os.path.join(workroot, "interop"), procs, "interop",
+                                                "interop", 2, RECORD_COLUMNS, plaintext=True)
 
     # 1. PyPI fluent-logger, Message mode with EventTime.
-    log = sender.FluentSender("py", host=host, port=int(port), nanosecond_precision=True)
+    log = sender.FluentSender("py", host=host, port=port, nanosecond_precision=True)
     base = 1_795_300_000
     for i in range(50):
         assert log.emit_with_time("evt", sender.EventTime(base + i + 0.5), {"i": i, "text": "héllo, \"world\""}), log.last_error
@@ -54,7 +43,7 @@ def test_fluent_logger_python_and_raw_forward_chunks_reach_kafka(services, certs
     # 2. A Forward-mode chunk packed by PyPI msgpack, asking for an ack.
     entries = [[base + 100 + i, {"j": i}] for i in range(50)]
     frame = msgpack.packb(["raw.forward", entries, {"chunk": "chunk-abc", "size": 50}])
-    with socket.create_connection((host, int(port)), timeout=10) as s:
+    with socket.create_connection((host, port), timeout=10) as s:
         s.sendall(frame)
         unpacker = msgpack.Unpacker(raw=False)
         deadline = time.time() + 20
@@ -84,29 +73,18 @@ def test_fluent_logger_python_and_raw_forward_chunks_reach_kafka(services, certs
 
 def test_npm_fluent_logger_over_tls_with_shared_key_and_acks(services, certs, workroot, procs):
     import subprocess
-    work = os.path.join(workroot, "interop-npm")
-    os.makedirs(work)
-    services.create_topic("npm", 2)
-    services.create_gcs_bucket("npm-out")
-    relay = tron.Proc("relay", "tron-relay", tron.relay_config(work, certs, services.kafka_brokers, topic="npm",
-                                                               shared_key="s3cr3t"), work)
-    sink_cfg = tron.sink_config(work, services.kafka_brokers, "gs://npm-out/w", gcs_endpoint=services.gcs_endpoint,
-                                topic="npm", group="npm")
-    sink_cfg["output"]["columns"] = RECORD_COLUMNS
-    sink = tron.Proc("sink", "tron-sink-secor", sink_cfg, work)
-    procs.extend([relay, sink])
-    relay.start(), sink.start()
-    host, port = relay.config["listen"].rsplit(":", 1)
+    relay, sink, host, port = tron.relay_to_gcs(services, certs, os.path.join(workroot, "interop-npm"), procs, "npm",
+                                                "npm-out", 2, RECORD_COLUMNS, shared_key="s3cr3t")
     script = os.path.join(tron.ROOT, "tests", "node", "send.js")
     modes = ["Message", "PackedForward", "CompressedPackedForward"]
     for mode in modes:
-        out = subprocess.run(["node", script, host, port, certs["ca"], "s3cr3t", "30", mode],
+        out = subprocess.run(["node", script, host, str(port), certs["ca"], "s3cr3t", "30", mode],
                              capture_output=True, text=True, timeout=90)
         assert out.returncode == 0, (mode, out.stdout, out.stderr, relay.tail())
         assert json.loads(out.stdout.strip().splitlines()[-1]) == {"acked": 30, "failed": 0}, out.stdout
 
     # A wrong shared key is refused with a logged reason, and nothing is acked.
-    bad = subprocess.run(["node", script, host, port, certs["ca"], "wrong", "1", "Message", "5000"],
+    bad = subprocess.run(["node", script, host, str(port), certs["ca"], "wrong", "1", "Message", "5000"],
                          capture_output=True, text=True, timeout=90)
     assert bad.returncode != 0
     assert "shared_key mismatch" in relay.tail()

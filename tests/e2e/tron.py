@@ -197,3 +197,22 @@ def wait_until(what, check, timeout, interval=1.0, on_timeout=None):
             detail = on_timeout() if on_timeout else ""
             raise AssertionError("timed out after %ds waiting for %s\n%s" % (timeout, what, detail))
         time.sleep(interval)
+
+
+def relay_to_gcs(services, certs, work, procs, topic, bucket, partitions, columns=None, **relay_options):
+    """Creates `topic` and `bucket`, starts a relay routing to the topic and a sink (group = topic)
+    writing to gs://bucket/w; returns (relay, sink, host, port) with both registered in `procs`."""
+    os.makedirs(work)
+    services.create_topic(topic, partitions)
+    services.create_gcs_bucket(bucket)
+    relay = Proc("relay", "tron-relay", relay_config(work, certs, services.kafka_brokers, topic=topic,
+                                                     **relay_options), work)
+    sink_cfg = sink_config(work, services.kafka_brokers, "gs://%s/w" % bucket, gcs_endpoint=services.gcs_endpoint,
+                           topic=topic, group=topic)
+    if columns:
+        sink_cfg["output"]["columns"] = columns
+    sink = Proc("sink", "tron-sink-secor", sink_cfg, work)
+    procs.extend([relay, sink])
+    relay.start(), sink.start()
+    host, port = relay.config["listen"].rsplit(":", 1)
+    return relay, sink, host, int(port)
