@@ -20,6 +20,9 @@ step "format and lint"
 cargo fmt --all -- --check
 cargo clippy --release --workspace --all-targets --locked -- -D warnings
 
+step ".deb package: contents, unpacked binaries check the example configs, systemd-analyze"
+bash scripts/package.sh
+
 step "end-to-end suites (real Tansu, moto, fake-gcs-server)"
 .venv/bin/python -m pytest tests/e2e -v -p no:cacheprovider
 

@@ -59,10 +59,31 @@ struct Source {
     cfg: SourceConfig,
     settings: Arc<SourceSettings>,
     exclude: Vec<glob::Pattern>,
+    /// `read_from` applies to the files a source finds in its first scan only.
+    scanned: AtomicBool,
+}
+
+impl Source {
+    /// A source keeps its scan state across a reload while its globs stay the same, so files
+    /// that appear during the reload are read from their start like any other new file.
+    fn build(cfgs: &[SourceConfig], previous: &[Arc<Source>]) -> Vec<Arc<Source>> {
+        cfgs.iter()
+            .map(|s| {
+                let seen_before =
+                    previous.iter().any(|p| p.cfg.include == s.include && p.scanned.load(Ordering::SeqCst));
+                Arc::new(Source {
+                    settings: Arc::new(SourceSettings::new(s)),
+                    exclude: s.exclude.iter().map(|g| glob::Pattern::new(g).expect("validated")).collect(),
+                    cfg: s.clone(),
+                    scanned: AtomicBool::new(seen_before),
+                })
+            })
+            .collect()
+    }
 }
 
 pub struct Registry {
-    sources: Vec<Source>,
+    sources: RwLock<Arc<Vec<Arc<Source>>>>,
     cfg: FilesConfig,
     destinations: usize,
     files: RwLock<HashMap<u64, Arc<TrackedFile>>>,
@@ -70,7 +91,6 @@ pub struct Registry {
     /// Paths already reported as unreadable, so the log says it once, not every scan.
     complained: Mutex<HashSet<PathBuf>>,
     generation: watch::Sender<u64>,
-    first_scan_done: AtomicBool,
     started: std::time::SystemTime,
     /// Identities some destination had not finished when the agent last stopped.
     resume: HashSet<u64>,
@@ -82,27 +102,26 @@ impl Registry {
     /// `resume`: fingerprints with a checkpoint, so rotated files still being read when the agent
     /// stopped are found again under their new names.
     pub fn new(sources: &[SourceConfig], cfg: FilesConfig, destinations: usize, resume: HashSet<u64>) -> Arc<Self> {
-        let sources = sources
-            .iter()
-            .map(|s| Source {
-                settings: Arc::new(SourceSettings::new(s)),
-                exclude: s.exclude.iter().map(|g| glob::Pattern::new(g).expect("validated")).collect(),
-                cfg: s.clone(),
-            })
-            .collect();
         Arc::new(Registry {
-            sources,
+            sources: RwLock::new(Arc::new(Source::build(sources, &[]))),
             cfg,
             destinations,
             files: RwLock::new(HashMap::new()),
             by_path: Mutex::new(HashMap::new()),
             complained: Mutex::new(HashSet::new()),
             generation: watch::channel(0).0,
-            first_scan_done: AtomicBool::new(false),
             started: std::time::SystemTime::now(),
             resume,
             finished_ids: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Replaces the sources (SIGHUP). Files already followed keep their settings and are read to
+    /// their end; a file no glob matches any more is treated like a rotated one: finished, then
+    /// closed.
+    pub fn set_sources(&self, cfgs: &[SourceConfig]) {
+        let mut sources = self.sources.write().expect("sources lock");
+        *sources = Arc::new(Source::build(cfgs, &sources));
     }
 
     /// Changes whenever files may have new data or the set of files changed.
@@ -130,8 +149,8 @@ impl Registry {
 
     /// Directories to watch with inotify: the fixed prefix of every include glob.
     pub fn watch_dirs(&self) -> Vec<PathBuf> {
-        let mut dirs: Vec<PathBuf> = self
-            .sources
+        let sources = self.sources.read().expect("sources lock").clone();
+        let mut dirs: Vec<PathBuf> = sources
             .iter()
             .flat_map(|s| s.cfg.include.iter())
             .map(|g| {
@@ -152,10 +171,11 @@ impl Registry {
     }
 
     pub fn scan(&self) {
-        let first = !self.first_scan_done.swap(true, Ordering::SeqCst);
         let mut seen: HashSet<u64> = HashSet::new();
         let mut seen_paths: HashSet<PathBuf> = HashSet::new();
-        for source in &self.sources {
+        let sources = self.sources.read().expect("sources lock").clone();
+        for source in sources.iter() {
+            let first = !source.scanned.swap(true, Ordering::SeqCst);
             for path in self.expand(source) {
                 if seen_paths.insert(path.clone()) {
                     if let Some(fp) = self.examine(&path, source, first) {
@@ -232,7 +252,21 @@ impl Registry {
                 self.by_path.lock().expect("by_path lock").insert(path.to_path_buf(), fp);
                 return Some(fp);
             }
-            // Another inode with the same first line: a copy of content we already follow.
+            // Another inode with the same first line: a copy of content we already follow. Named
+            // like a rotated sibling it is one; elsewhere the files merely start alike, which a
+            // first-line identity cannot tell apart, so say so instead of skipping it silently.
+            let original = PathBuf::from(&life.path);
+            drop(life);
+            if !is_rotated_name(path, &original) {
+                self.complain(
+                    path,
+                    &format!(
+                        "first line identical to that of {}, which is followed: treated as a copy and not read \
+                         (file identity is the first line; give the files distinct first lines)",
+                        original.display()
+                    ),
+                );
+            }
             return None;
         }
         let start_offset = if first && source.cfg.read_from == ReadFrom::End { meta.len() } else { 0 };
@@ -443,5 +477,32 @@ impl Registry {
             tracing::warn!(path = %path.display(), "{what}");
             metrics::counter!("tron_agent_file_errors_total").increment(1);
         }
+    }
+}
+
+/// `app.log.1`, `app.log-20261122`, `app.log.2.gz` next to `app.log`.
+fn is_rotated_name(path: &Path, original: &Path) -> bool {
+    let (Some(name), Some(base)) = (path.file_name(), original.file_name()) else {
+        return false;
+    };
+    let (name, base) = (name.to_string_lossy(), base.to_string_lossy());
+    path.parent() == original.parent()
+        && name.len() > base.len()
+        && name.starts_with(base.as_ref())
+        && matches!(name.as_bytes()[base.len()], b'.' | b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rotated_names_are_siblings_with_a_suffix() {
+        let original = Path::new("/var/log/app.log");
+        assert!(is_rotated_name(Path::new("/var/log/app.log.1"), original));
+        assert!(is_rotated_name(Path::new("/var/log/app.log-20261122"), original));
+        assert!(!is_rotated_name(Path::new("/var/log/app.logger"), original));
+        assert!(!is_rotated_name(Path::new("/var/log/other.log"), original));
+        assert!(!is_rotated_name(Path::new("/srv/log/app.log.1"), original));
     }
 }

@@ -23,6 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tron_service::daemon::{self, Daemon};
+use tron_service::systemd::{self, Heartbeat};
 use tron_service::Shutdown;
 
 #[derive(Parser)]
@@ -46,10 +47,10 @@ fn main() -> ExitCode {
         Ok(cfg) => cfg,
         Err(code) => return code,
     };
-    daemon::run(|d| run(cfg, d))
+    daemon::run(|d| run(cfg, args.config, d))
 }
 
-async fn run(cfg: AgentConfig, daemon: Daemon) -> anyhow::Result<()> {
+async fn run(cfg: AgentConfig, config_path: PathBuf, daemon: Daemon) -> anyhow::Result<()> {
     let Daemon { health, shutdown, .. } = &daemon;
     let host = cfg.host.clone().unwrap_or_else(system_hostname);
     std::fs::create_dir_all(&cfg.state_dir).with_context(|| format!("state_dir {}", cfg.state_dir.display()))?;
@@ -65,8 +66,9 @@ async fn run(cfg: AgentConfig, daemon: Daemon) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || r.scan()).await?;
     }
     let scan_requested = Arc::new(AtomicBool::new(false));
-    let _watcher = watch_dirs(&registry, scan_requested.clone());
-    spawn_scanner(registry.clone(), scan_requested, cfg.files.scan_interval, shutdown.clone());
+    let watcher = watch_dirs(&registry, scan_requested.clone());
+    let beat = daemon.liveness.register("scanner");
+    spawn_scanner(registry.clone(), scan_requested, cfg.files.scan_interval, shutdown.clone(), beat);
 
     let mut shippers = Vec::new();
     let ctx = ShipperContext { cfg: &cfg, registry: &registry, host: &host, daemon: &daemon };
@@ -75,10 +77,14 @@ async fn run(cfg: AgentConfig, daemon: Daemon) -> anyhow::Result<()> {
         shippers.push(ctx.spawn(dest, shippers.len())?);
         health.up("s3");
     }
+    let mut relay = None;
     if let Some(relay_cfg) = &cfg.destinations.relay {
         let dest = Arc::new(relay::RelayForwarder::new(relay_cfg, &host, health.clone())?);
+        relay = Some(dest.clone());
         shippers.push(ctx.spawn(dest, shippers.len())?);
     }
+    let reloader = Reloader { path: config_path, registry: registry.clone(), relay, watcher };
+    tokio::spawn(reloader.run(shutdown.clone()));
     daemon.ready("tron-agent", cfg.metrics_listen).await?;
     tracing::info!(%host, files = registry.snapshot().len(), destinations = shippers.len(), "following files");
     for s in shippers {
@@ -98,6 +104,7 @@ impl ShipperContext<'_> {
     /// Starts the loop for one destination, with its own checkpoint file.
     fn spawn<D: Destination>(&self, dest: Arc<D>, index: usize) -> anyhow::Result<tokio::task::JoinHandle<()>> {
         let checkpoints = checkpoint::Checkpointer::open(&self.cfg.state_dir, dest.name())?;
+        let beat = self.daemon.liveness.register(&format!("{} shipper", dest.name()));
         let shipper = Shipper::new(
             dest,
             index,
@@ -108,7 +115,57 @@ impl ShipperContext<'_> {
             self.daemon.health.clone(),
             self.cfg.files.checkpoint_interval,
         );
-        Ok(tokio::spawn(shipper.run(self.daemon.shutdown.clone(), DRAIN_TIMEOUT)))
+        Ok(tokio::spawn(shipper.run(self.daemon.shutdown.clone(), DRAIN_TIMEOUT, beat)))
+    }
+}
+
+/// SIGHUP re-reads the configuration file and applies what can change without losing position:
+/// the sources (new globs are followed, dropped ones finish their files) and the relay's TLS
+/// material. A file that fails validation changes nothing; the error names the key.
+struct Reloader {
+    path: PathBuf,
+    registry: Arc<Registry>,
+    relay: Option<Arc<relay::RelayForwarder>>,
+    watcher: Option<notify::RecommendedWatcher>,
+}
+
+impl Reloader {
+    async fn run(mut self, shutdown: Shutdown) {
+        let mut hangups = match Shutdown::hangups() {
+            Ok(h) => h,
+            Err(e) => return tracing::warn!(error = %e, "cannot listen for SIGHUP; reload needs a restart"),
+        };
+        loop {
+            tokio::select! {
+                _ = shutdown.wait() => return,
+                _ = hangups.recv() => {}
+            }
+            systemd::reloading();
+            let outcome = self.reload().await;
+            let result = if outcome.is_ok() { "ok" } else { "refused" };
+            metrics::counter!("tron_agent_reloads_total", "result" => result).increment(1);
+            match outcome {
+                Ok(files) => tracing::info!(path = %self.path.display(), files, "configuration reloaded"),
+                Err(e) => tracing::error!("reload refused; the running configuration stays: {e:#}"),
+            }
+            systemd::ready();
+        }
+    }
+
+    async fn reload(&mut self) -> anyhow::Result<usize> {
+        let cfg: AgentConfig = tron_service::config::load(&self.path, AgentConfig::validate)?;
+        if let (Some(relay), Some(relay_cfg)) = (&self.relay, &cfg.destinations.relay) {
+            relay.reload_tls(relay_cfg).context("reloading the relay TLS material")?;
+        }
+        self.registry.set_sources(&cfg.sources);
+        if let Some(w) = &mut self.watcher {
+            for dir in self.registry.watch_dirs() {
+                let _ = w.watch(&dir, notify::RecursiveMode::NonRecursive);
+            }
+        }
+        let r = self.registry.clone();
+        tokio::task::spawn_blocking(move || r.scan()).await?;
+        Ok(self.registry.snapshot().len())
     }
 }
 
@@ -138,10 +195,17 @@ fn watch_dirs(registry: &Arc<Registry>, scan_requested: Arc<AtomicBool>) -> Opti
     Some(watcher)
 }
 
-fn spawn_scanner(registry: Arc<Registry>, requested: Arc<AtomicBool>, every: Duration, shutdown: Shutdown) {
+fn spawn_scanner(
+    registry: Arc<Registry>,
+    requested: Arc<AtomicBool>,
+    every: Duration,
+    shutdown: Shutdown,
+    beat: Heartbeat,
+) {
     tokio::spawn(async move {
         let mut last = Instant::now();
         while !shutdown.is_triggered() {
+            beat.beat();
             tokio::time::sleep(Duration::from_millis(100)).await;
             if requested.swap(false, Ordering::SeqCst) || last.elapsed() >= every {
                 let r = registry.clone();

@@ -30,6 +30,7 @@ struct Request {
 }
 
 pub struct RelayForwarder {
+    tls: Arc<std::sync::RwLock<TlsSettings>>,
     requests: mpsc::Sender<Request>,
     batch: BatchConfig,
     gzip_level: u32,
@@ -42,9 +43,12 @@ pub struct SealedChunk {
     chunk: Vec<u8>,
 }
 
+type TlsSettings = Option<(tokio_rustls::TlsConnector, Option<String>)>;
+
 struct Connector {
     addresses: Vec<String>,
-    tls: Option<(tokio_rustls::TlsConnector, Option<String>)>,
+    /// Replaced on SIGHUP; the next connection uses the new CA and client certificate.
+    tls: Arc<std::sync::RwLock<TlsSettings>>,
     shared_key: Option<String>,
     user: Option<(String, String)>,
     hostname: String,
@@ -52,17 +56,10 @@ struct Connector {
 
 impl RelayForwarder {
     pub fn new(cfg: &RelayConfig, hostname: &str, health: Health) -> anyhow::Result<Self> {
-        let tls = match &cfg.tls_ca {
-            Some(ca) if !cfg.plaintext => {
-                let client_cert = cfg.client_cert.as_deref().zip(cfg.client_key.as_deref());
-                let config = tron_service::tls::client_config(ca, client_cert)?;
-                Some((tokio_rustls::TlsConnector::from(Arc::new(config)), cfg.tls_server_name.clone()))
-            }
-            _ => None,
-        };
+        let tls = Arc::new(std::sync::RwLock::new(tls_settings(cfg)?));
         let connector = Connector {
             addresses: cfg.addresses.clone(),
-            tls,
+            tls: tls.clone(),
             shared_key: cfg.shared_key.clone(),
             user: cfg.username.clone().zip(cfg.password.clone()),
             hostname: hostname.to_string(),
@@ -70,12 +67,31 @@ impl RelayForwarder {
         let (tx, rx) = mpsc::channel(cfg.batch.max_inflight.max(1) * 2);
         tokio::spawn(connection_task(connector, rx, health));
         Ok(RelayForwarder {
+            tls,
             requests: tx,
             batch: cfg.batch.clone(),
             gzip_level: cfg.gzip_level,
             ack_timeout: cfg.ack_timeout,
         })
     }
+
+    /// Re-reads the CA, client certificate and key; on error the old material stays in use.
+    pub fn reload_tls(&self, cfg: &RelayConfig) -> anyhow::Result<()> {
+        let fresh = tls_settings(cfg)?;
+        *self.tls.write().expect("tls lock") = fresh;
+        Ok(())
+    }
+}
+
+fn tls_settings(cfg: &RelayConfig) -> anyhow::Result<TlsSettings> {
+    Ok(match &cfg.tls_ca {
+        Some(ca) if !cfg.plaintext => {
+            let client_cert = cfg.client_cert.as_deref().zip(cfg.client_key.as_deref());
+            let config = tron_service::tls::client_config(ca, client_cert)?;
+            Some((tokio_rustls::TlsConnector::from(Arc::new(config)), cfg.tls_server_name.clone()))
+        }
+        _ => None,
+    })
 }
 
 impl Destination for RelayForwarder {
@@ -188,7 +204,8 @@ impl Connector {
             .map_err(|_| "connect timed out".to_string())?
             .map_err(|e| e.to_string())?;
         let _ = tcp.set_nodelay(true);
-        let stream: Pin<Box<dyn Stream>> = match &self.tls {
+        let tls = self.tls.read().expect("tls lock").clone();
+        let stream: Pin<Box<dyn Stream>> = match &tls {
             Some((tls, name)) => {
                 let host =
                     name.clone().unwrap_or_else(|| address.rsplit_once(':').map_or(address, |(h, _)| h).to_string());

@@ -16,6 +16,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
+use tron_service::systemd::Heartbeat;
 use tron_service::{Health, Shutdown};
 
 const HOUR_NS: i64 = 3_600_000_000_000;
@@ -126,13 +127,14 @@ impl<D: Destination> Shipper<D> {
         }
     }
 
-    pub async fn run(mut self, shutdown: Shutdown, drain_timeout: Duration) {
+    pub async fn run(mut self, shutdown: Shutdown, drain_timeout: Duration, beat: Heartbeat) {
         let mut wake = self.registry.subscribe();
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_save = Instant::now();
         let stop = shutdown.token();
         while !stop.is_cancelled() {
+            beat.beat();
             self.collect_done();
             self.sync_files();
             tokio::task::block_in_place(|| self.read_all());

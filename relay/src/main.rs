@@ -34,18 +34,23 @@ fn main() -> ExitCode {
         Ok(cfg) => cfg,
         Err(code) => return code,
     };
-    daemon::run(|d| run(cfg, d))
+    daemon::run(|d| run(cfg, args.config, d))
 }
 
-async fn run(cfg: RelayConfig, daemon: Daemon) -> anyhow::Result<()> {
-    let Daemon { health, shutdown, .. } = &daemon;
-    let tls = match &cfg.tls {
+fn acceptor(cfg: &RelayConfig) -> anyhow::Result<Option<tokio_rustls::TlsAcceptor>> {
+    Ok(match &cfg.tls {
         Some(t) => {
             let server = tls::server_config(&t.cert, &t.key, t.client_ca.as_deref())?;
             Some(tokio_rustls::TlsAcceptor::from(Arc::new(server)))
         }
         None => None,
-    };
+    })
+}
+
+async fn run(cfg: RelayConfig, config_path: PathBuf, daemon: Daemon) -> anyhow::Result<()> {
+    let Daemon { health, shutdown, .. } = &daemon;
+    let tls: server::SharedAcceptor = Arc::new(std::sync::RwLock::new(acceptor(&cfg)?));
+    tokio::spawn(reload_tls_on_hangup(config_path, tls.clone(), shutdown.clone()));
     let ctx = Arc::new(Context {
         kafka: kafka::Kafka::new(&cfg.kafka).context("creating the Kafka producer")?,
         router: route::Router::new(
@@ -74,10 +79,45 @@ async fn run(cfg: RelayConfig, daemon: Daemon) -> anyhow::Result<()> {
     daemon.ready("tron-relay", cfg.metrics_listen).await?;
     tracing::info!(listen = %cfg.listen, tls = cfg.tls.is_some(), "accepting Forward connections");
 
-    server::run(listener, ctx.clone(), tls, cfg.limits.max_connections, shutdown.clone()).await;
+    let beat = daemon.liveness.register("accept loop");
+    server::run(listener, ctx.clone(), tls, cfg.limits.max_connections, shutdown.clone(), beat).await;
     let kafka_ctx = ctx.clone();
     tokio::task::spawn_blocking(move || kafka_ctx.kafka.flush(Duration::from_secs(30))).await??;
     Ok(())
+}
+
+/// SIGHUP re-reads the certificate, key and client CA named in the configuration file, so a
+/// renewed certificate needs no restart; open connections keep the session they have. Other
+/// settings need a restart, and a file that fails to load changes nothing.
+async fn reload_tls_on_hangup(path: PathBuf, tls: server::SharedAcceptor, shutdown: Shutdown) {
+    let Ok(mut hangups) = Shutdown::hangups() else {
+        return tracing::warn!("cannot listen for SIGHUP; certificate reload needs a restart");
+    };
+    loop {
+        tokio::select! {
+            _ = shutdown.wait() => return,
+            _ = hangups.recv() => {}
+        }
+        tron_service::systemd::reloading();
+        let reloaded =
+            tron_service::config::load(&path, RelayConfig::validate).map_err(anyhow::Error::from).and_then(|cfg| {
+                let was_tls = tls.read().expect("tls lock").is_some();
+                anyhow::ensure!(was_tls == cfg.tls.is_some(), "turning TLS on or off needs a restart");
+                acceptor(&cfg)
+            });
+        match reloaded {
+            Ok(fresh) => {
+                *tls.write().expect("tls lock") = fresh;
+                metrics::counter!("tron_relay_reloads_total", "result" => "ok").increment(1);
+                tracing::info!(path = %path.display(), "TLS certificate and key reloaded");
+            }
+            Err(e) => {
+                metrics::counter!("tron_relay_reloads_total", "result" => "refused").increment(1);
+                tracing::error!("reload refused; the running certificate stays: {e:#}");
+            }
+        }
+        tron_service::systemd::ready();
+    }
 }
 
 fn spawn_kafka_health(ctx: Arc<Context>, health: Health, shutdown: Shutdown) {

@@ -8,20 +8,28 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
+use tron_service::systemd::Heartbeat;
 use tron_service::Shutdown;
+
+/// The TLS acceptor, replaced on SIGHUP so renewed certificates apply to new connections.
+pub type SharedAcceptor = Arc<std::sync::RwLock<Option<TlsAcceptor>>>;
 
 pub async fn run(
     listener: TcpListener,
     ctx: Arc<Context>,
-    tls: Option<TlsAcceptor>,
+    tls: SharedAcceptor,
     max_connections: usize,
     shutdown: Shutdown,
+    beat: Heartbeat,
 ) {
     let slots = Arc::new(Semaphore::new(max_connections));
     let tracker = TaskTracker::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
+        beat.beat();
         let (tcp, peer) = tokio::select! {
             _ = shutdown.wait() => break,
+            _ = tick.tick() => continue,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(e) => {
@@ -38,7 +46,7 @@ pub async fn run(
         };
         let _ = tcp.set_nodelay(true);
         let ctx = ctx.clone();
-        let tls = tls.clone();
+        let tls = tls.read().expect("tls lock").clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
             metrics::gauge!("tron_relay_connections").increment(1.0);

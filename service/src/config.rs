@@ -42,7 +42,7 @@ where
     let value: T = serde_path_to_error::deserialize(doc).map_err(|e| ConfigError::Invalid {
         path: path.into(),
         key: e.path().to_string(),
-        message: first_line(&e.inner().to_string()),
+        message: with_suggestion(first_line(&e.inner().to_string())),
     })?;
     validate(&value).map_err(|(key, message)| ConfigError::Invalid { path: path.into(), key, message })?;
     Ok(value)
@@ -56,6 +56,28 @@ fn expand_strings(v: &mut toml::Value, lookup: &dyn Fn(&str) -> Option<String>) 
         _ => {}
     }
     Ok(())
+}
+
+/// serde names an unknown key and every key it expected (`unknown field `sizee`, expected one of
+/// `size`, `wait``); a typo is easier to fix when the closest expected key is spelled out.
+fn with_suggestion(message: String) -> String {
+    let Some(rest) = message.strip_prefix("unknown field `") else {
+        return message;
+    };
+    let Some((unknown, expected)) = rest.split_once('`') else {
+        return message;
+    };
+    let closest = expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|candidate| (strsim::damerau_levenshtein(unknown, candidate), candidate))
+        .filter(|(distance, candidate)| *distance <= (candidate.len().max(unknown.len()) / 3).max(1))
+        .min();
+    match closest {
+        Some((_, candidate)) => format!("{message}; did you mean `{candidate}`?"),
+        None => message,
+    }
 }
 
 fn first_line(s: &str) -> String {
@@ -147,6 +169,14 @@ mod tests {
         let err = parse_top("name = 'a'\n[inner]\nsize = 1\nsizee = 2\n").unwrap_err();
         let msg = err.to_string();
         assert!(msg.starts_with("/etc/tron/x.toml: key `inner.sizee`: unknown field `sizee`"), "{msg}");
+    }
+
+    #[test]
+    fn near_miss_key_gets_a_suggestion() {
+        let err = parse_top("name = 'a'\n[inner]\nsize = 1\nwiat = '1s'\n").unwrap_err().to_string();
+        assert!(err.ends_with("expected `size` or `wait`; did you mean `wait`?"), "{err}");
+        let err = parse_top("name = 'a'\n[inner]\nsize = 1\ncolour = 2\n").unwrap_err().to_string();
+        assert!(!err.contains("did you mean"), "{err}");
     }
 
     #[test]

@@ -35,6 +35,8 @@ pub fn load_config<C: DeserializeOwned>(
 pub struct Daemon {
     pub health: Health,
     pub shutdown: Shutdown,
+    /// Main loops register here; the systemd watchdog is fed only while all of them turn.
+    pub liveness: systemd::Liveness,
     metrics: PrometheusHandle,
 }
 
@@ -46,7 +48,7 @@ impl Daemon {
             .map_err(|e| anyhow::anyhow!("binding metrics_listen = {metrics_listen}: {e}"))?;
         tracing::info!(metrics = %addr, "{name} ready");
         systemd::ready();
-        systemd::spawn_watchdog(|| true);
+        systemd::spawn_watchdog(self.liveness.clone());
         Ok(addr)
     }
 }
@@ -63,7 +65,7 @@ where
         let metrics = telemetry::init_metrics()?;
         let shutdown = Shutdown::new();
         shutdown.on_signals()?;
-        main(Daemon { health: Health::new(), shutdown, metrics }).await
+        main(Daemon { health: Health::new(), shutdown, liveness: Default::default(), metrics }).await
     });
     match result {
         Ok(()) => {

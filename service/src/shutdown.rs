@@ -27,6 +27,11 @@ impl Shutdown {
         Ok(())
     }
 
+    /// SIGHUP, the operator's (and `systemctl reload`'s) request to re-read configuration.
+    pub fn hangups() -> std::io::Result<tokio::signal::unix::Signal> {
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    }
+
     pub fn trigger(&self) {
         self.0.cancel();
     }

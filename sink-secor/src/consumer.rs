@@ -12,6 +12,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+use tron_service::systemd::Heartbeat;
 use tron_service::{Health, Shutdown};
 
 /// Records which partitions this instance owns, as librdkafka reports rebalances.
@@ -76,6 +77,7 @@ pub async fn run(
     store: Store,
     health: Health,
     shutdown: Shutdown,
+    beat: Heartbeat,
 ) -> anyhow::Result<()> {
     let (_, prefix) = cfg.split_url();
     let out = Output {
@@ -92,12 +94,13 @@ pub async fn run(
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let lateness = cfg.finalize.lateness;
     loop {
+        beat.beat();
         tokio::select! {
             _ = shutdown.wait() => break,
             msg = consumer.recv() => match msg {
                 Ok(m) => {
                     health.up("kafka");
-                    handle(&consumer, &out, cfg, &mut partitions, &m).await?;
+                    handle(&consumer, &out, cfg, &mut partitions, &m, &beat).await?;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "consume error");
@@ -111,7 +114,7 @@ pub async fn run(
         open_idle_partitions(&consumer, &out, cfg, &mut partitions).await?;
         for p in partitions.values_mut() {
             if let Some(cut) = p.cut_due(&cfg.roll, lateness) {
-                cut_and_commit(&consumer, &out, p, cut).await?;
+                cut_and_commit(&consumer, &out, p, cut, &beat).await?;
             }
             p.heartbeat(&out, &cfg.roll, cfg.finalize.interval).await?;
         }
@@ -125,7 +128,7 @@ pub async fn run(
     drop_revoked(&consumer, &mut partitions);
     for p in partitions.values_mut() {
         if let Some(cut) = p.cut_for_shutdown() {
-            cut_and_commit(&consumer, &out, p, cut).await?;
+            cut_and_commit(&consumer, &out, p, cut, &beat).await?;
         }
     }
     finalize(&consumer, &store, &prefix, cfg, &mut finalizer).await;
@@ -138,6 +141,7 @@ async fn handle(
     cfg: &SinkConfig,
     partitions: &mut HashMap<(String, i32), Partition>,
     m: &BorrowedMessage<'_>,
+    beat: &Heartbeat,
 ) -> anyhow::Result<()> {
     let key = (m.topic().to_string(), m.partition());
     if !consumer.context().owned.lock().expect("owned lock").contains_key(&key) {
@@ -150,7 +154,7 @@ async fn handle(
     }
     let p = partitions.get_mut(&key).expect("inserted above");
     if let Some(cut) = p.forced_cut_before(m.offset()) {
-        cut_and_commit(consumer, out, p, cut).await?;
+        cut_and_commit(consumer, out, p, cut, beat).await?;
     }
     let mut tag = "";
     let mut time_ns = m.timestamp().to_millis().unwrap_or(0) * 1_000_000;
@@ -172,15 +176,24 @@ async fn handle(
     metrics::counter!("tron_sink_records_consumed_total", "topic" => key.0.clone()).increment(1);
     // Size, hour-passed and replayed cuts are due as soon as the record that triggers them lands.
     if let Some(cut) = p.cut_due(&cfg.roll, cfg.finalize.lateness) {
-        cut_and_commit(consumer, out, p, cut).await?;
+        cut_and_commit(consumer, out, p, cut, beat).await?;
     }
     Ok(())
 }
 
-async fn cut_and_commit(consumer: &GroupConsumer, out: &Output<'_>, p: &mut Partition, cut: i64) -> anyhow::Result<()> {
+/// Retries until the cut lands: skipping it would break exactly-once. Each attempt counts as a
+/// turn of the main loop, so a long store outage does not look like a wedged process.
+async fn cut_and_commit(
+    consumer: &GroupConsumer,
+    out: &Output<'_>,
+    p: &mut Partition,
+    cut: i64,
+    beat: &Heartbeat,
+) -> anyhow::Result<()> {
     let (topic, partition) = (p.topic.clone(), p.partition);
     let mut backoff = Duration::from_millis(200);
     loop {
+        beat.beat();
         let result = p
             .cut(out, cut, |offset| {
                 let mut tpl = TopicPartitionList::new();

@@ -94,5 +94,6 @@ async fn run(cfg: SinkConfig, daemon: Daemon) -> anyhow::Result<()> {
     daemon.health.up("kafka");
     daemon.ready("tron-sink-secor", cfg.metrics_listen).await?;
     tracing::info!(topics = ?cfg.kafka.topics, group = %cfg.kafka.group_id, output = %cfg.output.url, "consuming");
-    consumer::run(&cfg, consumer, store, daemon.health.clone(), daemon.shutdown.clone()).await
+    let beat = daemon.liveness.register("consume loop");
+    consumer::run(&cfg, consumer, store, daemon.health.clone(), daemon.shutdown.clone(), beat).await
 }

@@ -15,6 +15,12 @@ CASES = [
      "key `sources[0].parser`: unknown variant `xml`, expected `raw` or `json`"),
     ("tron-agent", 'state_dir = "/tmp/x"\n[[sources]]\nname = "a"\ninclude = ["/x/*.log"]\ntag = "t"\n[destinations.s3]\nurl = "file:///tmp/y"\n[destinations.s3.batch]\nmax_age = "soon"\n',
      "key `destinations.s3.batch.max_age`: invalid duration \"soon\""),
+    ("tron-agent", 'state_dir = "/tmp/x"\n[[sources]]\nname = "a"\ninclude = ["/x/*.log"]\ntag = "t"\n[files]\nscan_intervall = "1s"\n[destinations.s3]\nurl = "file:///tmp/y"\n',
+     "key `files.scan_intervall`: unknown field `scan_intervall`, expected one of"),
+    ("tron-agent", 'state_dir = "/tmp/x"\n[[sources]]\nname = "a"\ninclude = ["/x/*.log"]\ntag = "t"\n[files]\nscan_intervall = "1s"\n[destinations.s3]\nurl = "file:///tmp/y"\n',
+     "; did you mean `scan_interval`?"),
+    ("tron-sink-secor", 'staging_dir = "/tmp/x"\nmetrics_listen = "127.0.0.1:0"\n[kafka]\nbrokers = "x"\ngroup_id = "g"\ntopics = ["t"]\n[output]\nurl = "gs://b/p"\nformat = "csv"\n[[output.columns]]\nname = "a"\nsorce = "a"\n',
+     "did you mean `source`?"),
     ("tron-sink-secor", 'staging_dir = "/tmp/s"\n[kafka]\nbrokers = "x"\ngroup_id = "g"\ntopics = ["t"]\n[output]\nurl = "s3://nope"\n',
      "key `output.url`: must start with gs:// or file://"),
 ]

@@ -3,13 +3,21 @@
 # .venv/ (Python) and tests/node/node_modules (npm). Idempotent: a second run is a no-op.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
-# logrotate: the rotation tests use the real tool.
-if ! command -v logrotate >/dev/null 2>&1; then
-  if [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq logrotate >/dev/null
-  else
-    sudo apt-get update -qq && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq logrotate >/dev/null
-  fi
+# Debian packages: logrotate (the rotation tests use the real tool), systemd (systemd-analyze
+# verifies the units), dpkg-dev tools for the .deb checks.
+apt_install() {
+  local sudo=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+missing=()
+command -v logrotate >/dev/null 2>&1 || missing+=(logrotate)
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+command -v dpkg-deb >/dev/null 2>&1 || missing+=(dpkg)
+[ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
+# cargo-deb builds the .deb (scripts/package.sh).
+if ! command -v cargo-deb >/dev/null 2>&1; then
+  cargo install cargo-deb --locked --version 3.8.0 --quiet
 fi
 venv="$root/.venv"
 if [ ! -x "$venv/bin/python" ]; then
