@@ -25,6 +25,25 @@ pub struct RelayConfig {
     #[serde(default)]
     pub limits: LimitsConfig,
     pub kafka: KafkaConfig,
+    #[serde(default)]
+    pub dead_letter: DeadLetterConfig,
+}
+
+/// Records Kafka can never take (larger than the broker accepts) are appended here with the
+/// reason, and their chunk is acked, so a client does not re-send them forever.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeadLetterConfig {
+    pub path: PathBuf,
+    /// Past this size nothing more is written and such chunks are not acked (the client keeps
+    /// them) until an operator moves the file away.
+    pub max_bytes: u64,
+}
+
+impl Default for DeadLetterConfig {
+    fn default() -> Self {
+        DeadLetterConfig { path: PathBuf::from("/var/lib/tron-relay/dead-letter.ndjson"), max_bytes: 1 << 30 }
+    }
 }
 
 #[derive(Debug, Deserialize)]

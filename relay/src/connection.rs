@@ -4,6 +4,7 @@
 //! to Kafka and gives it back when Kafka has answered. While the budget is spent this loop does
 //! not read the socket, so overload becomes TCP backpressure instead of memory growth.
 
+use crate::dead_letter::DeadLetter;
 use crate::kafka::Kafka;
 use crate::route::Router;
 use forward::handshake::{Helo, Pong};
@@ -21,6 +22,7 @@ use tron_service::Shutdown;
 
 pub struct Context {
     pub kafka: Kafka,
+    pub dead_letter: DeadLetter,
     pub router: Router,
     pub limits: Limits,
     pub budget: Arc<Semaphore>,
@@ -123,9 +125,15 @@ async fn deliver(
     failed: &CancellationToken,
 ) {
     let topic = ctx.router.topic(&batch.tag);
-    match ctx.kafka.deliver(topic, &batch.tag, &batch.entries).await {
-        Ok(()) => {
-            metrics::counter!("tron_relay_records_delivered_total").increment(batch.entries.len() as u64);
+    let outcome = match ctx.kafka.deliver(topic, &batch.tag, &batch.entries).await {
+        Ok(refused) if refused.is_empty() => Ok(0),
+        Ok(refused) => dead_letter(ctx, batch, peer, topic, refused),
+        Err(e) => Err((e.reason(), e.to_string())),
+    };
+    match outcome {
+        Ok(dead) => {
+            let delivered = batch.entries.len() - dead;
+            metrics::counter!("tron_relay_records_delivered_total").increment(delivered as u64);
             let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as i64;
             let latency = metrics::histogram!("tron_relay_event_to_kafka_seconds");
             for e in &batch.entries {
@@ -136,12 +144,34 @@ async fn deliver(
                 let _ = acks.send(ack);
             }
         }
-        Err(e) => {
-            tracing::warn!(%peer, tag = %batch.tag, records = batch.entries.len(), error = %e, "chunk not delivered; not acked");
-            metrics::counter!("tron_relay_delivery_failures_total", "reason" => e.reason()).increment(1);
+        Err((reason, error)) => {
+            tracing::warn!(%peer, tag = %batch.tag, records = batch.entries.len(), %error, "chunk not delivered; not acked");
+            metrics::counter!("tron_relay_delivery_failures_total", "reason" => reason).increment(1);
             failed.cancel();
         }
     }
+}
+
+/// Records Kafka refused as too large go to the dead-letter file; once they are on disk the chunk
+/// counts as answered. Returns how many were dead-lettered.
+fn dead_letter(
+    ctx: &Context,
+    batch: &EventBatch,
+    peer: SocketAddr,
+    topic: &str,
+    refused: Vec<(usize, crate::kafka::DeliveryError)>,
+) -> Result<usize, (&'static str, String)> {
+    let records: Vec<_> = refused.iter().map(|(i, e)| (&batch.entries[*i], e.to_string())).collect();
+    tokio::task::block_in_place(|| ctx.dead_letter.write(peer, &batch.tag, topic, &records))
+        .map_err(|e| ("dead_letter_failed", e))?;
+    for (_, e) in &refused {
+        metrics::counter!("tron_relay_records_dead_lettered_total", "reason" => e.reason()).increment(1);
+    }
+    tracing::warn!(
+        %peer, tag = %batch.tag, records = refused.len(), file = %ctx.dead_letter.path().display(),
+        first_error = %refused[0].1, "records Kafka can never accept written to the dead-letter file; chunk acked"
+    );
+    Ok(refused.len())
 }
 
 async fn handshake<S>(framed: &mut Framed<S, ServerCodec>, security: &Security, timeout: Duration) -> Result<(), String>

@@ -62,10 +62,18 @@ impl Kafka {
         Ok(Kafka { producer, key_field: cfg.key_field.clone() })
     }
 
-    /// Produces every entry and waits for all acknowledgements.
-    pub async fn deliver(&self, topic: &str, tag: &str, entries: &[Entry]) -> Result<(), DeliveryError> {
+    /// Produces every entry and waits for all acknowledgements. Records Kafka refuses as too
+    /// large come back as `(index, error)`: no retry can deliver them. Any other failure fails the
+    /// whole chunk.
+    pub async fn deliver(
+        &self,
+        topic: &str,
+        tag: &str,
+        entries: &[Entry],
+    ) -> Result<Vec<(usize, DeliveryError)>, DeliveryError> {
         let mut pending = Vec::with_capacity(entries.len());
-        for entry in entries {
+        let mut refused = Vec::new();
+        for (index, entry) in entries.iter().enumerate() {
             let record = match &entry.record {
                 rmpv::Value::Map(pairs) => json::to_json_map(pairs),
                 _ => serde_json::Map::new(),
@@ -87,27 +95,38 @@ impl Kafka {
             loop {
                 match self.producer.send_result(rec) {
                     Ok(fut) => {
-                        pending.push(fut);
+                        pending.push((index, fut));
                         break;
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                         rec = back;
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
-                    Err((error, _)) => return Err(classify(topic, error)),
+                    Err((error, _)) => match classify(topic, error) {
+                        e @ DeliveryError::TooLarge { .. } => {
+                            refused.push((index, e));
+                            break;
+                        }
+                        e => return Err(e),
+                    },
                 }
             }
         }
         let mut first_error = None;
-        for fut in pending {
+        for (index, fut) in pending {
             let outcome = match fut.await {
                 Ok(Ok(_)) => continue,
                 Ok(Err((error, _))) => classify(topic, error),
                 Err(_) => DeliveryError::Canceled,
             };
-            first_error.get_or_insert(outcome);
+            match outcome {
+                e @ DeliveryError::TooLarge { .. } => refused.push((index, e)),
+                e => {
+                    first_error.get_or_insert(e);
+                }
+            }
         }
-        first_error.map_or(Ok(()), Err)
+        first_error.map_or(Ok(refused), Err)
     }
 
     /// Waits for everything queued to be acknowledged, up to `timeout`.

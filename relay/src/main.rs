@@ -2,6 +2,7 @@
 
 mod config;
 mod connection;
+mod dead_letter;
 mod kafka;
 mod route;
 mod server;
@@ -51,8 +52,12 @@ async fn run(cfg: RelayConfig, config_path: PathBuf, daemon: Daemon) -> anyhow::
     let Daemon { health, shutdown, .. } = &daemon;
     let tls: server::SharedAcceptor = Arc::new(std::sync::RwLock::new(acceptor(&cfg)?));
     tokio::spawn(reload_tls_on_hangup(config_path, tls.clone(), shutdown.clone()));
+    if let Some(dir) = cfg.dead_letter.path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("dead_letter.path: creating {}", dir.display()))?;
+    }
     let ctx = Arc::new(Context {
         kafka: kafka::Kafka::new(&cfg.kafka).context("creating the Kafka producer")?,
+        dead_letter: dead_letter::DeadLetter::new(cfg.dead_letter.path.clone(), cfg.dead_letter.max_bytes),
         router: route::Router::new(
             cfg.kafka.routes.iter().map(|r| (r.pattern.clone(), r.topic.clone())),
             cfg.kafka.default_topic.clone(),

@@ -1,6 +1,7 @@
 """Hostile or broken clients are refused, logged with their address and counted, while a
 well-behaved client on the same relay keeps getting its chunks acked."""
 import gzip
+import json
 import os
 import socket
 import ssl
@@ -113,3 +114,134 @@ def test_abusive_clients_are_refused_and_counted_while_good_ones_are_served(serv
     # The well-behaved client was never disturbed.
     assert send_and_wait_ack(good, "after") == {"ack": "after"}
     good.close()
+
+
+def forward_handshake(sock, shared_key, hostname="abuse-test"):
+    """The Forward v1 shared-key handshake as a client: HELO in, PING out, PONG in."""
+    import hashlib
+    unpacker = msgpack.Unpacker(raw=False)
+
+    def read_one():
+        while True:
+            for obj in unpacker:
+                return obj
+            data = sock.recv(4096)
+            if not data:
+                return None
+            unpacker.feed(data)
+
+    helo = read_one()
+    assert helo and helo[0] == "HELO", helo
+    nonce = helo[1]["nonce"]
+    nonce = nonce if isinstance(nonce, bytes) else nonce.encode()
+    salt = os.urandom(8).hex().encode()
+    digest = hashlib.sha512(salt + hostname.encode() + nonce + shared_key.encode()).hexdigest()
+    sock.sendall(msgpack.packb(["PING", hostname, salt, digest, "", ""]))
+    return read_one()
+
+
+def test_handshake_idle_and_connection_limits_refuse_while_a_good_client_delivers(services, certs, workroot, procs):
+    work = os.path.join(workroot, "abuse-limits")
+    os.makedirs(work)
+    services.create_topic("abuse-limits", 1)
+    cfg = tron.relay_config(work, certs, services.kafka_brokers, topic="abuse-limits", shared_key="s3cret")
+    cfg["limits"] = {"max_connections": 4, "handshake_timeout": "2s", "idle_timeout": "3s"}
+    relay = tron.Proc("relay", "tron-relay", cfg, work)
+    procs.append(relay)
+    relay.start()
+    host, port = cfg["listen"].rsplit(":", 1)
+    port = int(port)
+
+    good = tls_client(certs, host, port)
+    assert forward_handshake(good, "s3cret")[1] is True
+    assert send_and_wait_ack(good, "g1") == {"ack": "g1"}
+    # The good client sends a chunk every 0.5 s throughout (so it is never idle) and every one
+    # must be acked.
+    import threading
+    stop, acked, failures = threading.Event(), [], []
+
+    def keep_sending():
+        n = 0
+        while not stop.is_set():
+            n += 1
+            ack = send_and_wait_ack(good, "k%d" % n)
+            (acked if ack == {"ack": "k%d" % n} else failures).append(ack)
+            time.sleep(0.5)
+
+    sender_thread = threading.Thread(target=keep_sending)
+    sender_thread.start()
+
+    # A wrong shared key: PONG says no, the connection is closed, the peer is logged.
+    s = tls_client(certs, host, port)
+    pong = forward_handshake(s, "guess")
+    assert pong[0] == "PONG" and pong[1] is False, pong
+    assert closed_by_peer(s)
+
+    # Connection cap: 3 silent TLS clients fill the remaining slots; a 5th is closed at once.
+    silent = [tls_client(certs, host, port) for _ in range(3)]
+    began = time.time()
+    extra = socket.create_connection((host, port), timeout=10)
+    assert closed_by_peer(extra, timeout=5) and time.time() - began < 2
+
+    # Handshake time-out: the silent clients never answer HELO; each is closed after ~2 s.
+    for s in silent:
+        assert closed_by_peer(s, timeout=10)
+    assert time.time() - began < 8
+
+    # A TCP client that never starts TLS is dropped by the same time-out.
+    began = time.time()
+    mute = socket.create_connection((host, port), timeout=10)
+    assert closed_by_peer(mute, timeout=10) and 1.5 < time.time() - began < 8
+
+    # Idle time-out: an authenticated client that sends nothing for 3 s is closed.
+    idle = tls_client(certs, host, port)
+    assert forward_handshake(idle, "s3cret")[1] is True
+    began = time.time()
+    assert closed_by_peer(idle, timeout=15) and 2.5 < time.time() - began < 10
+
+    time.sleep(0.5)
+    assert counter(relay, "tron_relay_connections_refused_total", "connection_limit") >= 1
+    assert counter(relay, "tron_relay_connections_refused_total", "handshake") >= 4
+    assert counter(relay, "tron_relay_connections_refused_total", "tls_timeout") >= 1
+    log = relay.tail(20000)
+    assert "handshake refused peer=127.0.0.1:" in log and "shared_key mismatch" in log, log
+    # The good client kept its slot and every chunk it sent meanwhile was acked.
+    stop.set()
+    sender_thread.join()
+    assert not failures and len(acked) >= 10, (len(acked), failures)
+    good.close()
+
+
+def test_records_kafka_can_never_take_are_dead_lettered_and_their_chunk_acked(services, certs, workroot, procs):
+    work = os.path.join(workroot, "dead-letter")
+    relay, sink, host, port = tron.relay_to_gcs(
+        services, certs, work, procs, "dead-letter", "dead-letter", 1,
+        kafka={"brokers": services.kafka_brokers, "default_topic": "dead-letter", "linger": "5ms",
+               "properties": {"message.max.bytes": "20000"}})
+    s = tls_client(certs, host, port)
+    entries = [[1795300000, {"seq": 0, "msg": "small"}], [1795300001, {"seq": 1, "msg": "x" * 50000}],
+               [1795300002, {"seq": 2, "msg": "small"}]]
+    s.sendall(msgpack.packb(["big.one", entries, {"chunk": "dl-1"}]))
+    unpacker = msgpack.Unpacker(raw=False)
+    s.settimeout(20)
+    unpacker.feed(s.recv(4096))
+    assert next(unpacker) == {"ack": "dl-1"}
+    s.close()
+
+    with open(relay.config["dead_letter"]["path"]) as f:
+        dead = [json.loads(line) for line in f]
+    assert len(dead) == 1, dead
+    assert dead[0]["record"]["seq"] == 1 and len(dead[0]["record"]["msg"]) == 50000
+    assert "too large" in dead[0]["reason"] and dead[0]["tag"] == "big.one" and dead[0]["topic"] == "dead-letter"
+    assert counter(relay, "tron_relay_records_dead_lettered_total", "too_large") == 1
+
+    def seqs():
+        rows = []
+        for obj in services.gcs_list("dead-letter", "w/dead-letter/"):
+            if not obj["name"].rsplit("/", 1)[1].startswith("_"):
+                rows.extend(tron.read_gz_lines(services.gcs_get("dead-letter", obj["name"])))
+        return rows
+
+    tron.wait_until("the two deliverable records in Kafka", lambda: len(seqs()) >= 2, timeout=60, interval=1,
+                    on_timeout=sink.tail)
+    assert len(seqs()) == 2

@@ -40,7 +40,7 @@ def to_toml(doc, prefix=""):
         elif isinstance(v, list) and v and all(isinstance(x, dict) for x in v):
             tables.append((k, v))
         else:
-            lines.append("%s = %s" % (k, toml_value(v)))
+            lines.append("%s = %s" % (json.dumps(k) if "." in k else k, toml_value(v)))
     out = "\n".join(lines) + "\n"
     for k, v in tables:
         name = prefix + k
@@ -123,6 +123,7 @@ def relay_config(workdir, certs, brokers, topic="logs", plaintext=False, shared_
         "listen": "127.0.0.1:%d" % servers.free_port(),
         "metrics_listen": "127.0.0.1:%d" % servers.free_port(),
         "hostname": "relay-test",
+        "dead_letter": {"path": os.path.join(workdir, "dead-letter.ndjson")},
         "kafka": {"brokers": brokers, "default_topic": topic, "linger": "5ms", "compression": "lz4",
                   "delivery_timeout": "30s"},
     }

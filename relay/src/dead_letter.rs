@@ -1,0 +1,60 @@
+//! The dead-letter file: records Kafka can never accept, one JSON line each with the reason, the
+//! tag, the peer and the record, so they are answered (acked) yet kept for an operator.
+
+use forward::{json, Entry};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+pub struct DeadLetter {
+    path: PathBuf,
+    max_bytes: u64,
+    lock: Mutex<()>,
+}
+
+impl DeadLetter {
+    pub fn new(path: PathBuf, max_bytes: u64) -> Self {
+        DeadLetter { path, max_bytes, lock: Mutex::new(()) }
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// Appends and fsyncs the records; only then may their chunk be acked.
+    pub fn write(&self, peer: SocketAddr, tag: &str, topic: &str, records: &[(&Entry, String)]) -> Result<(), String> {
+        let mut text = Vec::new();
+        for (entry, reason) in records {
+            let record = match &entry.record {
+                rmpv::Value::Map(pairs) => json::to_json_map(pairs),
+                _ => serde_json::Map::new(),
+            };
+            let line = serde_json::json!({
+                "reason": reason,
+                "tag": tag,
+                "topic": topic,
+                "peer": peer.to_string(),
+                "event_time_ns": entry.time.unix_nanos(),
+                "record": record,
+            });
+            serde_json::to_writer(&mut text, &line).expect("JSON values always serialize");
+            text.push(b'\n');
+        }
+        let _serial = self.lock.lock().expect("dead-letter lock");
+        let size = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0);
+        if size + text.len() as u64 > self.max_bytes {
+            return Err(format!(
+                "dead-letter file {} would pass dead_letter.max_bytes = {}; move it away",
+                self.path.display(),
+                self.max_bytes
+            ));
+        }
+        let write = || -> std::io::Result<()> {
+            let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)?;
+            file.write_all(&text)?;
+            file.sync_data()
+        };
+        write().map_err(|e| format!("dead-letter file {}: {e}", self.path.display()))
+    }
+}
