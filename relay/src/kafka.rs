@@ -6,10 +6,14 @@ use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 pub struct Kafka {
-    producer: FutureProducer,
+    /// Replaced after a fatal error: librdkafka's idempotent producer refuses every later message
+    /// once it has one (e.g. a broker that lost its producer-id state across a restart).
+    producer: RwLock<Arc<FutureProducer>>,
+    client: ClientConfig,
     key_field: Option<String>,
 }
 
@@ -59,7 +63,46 @@ impl Kafka {
             client.set(k, v);
         }
         let producer: FutureProducer = client.create()?;
-        Ok(Kafka { producer, key_field: cfg.key_field.clone() })
+        Ok(Kafka { producer: RwLock::new(Arc::new(producer)), client, key_field: cfg.key_field.clone() })
+    }
+
+    fn producer(&self) -> Arc<FutureProducer> {
+        self.producer.read().expect("producer lock").clone()
+    }
+
+    /// After a delivery failure: if `used` is in a fatal state, or the broker no longer accepts
+    /// its producer id (a broker that lost idempotence state across a restart answers every
+    /// later message with `ProducerFenced` without librdkafka calling it fatal), swap in a fresh
+    /// producer, once however many chunks saw the failure. Failed chunks were not acked; clients
+    /// re-send them.
+    fn recover(&self, used: &Arc<FutureProducer>, error: &KafkaError) {
+        let identity_lost = matches!(
+            error.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::ProducerFenced
+                    | RDKafkaErrorCode::InvalidProducerEpoch
+                    | RDKafkaErrorCode::UnknownProducerId
+                    | RDKafkaErrorCode::OutOfOrderSequenceNumber
+                    | RDKafkaErrorCode::InvalidProducerIdMapping
+            )
+        );
+        let Some((code, reason)) = used.client().fatal_error().or_else(|| {
+            identity_lost.then(|| (error.rdkafka_error_code().unwrap_or(RDKafkaErrorCode::Fatal), error.to_string()))
+        }) else {
+            return;
+        };
+        let mut current = self.producer.write().expect("producer lock");
+        if !Arc::ptr_eq(&current, used) {
+            return;
+        }
+        match self.client.create::<FutureProducer>() {
+            Ok(fresh) => {
+                tracing::error!(?code, %reason, "Kafka producer unusable (fatal error, or its producer id is no longer accepted); replaced it with a new one");
+                metrics::counter!("tron_relay_producer_restarts_total").increment(1);
+                *current = Arc::new(fresh);
+            }
+            Err(e) => tracing::error!(error = %e, "Kafka producer is in a fatal state and a new one cannot be created"),
+        }
     }
 
     /// Produces every entry and waits for all acknowledgements. Records Kafka refuses as too
@@ -67,6 +110,21 @@ impl Kafka {
     /// whole chunk.
     pub async fn deliver(
         &self,
+        topic: &str,
+        tag: &str,
+        entries: &[Entry],
+    ) -> Result<Vec<(usize, DeliveryError)>, DeliveryError> {
+        let producer = self.producer();
+        let result = self.produce_all(&producer, topic, tag, entries).await;
+        if let Err(DeliveryError::Kafka { error, .. }) = &result {
+            self.recover(&producer, error);
+        }
+        result
+    }
+
+    async fn produce_all(
+        &self,
+        producer: &FutureProducer,
         topic: &str,
         tag: &str,
         entries: &[Entry],
@@ -93,7 +151,7 @@ impl Kafka {
                 rec = rec.key(k.as_str());
             }
             loop {
-                match self.producer.send_result(rec) {
+                match producer.send_result(rec) {
                     Ok(fut) => {
                         pending.push((index, fut));
                         break;
@@ -131,13 +189,13 @@ impl Kafka {
 
     /// Waits for everything queued to be acknowledged, up to `timeout`.
     pub fn flush(&self, timeout: Duration) -> anyhow::Result<()> {
-        self.producer.flush(timeout)?;
+        self.producer().flush(timeout)?;
         Ok(())
     }
 
     /// Whether the cluster answers a metadata request, for `/health`.
     pub fn reachable(&self, timeout: Duration) -> Result<(), String> {
-        self.producer.client().fetch_metadata(None, timeout).map(|_| ()).map_err(|e| e.to_string())
+        self.producer().client().fetch_metadata(None, timeout).map(|_| ()).map_err(|e| e.to_string())
     }
 }
 

@@ -7,6 +7,7 @@ use crate::partition::{Incoming, Output, Partition};
 use crate::store::Store;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::HashMap;
@@ -204,6 +205,21 @@ async fn cut_and_commit(
             .await;
         match result {
             Ok(()) => return Ok(()),
+            Err(e) if lost_membership(&e) => {
+                // The group no longer counts this instance as the owner (a broker restart, a
+                // session time-out): retrying the commit cannot succeed, and waiting here would
+                // keep the consumer from rejoining. Give the partition up as on a revoke and rewind
+                // to the committed offset; the cut's intent makes whoever owns it next replay
+                // the same objects.
+                tracing::warn!(%topic, partition, cut, error = %format!("{e:#}"), "commit refused: group membership lost; re-reading from the committed offset");
+                metrics::counter!("tron_sink_membership_lost_total").increment(1);
+                let rewind = p.committed();
+                let _ = tokio::task::block_in_place(|| {
+                    consumer.seek(&topic, partition, Offset::Offset(rewind), Duration::from_secs(10))
+                });
+                consumer.context().revoked.lock().expect("revoked lock").push((topic.clone(), partition));
+                return Ok(());
+            }
             Err(e) => {
                 metrics::counter!("tron_sink_cut_retries_total").increment(1);
                 tracing::warn!(%topic, partition, cut, error = %format!("{e:#}"), "cut failed; retrying");
@@ -212,6 +228,21 @@ async fn cut_and_commit(
             }
         }
     }
+}
+
+/// Commit errors that mean this instance is no longer a member of the group's current generation.
+fn lost_membership(e: &anyhow::Error) -> bool {
+    e.chain().filter_map(|c| c.downcast_ref::<rdkafka::error::KafkaError>()).any(|k| {
+        matches!(
+            k.rdkafka_error_code(),
+            Some(
+                RDKafkaErrorCode::UnknownMemberId
+                    | RDKafkaErrorCode::IllegalGeneration
+                    | RDKafkaErrorCode::RebalanceInProgress
+                    | RDKafkaErrorCode::FencedInstanceId
+            )
+        )
+    })
 }
 
 /// A partition that has had no message since it was assigned still reports progress (caught up),

@@ -47,6 +47,9 @@ pub struct Partition {
     /// During a replay: the cut the crashed owner had started; no other cut may come first.
     forced_cut: Option<i64>,
     staged: BTreeMap<i64, Staged>,
+    /// Files of a cut that is under way (finished, maybe partly uploaded). They stay until the
+    /// commit succeeds, so a retried cut uploads them again instead of committing past them.
+    sealed: Vec<(i64, StagedFile)>,
     records_since_cut: u64,
     bytes_since_cut: u64,
     first_staged_at: Option<Instant>,
@@ -88,6 +91,7 @@ impl Partition {
             state,
             forced_cut,
             staged: BTreeMap::new(),
+            sealed: Vec::new(),
             records_since_cut: 0,
             bytes_since_cut: 0,
             first_staged_at: None,
@@ -185,11 +189,9 @@ impl Partition {
         commit: impl FnOnce(i64) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
         let from = self.state.committed;
-        let staged = std::mem::take(&mut self.staged);
-        let mut finished = Vec::with_capacity(staged.len());
-        for (hour, Staged { sink, file }) in staged {
+        for (hour, Staged { sink, file }) in std::mem::take(&mut self.staged) {
             sink.finish().map_err(|e| anyhow::anyhow!("{}: cannot finish staging file: {e}", file.path.display()))?;
-            finished.push((hour, file));
+            self.sealed.push((hour, file));
         }
         // 1. Record the cut before any object of it exists.
         self.state.pending = Some(PendingCut { from, cut });
@@ -197,7 +199,7 @@ impl Partition {
         // 2. Upload. Names depend only on (topic, partition, first offset): a replay overwrites.
         let started = Instant::now();
         let now_ns = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0);
-        for (hour, s) in &finished {
+        for (hour, s) in &self.sealed {
             let key = object_key(out.prefix, &self.topic, *hour, self.partition, s.first_offset, out.format);
             let body = std::fs::read(&s.path).map_err(|e| anyhow::anyhow!("{}: {e}", s.path.display()))?;
             let bytes = body.len() as u64;
@@ -214,12 +216,15 @@ impl Partition {
             metrics::counter!("tron_sink_records_uploaded_total", "topic" => self.topic.clone()).increment(s.rows);
             metrics::counter!("tron_sink_bytes_uploaded_total", "topic" => self.topic.clone()).increment(bytes);
             metrics::histogram!("tron_sink_event_to_object_seconds").record((now_ns - s.min_ns).max(0) as f64 / 1e9);
-            *self.state.hours.entry(*hour).or_default() += 1;
         }
         metrics::histogram!("tron_sink_upload_duration_seconds").record(started.elapsed().as_secs_f64());
         // 3. Commit: only now may the group move past these records.
         commit(cut)?;
         // 4. Clear the intent and advance the watermark.
+        let finished = std::mem::take(&mut self.sealed);
+        for (hour, _) in &finished {
+            *self.state.hours.entry(*hour).or_default() += 1;
+        }
         self.state.committed = cut;
         self.state.pending = None;
         if self.staged_max_ns != i64::MIN {
@@ -266,6 +271,9 @@ impl Partition {
     pub fn discard(self) {
         for (_, Staged { sink, file }) in self.staged {
             drop(sink);
+            let _ = std::fs::remove_file(&file.path);
+        }
+        for (_, file) in self.sealed {
             let _ = std::fs::remove_file(&file.path);
         }
     }
