@@ -46,6 +46,16 @@ pub struct OutputConfig {
     pub columns: Vec<Column>,
     #[serde(default = "default_gzip_level")]
     pub gzip_level: u32,
+    /// Directory of an hour under the URL's prefix: `{topic}` and strftime fields of the hour (UTC).
+    #[serde(default = "default_path")]
+    pub path: String,
+    /// Per-topic templates, overriding `path`.
+    #[serde(default)]
+    pub topic_paths: std::collections::BTreeMap<String, String>,
+}
+
+fn default_path() -> String {
+    crate::layout::DEFAULT_TEMPLATE.to_string()
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq)]
@@ -172,7 +182,22 @@ impl SinkConfig {
         if self.roll.max_records == 0 {
             return err("roll.max_records".into(), "must be at least 1");
         }
+        crate::layout::check_template(&self.output.path).map_err(|m| ("output.path".to_string(), m))?;
+        for (topic, template) in &self.output.topic_paths {
+            let key = format!("output.topic_paths.{topic}");
+            if !self.kafka.topics.contains(topic) {
+                return Err((key, format!("{topic:?} is not one of kafka.topics")));
+            }
+            crate::layout::check_template(template).map_err(|m| (key, m))?;
+        }
+        crate::layout::check_distinct(&self.layout(), &self.kafka.topics)
+            .map_err(|m| ("output.path".to_string(), m))?;
         Ok(())
+    }
+
+    pub fn layout(&self) -> crate::layout::Layout {
+        let (_, prefix) = self.split_url();
+        crate::layout::Layout::new(&prefix, &self.output.path, &self.output.topic_paths)
     }
 
     /// Bucket URL (`gs://b` / `file:///d`) and the key prefix inside it.

@@ -81,9 +81,11 @@ pub async fn run(
     beat: Heartbeat,
 ) -> anyhow::Result<()> {
     let (_, prefix) = cfg.split_url();
+    let layout = cfg.layout();
     let out = Output {
         store: &store,
         prefix: &prefix,
+        layout: &layout,
         format: cfg.output.format,
         columns: &cfg.output.columns,
         gzip_level: cfg.output.gzip_level,
@@ -309,7 +311,7 @@ async fn finalize(consumer: &GroupConsumer, store: &Store, prefix: &str, cfg: &S
         let Some(count) = count.filter(|c| *c > 0) else {
             continue;
         };
-        if let Err(e) = finalizer.run_once(store, prefix, topic, count, cfg.finalize.lateness).await {
+        if let Err(e) = finalizer.run_once(store, prefix, &cfg.layout(), topic, count, cfg.finalize.lateness).await {
             tracing::warn!(%topic, error = %format!("{e:#}"), "finalizer pass failed; will retry");
         }
     }

@@ -3,7 +3,8 @@
 //! the hour's prefix gets `_manifest.json` (objects, rows, bytes, event-time range, offset ranges)
 //! and `_SUCCESS`. Objects that arrive later add a new manifest revision and count as late.
 
-use crate::partition::{hour_prefix, HOUR_MS};
+use crate::layout::Layout;
+use crate::partition::HOUR_MS;
 use crate::state::{self, PartitionState};
 use crate::store::Store;
 use serde_json::json;
@@ -21,6 +22,7 @@ impl Finalizer {
         &mut self,
         store: &Store,
         prefix: &str,
+        layout: &Layout,
         topic: &str,
         partitions: i32,
         lateness: Duration,
@@ -48,7 +50,7 @@ impl Finalizer {
             if !passed {
                 continue;
             }
-            if self.finalize_hour(store, prefix, topic, hour, uploaded).await? {
+            if self.finalize_hour(store, layout, topic, hour, uploaded).await? {
                 self.done.insert((topic.to_string(), hour), uploaded);
             }
         }
@@ -59,12 +61,12 @@ impl Finalizer {
     async fn finalize_hour(
         &self,
         store: &Store,
-        prefix: &str,
+        layout: &Layout,
         topic: &str,
         hour: i64,
         uploaded: u64,
     ) -> anyhow::Result<bool> {
-        let dir = hour_prefix(prefix, topic, hour);
+        let dir = layout.hour_dir(topic, hour);
         let listed = store.list(&dir).await?;
         let objects: Vec<_> = listed.iter().filter(|o| !o.name[dir.len()..].starts_with('_')).collect();
         if (objects.len() as u64) < uploaded.min(1) {

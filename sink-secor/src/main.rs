@@ -6,6 +6,7 @@ mod config;
 mod consumer;
 mod finalize;
 mod format;
+mod layout;
 mod partition;
 mod state;
 mod store;

@@ -9,6 +9,7 @@
 
 use crate::config::{Column, Format, RollConfig};
 use crate::format::{RowSink, RowSource};
+use crate::layout::Layout;
 use crate::state::{self, PartitionState, PendingCut};
 use crate::store::Store;
 use std::collections::{BTreeMap, HashMap};
@@ -20,6 +21,7 @@ pub const HOUR_MS: i64 = 3_600_000;
 pub struct Output<'a> {
     pub store: &'a Store,
     pub prefix: &'a str,
+    pub layout: &'a Layout,
     pub format: Format,
     pub columns: &'a [Column],
     pub gzip_level: u32,
@@ -200,7 +202,7 @@ impl Partition {
         let started = Instant::now();
         let now_ns = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0);
         for (hour, s) in &self.sealed {
-            let key = object_key(out.prefix, &self.topic, *hour, self.partition, s.first_offset, out.format);
+            let key = object_key(out.layout, &self.topic, *hour, self.partition, s.first_offset, out.format);
             let body = std::fs::read(&s.path).map_err(|e| anyhow::anyhow!("{}: {e}", s.path.display()))?;
             let bytes = body.len() as u64;
             let metadata = HashMap::from([
@@ -283,13 +285,15 @@ impl Partition {
     }
 }
 
-pub fn hour_prefix(prefix: &str, topic: &str, hour: i64) -> String {
-    let t = chrono::DateTime::from_timestamp(hour * 3600, 0).unwrap_or_default();
-    crate::join_key(prefix, &format!("{topic}/dt={}/hr={}/", t.format("%Y-%m-%d"), t.format("%H")))
-}
-
-pub fn object_key(prefix: &str, topic: &str, hour: i64, partition: i32, first_offset: i64, format: Format) -> String {
-    format!("{}{topic}-{partition}-{first_offset:020}.{}.gz", hour_prefix(prefix, topic, hour), format.ext())
+pub fn object_key(
+    layout: &Layout,
+    topic: &str,
+    hour: i64,
+    partition: i32,
+    first_offset: i64,
+    format: Format,
+) -> String {
+    format!("{}{topic}-{partition}-{first_offset:020}.{}.gz", layout.hour_dir(topic, hour), format.ext())
 }
 
 fn content_type(format: Format) -> &'static str {

@@ -19,6 +19,10 @@ CASES = [
      "key `files.scan_intervall`: unknown field `scan_intervall`, expected one of"),
     ("tron-agent", 'state_dir = "/tmp/x"\n[[sources]]\nname = "a"\ninclude = ["/x/*.log"]\ntag = "t"\n[files]\nscan_intervall = "1s"\n[destinations.s3]\nurl = "file:///tmp/y"\n',
      "; did you mean `scan_interval`?"),
+    ("tron-sink-secor", 'staging_dir = "/tmp/x"\n[kafka]\nbrokers = "x"\ngroup_id = "g"\ntopics = ["t"]\n[output]\nurl = "gs://b/p"\npath = "{topic}/%Y-%m-%d"\n',
+     "key `output.path`: \"{topic}/%Y-%m-%d\": two hours map to the same directory"),
+    ("tron-sink-secor", 'staging_dir = "/tmp/x"\n[kafka]\nbrokers = "x"\ngroup_id = "g"\ntopics = ["t"]\n[output]\nurl = "gs://b/p"\n[output.topic_paths]\nweb = "web/%Y/%m/%d/%H"\n',
+     "key `output.topic_paths.web`: \"web\" is not one of kafka.topics"),
     ("tron-sink-secor", 'staging_dir = "/tmp/x"\nmetrics_listen = "127.0.0.1:0"\n[kafka]\nbrokers = "x"\ngroup_id = "g"\ntopics = ["t"]\n[output]\nurl = "gs://b/p"\nformat = "csv"\n[[output.columns]]\nname = "a"\nsorce = "a"\n',
      "did you mean `source`?"),
     ("tron-sink-secor", 'staging_dir = "/tmp/s"\n[kafka]\nbrokers = "x"\ngroup_id = "g"\ntopics = ["t"]\n[output]\nurl = "s3://nope"\n',
@@ -67,3 +71,17 @@ def test_bq_commands():
     assert "'logs.app_logs$2026112203'" in out and "--replace" in out, out
     assert "gs://my-warehouse/tron/logs/dt=2026-11-22/hr=03/*.csv.gz" in out, out
     assert "{dt:DATE}/{hr:INTEGER}" in out, out
+
+
+def test_bq_command_for_a_topic_with_its_own_path(tmp_path):
+    path = tmp_path / "sink.toml"
+    path.write_text('staging_dir = "/tmp/x"\n[kafka]\nbrokers = "x"\ngroup_id = "g"\ntopics = ["web", "app"]\n'
+                    '[output]\nurl = "gs://b/p"\n[output.topic_paths]\nweb = "web-archive/%Y/%m/%d/%H"\n')
+    sink = os.path.join(tron.BIN, "tron-sink-secor")
+    web = subprocess.run([sink, "--config", str(path), "bq-load-command", "--topic", "web", "--hour", "2026-11-22T03"],
+                         capture_output=True, text=True)
+    assert web.returncode == 0, web.stderr
+    assert "'gs://b/p/web-archive/2026/11/22/03/*.csv.gz'" in web.stdout and "hive_partitioning" not in web.stdout, web.stdout
+    app = subprocess.run([sink, "--config", str(path), "bq-load-command", "--topic", "app", "--hour", "2026-11-22T03"],
+                         capture_output=True, text=True)
+    assert "'gs://b/p/app/dt=2026-11-22/hr=03/*.csv.gz'" in app.stdout and "{dt:DATE}" in app.stdout, app.stdout

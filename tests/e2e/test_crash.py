@@ -1,6 +1,7 @@
 """Crash safety against the real servers: kill -9 at random moments, restart, and check that
 nothing is lost (agent: at-least-once) and nothing is doubled (sink: exactly-once per Kafka
-record). Set TRON_CRASH_KILLS to kill more often (the issue's soak uses 10)."""
+record). Set TRON_CRASH_KILLS to kill more often and TRON_CRASH_LINES for a longer run (the
+issues' soak: 10 kills, 500,000 lines)."""
 import csv
 import datetime
 import io
@@ -14,6 +15,13 @@ from collections import Counter, defaultdict
 import tron
 
 KILLS = int(os.environ.get("TRON_CRASH_KILLS", "5"))
+LINES = int(os.environ.get("TRON_CRASH_LINES", "40000"))
+
+
+def kill_gap(rng):
+    """Seconds until the next kill, so the kills spread over the whole write (2,000 lines/s)."""
+    spacing = max(2.5, LINES / 2000 / KILLS)
+    return rng.uniform(0.4 * spacing, 1.6 * spacing)
 
 
 def write_lines(path, total, per_second, start_seq=0, base=None):
@@ -50,8 +58,8 @@ def columns():
     ]
 
 
-def pipeline(services, certs, work, topic, bucket, s3_bucket=None):
-    services.create_topic(topic, 3)
+def pipeline(services, certs, work, topic, bucket, s3_bucket=None, partitions=3):
+    services.create_topic(topic, partitions)
     services.create_gcs_bucket(bucket)
     os.makedirs(os.path.join(work, "logs"), exist_ok=True)
     relay = tron.Proc("relay", "tron-relay", tron.relay_config(work, certs, services.kafka_brokers, topic=topic), work)
@@ -72,12 +80,12 @@ def test_sink_killed_at_random_moments_writes_every_kafka_record_exactly_once(se
     relay, sink, agent = pipeline(services, certs, work, "crash-sink", "crash-sink")
     procs.extend([relay, sink, agent])
     relay.start(), sink.start(), agent.start()
-    total = 40_000
+    total = LINES
     writer = threading.Thread(target=write_lines, args=(os.path.join(work, "logs", "a.log"), total, 2000))
     writer.start()
     rng = random.Random(7)
     for i in range(KILLS):
-        time.sleep(rng.uniform(1.0, 4.0))
+        time.sleep(kill_gap(rng))
         sink.kill()
         sink.start()
     writer.join()
@@ -85,7 +93,7 @@ def test_sink_killed_at_random_moments_writes_every_kafka_record_exactly_once(se
     def all_in():
         return len({int(r[1]) for r in gcs_rows(services, "crash-sink", "w/crash-sink/")}) >= total
 
-    tron.wait_until("every line in GCS after %d sink kills" % KILLS, all_in, timeout=240, interval=3,
+    tron.wait_until("every line in GCS after %d sink kills" % KILLS, all_in, timeout=240 + LINES // 1000, interval=3,
                     on_timeout=lambda: sink.tail())
     time.sleep(4)
     rows = gcs_rows(services, "crash-sink", "w/crash-sink/")
@@ -104,18 +112,66 @@ def test_sink_killed_at_random_moments_writes_every_kafka_record_exactly_once(se
           % (KILLS, len(rows), len(per_record)))
 
 
+def assert_each_offset_in_exactly_one_object(rows):
+    per_record = Counter((int(r[2]), int(r[3])) for r in rows)
+    doubled = {k: n for k, n in per_record.items() if n > 1}
+    assert not doubled, "Kafka records in more than one object: %s" % list(doubled.items())[:10]
+    offsets = defaultdict(set)
+    for p, o in per_record:
+        offsets[p].add(o)
+    for p, got in offsets.items():
+        missing = sorted(set(range(min(got), max(got) + 1)) - got)
+        assert not missing, "partition %d: offsets missing from GCS: %s" % (p, missing[:10])
+    return per_record
+
+
+def test_scale_out_two_sinks_a_third_joins_then_one_is_killed_still_exactly_once(services, certs, workroot, procs):
+    work = os.path.join(workroot, "scale-out")
+    relay, sink_a, agent = pipeline(services, certs, work, "scale", "scale", partitions=6)
+    extra = []
+    for name in ("sink-b", "sink-c"):
+        cfg = dict(sink_a.config, metrics_listen="127.0.0.1:%d" % tron.servers.free_port(),
+                   staging_dir=os.path.join(work, name + "-staging"))
+        extra.append(tron.Proc(name, "tron-sink-secor", cfg, work))
+    sink_b, sink_c = extra
+    procs.extend([relay, sink_a, sink_b, sink_c, agent])
+    relay.start(), sink_a.start(), sink_b.start(), agent.start()
+    total = LINES
+    writer = threading.Thread(target=write_lines, args=(os.path.join(work, "logs", "a.log"), total, 2000))
+    writer.start()
+    time.sleep(6)
+    sink_c.start()  # joins: the group rebalances while all three consume
+    time.sleep(6)
+    sink_a.kill()   # dies without leaving: its partitions move after the session time-out
+    writer.join()
+
+    def all_in():
+        return len({int(r[1]) for r in gcs_rows(services, "scale", "w/scale/")}) >= total
+
+    tron.wait_until("every line in GCS after a join and a kill", all_in, timeout=240 + LINES // 1000, interval=3,
+                    on_timeout=lambda: sink_b.tail() + sink_c.tail())
+    time.sleep(4)
+    rows = gcs_rows(services, "scale", "w/scale/")
+    per_record = assert_each_offset_in_exactly_one_object(rows)
+    assert {int(r[1]) for r in rows} == set(range(total))
+    uploaded = {p.name: tron.Proc.metrics(p).count("tron_sink_objects_uploaded_total") for p in (sink_b, sink_c)}
+    assert all(uploaded.values()), "both survivors should own partitions: %s" % uploaded
+    print("scale-out test: %d rows, %d Kafka records over 6 partitions, each in exactly one object; "
+          "2 sinks, +1 joined, 1 killed" % (len(rows), len(per_record)))
+
+
 def test_agent_killed_at_random_moments_loses_no_line(services, certs, workroot, procs):
     work = os.path.join(workroot, "agent-crash")
     services.create_s3_bucket("crash-archive")
     relay, sink, agent = pipeline(services, certs, work, "crash-agent", "crash-agent", s3_bucket="crash-archive")
     procs.extend([relay, sink, agent])
     relay.start(), sink.start(), agent.start()
-    total = 40_000
+    total = LINES
     writer = threading.Thread(target=write_lines, args=(os.path.join(work, "logs", "a.log"), total, 2000))
     writer.start()
     rng = random.Random(11)
     for i in range(KILLS):
-        time.sleep(rng.uniform(1.0, 4.0))
+        time.sleep(kill_gap(rng))
         agent.kill()
         agent.start()
     writer.join()
@@ -123,7 +179,7 @@ def test_agent_killed_at_random_moments_loses_no_line(services, certs, workroot,
     def all_in():
         return len({int(r[1]) for r in gcs_rows(services, "crash-agent", "w/crash-agent/")}) >= total
 
-    tron.wait_until("every line through the relay after %d agent kills" % KILLS, all_in, timeout=240, interval=3,
+    tron.wait_until("every line through the relay after %d agent kills" % KILLS, all_in, timeout=240 + LINES // 1000, interval=3,
                     on_timeout=lambda: agent.tail())
     rows = gcs_rows(services, "crash-agent", "w/crash-agent/")
     via_relay = Counter(int(r[1]) for r in rows)

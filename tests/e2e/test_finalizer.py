@@ -43,3 +43,38 @@ def test_idle_partitions_do_not_block_and_late_records_revise_the_manifest(servi
     m = tron.wait_until("a second manifest revision", revised, timeout=60, interval=0.5, on_timeout=lambda: sink.tail())
     assert m["rows"] == 5, m
     assert "tron_sink_late_objects_total" in sink.metrics()
+
+
+def test_success_only_after_every_record_is_uploaded_and_soon_after_the_last_partition_passes(
+        services, certs, workroot, procs):
+    """Four partitions get records of hour H, then records past H's end plus the lateness, all at
+    once. `_SUCCESS` for H must not exist before every record of H is in an object listed by the
+    manifest, and must appear within lateness + roll.max_age + finalize.interval (+5 s slack)."""
+    relay, sink, host, port = tron.relay_to_gcs(services, certs, os.path.join(workroot, "fin-timing"), procs,
+                                                "fintime", "fintime", 4, plaintext=True)
+    lateness, max_age, interval = 5, 3, 1  # tron.sink_config: finalize.lateness, roll.max_age, finalize.interval
+    hour = datetime.datetime.now(datetime.timezone.utc).replace(minute=0, second=0, microsecond=0) - datetime.timedelta(hours=3)
+    prefix = "w/fintime/dt=%s/hr=%s/" % (hour.strftime("%Y-%m-%d"), hour.strftime("%H"))
+    log = sender.FluentSender("app", host=host, port=port, nanosecond_precision=True)
+    for i in range(400):
+        assert log.emit_with_time("x", sender.EventTime(hour.timestamp() + 5 * i), {"seq": i}), log.last_error
+    for i in range(400):  # ten minutes past the hour's end: every partition moves past H + lateness
+        assert log.emit_with_time("x", sender.EventTime(hour.timestamp() + 4200 + i), {"seq": 1000 + i}), log.last_error
+    log.close()
+    passed_at = time.time()
+
+    def success():
+        names = {o["name"] for o in services.gcs_list("fintime", prefix)}
+        return time.time() if prefix + "_SUCCESS" in names else None
+
+    seen_at = tron.wait_until("_SUCCESS for the hour", success, timeout=60, interval=0.25, on_timeout=sink.tail)
+    delay = seen_at - passed_at
+    manifest = json.loads(services.gcs_get("fintime", prefix + "_manifest.json"))
+    assert manifest["rows"] == 400 and manifest["revision"] == 1, manifest
+    rows = 0
+    for obj in manifest["objects"]:
+        rows += len(tron.read_gz_lines(services.gcs_get("fintime", obj["name"])))
+    assert rows == 400, "the manifest's objects hold %d rows" % rows
+    bound = lateness + max_age + interval + 5  # slack: Kafka delivery and fetch on the test broker
+    print("hour finalized %.1fs after every partition passed it (bound %ds)" % (delay, bound))
+    assert delay <= bound, "_SUCCESS %.1fs after the last partition passed the hour (bound %ds)" % (delay, bound)
