@@ -59,8 +59,9 @@ def metrics_port():
 class Proc:
     """One tron process with its config file and log."""
 
-    def __init__(self, name, binary, config, workdir, env=None):
+    def __init__(self, name, binary, config, workdir, env=None, wrapper=()):
         self.name = name
+        self.wrapper = list(wrapper)
         self.binary = os.path.join(BIN, binary)
         self.config_path = os.path.join(workdir, name + ".toml")
         self.log = os.path.join(workdir, name + ".log")
@@ -71,7 +72,7 @@ class Proc:
             f.write(to_toml(config))
 
     def start(self):
-        self.proc = subprocess.Popen([self.binary, "--config", self.config_path], stdout=open(self.log, "ab"),
+        self.proc = subprocess.Popen(self.wrapper + [self.binary, "--config", self.config_path], stdout=open(self.log, "ab"),
                                      stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
         port = int(self.config["metrics_listen"].rsplit(":", 1)[1])
         servers.wait_for(self.name, lambda: servers.http_ok("http://127.0.0.1:%d/metrics" % port),
@@ -217,3 +218,74 @@ def relay_to_gcs(services, certs, work, procs, topic, bucket, partitions, column
     relay.start(), sink.start()
     host, port = relay.config["listen"].rsplit(":", 1)
     return relay, sink, host, int(port)
+
+
+class Gate:
+    """A TCP forwarder in front of a server, so a test can make the server unreachable (refused
+    connections, dropped sockets) and reachable again without losing the server's state, which an
+    in-memory server such as moto would lose on a restart."""
+
+    def __init__(self, target_port):
+        import socket
+        import threading
+        self.socket, self.threading = socket, threading
+        self.target = ("127.0.0.1", target_port)
+        self.port = servers.free_port()
+        self.conns, self.listener, self.lock = [], None, threading.Lock()
+
+    @property
+    def endpoint(self):
+        return "http://127.0.0.1:%d" % self.port
+
+    def open(self):
+        s = self.socket.socket()
+        s.setsockopt(self.socket.SOL_SOCKET, self.socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", self.port))
+        s.listen(64)
+        self.listener = s
+        self.threading.Thread(target=self._accept, args=(s,), daemon=True).start()
+        return self
+
+    def close(self):
+        self.listener.close()
+        with self.lock:
+            for c in self.conns:
+                try:
+                    c.shutdown(self.socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                c.close()
+            self.conns.clear()
+
+    def _accept(self, listener):
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = self.socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            with self.lock:
+                self.conns.extend([client, upstream])
+            for a, b in ((client, upstream), (upstream, client)):
+                self.threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src, dst):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
