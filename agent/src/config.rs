@@ -141,6 +141,20 @@ pub struct S3Config {
     pub gzip_level: u32,
     #[serde(default = "s3_batch")]
     pub batch: BatchConfig,
+    /// Objects larger than this are sent as a multipart upload of `multipart_part_bytes` parts,
+    /// so a large batch is not one long request that restarts from zero on a failure.
+    #[serde(default = "default_multipart_threshold")]
+    pub multipart_threshold_bytes: usize,
+    #[serde(default = "default_multipart_part")]
+    pub multipart_part_bytes: usize,
+}
+
+fn default_multipart_threshold() -> usize {
+    16 << 20
+}
+
+fn default_multipart_part() -> usize {
+    8 << 20
 }
 
 #[derive(Debug, Deserialize)]
@@ -225,6 +239,9 @@ impl AgentConfig {
                 return err("destinations.s3.url".into(), "must start with s3:// or file://");
             }
             check_batch("destinations.s3.batch", &s3.batch)?;
+            if s3.multipart_part_bytes < 5 << 20 {
+                return err("destinations.s3.multipart_part_bytes".into(), "S3 parts must be at least 5 MiB (5242880)");
+            }
         }
         if let Some(r) = &self.destinations.relay {
             if r.addresses.is_empty() {

@@ -25,6 +25,8 @@ pub struct S3Archive {
     host: String,
     batch: BatchConfig,
     gzip_level: u32,
+    multipart_threshold: usize,
+    part_size: usize,
 }
 
 impl S3Archive {
@@ -48,7 +50,15 @@ impl S3Archive {
             let client = aws_sdk_s3::Client::from_conf(s3.build());
             (Store::S3 { client, bucket: bucket.to_string() }, prefix.trim_matches('/').to_string())
         };
-        Ok(S3Archive { store, prefix, host: host.to_string(), batch: cfg.batch.clone(), gzip_level: cfg.gzip_level })
+        Ok(S3Archive {
+            store,
+            prefix,
+            host: host.to_string(),
+            batch: cfg.batch.clone(),
+            gzip_level: cfg.gzip_level,
+            multipart_threshold: cfg.multipart_threshold_bytes,
+            part_size: cfg.multipart_part_bytes,
+        })
     }
 
     /// `{prefix}/{tag}/dt=YYYY-MM-DD/hr=HH/{host}-{fingerprint}-{first_offset:020}.ndjson.gz`
@@ -117,6 +127,9 @@ impl Destination for S3Archive {
 
     async fn send(self: Arc<Self>, sealed: Arc<SealedObject>, _meta: Arc<BatchMeta>) -> Result<(), String> {
         match &self.store {
+            Store::S3 { client, bucket } if sealed.body.len() > self.multipart_threshold => {
+                multipart_put(client, bucket, &sealed.key, &sealed.body, self.part_size).await
+            }
             Store::S3 { client, bucket } => client
                 .put_object()
                 .bucket(bucket)
@@ -136,6 +149,63 @@ impl Destination for S3Archive {
             }
         }
     }
+}
+
+/// Uploads `body` in parts; on any failure the upload is aborted so no parts linger (and cost),
+/// and the whole batch is retried by the shipper under the same key.
+async fn multipart_put(
+    client: &aws_sdk_s3::Client,
+    bucket: &str,
+    key: &str,
+    body: &bytes::Bytes,
+    part_size: usize,
+) -> Result<(), String> {
+    use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+    let fail = |e: String| format!("s3://{bucket}/{key} (multipart): {e}");
+    let created = client
+        .create_multipart_upload()
+        .bucket(bucket)
+        .key(key)
+        .content_type("application/x-ndjson")
+        .send()
+        .await
+        .map_err(|e| fail(aws_sdk_s3::error::DisplayErrorContext(e).to_string()))?;
+    let upload_id = created.upload_id().ok_or_else(|| fail("no upload id in the answer".into()))?.to_string();
+    let parts = async {
+        let mut done = Vec::new();
+        for (i, start) in (0..body.len()).step_by(part_size).enumerate() {
+            let number = i as i32 + 1;
+            let part = body.slice(start..(start + part_size).min(body.len()));
+            let sent = client
+                .upload_part()
+                .bucket(bucket)
+                .key(key)
+                .upload_id(&upload_id)
+                .part_number(number)
+                .body(ByteStream::from(part))
+                .send()
+                .await
+                .map_err(|e| format!("part {number}: {}", aws_sdk_s3::error::DisplayErrorContext(e)))?;
+            done.push(CompletedPart::builder().part_number(number).set_e_tag(sent.e_tag().map(str::to_owned)).build());
+        }
+        client
+            .complete_multipart_upload()
+            .bucket(bucket)
+            .key(key)
+            .upload_id(&upload_id)
+            .multipart_upload(CompletedMultipartUpload::builder().set_parts(Some(done)).build())
+            .send()
+            .await
+            .map_err(|e| format!("complete: {}", aws_sdk_s3::error::DisplayErrorContext(e)))?;
+        Ok::<(), String>(())
+    }
+    .await;
+    if let Err(e) = parts {
+        let _ = client.abort_multipart_upload().bucket(bucket).key(key).upload_id(&upload_id).send().await;
+        return Err(fail(e));
+    }
+    metrics::counter!("tron_agent_multipart_uploads_total").increment(1);
+    Ok(())
 }
 
 fn write_atomically(path: &std::path::Path, body: &[u8]) -> Result<(), String> {
