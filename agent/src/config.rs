@@ -43,6 +43,23 @@ pub struct SourceConfig {
     /// `rfc3339`, `unix`, `unix_ms`, `unix_us`, `unix_ns`, or a strftime pattern.
     #[serde(default = "default_time_format")]
     pub time_format: String,
+    /// Records that span lines (stack traces): a line matching `start` begins a record, others
+    /// continue the previous one.
+    pub multiline: Option<MultilineConfig>,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct MultilineConfig {
+    /// Regular expression a record's first line matches.
+    pub start: String,
+    /// A record whose file has not grown for this long is complete even without a next start.
+    #[serde(default = "default_multiline_flush", with = "duration")]
+    pub flush_timeout: Duration,
+}
+
+fn default_multiline_flush() -> Duration {
+    Duration::from_secs(2)
 }
 
 #[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq)]
@@ -229,6 +246,15 @@ impl AgentConfig {
             }
             if let Err(m) = crate::parse::TimeFormat::parse(&s.time_format) {
                 return Err((format!("sources[{i}].time_format"), m));
+            }
+            if let Some(ml) = &s.multiline {
+                if let Err(e) = regex::bytes::Regex::new(&ml.start) {
+                    let first = e.to_string().lines().last().unwrap_or_default().trim().to_string();
+                    return Err((
+                        format!("sources[{i}].multiline.start"),
+                        format!("invalid regex {:?}: {first}", ml.start),
+                    ));
+                }
             }
         }
         if self.destinations.s3.is_none() && self.destinations.relay.is_none() {

@@ -5,6 +5,7 @@ mod checkpoint;
 mod config;
 mod discover;
 mod fingerprint;
+mod multiline;
 mod parse;
 mod reader;
 mod relay;

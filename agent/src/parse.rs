@@ -63,6 +63,8 @@ pub struct SourceSettings {
     pub max_line_bytes: usize,
     pub time_field: Option<String>,
     pub time_format: TimeFormat,
+    /// Start-of-record pattern and flush time-out.
+    pub multiline: Option<(regex::bytes::Regex, std::time::Duration)>,
 }
 
 impl SourceSettings {
@@ -74,6 +76,10 @@ impl SourceSettings {
             max_line_bytes: cfg.max_line_bytes,
             time_field: cfg.time_field.clone(),
             time_format: TimeFormat::parse(&cfg.time_format).expect("validated at load"),
+            multiline: cfg
+                .multiline
+                .as_ref()
+                .map(|m| (regex::bytes::Regex::new(&m.start).expect("validated at load"), m.flush_timeout)),
         }
     }
 }
@@ -179,6 +185,7 @@ mod tests {
             max_line_bytes: 1024,
             time_field: time_field.map(str::to_owned),
             time_format: TimeFormat::parse(fmt).unwrap(),
+            multiline: None,
         }
     }
 

@@ -8,6 +8,7 @@
 use crate::checkpoint::Checkpointer;
 use crate::config::{BatchConfig, FieldsConfig};
 use crate::discover::{Registry, TrackedFile};
+use crate::multiline::{self, Held, Span};
 use crate::parse::{parse_line, Origin, Record};
 use crate::reader::read_lines;
 use std::collections::{BTreeMap, HashMap};
@@ -71,6 +72,8 @@ struct Cursor<B> {
     /// Sealed batches by first offset: (end offset, delivered).
     sealed: BTreeMap<u64, (u64, bool)>,
     open: Option<OpenBatch<B>>,
+    /// A multiline record read but held back until it is known to be complete.
+    held: Option<Held>,
 }
 
 struct Done {
@@ -230,7 +233,7 @@ impl<D: Destination> Shipper<D> {
             self.checkpoints.set(tf.fingerprint, start, &tf.path());
             self.cursors.insert(
                 tf.fingerprint,
-                Cursor { file: tf, read: start, acked: start, sealed: BTreeMap::new(), open: None },
+                Cursor { file: tf, read: start, acked: start, sealed: BTreeMap::new(), open: None, held: None },
             );
         }
         let registry = &self.registry;
@@ -279,6 +282,8 @@ impl<D: Destination> Shipper<D> {
         let origin = Origin { host: &self.host, path: &path, fingerprint: fp };
         let now_ns = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as i64;
         let mut lines: Vec<(Record, u64, usize)> = Vec::new();
+        let mut raw: Vec<Span> = Vec::new();
+        let read_from = cursor.read;
         let src = file.source.clone();
         let handle = file.handle();
         if !self.registry.is_intact(&file, &handle) {
@@ -292,7 +297,9 @@ impl<D: Destination> Shipper<D> {
             file.finished.load(Ordering::SeqCst),
             &mut self.buf,
             |offset, line, end| {
-                if !line.is_empty() {
+                if src.multiline.is_some() {
+                    raw.push(Span { offset, text: line.to_vec(), end });
+                } else if !line.is_empty() {
                     lines.push((parse_line(line, offset, &src, &self.fields, &origin, now_ns), end, line.len()));
                 } else {
                     lines.push((Record { time: Default::default(), fields: Default::default() }, end, 0));
@@ -314,6 +321,34 @@ impl<D: Destination> Shipper<D> {
         }
         if outcome.bytes_read == 0 {
             return 0;
+        }
+        let mut consumed_end = outcome.next_offset;
+        if let Some((start, flush)) = &src.multiline {
+            let (mut records, open) = multiline::group(raw, start, src.max_line_bytes);
+            if let Some(open) = open {
+                let cursor = self.cursors.get_mut(&fp).expect("cursor exists");
+                let held = match cursor.held {
+                    Some(h) if h.offset == open.offset && h.end == open.end => h,
+                    _ => Held { offset: open.offset, end: open.end, since: Instant::now() },
+                };
+                // Complete when nothing more can follow, when it alone fills the read window, or
+                // when the file has not grown for the flush time-out.
+                let window_full = records.is_empty() && outcome.bytes_read >= budget;
+                if file.finished.load(Ordering::SeqCst) || window_full || held.since.elapsed() >= *flush {
+                    cursor.held = None;
+                    records.push(open);
+                } else {
+                    cursor.held = Some(held);
+                    consumed_end = open.offset;
+                }
+            }
+            for r in records {
+                let record = parse_line(&r.text, r.offset, &src, &self.fields, &origin, now_ns);
+                lines.push((record, r.end, r.text.len()));
+            }
+            if consumed_end == read_from {
+                return 0;
+            }
         }
         metrics::counter!("tron_agent_lines_read_total", "destination" => self.dest.name())
             .increment(lines.len() as u64);
@@ -362,8 +397,8 @@ impl<D: Destination> Shipper<D> {
                 self.seal(fp);
             }
         }
-        debug_assert_eq!(self.cursors[&fp].read, outcome.next_offset);
-        outcome.bytes_read
+        debug_assert_eq!(self.cursors[&fp].read, consumed_end);
+        (consumed_end - read_from) as usize
     }
 
     /// Closes the open batch of a file and starts sending it.

@@ -19,6 +19,8 @@ CASES = [
      "key `files.scan_intervall`: unknown field `scan_intervall`, expected one of"),
     ("tron-agent", 'state_dir = "/tmp/x"\n[[sources]]\nname = "a"\ninclude = ["/x/*.log"]\ntag = "t"\n[files]\nscan_intervall = "1s"\n[destinations.s3]\nurl = "file:///tmp/y"\n',
      "; did you mean `scan_interval`?"),
+    ("tron-agent", 'state_dir = "/tmp/x"\n[[sources]]\nname = "a"\ninclude = ["/x/*.log"]\ntag = "t"\n[sources.multiline]\nstart = "^(unclosed"\n[destinations.s3]\nurl = "file:///tmp/y"\n',
+     "key `sources[0].multiline.start`: invalid regex \"^(unclosed\": error: unclosed group"),
     ("tron-sink-secor", 'staging_dir = "/tmp/x"\n[kafka]\nbrokers = "x"\ngroup_id = "g"\ntopics = ["t"]\n[output]\nurl = "gs://b/p"\npath = "{topic}/%Y-%m-%d"\n',
      "key `output.path`: \"{topic}/%Y-%m-%d\": two hours map to the same directory"),
     ("tron-sink-secor", 'staging_dir = "/tmp/x"\n[kafka]\nbrokers = "x"\ngroup_id = "g"\ntopics = ["t"]\n[output]\nurl = "gs://b/p"\n[output.topic_paths]\nweb = "web/%Y/%m/%d/%H"\n',
