@@ -55,37 +55,3 @@ def test_deleted_file_is_finished_and_a_reused_path_is_a_new_file(services, cert
           "a first line completed later shipped once" % reused)
     assert agent.stop() == 0
     gate.close()
-
-
-def test_rotated_file_is_given_up_after_max_rotated_keep_logged_and_counted(services, certs, workroot, procs):
-    work = os.path.join(workroot, "given-up")
-    logs = os.path.join(work, "logs")
-    os.makedirs(logs)
-    services.create_s3_bucket("given-up")
-    gate = tron.Gate(services.s3_port).open()
-    cfg = tron.agent_config(work, os.path.join(logs, "*.log"), "s3://given-up/a", "127.0.0.1:1", certs,
-                            s3_endpoint=gate.endpoint)
-    del cfg["destinations"]["relay"]
-    cfg["files"]["max_rotated_keep"] = "2s"
-    agent = tron.Proc("agent", "tron-agent", cfg, work, env=dict(tron.servers.S3_CREDENTIALS))
-    procs.append(agent)
-    agent.start()
-    path = os.path.join(logs, "app.log")
-    gate.close()
-    with open(path, "w") as f:
-        f.writelines(json.dumps({"seq": i}) + "\n" for i in range(1000))
-    tron.wait_until("the agent following app.log", lambda: "following file" in agent.tail(), timeout=20, interval=0.2)
-    os.rename(path, path + ".1")  # rotated while S3 is unreachable
-    with open(path, "w") as f:
-        f.writelines(json.dumps({"seq": i}) + "\n" for i in range(1000, 1100))
-    tron.wait_until("the agent giving up on the rotated file", lambda: "giving up on rotated file" in agent.tail(),
-                    timeout=30, interval=0.5, on_timeout=agent.tail)
-    assert path + ".1" in agent.tail() or path in agent.tail()
-    lost = [line for line in agent.metrics().splitlines()
-            if line.startswith('tron_agent_lost_bytes_total{reason="rotated_given_up"}')]
-    assert lost and float(lost[0].rsplit(" ", 1)[1]) > 0, agent.metrics()
-    gate.open()
-    tron.wait_until("the new file shipped", lambda: s3_seqs(services, "given-up") >= set(range(1000, 1100)),
-                    timeout=60, interval=1, on_timeout=agent.tail)
-    assert agent.stop() == 0
-    gate.close()
