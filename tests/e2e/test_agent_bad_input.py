@@ -31,8 +31,7 @@ def test_bad_input_is_named_counted_and_does_not_stop_the_good_file(workroot, ce
     logs = os.path.join(work, "logs")
     os.makedirs(logs)
     archive = os.path.join(work, "s3")
-    cfg = tron.agent_config(work, os.path.join(logs, "*.log"), "file://" + archive, "127.0.0.1:1", certs)
-    del cfg["destinations"]["relay"]
+    cfg = tron.agent_config(work, os.path.join(logs, "*.log"), "file://" + archive, None, certs)
     cfg["sources"][0].update(parser="raw", max_line_bytes=1 << 20)
     cfg["destinations"]["s3"]["batch"]["max_age"] = "300ms"
     # Root reads any file whatever its mode; run the agent as nobody so "unreadable" is real.

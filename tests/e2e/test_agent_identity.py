@@ -16,9 +16,8 @@ def test_deleted_file_is_finished_and_a_reused_path_is_a_new_file(services, cert
     os.makedirs(logs)
     services.create_s3_bucket("identity")
     gate = tron.Gate(services.s3_port).open()
-    cfg = tron.agent_config(work, os.path.join(logs, "*.log"), "s3://identity/a", "127.0.0.1:1", certs,
+    cfg = tron.agent_config(work, os.path.join(logs, "*.log"), "s3://identity/a", None, certs,
                             s3_endpoint=gate.endpoint)
-    del cfg["destinations"]["relay"]
     cfg["destinations"]["s3"]["batch"].update(max_bytes=256 << 10, max_age="200ms", max_inflight=1,
                                               max_buffer_bytes=1 << 20)
     agent = tron.Proc("agent", "tron-agent", cfg, work, env=dict(tron.servers.S3_CREDENTIALS))

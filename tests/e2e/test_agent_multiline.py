@@ -13,8 +13,7 @@ def test_stack_traces_are_one_record_each(workroot, certs, procs):
     logs = os.path.join(work, "logs")
     os.makedirs(logs)
     archive = os.path.join(work, "s3")
-    cfg = tron.agent_config(work, os.path.join(logs, "*.log"), "file://" + archive, "127.0.0.1:1", certs)
-    del cfg["destinations"]["relay"]
+    cfg = tron.agent_config(work, os.path.join(logs, "*.log"), "file://" + archive, None, certs)
     cfg["sources"][0].update(parser="raw", multiline={"start": r"^\d{4}-\d\d-\d\d ", "flush_timeout": "1500ms"})
     cfg["destinations"]["s3"]["batch"]["max_age"] = "200ms"
     agent = tron.Proc("agent", "tron-agent", cfg, work)

@@ -13,9 +13,8 @@ def test_large_batches_use_multipart_and_keep_every_line(services, certs, workro
     logs = os.path.join(work, "logs")
     os.makedirs(logs)
     services.create_s3_bucket("multipart")
-    cfg = tron.agent_config(work, os.path.join(logs, "*.log"), "s3://multipart/a", "127.0.0.1:1", certs,
+    cfg = tron.agent_config(work, os.path.join(logs, "*.log"), "s3://multipart/a", None, certs,
                             s3_endpoint=services.s3_endpoint)
-    del cfg["destinations"]["relay"]
     s3 = cfg["destinations"]["s3"]
     s3.update(multipart_threshold_bytes=5 << 20, multipart_part_bytes=5 << 20, gzip_level=1)
     s3["batch"].update(max_bytes=32 << 20, max_age="3s")

@@ -97,15 +97,7 @@ def test_sink_killed_at_random_moments_writes_every_kafka_record_exactly_once(se
                     on_timeout=lambda: sink.tail())
     time.sleep(4)
     rows = gcs_rows(services, "crash-sink", "w/crash-sink/")
-    per_record = Counter((int(r[2]), int(r[3])) for r in rows)
-    doubled = {k: n for k, n in per_record.items() if n > 1}
-    assert not doubled, "Kafka records in more than one object: %s" % list(doubled.items())[:10]
-    offsets = defaultdict(set)
-    for p, o in per_record:
-        offsets[p].add(o)
-    for p, got in offsets.items():
-        missing = sorted(set(range(min(got), max(got) + 1)) - got)
-        assert not missing, "partition %d: offsets missing from GCS: %s" % (p, missing[:10])
+    per_record = assert_each_offset_in_exactly_one_object(rows)
     seqs = {int(r[1]) for r in rows}
     assert seqs == set(range(total))
     print("sink crash test: %d kills, %d rows, %d Kafka records, each in exactly one object"

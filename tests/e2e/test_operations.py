@@ -151,8 +151,7 @@ def test_sd_notify_ready_watchdog_reload_and_stopping(services, certs, workroot,
                                                      group="notify")),
     }
     agent_cfg = tron.agent_config(work, os.path.join(work, "logs", "*.log"),
-                                  "file://" + os.path.join(work, "s3"), "127.0.0.1:1", certs)
-    del agent_cfg["destinations"]["relay"]
+                                  "file://" + os.path.join(work, "s3"), None, certs)
     configs["agent"] = ("tron-agent", agent_cfg)
     for name, (binary, cfg) in configs.items():
         sock = NotifySocket(os.path.join(work, name + ".notify"))
@@ -179,8 +178,7 @@ def test_agent_sighup_follows_new_sources_keeps_position_and_refuses_a_bad_file(
     for d in ("a", "b"):
         os.makedirs(os.path.join(work, d))
     archive = os.path.join(work, "s3")
-    cfg = tron.agent_config(work, os.path.join(work, "a", "*.log"), "file://" + archive, "127.0.0.1:1", certs)
-    del cfg["destinations"]["relay"]
+    cfg = tron.agent_config(work, os.path.join(work, "a", "*.log"), "file://" + archive, None, certs)
     cfg["destinations"]["s3"]["batch"]["max_age"] = "200ms"
     agent = tron.Proc("agent", "tron-agent", cfg, work)
     procs.append(agent)

@@ -155,6 +155,8 @@ def agent_config(workdir, log_glob, s3_url, relay_address, certs, s3_endpoint=No
                                 "max_buffer_bytes": 32 << 20}},
         },
     }
+    if relay_address is None:  # an S3-only agent
+        del cfg["destinations"]["relay"]
     if s3_endpoint:
         cfg["destinations"]["s3"]["endpoint"] = s3_endpoint
         cfg["destinations"]["s3"]["region"] = "us-east-1"
