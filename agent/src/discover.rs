@@ -85,7 +85,8 @@ impl Source {
 pub struct Registry {
     sources: RwLock<Arc<Vec<Arc<Source>>>>,
     cfg: FilesConfig,
-    destinations: usize,
+    /// Destination names, indexed like `TrackedFile::acked`.
+    destinations: Vec<&'static str>,
     files: RwLock<HashMap<u64, Arc<TrackedFile>>>,
     by_path: Mutex<HashMap<PathBuf, u64>>,
     /// Paths already reported as unreadable, so the log says it once, not every scan.
@@ -101,7 +102,12 @@ pub struct Registry {
 impl Registry {
     /// `resume`: fingerprints with a checkpoint, so rotated files still being read when the agent
     /// stopped are found again under their new names.
-    pub fn new(sources: &[SourceConfig], cfg: FilesConfig, destinations: usize, resume: HashSet<u64>) -> Arc<Self> {
+    pub fn new(
+        sources: &[SourceConfig],
+        cfg: FilesConfig,
+        destinations: Vec<&'static str>,
+        resume: HashSet<u64>,
+    ) -> Arc<Self> {
         Arc::new(Registry {
             sources: RwLock::new(Arc::new(Source::build(sources, &[]))),
             cfg,
@@ -122,6 +128,11 @@ impl Registry {
     pub fn set_sources(&self, cfgs: &[SourceConfig]) {
         let mut sources = self.sources.write().expect("sources lock");
         *sources = Arc::new(Source::build(cfgs, &sources));
+    }
+
+    /// Where `name`'s position lives in `TrackedFile::acked`.
+    pub fn destination_index(&self, name: &str) -> usize {
+        self.destinations.iter().position(|d| *d == name).expect("destination registered at start")
     }
 
     /// Changes whenever files may have new data or the set of files changed.
@@ -173,6 +184,7 @@ impl Registry {
     pub fn scan(&self) {
         let mut seen: HashSet<u64> = HashSet::new();
         let mut seen_paths: HashSet<PathBuf> = HashSet::new();
+        let mut view = ScanView::default();
         let sources = self.sources.read().expect("sources lock").clone();
         for source in sources.iter() {
             let first = !source.scanned.swap(true, Ordering::SeqCst);
@@ -181,7 +193,7 @@ impl Registry {
                     if let Some(fp) = self.examine(&path, source, first) {
                         seen.insert(fp);
                     }
-                    self.adopt_rotated_siblings(&path, source, first, &seen_paths);
+                    self.adopt_rotated_siblings(&path, source, first, &seen_paths, &mut view);
                 }
             }
         }
@@ -307,13 +319,13 @@ impl Registry {
             return false;
         }
         tf.gone.store(true, Ordering::SeqCst);
-        for (i, acked) in tf.acked.iter().enumerate() {
-            let lost = old_size.saturating_sub(acked.load(Ordering::SeqCst));
-            if lost > 0 {
-                tracing::warn!(path = %path.display(), destination = i, lost_bytes = lost, "file truncated before this destination read it and no copy was found");
-                metrics::counter!("tron_agent_lost_bytes_total", "reason" => "truncated").increment(lost);
-            }
-        }
+        self.count_lost(
+            tf,
+            &path.display().to_string(),
+            old_size,
+            "truncated",
+            "file truncated before this destination read it and no copy was found",
+        );
         self.files.write().expect("files lock").remove(&tf.fingerprint);
         false
     }
@@ -361,7 +373,7 @@ impl Registry {
             fingerprint,
             source: source.settings.clone(),
             start_offset,
-            acked: (0..self.destinations).map(|_| AtomicU64::new(0)).collect(),
+            acked: self.destinations.iter().map(|_| AtomicU64::new(0)).collect(),
             finished: AtomicBool::new(false),
             gone: AtomicBool::new(false),
             handle: RwLock::new(Arc::new(file)),
@@ -380,16 +392,20 @@ impl Registry {
     /// interval) would otherwise be lost. Siblings named `{name}.…`/`{name}-…` whose identity is
     /// unknown are followed to their end if they changed since the agent started, or if a
     /// checkpoint says a destination had not finished them.
-    fn adopt_rotated_siblings(&self, path: &Path, source: &Source, first: bool, matched: &HashSet<PathBuf>) {
+    fn adopt_rotated_siblings(
+        &self,
+        path: &Path,
+        source: &Source,
+        first: bool,
+        matched: &HashSet<PathBuf>,
+        view: &mut ScanView,
+    ) {
         let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return };
         let name = name.to_string_lossy();
-        let Ok(entries) = std::fs::read_dir(dir) else { return };
-        let tracked: HashSet<(u64, u64)> =
-            self.snapshot().iter().map(|tf| tf.inner.lock().expect("lifecycle lock").dev_ino).collect();
-        for entry in entries.flatten() {
-            let cname = entry.file_name().to_string_lossy().into_owned();
-            let Some(rest) = cname.strip_prefix(name.as_ref()) else { continue };
-            let candidate = entry.path();
+        let candidates: Vec<PathBuf> = view.names_starting_with(dir, &name).map(|(_, p)| p.clone()).collect();
+        for candidate in candidates {
+            let cname = candidate.file_name().unwrap_or_default().to_string_lossy().into_owned();
+            let rest = &cname[name.len()..];
             if !(rest.starts_with('.') || rest.starts_with('-'))
                 || [".gz", ".bz2", ".xz", ".zst", ".zip"].iter().any(|ext| cname.ends_with(ext))
                 || matched.contains(&candidate)
@@ -397,8 +413,10 @@ impl Registry {
             {
                 continue;
             }
-            let Ok(meta) = entry.metadata() else { continue };
-            if !meta.is_file() || tracked.contains(&(meta.dev(), meta.ino())) {
+            // Not following links, as a directory listing reports them.
+            let Ok(meta) = std::fs::symlink_metadata(&candidate) else { continue };
+            let dev_ino = (meta.dev(), meta.ino());
+            if !meta.is_file() || view.tracked(self).contains(&dev_ino) {
                 continue;
             }
             let recent = !first && meta.modified().is_ok_and(|m| m >= self.started);
@@ -412,8 +430,9 @@ impl Registry {
             }
             let path_str = candidate.to_string_lossy().into_owned();
             tracing::info!(path = %path_str, fingerprint = %format!("{fp:016x}"), "following a file rotated before it was seen");
-            let tf = self.track(fp, source, 0, file, path_str, (meta.dev(), meta.ino()), meta.len(), false);
+            let tf = self.track(fp, source, 0, file, path_str, dev_ino, meta.len(), false);
             self.files.write().expect("files lock").entry(fp).or_insert(tf);
+            view.tracked(self).insert(dev_ino);
         }
     }
 
@@ -438,7 +457,9 @@ impl Registry {
             if life.at_path {
                 life.at_path = false;
                 life.rotated_since = Some(now);
-                tracing::info!(path = %life.path, "file rotated or removed; reading it to the end");
+                let moved_to = current_path(&tf.handle()).unwrap_or_else(|| life.path.clone());
+                tracing::info!(path = %life.path, now = %moved_to, "file rotated or removed; reading it to the end");
+                life.path = moved_to;
             }
             let rotated_for = now.duration_since(life.rotated_since.unwrap_or(now));
             let idle_for = now.duration_since(life.last_growth);
@@ -449,14 +470,13 @@ impl Registry {
                 tracing::info!(path = %life.path, "rotated file fully shipped; closing");
                 drop_list.push(tf.fingerprint);
             } else if rotated_for >= self.cfg.max_rotated_keep {
-                for (i, acked) in tf.acked.iter().enumerate() {
-                    let lost = size.saturating_sub(acked.load(Ordering::SeqCst));
-                    if lost > 0 {
-                        tracing::warn!(path = %life.path, destination = i, lost_bytes = lost, "giving up on rotated file after max_rotated_keep");
-                        metrics::counter!("tron_agent_lost_bytes_total", "reason" => "rotated_given_up")
-                            .increment(lost);
-                    }
-                }
+                self.count_lost(
+                    &tf,
+                    &life.path,
+                    size,
+                    "rotated_given_up",
+                    "giving up on rotated file after max_rotated_keep; bytes this destination had not confirmed",
+                );
                 drop_list.push(tf.fingerprint);
             }
         }
@@ -472,12 +492,67 @@ impl Registry {
         }
     }
 
+    /// Logs and counts, per destination, the bytes of a file it will never deliver.
+    fn count_lost(&self, tf: &TrackedFile, path: &str, size: u64, reason: &'static str, what: &str) {
+        for (destination, acked) in self.destinations.iter().zip(&tf.acked) {
+            let lost = size.saturating_sub(acked.load(Ordering::SeqCst));
+            if lost > 0 {
+                tracing::warn!(path, destination, lost_bytes = lost, "{what}");
+                metrics::counter!("tron_agent_lost_bytes_total", "reason" => reason, "destination" => *destination)
+                    .increment(lost);
+            }
+        }
+    }
+
     fn complain(&self, path: &Path, what: &str) {
         if self.complained.lock().expect("complained lock").insert(path.to_path_buf()) {
             tracing::warn!(path = %path.display(), "{what}");
             metrics::counter!("tron_agent_file_errors_total").increment(1);
         }
     }
+}
+
+/// What one scan has read of the directories and the tracked set, each read once: listing a
+/// directory per file would make a scan of thousands of files in one directory quadratic.
+#[derive(Default)]
+struct ScanView {
+    /// Per directory: (name, path), sorted by name, so siblings sharing a prefix are one range.
+    listings: HashMap<PathBuf, Vec<(String, PathBuf)>>,
+    tracked: Option<HashSet<(u64, u64)>>,
+}
+
+impl ScanView {
+    fn names_starting_with<'a>(
+        &'a mut self,
+        dir: &Path,
+        prefix: &'a str,
+    ) -> impl Iterator<Item = &'a (String, PathBuf)> + 'a {
+        let listing = self.listings.entry(dir.to_path_buf()).or_insert_with(|| {
+            let mut names: Vec<(String, PathBuf)> = std::fs::read_dir(dir)
+                .map(|entries| {
+                    entries.flatten().map(|e| (e.file_name().to_string_lossy().into_owned(), e.path())).collect()
+                })
+                .unwrap_or_default();
+            names.sort();
+            names
+        });
+        let from = listing.partition_point(|(n, _)| n.as_str() < prefix);
+        listing[from..].iter().take_while(move |(n, _)| n.starts_with(prefix))
+    }
+
+    /// (device, inode) of every tracked file, including those adopted during this scan.
+    fn tracked(&mut self, registry: &Registry) -> &mut HashSet<(u64, u64)> {
+        self.tracked.get_or_insert_with(|| {
+            registry.snapshot().iter().map(|tf| tf.inner.lock().expect("lifecycle lock").dev_ino).collect()
+        })
+    }
+}
+
+/// Where an open file is now (`… (deleted)` once unlinked), from the descriptor we hold, so logs
+/// and checkpoints name a rotated file by its new name rather than the path a new file now has.
+fn current_path(file: &File) -> Option<String> {
+    use std::os::fd::AsRawFd;
+    std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).ok().map(|p| p.to_string_lossy().into_owned())
 }
 
 /// `app.log.1`, `app.log-20261122`, `app.log.2.gz` next to `app.log`.
@@ -495,6 +570,29 @@ fn is_rotated_name(path: &Path, original: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn scan_view_lists_a_directory_once_and_finds_names_by_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["app.log", "app.log.1", "app.log-2026", "app.logger", "apple.log", "b.log"] {
+            std::fs::write(dir.path().join(name), b"x\n").unwrap();
+        }
+        let mut view = ScanView::default();
+        let names: Vec<String> = view.names_starting_with(dir.path(), "app.log").map(|(n, _)| n.clone()).collect();
+        assert_eq!(names, ["app.log", "app.log-2026", "app.log.1", "app.logger"]);
+        std::fs::write(dir.path().join("app.log.2"), b"x\n").unwrap();
+        assert_eq!(view.names_starting_with(dir.path(), "app.log.").count(), 1, "one listing per scan");
+    }
+
+    #[test]
+    fn an_open_file_is_found_under_its_new_name_after_a_rename() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new) = (dir.path().join("app.log"), dir.path().join("app.log.1"));
+        std::fs::write(&old, b"x\n").unwrap();
+        let file = File::open(&old).unwrap();
+        std::fs::rename(&old, &new).unwrap();
+        assert_eq!(current_path(&file).as_deref(), Some(new.to_str().unwrap()));
+    }
 
     #[test]
     fn rotated_names_are_siblings_with_a_suffix() {

@@ -56,7 +56,11 @@ async fn run(cfg: AgentConfig, config_path: PathBuf, daemon: Daemon) -> anyhow::
     let host = cfg.host.clone().unwrap_or_else(system_hostname);
     std::fs::create_dir_all(&cfg.state_dir).with_context(|| format!("state_dir {}", cfg.state_dir.display()))?;
 
-    let destinations = cfg.destinations.s3.is_some() as usize + cfg.destinations.relay.is_some() as usize;
+    let destinations: Vec<&'static str> =
+        [("s3", cfg.destinations.s3.is_some()), ("relay", cfg.destinations.relay.is_some())]
+            .into_iter()
+            .filter_map(|(name, on)| on.then_some(name))
+            .collect();
     let mut resume = std::collections::HashSet::new();
     for name in ["s3", "relay"] {
         resume.extend(checkpoint::Checkpointer::open(&cfg.state_dir, name)?.fingerprints());
@@ -75,14 +79,14 @@ async fn run(cfg: AgentConfig, config_path: PathBuf, daemon: Daemon) -> anyhow::
     let ctx = ShipperContext { cfg: &cfg, registry: &registry, host: &host, daemon: &daemon };
     if let Some(s3cfg) = &cfg.destinations.s3 {
         let dest = Arc::new(s3::S3Archive::new(s3cfg, &host).await?);
-        shippers.push(ctx.spawn(dest, shippers.len())?);
+        shippers.push(ctx.spawn(dest)?);
         health.up("s3");
     }
     let mut relay = None;
     if let Some(relay_cfg) = &cfg.destinations.relay {
         let dest = Arc::new(relay::RelayForwarder::new(relay_cfg, &host, health.clone())?);
         relay = Some(dest.clone());
-        shippers.push(ctx.spawn(dest, shippers.len())?);
+        shippers.push(ctx.spawn(dest)?);
     }
     let reloader = Reloader { path: config_path, registry: registry.clone(), relay, watcher };
     tokio::spawn(reloader.run(shutdown.clone()));
@@ -103,7 +107,8 @@ struct ShipperContext<'a> {
 
 impl ShipperContext<'_> {
     /// Starts the loop for one destination, with its own checkpoint file.
-    fn spawn<D: Destination>(&self, dest: Arc<D>, index: usize) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    fn spawn<D: Destination>(&self, dest: Arc<D>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+        let index = self.registry.destination_index(dest.name());
         let checkpoints = checkpoint::Checkpointer::open(&self.cfg.state_dir, dest.name())?;
         let beat = self.daemon.liveness.register(&format!("{} shipper", dest.name()));
         let shipper = Shipper::new(

@@ -33,7 +33,8 @@ def test_deleted_file_is_finished_and_a_reused_path_is_a_new_file(services, cert
     gate.close()  # S3 unreachable: the agent cannot get far into the file before it is deleted
     write(path, 0, 50_000)
     inode_before = os.stat(path).st_ino
-    tron.wait_until("the agent following app.log", lambda: "following file" in agent.tail(), timeout=20, interval=0.2)
+    tron.wait_until("the agent following app.log", lambda: "following file path=%s " % path in agent.tail(),
+                    timeout=20, interval=0.2, on_timeout=agent.tail)
     os.unlink(path)
     time.sleep(2)  # a scan or two notice the path is gone
     write(path, 50_000, 20_000)  # a new file at the same path
@@ -52,5 +53,40 @@ def test_deleted_file_is_finished_and_a_reused_path_is_a_new_file(services, cert
     assert s3_seqs(services, "identity") == set(range(70_001))
     print("identity: deleted file shipped to its end; new file at the same path (inode reused: %s) shipped in full; "
           "a first line completed later shipped once" % reused)
+    assert agent.stop() == 0
+    gate.close()
+
+
+def test_rotated_file_is_given_up_after_max_rotated_keep_logged_and_counted(services, certs, workroot, procs):
+    work = os.path.join(workroot, "given-up")
+    logs = os.path.join(work, "logs")
+    os.makedirs(logs)
+    services.create_s3_bucket("given-up")
+    gate = tron.Gate(services.s3_port).open()
+    cfg = tron.agent_config(work, os.path.join(logs, "*.log"), "s3://given-up/a", None, certs,
+                            s3_endpoint=gate.endpoint)
+    cfg["files"]["max_rotated_keep"] = "3s"
+    agent = tron.Proc("agent", "tron-agent", cfg, work, env=dict(tron.servers.S3_CREDENTIALS))
+    procs.append(agent)
+    agent.start()
+    gate.close()  # S3 unreachable before the file exists: nothing of it can be delivered
+    path = os.path.join(logs, "app.log")
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"seq": i}) + "\n" for i in range(1000))
+    tron.wait_until("the agent following app.log", lambda: "following file path=%s " % path in agent.tail(),
+                    timeout=20, interval=0.2, on_timeout=agent.tail)
+    os.rename(path, path + ".1")  # rotated away; `*.log` no longer matches it
+    with open(path, "w") as f:
+        f.writelines(json.dumps({"seq": i}) + "\n" for i in range(1000, 1100))
+    tron.wait_until("the agent giving up on the rotated file", lambda: "giving up on rotated file" in agent.tail(),
+                    timeout=30, interval=0.5, on_timeout=agent.tail)
+    given_up = [line for line in agent.tail().splitlines() if "giving up on rotated file" in line]
+    assert len(given_up) == 1 and path + ".1" in given_up[0] and "destination=\"s3\"" in given_up[0], given_up
+    lost = [line for line in agent.metrics().splitlines()
+            if line.startswith("tron_agent_lost_bytes_total{") and 'reason="rotated_given_up"' in line]
+    assert lost and 'destination="s3"' in lost[0] and float(lost[0].rsplit(" ", 1)[1]) > 0, agent.metrics()
+    gate.open()
+    tron.wait_until("the new file shipped", lambda: s3_seqs(services, "given-up") >= set(range(1000, 1100)),
+                    timeout=60, interval=1, on_timeout=agent.tail)
     assert agent.stop() == 0
     gate.close()

@@ -249,6 +249,12 @@ class Gate:
         return self
 
     def close(self):
+        # shutdown() first: on Linux close() alone does not wake the thread blocked in accept(),
+        # which keeps the socket listening and lets one more connection through the "closed" gate.
+        try:
+            self.listener.shutdown(self.socket.SHUT_RDWR)
+        except OSError:
+            pass
         self.listener.close()
         with self.lock:
             for c in self.conns:
