@@ -2,8 +2,9 @@
 //! position, cuts batches, sends them (retrying until they succeed), and moves the checkpoint
 //! only over batches that succeeded, in file order.
 //!
-//! Memory is bounded by `max_buffer_bytes` (records in open, in-flight and retrying batches):
-//! when it is reached the loop stops reading, and the file on disk is the buffer.
+//! Memory is bounded by `max_buffer_bytes` (records in open, in-flight and retrying batches, plus
+//! each open batch's compressor): when it is reached the loop stops reading, and the file on disk
+//! is the buffer. Open batches alone filling it (thousands of files) are sent early, oldest first.
 
 use crate::checkpoint::Checkpointer;
 use crate::config::{BatchConfig, FieldsConfig};
@@ -21,6 +22,10 @@ use tron_service::systemd::Heartbeat;
 use tron_service::{Health, Shutdown};
 
 const HOUR_NS: i64 = 3_600_000_000_000;
+
+/// What a gzip encoder holds before its first byte: deflate window, hash chains and LZ buffer,
+/// 352,248 bytes at every level with flate2 1.1's default backend (counted by a global allocator).
+pub const GZIP_ENCODER_BYTES: usize = 344 << 10;
 
 /// What a batch covers; destinations name objects and chunks from it.
 #[derive(Debug, Clone)]
@@ -46,6 +51,12 @@ pub trait Destination: Send + Sync + 'static {
     /// Whether a batch must hold records of a single event hour.
     fn split_by_hour(&self) -> bool;
     fn builder(&self) -> Self::Builder;
+    /// Memory an open batch holds before its first record. Both destinations compress records as
+    /// they arrive; with thousands of files that state, not the records, would fill memory, so
+    /// it is charged to `max_buffer_bytes`.
+    fn open_batch_bytes(&self) -> usize {
+        GZIP_ENCODER_BYTES
+    }
     fn push(&self, builder: &mut Self::Builder, record: &Record);
     fn seal(&self, builder: Self::Builder, meta: &BatchMeta) -> Self::Sealed;
     /// Delivers one sealed batch. Called again with the same batch until it succeeds, so it must
@@ -252,6 +263,7 @@ impl<D: Destination> Shipper<D> {
         let fps: Vec<u64> = self.cursors.keys().copied().collect();
         for fp in fps {
             loop {
+                self.relieve_pressure(&cfg);
                 if self.buffered >= cfg.max_buffer_bytes || self.inflight >= cfg.max_inflight {
                     break;
                 }
@@ -266,6 +278,17 @@ impl<D: Destination> Shipper<D> {
             if due {
                 self.seal(fp);
             }
+        }
+    }
+
+    /// When open batches fill the buffer, nothing more could be read until one reaches its age;
+    /// send the oldest instead, so memory stays within the budget and files keep moving.
+    fn relieve_pressure(&mut self, cfg: &BatchConfig) {
+        while self.buffered >= cfg.max_buffer_bytes && self.inflight < cfg.max_inflight {
+            let oldest = self.cursors.iter().filter_map(|(fp, c)| c.open.as_ref().map(|o| (o.started, *fp))).min();
+            let Some((_, fp)) = oldest else { break };
+            self.seal(fp);
+            metrics::counter!("tron_agent_batches_sealed_early_total", "destination" => self.dest.name()).increment(1);
         }
     }
 
@@ -286,6 +309,10 @@ impl<D: Destination> Shipper<D> {
         let read_from = cursor.read;
         let src = file.source.clone();
         let handle = file.handle();
+        // Most files have nothing new on most passes: one fstat instead of reading their head.
+        if handle.metadata().is_ok_and(|m| m.len() <= read_from) {
+            return 0;
+        }
         if !self.registry.is_intact(&file, &handle) {
             return 0; // replaced under us (copytruncate); the next scan sorts out what it is now
         }
@@ -368,6 +395,9 @@ impl<D: Destination> Shipper<D> {
             }
             let cursor = self.cursors.get_mut(&fp).expect("cursor exists");
             let start = cursor.read;
+            if cursor.open.is_none() {
+                self.buffered += self.dest.open_batch_bytes();
+            }
             let open = cursor.open.get_or_insert_with(|| OpenBatch {
                 builder: self.dest.builder(),
                 meta: BatchMeta {
@@ -409,6 +439,8 @@ impl<D: Destination> Shipper<D> {
         let Some(open) = cursor.open.take() else {
             return;
         };
+        // Sealing frees the compressor; the records stay charged until the batch is delivered.
+        self.buffered -= self.dest.open_batch_bytes();
         let meta = open.meta;
         if meta.records == 0 {
             // Only empty lines: nothing to send, but the range is done.
