@@ -59,7 +59,7 @@ where
     F: FnOnce(Daemon) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    limit_malloc_arenas();
+    tune_malloc();
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let result = runtime.block_on(async {
         tls::install_default_provider();
@@ -80,17 +80,27 @@ where
     }
 }
 
-/// glibc gives each thread that allocates its own arena (up to 8 per core), and memory freed in
-/// one is not reused by the others: with tokio's worker and blocking threads taking turns at
-/// compressing batches, the agent's RSS reached 7 times its buffer budget (178 MiB for 24 MiB,
-/// `tests/e2e/test_agent_memory.py`); two arenas kept it at 67 MiB, jemalloc at 98 MiB. Must run
-/// before any thread starts. `MALLOC_ARENA_MAX` in the environment still decides when set.
-fn limit_malloc_arenas() {
+/// glibc's defaults let a daemon's RSS drift far past the memory its budgets allow:
+/// - each thread that allocates gets its own arena (up to 8 per core), and memory freed in one is
+///   not reused by the others; tokio's worker and blocking threads take turns at compressing;
+/// - after the first large block is freed the mmap threshold rises to its size, so the agent's
+///   gzip encoders (160 KiB hash tables) come from the heap and leave holes that stay resident.
+///
+/// Measured with the agent (`tests/e2e/test_agent_memory.py`, `bench/bench.py files`): 1,200
+/// files with a 24 MiB budget peaked at 178 MiB, 65 MiB with two arenas; 4,000 files with 288 MiB
+/// of budgets at 496 MiB with two arenas, 293 MiB with a fixed 64 KiB mmap threshold as well
+/// (jemalloc: 98 MiB in the first case). Must run before any thread starts; the `MALLOC_*`
+/// environment variables still decide when set.
+fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
-        // SAFETY: mallopt only sets an allocator parameter; no other thread exists yet.
-        unsafe {
-            libc::mallopt(libc::M_ARENA_MAX, 2);
+    for (env, param, value) in
+        [("MALLOC_ARENA_MAX", libc::M_ARENA_MAX, 2), ("MALLOC_MMAP_THRESHOLD_", libc::M_MMAP_THRESHOLD, 64 << 10)]
+    {
+        if std::env::var_os(env).is_none() {
+            // SAFETY: mallopt only sets an allocator parameter; no other thread exists yet.
+            unsafe {
+                libc::mallopt(param, value);
+            }
         }
     }
 }
