@@ -10,14 +10,21 @@ import tron
 from test_outage import s3_seqs
 
 
-def test_deleted_file_is_finished_and_a_reused_path_is_a_new_file(services, certs, workroot, procs):
-    work = os.path.join(workroot, "identity")
+def gated_s3_agent(services, certs, workroot, name):
+    """An S3-only agent config for bucket `name`, its S3 reached through a gate the test can close;
+    returns (work dir, log dir, gate, config)."""
+    work = os.path.join(workroot, name)
     logs = os.path.join(work, "logs")
     os.makedirs(logs)
-    services.create_s3_bucket("identity")
+    services.create_s3_bucket(name)
     gate = tron.Gate(services.s3_port).open()
-    cfg = tron.agent_config(work, os.path.join(logs, "*.log"), "s3://identity/a", None, certs,
+    cfg = tron.agent_config(work, os.path.join(logs, "*.log"), "s3://%s/a" % name, None, certs,
                             s3_endpoint=gate.endpoint)
+    return work, logs, gate, cfg
+
+
+def test_deleted_file_is_finished_and_a_reused_path_is_a_new_file(services, certs, workroot, procs):
+    work, logs, gate, cfg = gated_s3_agent(services, certs, workroot, "identity")
     cfg["destinations"]["s3"]["batch"].update(max_bytes=256 << 10, max_age="200ms", max_inflight=1,
                                               max_buffer_bytes=1 << 20)
     agent = tron.Proc("agent", "tron-agent", cfg, work, env=dict(tron.servers.S3_CREDENTIALS))
@@ -58,13 +65,7 @@ def test_deleted_file_is_finished_and_a_reused_path_is_a_new_file(services, cert
 
 
 def test_rotated_file_is_given_up_after_max_rotated_keep_logged_and_counted(services, certs, workroot, procs):
-    work = os.path.join(workroot, "given-up")
-    logs = os.path.join(work, "logs")
-    os.makedirs(logs)
-    services.create_s3_bucket("given-up")
-    gate = tron.Gate(services.s3_port).open()
-    cfg = tron.agent_config(work, os.path.join(logs, "*.log"), "s3://given-up/a", None, certs,
-                            s3_endpoint=gate.endpoint)
+    work, logs, gate, cfg = gated_s3_agent(services, certs, workroot, "given-up")
     cfg["files"]["max_rotated_keep"] = "3s"
     agent = tron.Proc("agent", "tron-agent", cfg, work, env=dict(tron.servers.S3_CREDENTIALS))
     procs.append(agent)
