@@ -25,20 +25,8 @@ import servers  # noqa: E402
 import tron  # noqa: E402
 
 
-def peak_rss_mib(proc):
-    with open("/proc/%d/status" % proc.proc.pid) as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
 def metric(proc, name):
-    total = 0.0
-    for line in proc.metrics().splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
+    return proc.metric(name) or 0.0
 
 
 def histogram_percentiles(proc, name, qs=(0.5, 0.9, 0.99)):
@@ -94,7 +82,7 @@ def bench_agent(svc, certs, work, n):
     acked = wait_metric(agent, "tron_agent_records_sent_total", n, 60)
     print("agent → relay (acked, into Kafka): %d lines (%.1f MB) in %.1fs = %.0f lines/s, %.1f MB/s; "
           "agent peak RSS %.1f MiB, relay peak RSS %.1f MiB"
-          % (n, size / 1e6, elapsed, n / elapsed, size / 1e6 / elapsed, peak_rss_mib(agent), peak_rss_mib(relay)))
+          % (n, size / 1e6, elapsed, n / elapsed, size / 1e6 / elapsed, agent.peak_rss_mib(), relay.peak_rss_mib()))
     agent.stop(), relay.stop()
 
 
@@ -143,7 +131,7 @@ def bench_relay(svc, certs, work, n, clients=4):
         t.join()
     elapsed = time.time() - start
     print("relay: %d records from %d clients into Kafka, acked, in %.1fs = %.0f records/s; relay peak RSS %.1f MiB"
-          " (max_inflight_bytes 64 MiB)" % (per * clients, clients, elapsed, per * clients / elapsed, peak_rss_mib(relay)))
+          " (max_inflight_bytes 64 MiB)" % (per * clients, clients, elapsed, per * clients / elapsed, relay.peak_rss_mib()))
     relay.stop()
     return per * clients
 
@@ -169,7 +157,7 @@ def bench_sink(svc, work, n, topic="bench-relay"):
     gz = metric(sink, "tron_sink_bytes_uploaded_total")
     print("sink: %d records (%.0f MB of JSON) from Kafka to gzip CSV in GCS in %.1fs (first record consumed → last uploaded; includes the 3 s idle wait before the final cut) = %.0f records/s, "
           "%.1f MB/s in, %.1f MB gzip out; peak RSS %.1f MiB"
-          % (n, raw / 1e6, elapsed, n / elapsed, raw / 1e6 / elapsed, gz / 1e6, peak_rss_mib(sink)))
+          % (n, raw / 1e6, elapsed, n / elapsed, raw / 1e6 / elapsed, gz / 1e6, sink.peak_rss_mib()))
     sink.stop()
 
 
@@ -204,7 +192,7 @@ def bench_latency(svc, certs, work, seconds=20, rate=2000):
     fmt = lambda p: ", ".join("p%d ≤ %gs" % (q * 100, v) for q, v in sorted(p.items()))  # noqa: E731
     print("end-to-end latency at %d lines/s (%d lines): event→Kafka %s; event→GCS object (oldest record of "
           "each object) %s [histogram bucket upper bounds]" % (rate, total, fmt(k), fmt(o)))
-    print("  peak RSS: agent %.1f MiB, relay %.1f MiB, sink %.1f MiB" % (peak_rss_mib(agent), peak_rss_mib(relay), peak_rss_mib(sink)))
+    print("  peak RSS: agent %.1f MiB, relay %.1f MiB, sink %.1f MiB" % (agent.peak_rss_mib(), relay.peak_rss_mib(), sink.peak_rss_mib()))
     for p in (agent, relay, sink):
         p.stop()
 
@@ -213,9 +201,7 @@ def bench_many_files(svc, certs, work, files=4000, lines_per_file=50):
     """`files` active files at once, both destinations (S3 with its default 60 s max_age and 256 MiB
     budget, relay with acks): lines/s and the agent's peak RSS, which the per-open-batch encoder
     charge keeps within the budgets however many files there are."""
-    import resource
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, files + 1024)), hard))
+    tron.allow_open_files(files + 1024)
     svc.create_topic("bench-files", 3)
     relay = tron.Proc("relay", "tron-relay", tron.relay_config(work, certs, svc.kafka_brokers, topic="bench-files"),
                       work).start()
@@ -236,7 +222,7 @@ def bench_many_files(svc, certs, work, files=4000, lines_per_file=50):
     print("agent, %d files × %d lines (both destinations, S3 max_age 60s): relay acked all %d lines in %.1fs "
           "= %.0f lines/s; agent peak RSS %.1f MiB (budgets: S3 256 MiB, relay 32 MiB; unbounded open "
           "encoders would need %.0f MiB), %d S3 batches sent early"
-          % (files, lines_per_file, total, elapsed, total / elapsed, peak_rss_mib(agent),
+          % (files, lines_per_file, total, elapsed, total / elapsed, agent.peak_rss_mib(),
              files * 344 / 1024, metric(agent, "tron_agent_batches_sealed_early_total")))
     agent.stop(), relay.stop()
 

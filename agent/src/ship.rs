@@ -397,21 +397,22 @@ impl<D: Destination> Shipper<D> {
             let start = cursor.read;
             if cursor.open.is_none() {
                 self.buffered += self.dest.open_batch_bytes();
+                cursor.open = Some(OpenBatch {
+                    builder: self.dest.builder(),
+                    meta: BatchMeta {
+                        fingerprint: fp,
+                        path: path.clone(),
+                        tag: src.tag.clone(),
+                        first_offset: start,
+                        end_offset: start,
+                        hour,
+                        records: 0,
+                        raw_bytes: 0,
+                    },
+                    started: Instant::now(),
+                });
             }
-            let open = cursor.open.get_or_insert_with(|| OpenBatch {
-                builder: self.dest.builder(),
-                meta: BatchMeta {
-                    fingerprint: fp,
-                    path: path.clone(),
-                    tag: src.tag.clone(),
-                    first_offset: start,
-                    end_offset: start,
-                    hour,
-                    records: 0,
-                    raw_bytes: 0,
-                },
-                started: Instant::now(),
-            });
+            let open = cursor.open.as_mut().expect("opened above");
             if !empty {
                 if open.meta.records == 0 {
                     open.meta.hour = hour;

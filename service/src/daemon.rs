@@ -88,8 +88,8 @@ where
 ///
 /// Measured with the agent (`tests/e2e/test_agent_memory.py`, `bench/bench.py files`): 1,200
 /// files with a 24 MiB budget peaked at 178 MiB, 65 MiB with two arenas; 4,000 files with 288 MiB
-/// of budgets at 496 MiB with two arenas, 293 MiB with a fixed 64 KiB mmap threshold as well
-/// (jemalloc: 98 MiB in the first case). Must run before any thread starts; the `MALLOC_*`
+/// of budgets at 496 MiB with two arenas, 249 MiB with this function's settings (jemalloc: 98 MiB
+/// in the first case, so not taken). Must run before any thread starts; the `MALLOC_*`
 /// environment variables still decide when set.
 fn tune_malloc() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]

@@ -5,20 +5,13 @@ peak RSS stays near the budget; after SIGTERM (which sends what is open) every l
 import gzip
 import json
 import os
-import resource
 import time
 
 import tron
-from test_outage import peak_rss_mib
 
 FILES = int(os.environ.get("TRON_MANY_FILES", "1200"))
 ROUNDS = 3
 LINES_PER_ROUND = 10
-
-
-def metric_sum(proc, name):
-    return sum(float(line.rsplit(" ", 1)[1]) for line in proc.metrics().splitlines()
-               if line.startswith(name + " ") or line.startswith(name + "{"))
 
 
 def archived(s3_dir):
@@ -32,9 +25,7 @@ def archived(s3_dir):
 
 
 def test_thousands_of_active_files_keep_memory_within_the_buffer_budget(workroot, certs, procs):
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < FILES + 512:  # one descriptor per followed file; the agent inherits our limit
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, FILES + 1024), hard))
+    tron.allow_open_files(FILES + 1024)
     work = os.path.join(workroot, "many-files")
     logs = os.path.join(work, "logs")
     os.makedirs(logs)
@@ -54,12 +45,12 @@ def test_thousands_of_active_files_keep_memory_within_the_buffer_budget(workroot
                     f.write(json.dumps({"file_no": n, "seq": seq, "msg": "m" * 120}) + "\n")
         time.sleep(3)
     expected = {(n, s) for n in range(FILES) for s in range(ROUNDS * LINES_PER_ROUND)}
-    tron.wait_until("every file followed", lambda: metric_sum(agent, "tron_agent_files_tracked") == FILES,
+    tron.wait_until("every file followed", lambda: agent.metric("tron_agent_files_tracked") == FILES,
                     timeout=60, interval=1, on_timeout=agent.metrics)
-    tron.wait_until("every line read", lambda: metric_sum(agent, "tron_agent_lines_read_total") >= len(expected),
+    tron.wait_until("every line read", lambda: (agent.metric("tron_agent_lines_read_total") or 0) >= len(expected),
                     timeout=120, interval=1, on_timeout=agent.metrics)
-    rss = peak_rss_mib(agent)
-    early = metric_sum(agent, "tron_agent_batches_sealed_early_total")
+    rss = agent.peak_rss_mib()
+    early = agent.metric("tron_agent_batches_sealed_early_total") or 0
     assert agent.stop() == 0  # SIGTERM sends every open batch
     got = archived(s3_dir)
     print("%d active files, S3 max_age 60s, max_buffer_bytes %d MiB: agent peak RSS %.1f MiB (open encoders "

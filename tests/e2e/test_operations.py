@@ -4,7 +4,6 @@ RELOADING, STOPPING) is spoken, and SIGHUP reloads the agent's sources and the r
 without losing position."""
 import json
 import os
-import re
 import signal
 import socket
 import ssl
@@ -15,19 +14,6 @@ from collections import Counter
 import certs as certs_mod
 import test_crash
 import tron
-
-
-def metric(text, name, **labels):
-    """Sum of a metric's samples whose labels include `labels`."""
-    total, found = 0.0, False
-    for line in text.splitlines():
-        m = re.match(r"^([a-z_]+)(\{[^}]*\})? ([0-9.e+-]+|NaN)$", line)
-        if not m or m.group(1) != name:
-            continue
-        if all('%s="%s"' % kv in (m.group(2) or "") for kv in labels.items()):
-            total += float(m.group(3))
-            found = True
-    return total if found else None
 
 
 def test_sigterm_under_load_drains_every_component_and_loses_nothing(services, certs, workroot, procs):
@@ -42,7 +28,7 @@ def test_sigterm_under_load_drains_every_component_and_loses_nothing(services, c
     writer.start()
 
     tron.wait_until("the sink's first upload",
-                    lambda: metric(sink.metrics(), "tron_sink_records_uploaded_total", topic="drain"), timeout=30,
+                    lambda: tron.metric(sink.metrics(), "tron_sink_records_uploaded_total", topic="drain"), timeout=30,
                     interval=0.5)
     scraped = {p.name: p.metrics() for p in (relay, sink, agent)}
     health = {p.name: p.health() for p in (relay, sink, agent)}
@@ -77,20 +63,20 @@ def test_sigterm_under_load_drains_every_component_and_loses_nothing(services, c
     # What the metrics reference (docs/metrics.md) promises, seen during the run.
     a, r, s = scraped["agent"], scraped["relay"], scraped["sink"]
     for dest in ("s3", "relay"):
-        assert metric(a, "tron_agent_lines_read_total", destination=dest) > 0, a
-        assert metric(a, "tron_agent_records_sent_total", destination=dest) > 0, a
-        assert metric(a, "tron_agent_destination_lag_bytes", destination=dest) is not None, a
-    assert metric(a, "tron_agent_files_tracked") == 1
-    assert metric(r, "tron_relay_records_received_total") > 0
-    assert metric(r, "tron_relay_records_delivered_total") > 0
-    assert metric(r, "tron_relay_chunks_acked_total") > 0
-    assert metric(r, "tron_relay_connections") == 1
-    assert metric(r, "tron_relay_inflight_bytes") is not None
-    assert metric(r, "tron_relay_event_to_kafka_seconds_count") > 0
+        assert tron.metric(a, "tron_agent_lines_read_total", destination=dest) > 0, a
+        assert tron.metric(a, "tron_agent_records_sent_total", destination=dest) > 0, a
+        assert tron.metric(a, "tron_agent_destination_lag_bytes", destination=dest) is not None, a
+    assert tron.metric(a, "tron_agent_files_tracked") == 1
+    assert tron.metric(r, "tron_relay_records_received_total") > 0
+    assert tron.metric(r, "tron_relay_records_delivered_total") > 0
+    assert tron.metric(r, "tron_relay_chunks_acked_total") > 0
+    assert tron.metric(r, "tron_relay_connections") == 1
+    assert tron.metric(r, "tron_relay_inflight_bytes") is not None
+    assert tron.metric(r, "tron_relay_event_to_kafka_seconds_count") > 0
     assert 'tron_relay_event_to_kafka_seconds_bucket{le="+Inf"}' in r
-    assert metric(s, "tron_sink_records_consumed_total", topic="drain") > 0
-    assert metric(s, "tron_sink_records_uploaded_total", topic="drain") > 0
-    assert metric(s, "tron_sink_event_to_object_seconds_count") > 0
+    assert tron.metric(s, "tron_sink_records_consumed_total", topic="drain") > 0
+    assert tron.metric(s, "tron_sink_records_uploaded_total", topic="drain") > 0
+    assert tron.metric(s, "tron_sink_event_to_object_seconds_count") > 0
     for name, (code, body) in health.items():
         assert code == 200 and body["status"] == "ok", (name, code, body)
     assert "kafka" in health["relay"][1]["parts"] and "kafka" in health["sink"][1]["parts"]
@@ -235,8 +221,8 @@ def test_agent_sighup_follows_new_sources_keeps_position_and_refuses_a_bad_file(
     seen = archived()
     assert max(seen.values()) == 1, "lines re-read after reload: %s" % [k for k, n in seen.items() if n > 1][:5]
     m = agent.metrics()
-    assert metric(m, "tron_agent_reloads_total", result="ok") == 1
-    assert metric(m, "tron_agent_reloads_total", result="refused") == 1
+    assert tron.metric(m, "tron_agent_reloads_total", result="ok") == 1
+    assert tron.metric(m, "tron_agent_reloads_total", result="refused") == 1
     assert agent.stop() == 0
 
 
@@ -275,5 +261,5 @@ def test_relay_sighup_reloads_the_certificate_for_new_connections(services, cert
     tron.wait_until("relay serves the renewed certificate", lambda: handshake_ok(renewed["ca"]), timeout=10,
                     interval=0.3, on_timeout=relay.tail)
     assert not handshake_ok(certs["ca"])
-    assert metric(relay.metrics(), "tron_relay_reloads_total", result="ok") == 1
+    assert tron.metric(relay.metrics(), "tron_relay_reloads_total", result="ok") == 1
     assert relay.stop() == 0

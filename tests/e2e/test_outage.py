@@ -24,13 +24,6 @@ def write_steadily(path, total):
                 time.sleep(0.1)
 
 
-def peak_rss_mib(proc):
-    with open("/proc/%d/status" % proc.proc.pid) as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-
-
 def test_relay_down_pauses_only_the_relay_destination_and_loses_nothing(services, certs, workroot, procs):
     work = os.path.join(workroot, "outage")
     logs = os.path.join(work, "logs")
@@ -67,7 +60,7 @@ def test_relay_down_pauses_only_the_relay_destination_and_loses_nothing(services
     tron.wait_until("every line through the relay after a %ds outage" % OUTAGE,
                     lambda: len({int(r[0]) for r in gcs_rows(services, "outage", "w/outage/")}) >= total,
                     timeout=120, interval=2, on_timeout=lambda: agent.tail())
-    rss = peak_rss_mib(agent)
+    rss = agent.peak_rss_mib()
     print("relay down %ds: s3 lag %.0f bytes, relay lag %.0f bytes mid-outage; agent peak RSS %.1f MiB; no loss"
           % (OUTAGE, s3_lag, relay_lag, rss))
     assert relay_lag > s3_lag
@@ -124,7 +117,7 @@ def run_s3_outage(services, certs, workroot, procs, name, relay_too):
                     timeout=180, interval=3, on_timeout=agent.tail)
     tron.wait_until("every line through the relay", lambda: len({int(r[0]) for r in gcs_rows(
         services, name, "w/%s/" % name)}) >= total, timeout=180, interval=3, on_timeout=agent.tail)
-    rss = peak_rss_mib(agent)
+    rss = agent.peak_rss_mib()
     print("%s down %ds: %d lines, none lost in S3 or via the relay; agent peak RSS %.1f MiB"
           % ("S3 and relay" if relay_too else "S3", OUTAGE, total, rss))
     assert rss < 150, "agent peak RSS %.1f MiB" % rss

@@ -4,6 +4,8 @@ scripts/run-local.sh."""
 import gzip
 import json
 import os
+import re
+import resource
 import signal
 import subprocess
 import sys
@@ -84,6 +86,17 @@ class Proc:
         with urllib.request.urlopen("http://127.0.0.1:%d/metrics" % port, timeout=5) as r:
             return r.read().decode()
 
+    def metric(self, name, **labels):
+        return metric(self.metrics(), name, **labels)
+
+    def peak_rss_mib(self):
+        """Peak resident memory (VmHWM) of the running process, from /proc."""
+        with open("/proc/%d/status" % self.proc.pid) as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+        return float("nan")
+
     def health(self):
         port = int(self.config["metrics_listen"].rsplit(":", 1)[1])
         try:
@@ -117,6 +130,27 @@ class Proc:
             return open(self.log, errors="replace").read()[-n:]
         except OSError:
             return ""
+
+
+def metric(text, name, **labels):
+    """Sum of a metric's samples whose labels include `labels` (None when it has none)."""
+    total, found = 0.0, False
+    for line in text.splitlines():
+        m = re.match(r"^([a-z_]+)(\{[^}]*\})? ([0-9.e+-]+|NaN)$", line)
+        if not m or m.group(1) != name:
+            continue
+        if all('%s="%s"' % kv in (m.group(2) or "") for kv in labels.items()):
+            total += float(m.group(3))
+            found = True
+    return total if found else None
+
+
+def allow_open_files(n):
+    """Raises our soft descriptor limit to at least `n` (up to the hard limit); the tron processes
+    we start inherit it, and the agent holds one descriptor per followed file."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < n:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, n), hard))
 
 
 def relay_config(workdir, certs, brokers, topic="logs", plaintext=False, shared_key=None, **extra):
