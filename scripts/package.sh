@@ -20,7 +20,10 @@ for want in ./usr/bin/tron-agent ./usr/bin/tron-relay ./usr/bin/tron-sink-secor 
   ./usr/share/doc/tron/deployment.md; do
   grep -qxF "$want" <<<"$contents" || { echo "FAIL: $deb lacks $want"; exit 1; }
 done
-dpkg-deb --info "$deb" | grep -q 'postinst' || { echo "FAIL: $deb has no postinst (service users)"; exit 1; }
+# Captured first, then searched: `dpkg-deb | grep -q` under pipefail fails whenever grep exits at the
+# first match and dpkg-deb dies of SIGPIPE, which depends on timing.
+info=$(dpkg-deb --info "$deb")
+grep -q 'postinst' <<<"$info" || { echo "FAIL: $deb has no postinst (service users)"; exit 1; }
 echo "contents: ok ($(wc -l <<<"$contents") entries)"
 
 root=$(mktemp -d)

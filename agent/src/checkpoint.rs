@@ -4,7 +4,6 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Default, Clone, Serialize, Deserialize, PartialEq)]
@@ -70,16 +69,8 @@ impl Checkpointer {
         if !self.dirty {
             return Ok(());
         }
-        let tmp = self.path.with_extension("json.tmp");
-        {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&serde_json::to_vec_pretty(&self.state).expect("checkpoint serializes"))?;
-            f.sync_all()?;
-        }
-        std::fs::rename(&tmp, &self.path)?;
-        if let Some(dir) = self.path.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
+        let body = serde_json::to_vec_pretty(&self.state).expect("checkpoint serializes");
+        tron_service::fs::write_atomically(&self.path, &body)?;
         self.dirty = false;
         Ok(())
     }

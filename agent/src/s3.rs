@@ -143,9 +143,11 @@ impl Destination for S3Archive {
             Store::Dir(dir) => {
                 let dir = dir.clone();
                 let sealed = sealed.clone();
-                tokio::task::spawn_blocking(move || write_atomically(&dir.join(&sealed.key), &sealed.body))
-                    .await
-                    .map_err(|e| e.to_string())?
+                tokio::task::spawn_blocking(move || {
+                    tron_service::fs::write_atomically(&dir.join(&sealed.key), &sealed.body).map_err(|e| e.to_string())
+                })
+                .await
+                .map_err(|e| e.to_string())?
             }
         }
     }
@@ -206,16 +208,4 @@ async fn multipart_put(
     }
     metrics::counter!("tron_agent_multipart_uploads_total").increment(1);
     Ok(())
-}
-
-fn write_atomically(path: &std::path::Path, body: &[u8]) -> Result<(), String> {
-    let fail = |e: std::io::Error| format!("{}: {e}", path.display());
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(fail)?;
-    }
-    let tmp = path.with_extension("gz.tmp");
-    let mut f = std::fs::File::create(&tmp).map_err(fail)?;
-    f.write_all(body).map_err(fail)?;
-    f.sync_all().map_err(fail)?;
-    std::fs::rename(&tmp, path).map_err(fail)
 }

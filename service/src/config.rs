@@ -118,7 +118,8 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         "s" | "" => n * 1000,
         "m" => n * 60_000,
         "h" => n * 3_600_000,
-        _ => return Err(format!("invalid duration {s:?}: unit must be ms, s, m or h")),
+        "d" => n * 86_400_000,
+        _ => return Err(format!("invalid duration {s:?}: unit must be ms, s, m, h or d")),
     };
     Ok(std::time::Duration::from_millis(ms))
 }

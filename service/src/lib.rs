@@ -1,8 +1,10 @@
 //! What every tron daemon shares: strict config loading, tracing, the metrics and health
 //! endpoint, systemd readiness and watchdog, shutdown signals, and TLS material.
 
+pub mod backoff;
 pub mod config;
 pub mod daemon;
+pub mod fs;
 pub mod http;
 pub mod shutdown;
 pub mod systemd;

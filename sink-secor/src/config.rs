@@ -18,6 +18,8 @@ pub struct SinkConfig {
     pub roll: RollConfig,
     #[serde(default)]
     pub finalize: FinalizeConfig,
+    #[serde(default)]
+    pub quarantine: QuarantineConfig,
     pub bigquery: Option<BigQueryConfig>,
 }
 
@@ -52,6 +54,20 @@ pub struct OutputConfig {
     /// Per-topic templates, overriding `path`.
     #[serde(default)]
     pub topic_paths: std::collections::BTreeMap<String, String>,
+    /// One store request (an upload, a state write) may take this long before it counts as failed.
+    #[serde(default = "default_request_timeout", with = "duration")]
+    pub request_timeout: Duration,
+    /// Uploads failing for this long turn `/health` 503 (at once for a permanent error: 401, 403,
+    /// a missing bucket).
+    #[serde(default = "default_unhealthy_after", with = "duration")]
+    pub unhealthy_after: Duration,
+}
+
+fn default_request_timeout() -> Duration {
+    Duration::from_secs(120)
+}
+fn default_unhealthy_after() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn default_path() -> String {
@@ -101,6 +117,11 @@ pub struct RollConfig {
     /// No message for this long means the partition is caught up (for the finalizer).
     #[serde(with = "duration")]
     pub idle_after: Duration,
+    /// A cut because a staged hour has passed waits until this long after the partition's last
+    /// cut, so records of an old hour interleaved with current ones do not cut at every switch.
+    /// Size, age and idleness cuts do not wait.
+    #[serde(with = "duration")]
+    pub min_interval: Duration,
 }
 
 impl Default for RollConfig {
@@ -110,6 +131,7 @@ impl Default for RollConfig {
             max_bytes: 256 << 20,
             max_age: Duration::from_secs(60),
             idle_after: Duration::from_secs(10),
+            min_interval: Duration::from_secs(10),
         }
     }
 }
@@ -127,6 +149,25 @@ pub struct FinalizeConfig {
 impl Default for FinalizeConfig {
     fn default() -> Self {
         FinalizeConfig { lateness: Duration::from_secs(300), interval: Duration::from_secs(10) }
+    }
+}
+
+/// Event times outside a sane window around the record's Kafka timestamp (when it was produced)
+/// would land in directories no loader reads and move the hour watermark for good; such records
+/// go to `_tron/quarantine/` instead. The window is taken around the Kafka timestamp, not the
+/// wall clock, so a replay after a crash decides exactly as the first attempt did.
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuarantineConfig {
+    #[serde(with = "duration")]
+    pub max_past: Duration,
+    #[serde(with = "duration")]
+    pub max_future: Duration,
+}
+
+impl Default for QuarantineConfig {
+    fn default() -> Self {
+        QuarantineConfig { max_past: Duration::from_secs(7 * 86_400), max_future: Duration::from_secs(3600) }
     }
 }
 

@@ -1,27 +1,62 @@
 //! The consume loop: messages go to their partition's staging; cuts are uploaded and committed in
-//! this same task, so a cut and a rebalance never interleave.
+//! this same task, so a cut and a rebalance never interleave in our own state.
+//!
+//! While a cut uploads, the loop keeps polling the consumer, so a slow store never pushes the
+//! instance out of the group (`max.poll.interval.ms`): rebalance callbacks run, and messages that
+//! arrive are held and handled after the cut (past `HELD_BYTES_LIMIT` every partition is paused,
+//! which makes librdkafka stop fetching). Each assignment of a partition gets an epoch; a message
+//! or a `Partition` of an older epoch is never mixed with a newer one.
 
 use crate::config::SinkConfig;
 use crate::finalize::Finalizer;
-use crate::partition::{Incoming, Output, Partition};
-use crate::store::Store;
+use crate::partition::{Incoming, Output, Partition, StagingError};
+use crate::store::{Fenced, Store};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{Headers, Message, OwnedMessage};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+use tron_service::backoff::Backoff;
 use tron_service::systemd::Heartbeat;
 use tron_service::{Health, Shutdown};
+
+/// A topic partition.
+pub type Tp = (String, i32);
+
+/// Messages held while a cut uploads, before every partition is paused.
+const HELD_BYTES_LIMIT: usize = 16 << 20;
+/// A partition given up after a staging failure, or fenced by another instance, is left alone
+/// this long before it is re-read from its committed offset.
+const HOLD_OFF: Duration = Duration::from_secs(15);
+/// SIGTERM: the last cuts may take this long in all.
+const DRAIN_LIMIT: Duration = Duration::from_secs(60);
+
+#[derive(Clone, Copy)]
+struct Assignment {
+    since: Instant,
+    epoch: u64,
+}
 
 /// Records which partitions this instance owns, as librdkafka reports rebalances.
 #[derive(Default)]
 pub struct GroupContext {
-    /// Owned partitions and when they were assigned.
-    owned: Mutex<HashMap<(String, i32), Instant>>,
-    revoked: Mutex<Vec<(String, i32)>>,
+    owned: Mutex<HashMap<Tp, Assignment>>,
+    revoked: Mutex<Vec<Tp>>,
+    epochs: AtomicU64,
+}
+
+impl GroupContext {
+    fn epoch_of(&self, tp: &Tp) -> Option<u64> {
+        self.owned.lock().expect("owned lock").get(tp).map(|a| a.epoch)
+    }
+
+    fn owned(&self) -> Vec<(Tp, Assignment)> {
+        self.owned.lock().expect("owned lock").iter().map(|(k, a)| (k.clone(), *a)).collect()
+    }
 }
 
 impl ClientContext for GroupContext {}
@@ -39,11 +74,18 @@ impl ConsumerContext for GroupContext {
         }
     }
 
-    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             let mut owned = self.owned.lock().expect("owned lock");
             for e in tpl.elements() {
-                owned.insert((e.topic().to_string(), e.partition()), Instant::now());
+                let epoch = self.epochs.fetch_add(1, Ordering::Relaxed) + 1;
+                owned.insert((e.topic().to_string(), e.partition()), Assignment { since: Instant::now(), epoch });
+            }
+            // librdkafka keeps a partition paused across a rebalance that gives it back to this
+            // instance (librdkafka#1849); a partition paused while held off would never resume,
+            // since the hold-off ended with the revocation.
+            if let Err(e) = consumer.resume(tpl) {
+                tracing::warn!(error = %e, "resuming newly assigned partitions");
             }
             tracing::info!(partitions = tpl.count(), "partitions assigned");
         }
@@ -72,6 +114,88 @@ pub fn create(cfg: &SinkConfig) -> anyhow::Result<GroupConsumer> {
     Ok(consumer)
 }
 
+/// How a failed cut ends.
+enum CutFailure {
+    /// Another instance claimed the partition: give it up, touch nothing more.
+    Fenced(anyhow::Error),
+    /// The group no longer counts this instance as a member: give every partition up.
+    LostMembership(anyhow::Error),
+    /// The staging directory failed: give the partition up and re-read it later.
+    Staging(anyhow::Error),
+    /// The store failed (or did not answer): retry.
+    Store(anyhow::Error),
+}
+
+impl From<anyhow::Error> for CutFailure {
+    fn from(e: anyhow::Error) -> Self {
+        if e.downcast_ref::<Fenced>().is_some() {
+            CutFailure::Fenced(e)
+        } else if lost_membership(&e) {
+            CutFailure::LostMembership(e)
+        } else if e.downcast_ref::<StagingError>().is_some() {
+            CutFailure::Staging(e)
+        } else {
+            CutFailure::Store(e)
+        }
+    }
+}
+
+/// Store failures over time: what `/health` says about GCS, and logs that do not flood.
+struct StoreHealth {
+    failing_since: Option<Instant>,
+    last_logged: Option<Instant>,
+    unhealthy_after: Duration,
+}
+
+impl StoreHealth {
+    fn ok(&mut self, health: &Health) {
+        if self.failing_since.take().is_some() {
+            tracing::info!("object store writes succeed again");
+        }
+        health.up("gcs");
+    }
+
+    /// `started`: when the failed request began (a request that hung counts from its start).
+    fn failed(&mut self, health: &Health, started: Instant, what: &str, e: &anyhow::Error) {
+        let since = *self.failing_since.get_or_insert(started);
+        let permanent = crate::store::is_permanent(e);
+        if permanent || since.elapsed() >= self.unhealthy_after {
+            let kind = if permanent { "permanent error" } else { "failing" };
+            health.down("gcs", format!("{kind} for {}s: {e:#}", since.elapsed().as_secs()));
+        }
+        if self.last_logged.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) || !permanent {
+            self.last_logged = Some(Instant::now());
+            tracing::warn!(permanent, failing_for_s = since.elapsed().as_secs(), error = %format!("{e:#}"), "{what} failed; retrying");
+        }
+    }
+}
+
+/// Everything the loop owns besides the consumer and the output.
+struct Loop<'a> {
+    cfg: &'a SinkConfig,
+    consumer: &'a GroupConsumer,
+    out: Output<'a>,
+    health: Health,
+    shutdown: Shutdown,
+    beat: Heartbeat,
+    partitions: HashMap<Tp, Partition>,
+    /// Messages that arrived during a cut, with the assignment epoch they were fetched under.
+    held: VecDeque<(OwnedMessage, u64)>,
+    held_bytes: usize,
+    paused: bool,
+    /// Partitions given up (fenced, or staging failed) and left alone until the instant, for the
+    /// assignment epoch they were given up in.
+    held_off: HashMap<Tp, (u64, Instant)>,
+    /// Committed offsets of owned partitions not opened yet, by assignment epoch: fetched for all
+    /// of them in one request (each request costs a broker round trip, 500 ms on Tansu).
+    committed_cache: HashMap<Tp, (u64, Option<i64>)>,
+    /// Partitions rewound to their committed offset because their first record came after it,
+    /// by assignment epoch: once per assignment, so a real gap (a transaction marker, records
+    /// removed by retention) is accepted the second time.
+    rewound: HashMap<Tp, u64>,
+    store_health: StoreHealth,
+}
+
 pub async fn run(
     cfg: &SinkConfig,
     consumer: GroupConsumer,
@@ -82,154 +206,510 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let (_, prefix) = cfg.split_url();
     let layout = cfg.layout();
-    let out = Output {
-        store: &store,
-        prefix: &prefix,
-        layout: &layout,
-        format: cfg.output.format,
-        columns: &cfg.output.columns,
-        gzip_level: cfg.output.gzip_level,
-        staging: &cfg.staging_dir,
+    let instance = instance_name();
+    tracing::info!(%instance, "instance name (written as the owner of claimed partitions)");
+    let mut l = Loop {
+        cfg,
+        consumer: &consumer,
+        out: Output {
+            store: &store,
+            prefix: &prefix,
+            layout: &layout,
+            format: cfg.output.format,
+            columns: &cfg.output.columns,
+            gzip_level: cfg.output.gzip_level,
+            staging: &cfg.staging_dir,
+            quarantine: &cfg.quarantine,
+            request_timeout: cfg.output.request_timeout,
+            instance: &instance,
+        },
+        health,
+        shutdown,
+        beat,
+        partitions: HashMap::new(),
+        held: VecDeque::new(),
+        held_bytes: 0,
+        paused: false,
+        held_off: HashMap::new(),
+        committed_cache: HashMap::new(),
+        rewound: HashMap::new(),
+        store_health: StoreHealth {
+            failing_since: None,
+            last_logged: None,
+            unhealthy_after: cfg.output.unhealthy_after,
+        },
     };
-    let mut partitions: HashMap<(String, i32), Partition> = HashMap::new();
     let mut finalizer = Finalizer::default();
     let mut last_finalize = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(500));
-    let lateness = cfg.finalize.lateness;
     loop {
-        beat.beat();
+        l.beat.beat();
+        l.handle_held().await;
         tokio::select! {
-            _ = shutdown.wait() => break,
+            _ = l.shutdown.wait() => break,
             msg = consumer.recv() => match msg {
                 Ok(m) => {
-                    health.up("kafka");
-                    handle(&consumer, &out, cfg, &mut partitions, &m, &beat).await?;
+                    l.health.up("kafka");
+                    let epoch = consumer.context().epoch_of(&(m.topic().to_string(), m.partition()));
+                    l.handle(&m, epoch).await;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "consume error");
-                    health.down("kafka", e.to_string());
+                    l.health.down("kafka", e.to_string());
                     metrics::counter!("tron_sink_consume_errors_total").increment(1);
                 }
             },
             _ = tick.tick() => {},
         }
-        drop_revoked(&consumer, &mut partitions);
-        open_idle_partitions(&consumer, &out, cfg, &mut partitions).await?;
-        for p in partitions.values_mut() {
-            if let Some(cut) = p.cut_due(&cfg.roll, lateness) {
-                cut_and_commit(&consumer, &out, p, cut, &beat).await?;
-            }
-            p.heartbeat(&out, &cfg.roll, cfg.finalize.interval).await?;
+        l.apply_revocations();
+        l.release_held_off();
+        l.open_idle_partitions().await;
+        let keys: Vec<Tp> = l.partitions.keys().cloned().collect();
+        for tp in keys {
+            l.cut_if_due(&tp).await;
+            l.heartbeat(&tp).await;
         }
         if last_finalize.elapsed() >= cfg.finalize.interval {
             last_finalize = Instant::now();
-            finalize(&consumer, &store, &prefix, cfg, &mut finalizer).await;
+            finalize(&mut l, &mut finalizer).await;
         }
     }
-    // Drain: upload and commit what is staged, so a restart starts clean.
-    tracing::info!(partitions = partitions.len(), "shutting down: uploading staged records");
-    drop_revoked(&consumer, &mut partitions);
-    for p in partitions.values_mut() {
-        if let Some(cut) = p.cut_for_shutdown() {
-            cut_and_commit(&consumer, &out, p, cut, &beat).await?;
+    // Drain: upload and commit what is staged, so a restart starts clean. Bounded: a store that
+    // does not answer must not keep the process from stopping (the data is still in Kafka).
+    tracing::info!(partitions = l.partitions.len(), "shutting down: uploading staged records");
+    let drained = tokio::time::timeout(DRAIN_LIMIT, async {
+        l.apply_revocations();
+        let keys: Vec<Tp> = l.partitions.keys().cloned().collect();
+        for tp in keys {
+            if let Some(cut) = l.partitions.get(&tp).and_then(Partition::cut_for_shutdown) {
+                l.run_cut(&tp, cut).await;
+            }
         }
+        finalize(&mut l, &mut finalizer).await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(limit = ?DRAIN_LIMIT, "shutdown: staged records not all uploaded in time; they will be re-read from Kafka");
     }
-    finalize(&consumer, &store, &prefix, cfg, &mut finalizer).await;
     Ok(())
 }
 
-async fn handle(
+impl Loop<'_> {
+    fn context(&self) -> &GroupContext {
+        self.consumer.context()
+    }
+
+    async fn handle_held(&mut self) {
+        while let Some((m, epoch)) = self.held.pop_front() {
+            self.held_bytes = self.held_bytes.saturating_sub(m.payload().map_or(0, <[u8]>::len));
+            self.handle(&m, Some(epoch)).await;
+        }
+        if self.paused {
+            self.paused = false;
+            let resume = self.owned_tpl(|tp| !self.held_off.contains_key(tp));
+            if let Err(e) = self.consumer.resume(&resume) {
+                tracing::warn!(error = %e, "resuming partitions after a cut");
+            }
+        }
+    }
+
+    /// `epoch`: the assignment the message was fetched under (None: not ours).
+    async fn handle<M: Message>(&mut self, m: &M, epoch: Option<u64>) {
+        self.apply_revocations();
+        let tp: Tp = (m.topic().to_string(), m.partition());
+        let Some(epoch) = epoch.filter(|e| self.context().epoch_of(&tp) == Some(*e)) else {
+            return; // fetched under an assignment that has since ended; its next owner reads it
+        };
+        if self.held_off.get(&tp).is_some_and(|(e, _)| *e == epoch) {
+            return;
+        }
+        if self.partitions.get(&tp).is_some_and(|p| p.epoch != epoch) {
+            let stale = self.partitions.remove(&tp).expect("present");
+            stale.discard();
+        }
+        if !self.partitions.contains_key(&tp) {
+            let committed = self.committed(&tp, epoch).unwrap_or(m.offset());
+            if m.offset() > committed && self.rewound.insert(tp.clone(), epoch) != Some(epoch) {
+                // librdkafka may go on from its own fetch position when a rebalance gives a
+                // partition back to this instance (librdkafka#1802), and a message held from
+                // before a seek can come first: staging from here would skip the records in
+                // between, and the next cut would commit past them.
+                tracing::info!(topic = %tp.0, partition = tp.1, committed, first = m.offset(), "first record is past the committed offset; re-reading from the committed offset");
+                metrics::counter!("tron_sink_rewinds_total", "topic" => tp.0.clone()).increment(1);
+                self.seek(&tp, committed);
+                return;
+            }
+            match Partition::open(&self.out, &tp.0, tp.1, committed, epoch).await {
+                Ok(p) => {
+                    self.partitions.insert(tp.clone(), p);
+                }
+                Err(e) => {
+                    tracing::warn!(topic = %tp.0, partition = tp.1, error = %format!("{e:#}"), "cannot open the partition; re-reading it later");
+                    self.hold_off(&tp, epoch, committed);
+                    return;
+                }
+            }
+        }
+        if let Some(cut) = self.partitions.get(&tp).and_then(|p| p.forced_cut_before(m.offset())) {
+            if !self.run_cut(&tp, cut).await {
+                return;
+            }
+        }
+        let incoming = incoming(m);
+        let Some(p) = self.partitions.get_mut(&tp) else { return };
+        if let Err(e) = p.append(&self.out, &incoming) {
+            tracing::error!(topic = %tp.0, partition = tp.1, error = %format!("{e:#}"), "staging failed; giving the partition up and re-reading it later");
+            self.health.down("staging", format!("{e:#}"));
+            metrics::counter!("tron_sink_staging_errors_total").increment(1);
+            let p = self.partitions.remove(&tp).expect("present");
+            self.discard_and_hold_off(&tp, p);
+            return;
+        }
+        metrics::counter!("tron_sink_records_consumed_total", "topic" => tp.0.clone()).increment(1);
+        // Size, hour-passed and replayed cuts are due as soon as the record that triggers them lands.
+        self.cut_if_due(&tp).await;
+    }
+
+    async fn cut_if_due(&mut self, tp: &Tp) {
+        let Some(p) = self.partitions.get(tp) else { return };
+        let position = if p.replaying() { self.position(tp) } else { None };
+        if let Some(cut) = p.cut_due(&self.cfg.roll, self.cfg.finalize.lateness, position) {
+            self.run_cut(tp, cut).await;
+        }
+    }
+
+    /// Cuts and commits, retrying store failures until the cut lands (skipping it would break
+    /// exactly-once), while polling the consumer. Returns whether the partition is still ours.
+    async fn run_cut(&mut self, tp: &Tp, cut: i64) -> bool {
+        let Some(mut p) = self.partitions.remove(tp) else { return false };
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+        loop {
+            self.beat.beat();
+            let started = Instant::now();
+            let consumer = self.consumer;
+            let commit = |offset: i64| -> anyhow::Result<()> {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(&tp.0, tp.1, Offset::Offset(offset))?;
+                tokio::task::block_in_place(|| consumer.commit(&tpl, CommitMode::Sync))?;
+                Ok(())
+            };
+            let attempt = p.cut(&self.out, cut, commit);
+            let result = poll_while(consumer, &mut self.held, &mut self.held_bytes, &mut self.paused, attempt).await;
+            let failure = match result {
+                Ok(()) => {
+                    self.store_health.ok(&self.health);
+                    self.health.up("staging");
+                    self.partitions.insert(tp.clone(), p);
+                    return true;
+                }
+                Err(e) => CutFailure::from(e),
+            };
+            match failure {
+                CutFailure::Fenced(e) => {
+                    tracing::warn!(topic = %tp.0, partition = tp.1, cut, error = %format!("{e:#}"), "fenced: another instance owns this partition now; giving it up without committing");
+                    metrics::counter!("tron_sink_fenced_total").increment(1);
+                    self.discard_and_hold_off(tp, p);
+                    return false;
+                }
+                CutFailure::LostMembership(e) => {
+                    // A broker restart or a session time-out: retrying the commit cannot succeed,
+                    // and waiting would keep the consumer from rejoining. Every partition is given
+                    // up and rewound; each cut's recorded intent makes its next owner replay it.
+                    tracing::warn!(topic = %tp.0, partition = tp.1, cut, error = %format!("{e:#}"), "commit refused: group membership lost; giving every partition up");
+                    metrics::counter!("tron_sink_membership_lost_total").increment(1);
+                    self.give_up(p);
+                    let all: Vec<Tp> = self.partitions.keys().cloned().collect();
+                    for other in all {
+                        let p = self.partitions.remove(&other).expect("listed");
+                        self.give_up(p);
+                    }
+                    return false;
+                }
+                CutFailure::Staging(e) => {
+                    tracing::error!(topic = %tp.0, partition = tp.1, cut, error = %format!("{e:#}"), "staging failed; giving the partition up and re-reading it later");
+                    self.health.down("staging", format!("{e:#}"));
+                    metrics::counter!("tron_sink_staging_errors_total").increment(1);
+                    self.discard_and_hold_off(tp, p);
+                    return false;
+                }
+                CutFailure::Store(e) => {
+                    metrics::counter!("tron_sink_cut_retries_total").increment(1);
+                    let what = format!("cut of {}/{} at {cut}", tp.0, tp.1);
+                    self.store_health.failed(&self.health, started, &what, &e);
+                    if self.shutdown.is_triggered() || self.context().epoch_of(tp) != Some(p.epoch) {
+                        // Stopping, or revoked meanwhile: nothing was committed, Kafka keeps it.
+                        p.discard();
+                        return false;
+                    }
+                    let pause = tokio::time::sleep(backoff.next_delay());
+                    let shutdown = self.shutdown.clone();
+                    let wait = async move {
+                        tokio::select! { _ = pause => {}, _ = shutdown.wait() => {} }
+                    };
+                    poll_while(self.consumer, &mut self.held, &mut self.held_bytes, &mut self.paused, wait).await;
+                }
+            }
+        }
+    }
+
+    /// Drops a partition's staging and, if it is still assigned, rewinds the consumer to the
+    /// committed offset so its next `Partition` starts where the objects end.
+    fn give_up(&mut self, p: Partition) {
+        let (tp, committed, epoch) = ((p.topic.clone(), p.partition), p.committed(), p.epoch);
+        p.discard();
+        if self.context().epoch_of(&tp) == Some(epoch) {
+            self.seek(&tp, committed);
+        }
+    }
+
+    /// Drops a given-up partition's staging and leaves it alone for `HOLD_OFF`.
+    fn discard_and_hold_off(&mut self, tp: &Tp, p: Partition) {
+        let (committed, epoch) = (p.committed(), p.epoch);
+        p.discard();
+        self.hold_off(tp, epoch, committed);
+    }
+
+    /// Leaves a partition alone for `HOLD_OFF` (paused), then re-reads it from `committed`.
+    fn hold_off(&mut self, tp: &Tp, epoch: u64, committed: i64) {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&tp.0, tp.1);
+        let _ = self.consumer.pause(&tpl);
+        self.seek(tp, committed);
+        self.held_off.insert(tp.clone(), (epoch, Instant::now() + HOLD_OFF));
+    }
+
+    fn release_held_off(&mut self) {
+        let due: Vec<Tp> =
+            self.held_off.iter().filter(|(_, (_, until))| Instant::now() >= *until).map(|(tp, _)| tp.clone()).collect();
+        for tp in due {
+            self.held_off.remove(&tp);
+            if self.context().epoch_of(&tp).is_some() {
+                if let Some(committed) = committed_offset(self.consumer, &tp.0, tp.1) {
+                    self.seek(&tp, committed);
+                }
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition(&tp.0, tp.1);
+                let _ = self.consumer.resume(&tpl);
+                tracing::info!(topic = %tp.0, partition = tp.1, "re-reading a partition that was given up");
+            }
+        }
+    }
+
+    /// The group's committed offset for a partition about to be opened under `epoch`.
+    fn committed(&mut self, tp: &Tp, epoch: u64) -> Option<i64> {
+        if let Some((cached_epoch, offset)) = self.committed_cache.remove(tp) {
+            if cached_epoch == epoch {
+                return offset;
+            }
+        }
+        let unopened: Vec<(Tp, u64)> = self
+            .context()
+            .owned()
+            .into_iter()
+            .filter(|(t, _)| !self.partitions.contains_key(t))
+            .map(|(t, a)| (t, a.epoch))
+            .collect();
+        let mut tpl = TopicPartitionList::new();
+        for (t, _) in &unopened {
+            tpl.add_partition(&t.0, t.1);
+        }
+        let committed = tokio::task::block_in_place(|| self.consumer.committed_offsets(tpl, Duration::from_secs(10)));
+        let Ok(committed) = committed else {
+            return committed_offset(self.consumer, &tp.0, tp.1);
+        };
+        for (t, e) in unopened {
+            let offset = committed.find_partition(&t.0, t.1).and_then(|e| match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            });
+            self.committed_cache.insert(t, (e, offset));
+        }
+        match self.committed_cache.remove(tp) {
+            Some((e, offset)) if e == epoch => offset,
+            _ => committed_offset(self.consumer, &tp.0, tp.1),
+        }
+    }
+
+    /// Every seek also drops the messages held for the partition: they were fetched before it.
+    fn seek(&mut self, tp: &Tp, offset: i64) {
+        let before = self.held.len();
+        self.held.retain(|(m, _)| (m.topic(), m.partition()) != (tp.0.as_str(), tp.1));
+        if self.held.len() != before {
+            self.held_bytes = self.held.iter().map(|(m, _)| m.payload().map_or(0, <[u8]>::len)).sum();
+        }
+        let result = tokio::task::block_in_place(|| {
+            self.consumer.seek(&tp.0, tp.1, Offset::Offset(offset), Duration::from_secs(10))
+        });
+        if let Err(e) = result {
+            tracing::debug!(topic = %tp.0, partition = tp.1, offset, error = %e, "seek");
+        }
+    }
+
+    fn owned_tpl(&self, keep: impl Fn(&Tp) -> bool) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        for (tp, _) in self.context().owned() {
+            if keep(&tp) {
+                tpl.add_partition(&tp.0, tp.1);
+            }
+        }
+        tpl
+    }
+
+    fn position(&self, tp: &Tp) -> Option<i64> {
+        let positions = self.consumer.position().ok()?;
+        match positions.find_partition(&tp.0, tp.1)?.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        }
+    }
+
+    /// Revocations are applied before any further message is handled.
+    fn apply_revocations(&mut self) {
+        let revoked: Vec<_> = std::mem::take(&mut *self.context().revoked.lock().expect("revoked lock"));
+        for tp in revoked {
+            self.held_off.remove(&tp);
+            self.committed_cache.remove(&tp);
+            self.rewound.remove(&tp);
+            if let Some(p) = self.partitions.remove(&tp) {
+                tracing::info!(topic = %tp.0, partition = tp.1, committed = p.committed(), "revoked: discarding staged records; the new owner re-reads them");
+                p.discard();
+            }
+        }
+    }
+
+    /// A partition that has had no message since it was assigned still reports progress, so an
+    /// idle partition does not hold back the finalizer.
+    async fn open_idle_partitions(&mut self) {
+        let idle: Vec<(Tp, u64)> = self
+            .context()
+            .owned()
+            .into_iter()
+            .filter(|(tp, a)| {
+                a.since.elapsed() >= self.cfg.roll.idle_after
+                    && !self.partitions.contains_key(tp)
+                    && !self.held_off.contains_key(tp)
+            })
+            .map(|(tp, a)| (tp, a.epoch))
+            .collect();
+        for (tp, epoch) in idle {
+            let committed = match self.committed(&tp, epoch) {
+                Some(o) => o,
+                None => {
+                    tokio::task::block_in_place(|| self.consumer.fetch_watermarks(&tp.0, tp.1, Duration::from_secs(10)))
+                        .map(|(low, _)| low)
+                        .unwrap_or(0)
+                }
+            };
+            // Reading starts where the objects end, whatever position librdkafka kept from an
+            // earlier assignment (see `handle`): a position past `committed` would let the
+            // heartbeat report the partition caught up with records never staged.
+            if self.position(&tp).is_some_and(|p| p != committed) {
+                tracing::info!(topic = %tp.0, partition = tp.1, committed, position = self.position(&tp), "idle partition's read position is not its committed offset; re-reading from the committed offset");
+                metrics::counter!("tron_sink_rewinds_total", "topic" => tp.0.clone()).increment(1);
+                self.seek(&tp, committed);
+            }
+            match Partition::open(&self.out, &tp.0, tp.1, committed, epoch).await {
+                Ok(p) => {
+                    self.partitions.insert(tp, p);
+                }
+                Err(e) => {
+                    tracing::warn!(topic = %tp.0, partition = tp.1, error = %format!("{e:#}"), "cannot open an idle partition; trying later");
+                    self.hold_off(&tp, epoch, committed);
+                }
+            }
+        }
+    }
+
+    /// Progress for the finalizer. "At the end" compares the consumer's position with the
+    /// partition's end as the broker reports it.
+    async fn heartbeat(&mut self, tp: &Tp) {
+        let Some(p) = self.partitions.get(tp) else { return };
+        if !p.heartbeat_due(self.cfg.finalize.interval) {
+            return;
+        }
+        let read_to = self.position(tp).unwrap_or(0).max(p.next_offset());
+        let end = tokio::task::block_in_place(|| self.consumer.fetch_watermarks(&tp.0, tp.1, Duration::from_secs(5)));
+        let at_end = matches!(end, Ok((_, high)) if read_to >= high);
+        let Some(p) = self.partitions.get_mut(tp) else { return };
+        if let Err(e) = p.heartbeat(&self.out, &self.cfg.roll, at_end).await {
+            if e.downcast_ref::<Fenced>().is_some() {
+                tracing::warn!(topic = %tp.0, partition = tp.1, "fenced while reporting progress; giving the partition up");
+                metrics::counter!("tron_sink_fenced_total").increment(1);
+                let p = self.partitions.remove(tp).expect("present");
+                self.discard_and_hold_off(tp, p);
+            } else {
+                tracing::warn!(topic = %tp.0, partition = tp.1, error = %format!("{e:#}"), "progress not written; will retry");
+            }
+        }
+    }
+}
+
+/// Drives `work` to completion while polling the consumer: rebalance callbacks run, and messages
+/// are held (with their assignment epoch) for after the cut. Past `HELD_BYTES_LIMIT` every owned
+/// partition is paused, which stops fetching.
+async fn poll_while<T>(
     consumer: &GroupConsumer,
-    out: &Output<'_>,
-    cfg: &SinkConfig,
-    partitions: &mut HashMap<(String, i32), Partition>,
-    m: &BorrowedMessage<'_>,
-    beat: &Heartbeat,
-) -> anyhow::Result<()> {
-    let key = (m.topic().to_string(), m.partition());
-    if !consumer.context().owned.lock().expect("owned lock").contains_key(&key) {
-        return Ok(()); // fetched before a revoke; the new owner reads it
+    held: &mut VecDeque<(OwnedMessage, u64)>,
+    held_bytes: &mut usize,
+    paused: &mut bool,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            biased;
+            result = &mut work => return result,
+            msg = consumer.recv() => match msg {
+                Ok(m) => {
+                    let tp = (m.topic().to_string(), m.partition());
+                    let Some(epoch) = consumer.context().epoch_of(&tp) else { continue };
+                    *held_bytes += m.payload().map_or(0, <[u8]>::len);
+                    held.push_back((m.detach(), epoch));
+                    if *held_bytes >= HELD_BYTES_LIMIT {
+                        let mut tpl = TopicPartitionList::new();
+                        for (tp, _) in consumer.context().owned() {
+                            tpl.add_partition(&tp.0, tp.1);
+                        }
+                        if let Err(e) = consumer.pause(&tpl) {
+                            tracing::warn!(error = %e, "pausing partitions during a slow cut");
+                        }
+                        *paused = true;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "consume error during a cut"),
+            },
+        }
     }
-    if !partitions.contains_key(&key) {
-        let committed = committed_offset(consumer, &key.0, key.1).unwrap_or(m.offset());
-        let p = Partition::open(out, &key.0, key.1, committed).await?;
-        partitions.insert(key.clone(), p);
-    }
-    let p = partitions.get_mut(&key).expect("inserted above");
-    if let Some(cut) = p.forced_cut_before(m.offset()) {
-        cut_and_commit(consumer, out, p, cut, beat).await?;
-    }
+}
+
+fn incoming<M: Message>(m: &M) -> Incoming<'_> {
     let mut tag = "";
-    let mut time_ns = m.timestamp().to_millis().unwrap_or(0) * 1_000_000;
+    let mut event_time_ns = None;
     if let Some(headers) = m.headers() {
-        for h in headers.iter() {
+        for i in 0..headers.count() {
+            let h = headers.get(i);
             match (h.key, h.value) {
                 ("tag", Some(v)) => tag = std::str::from_utf8(v).unwrap_or(""),
                 ("event_time_ns", Some(v)) => {
-                    if let Some(ns) = std::str::from_utf8(v).ok().and_then(|s| s.parse().ok()) {
-                        time_ns = ns;
-                    }
+                    event_time_ns = std::str::from_utf8(v).ok().and_then(|s| s.parse().ok());
                 }
                 _ => {}
             }
         }
     }
-    let incoming = Incoming { offset: m.offset(), time_ns, tag, raw: m.payload().unwrap_or_default() };
-    p.append(out, &incoming)?;
-    metrics::counter!("tron_sink_records_consumed_total", "topic" => key.0.clone()).increment(1);
-    // Size, hour-passed and replayed cuts are due as soon as the record that triggers them lands.
-    if let Some(cut) = p.cut_due(&cfg.roll, cfg.finalize.lateness) {
-        cut_and_commit(consumer, out, p, cut, beat).await?;
+    Incoming {
+        offset: m.offset(),
+        event_time_ns,
+        kafka_time_ms: m.timestamp().to_millis().filter(|ms| *ms >= 0),
+        tag,
+        raw: m.payload().unwrap_or_default(),
     }
-    Ok(())
 }
 
-/// Retries until the cut lands: skipping it would break exactly-once. Each attempt counts as a
-/// turn of the main loop, so a long store outage does not look like a wedged process.
-async fn cut_and_commit(
-    consumer: &GroupConsumer,
-    out: &Output<'_>,
-    p: &mut Partition,
-    cut: i64,
-    beat: &Heartbeat,
-) -> anyhow::Result<()> {
-    let (topic, partition) = (p.topic.clone(), p.partition);
-    let mut backoff = Duration::from_millis(200);
-    loop {
-        beat.beat();
-        let result = p
-            .cut(out, cut, |offset| {
-                let mut tpl = TopicPartitionList::new();
-                tpl.add_partition_offset(&topic, partition, Offset::Offset(offset))?;
-                tokio::task::block_in_place(|| consumer.commit(&tpl, CommitMode::Sync))?;
-                Ok(())
-            })
-            .await;
-        match result {
-            Ok(()) => return Ok(()),
-            Err(e) if lost_membership(&e) => {
-                // The group no longer counts this instance as the owner (a broker restart, a
-                // session time-out): retrying the commit cannot succeed, and waiting here would
-                // keep the consumer from rejoining. Give the partition up as on a revoke and rewind
-                // to the committed offset; the cut's intent makes whoever owns it next replay
-                // the same objects.
-                tracing::warn!(%topic, partition, cut, error = %format!("{e:#}"), "commit refused: group membership lost; re-reading from the committed offset");
-                metrics::counter!("tron_sink_membership_lost_total").increment(1);
-                let rewind = p.committed();
-                let _ = tokio::task::block_in_place(|| {
-                    consumer.seek(&topic, partition, Offset::Offset(rewind), Duration::from_secs(10))
-                });
-                consumer.context().revoked.lock().expect("revoked lock").push((topic.clone(), partition));
-                return Ok(());
-            }
-            Err(e) => {
-                metrics::counter!("tron_sink_cut_retries_total").increment(1);
-                tracing::warn!(%topic, partition, cut, error = %format!("{e:#}"), "cut failed; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
-            }
-        }
-    }
+/// Names this process in the state objects it claims: host and pid.
+fn instance_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}:{}", host.trim(), std::process::id())
 }
 
 /// Commit errors that mean this instance is no longer a member of the group's current generation.
@@ -247,38 +727,6 @@ fn lost_membership(e: &anyhow::Error) -> bool {
     })
 }
 
-/// A partition that has had no message since it was assigned still reports progress (caught up),
-/// so an idle partition does not hold back the finalizer.
-async fn open_idle_partitions(
-    consumer: &GroupConsumer,
-    out: &Output<'_>,
-    cfg: &SinkConfig,
-    partitions: &mut HashMap<(String, i32), Partition>,
-) -> anyhow::Result<()> {
-    let idle: Vec<(String, i32)> = consumer
-        .context()
-        .owned
-        .lock()
-        .expect("owned lock")
-        .iter()
-        .filter(|(key, since)| since.elapsed() >= cfg.roll.idle_after && !partitions.contains_key(*key))
-        .map(|(key, _)| key.clone())
-        .collect();
-    for (topic, partition) in idle {
-        let committed = match committed_offset(consumer, &topic, partition) {
-            Some(o) => o,
-            None => {
-                tokio::task::block_in_place(|| consumer.fetch_watermarks(&topic, partition, Duration::from_secs(10)))
-                    .map(|(low, _)| low)
-                    .unwrap_or(0)
-            }
-        };
-        let p = Partition::open(out, &topic, partition, committed).await?;
-        partitions.insert((topic, partition), p);
-    }
-    Ok(())
-}
-
 fn committed_offset(consumer: &GroupConsumer, topic: &str, partition: i32) -> Option<i64> {
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(topic, partition);
@@ -289,20 +737,13 @@ fn committed_offset(consumer: &GroupConsumer, topic: &str, partition: i32) -> Op
     }
 }
 
-fn drop_revoked(consumer: &GroupConsumer, partitions: &mut HashMap<(String, i32), Partition>) {
-    let revoked: Vec<_> = std::mem::take(&mut *consumer.context().revoked.lock().expect("revoked lock"));
-    for key in revoked {
-        if let Some(p) = partitions.remove(&key) {
-            tracing::info!(topic = %key.0, partition = key.1, committed = p.committed(), "revoked: discarding staged records; the new owner re-reads them");
-            p.discard();
-        }
-    }
-}
-
-/// The owner of a topic's partition 0 finalizes that topic's hours, so one instance does it.
-async fn finalize(consumer: &GroupConsumer, store: &Store, prefix: &str, cfg: &SinkConfig, finalizer: &mut Finalizer) {
+/// The owner of a topic's partition 0 finalizes that topic's hours, so one instance does it. A
+/// pass is bounded by `output.request_timeout`, so a store that does not answer cannot hang the
+/// loop (and is reported like a failing upload).
+async fn finalize(l: &mut Loop<'_>, finalizer: &mut Finalizer) {
+    let (consumer, cfg) = (l.consumer, l.cfg);
     for topic in &cfg.kafka.topics {
-        if !consumer.context().owned.lock().expect("owned lock").contains_key(&(topic.clone(), 0)) {
+        if consumer.context().epoch_of(&(topic.clone(), 0)).is_none() {
             continue;
         }
         let count = tokio::task::block_in_place(|| consumer.fetch_metadata(Some(topic), Duration::from_secs(10)))
@@ -311,8 +752,16 @@ async fn finalize(consumer: &GroupConsumer, store: &Store, prefix: &str, cfg: &S
         let Some(count) = count.filter(|c| *c > 0) else {
             continue;
         };
-        if let Err(e) = finalizer.run_once(store, prefix, &cfg.layout(), topic, count, cfg.finalize.lateness).await {
-            tracing::warn!(%topic, error = %format!("{e:#}"), "finalizer pass failed; will retry");
+        let started = Instant::now();
+        let pass = finalizer.run_once(l.out.store, l.out.prefix, l.out.layout, topic, count, cfg.finalize.lateness);
+        let result = match tokio::time::timeout(cfg.output.request_timeout, pass).await {
+            Ok(result) => result,
+            Err(_) => {
+                Err(anyhow::anyhow!("no answer within {:?} (output.request_timeout)", cfg.output.request_timeout))
+            }
+        };
+        if let Err(e) = result {
+            l.store_health.failed(&l.health, started, &format!("finalizer pass for {topic}"), &e);
         }
     }
 }

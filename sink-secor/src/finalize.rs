@@ -4,7 +4,7 @@
 //! and `_SUCCESS`. Objects that arrive later add a new manifest revision and count as late.
 
 use crate::layout::Layout;
-use crate::partition::HOUR_MS;
+use crate::partition::{meta_key, HOUR_MS};
 use crate::state::{self, PartitionState};
 use crate::store::Store;
 use serde_json::json;
@@ -93,24 +93,24 @@ impl Finalizer {
         let entries: Vec<serde_json::Value> = objects
             .iter()
             .map(|o| {
-                let r: u64 = meta(o, "tron-rows").parse().unwrap_or(0);
+                let r: u64 = meta(o, meta_key::ROWS).parse().unwrap_or(0);
                 rows += r;
                 bytes += o.size;
                 let (first, last): (i64, i64) = (
-                    meta(o, "tron-first-offset").parse().unwrap_or(-1),
-                    meta(o, "tron-last-offset").parse().unwrap_or(-1),
+                    meta(o, meta_key::FIRST_OFFSET).parse().unwrap_or(-1),
+                    meta(o, meta_key::LAST_OFFSET).parse().unwrap_or(-1),
                 );
-                let range = offsets.entry(meta(o, "tron-partition")).or_insert((first, last));
+                let range = offsets.entry(meta(o, meta_key::PARTITION)).or_insert((first, last));
                 range.0 = range.0.min(first);
                 range.1 = range.1.max(last);
-                let (lo, hi) = (meta(o, "tron-min-time"), meta(o, "tron-max-time"));
+                let (lo, hi) = (meta(o, meta_key::MIN_TIME), meta(o, meta_key::MAX_TIME));
                 if min_t.is_empty() || (!lo.is_empty() && lo < min_t) {
                     min_t = lo.clone();
                 }
                 if hi > max_t {
                     max_t = hi.clone();
                 }
-                json!({"name": o.name, "rows": r, "bytes": o.size, "partition": meta(o, "tron-partition"),
+                json!({"name": o.name, "rows": r, "bytes": o.size, "partition": meta(o, meta_key::PARTITION),
                        "first_offset": first, "last_offset": last, "min_event_time": lo, "max_event_time": hi})
             })
             .collect();

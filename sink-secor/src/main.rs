@@ -91,6 +91,17 @@ async fn run(cfg: SinkConfig, daemon: Daemon) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.staging_dir).with_context(|| format!("staging_dir {}", cfg.staging_dir.display()))?;
     let (bucket, _) = cfg.split_url();
     let store = store::Store::open(&bucket, cfg.output.endpoint.as_deref()).await?;
+    // /health names GCS from the start: a missing bucket or refused credentials show at once.
+    let (_, prefix) = cfg.split_url();
+    let state_prefix = join_key(&prefix, "_tron/state/");
+    let probe = tokio::time::timeout(cfg.output.request_timeout, store.list(&state_prefix));
+    match probe.await.unwrap_or_else(|_| Err(anyhow::anyhow!("no answer within {:?}", cfg.output.request_timeout))) {
+        Ok(_) => daemon.health.up("gcs"),
+        Err(e) => {
+            tracing::error!(error = %format!("{e:#}"), "object store not usable at start");
+            daemon.health.down("gcs", format!("{e:#}"));
+        }
+    }
     let consumer = consumer::create(&cfg).context("creating the Kafka consumer")?;
     daemon.health.up("kafka");
     daemon.ready("tron-sink-secor", cfg.metrics_listen).await?;

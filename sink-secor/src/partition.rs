@@ -1,22 +1,40 @@
 //! One Kafka partition's staging and cuts.
 //!
-//! Records are appended to one gzip staging file per event hour. A cut closes every staging
-//! file of the partition at one offset, so the committed offset is always a clean boundary: all
-//! records below it are in uploaded objects, none above it are. Each cut is recorded (state
-//! `pending`) before its objects are uploaded, and a replay honours it; together with object names
-//! taken from first offsets this puts every record in exactly one object across crashes and
-//! rebalances.
+//! Records are appended to one gzip staging file per event hour (and per quarantine reason). A
+//! cut closes every staging file of the partition at one offset, so the committed offset is
+//! always a clean boundary: all records below it are in uploaded objects, none above it are. Each
+//! cut is recorded (state `pending`) before its objects are uploaded, and a replay honours it;
+//! together with object names taken from first offsets this puts every record in exactly one
+//! object across crashes and rebalances. Every state write goes through the owner's [`Claim`], so
+//! an instance that lost the partition is fenced before it uploads anything.
 
-use crate::config::{Column, Format, RollConfig};
+use crate::config::{Column, Format, QuarantineConfig, RollConfig};
 use crate::format::{RowSink, RowSource};
 use crate::layout::Layout;
-use crate::state::{self, PartitionState, PendingCut};
+use crate::state::{Claim, PartitionState, PendingCut};
 use crate::store::Store;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 pub const HOUR_MS: i64 = 3_600_000;
+const HOUR_NS: i64 = HOUR_MS * 1_000_000;
+
+/// Custom metadata keys of uploaded objects, read back by the finalizer.
+pub mod meta_key {
+    pub const ROWS: &str = "tron-rows";
+    pub const PARTITION: &str = "tron-partition";
+    pub const FIRST_OFFSET: &str = "tron-first-offset";
+    pub const LAST_OFFSET: &str = "tron-last-offset";
+    pub const MIN_TIME: &str = "tron-min-time";
+    pub const MAX_TIME: &str = "tron-max-time";
+    pub const QUARANTINE_REASON: &str = "tron-quarantine-reason";
+}
+
+/// Staging files are named per incarnation of a partition in this process, so a revoked
+/// partition's files and the files of its re-assignment never share a name.
+static INCARNATIONS: AtomicU64 = AtomicU64::new(0);
 
 pub struct Output<'a> {
     pub store: &'a Store,
@@ -26,7 +44,84 @@ pub struct Output<'a> {
     pub columns: &'a [Column],
     pub gzip_level: u32,
     pub staging: &'a Path,
+    pub quarantine: &'a QuarantineConfig,
+    pub request_timeout: Duration,
+    pub instance: &'a str,
 }
+
+impl Output<'_> {
+    async fn timed<T>(&self, what: &str, f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+        tokio::time::timeout(self.request_timeout, f).await.map_err(|_| {
+            anyhow::anyhow!("{what}: no answer within {:?} (output.request_timeout)", self.request_timeout)
+        })?
+    }
+}
+
+/// Why a record is not in its hour's directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Reason {
+    /// Event time older than `quarantine.max_past` before the Kafka timestamp.
+    TooOld,
+    /// Event time more than `quarantine.max_future` after the Kafka timestamp.
+    TooNew,
+    /// Neither an event time nor a Kafka timestamp.
+    NoTime,
+}
+
+impl Reason {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Reason::TooOld => "too_old",
+            Reason::TooNew => "too_new",
+            Reason::NoTime => "no_time",
+        }
+    }
+}
+
+/// Where a record is staged: its event hour, or quarantine (by reason and Kafka-timestamp hour).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Bucket {
+    Hour(i64),
+    Quarantine(Reason, i64),
+}
+
+/// A message as the partition needs it.
+pub struct Incoming<'a> {
+    pub offset: i64,
+    /// From the `event_time_ns` header, when the producer set one.
+    pub event_time_ns: Option<i64>,
+    /// The Kafka record timestamp (ms), when there is one.
+    pub kafka_time_ms: Option<i64>,
+    pub tag: &'a str,
+    pub raw: &'a [u8],
+}
+
+impl Incoming<'_> {
+    /// The bucket and the event time (ns) a row shows. Decided from the record alone, so a replay
+    /// decides the same.
+    pub fn classify(&self, q: &QuarantineConfig) -> (Bucket, i64) {
+        let kafka_ns = self.kafka_time_ms.map(|ms| ms.saturating_mul(1_000_000));
+        let Some(event_ns) = self.event_time_ns.or(kafka_ns) else {
+            return (Bucket::Quarantine(Reason::NoTime, 0), 0);
+        };
+        if let Some(reference) = kafka_ns {
+            let kafka_hour = reference.div_euclid(HOUR_NS);
+            if event_ns < reference.saturating_sub(q.max_past.as_nanos() as i64) {
+                return (Bucket::Quarantine(Reason::TooOld, kafka_hour), event_ns);
+            }
+            if event_ns > reference.saturating_add(q.max_future.as_nanos() as i64) {
+                return (Bucket::Quarantine(Reason::TooNew, kafka_hour), event_ns);
+            }
+        }
+        (Bucket::Hour(event_ns.div_euclid(HOUR_NS)), event_ns)
+    }
+}
+
+/// The staging directory failed (full, unwritable): the partition is given up and re-read from
+/// Kafka later; nothing of it is committed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct StagingError(pub String);
 
 struct Staged {
     sink: RowSink,
@@ -45,52 +140,70 @@ struct StagedFile {
 pub struct Partition {
     pub topic: String,
     pub partition: i32,
+    /// The assignment this object belongs to (see the consumer's `GroupContext`).
+    pub epoch: u64,
+    incarnation: u64,
     state: PartitionState,
+    claim: Claim,
     /// During a replay: the cut the crashed owner had started; no other cut may come first.
     forced_cut: Option<i64>,
-    staged: BTreeMap<i64, Staged>,
+    staged: BTreeMap<Bucket, Staged>,
     /// Files of a cut that is under way (finished, maybe partly uploaded). They stay until the
     /// commit succeeds, so a retried cut uploads them again instead of committing past them.
-    sealed: Vec<(i64, StagedFile)>,
+    sealed: Vec<(Bucket, StagedFile)>,
     records_since_cut: u64,
     bytes_since_cut: u64,
     first_staged_at: Option<Instant>,
+    /// Max event time staged in hour buckets (quarantined records never move the watermark).
     staged_max_ns: i64,
     next_offset: i64,
     pub last_message_at: Instant,
+    last_cut_at: Instant,
     state_written_at: Instant,
 }
 
-/// A message as the partition needs it.
-pub struct Incoming<'a> {
-    pub offset: i64,
-    pub time_ns: i64,
-    pub tag: &'a str,
-    pub raw: &'a [u8],
-}
-
 impl Partition {
-    /// `committed`: the group's committed offset, or the first offset consumed if none.
-    pub async fn open(out: &Output<'_>, topic: &str, partition: i32, committed: i64) -> anyhow::Result<Self> {
-        let previous = state::read(out.store, out.prefix, topic, partition).await?.unwrap_or_default();
-        let forced_cut = match &previous.pending {
-            Some(PendingCut { from, cut }) if *from == committed && *cut > committed => {
-                tracing::info!(
-                    topic,
-                    partition,
-                    committed,
-                    cut,
-                    "replaying an interrupted cut; cutting at the same offset"
-                );
-                Some(*cut)
-            }
-            _ => None,
-        };
-        let state = PartitionState { committed, pending: None, ..previous };
+    /// Claims the partition (fencing any previous owner) and opens it at `committed`: the group's
+    /// committed offset, or the first offset consumed if none.
+    pub async fn open(
+        out: &Output<'_>,
+        topic: &str,
+        partition: i32,
+        committed: i64,
+        epoch: u64,
+    ) -> anyhow::Result<Self> {
+        let mut forced_cut = None;
+        let (state, claim) = out
+            .timed(
+                "claiming the partition state",
+                Claim::take(out.store, out.prefix, topic, partition, out.instance, |previous| {
+                    let pending = match &previous.pending {
+                        // The previous owner recorded this cut and may have uploaded part of it.
+                        Some(p @ PendingCut { from, cut }) if *from == committed && *cut > committed => Some(p.clone()),
+                        _ => None,
+                    };
+                    PartitionState { committed, pending, caught_up: false, ..previous }
+                }),
+            )
+            .await?;
+        if let Some(PendingCut { cut, .. }) = &state.pending {
+            tracing::info!(
+                topic,
+                partition,
+                committed,
+                cut,
+                "replaying an interrupted cut; cutting at the same offset"
+            );
+            forced_cut = Some(*cut);
+        }
+        let long_ago = Instant::now() - Duration::from_secs(3600);
         Ok(Partition {
             topic: topic.to_string(),
             partition,
+            epoch,
+            incarnation: INCARNATIONS.fetch_add(1, Ordering::Relaxed),
             state,
+            claim,
             forced_cut,
             staged: BTreeMap::new(),
             sealed: Vec::new(),
@@ -100,12 +213,27 @@ impl Partition {
             staged_max_ns: i64::MIN,
             next_offset: committed,
             last_message_at: Instant::now(),
-            state_written_at: Instant::now() - Duration::from_secs(3600),
+            last_cut_at: long_ago,
+            state_written_at: long_ago,
         })
     }
 
     pub fn committed(&self) -> i64 {
         self.state.committed
+    }
+
+    /// The offset after the last record appended (or the committed offset).
+    pub fn next_offset(&self) -> i64 {
+        self.next_offset
+    }
+
+    /// Replaying an interrupted cut: `cut_due` needs the consumer's position.
+    pub fn replaying(&self) -> bool {
+        self.forced_cut.is_some()
+    }
+
+    pub fn heartbeat_due(&self, every: Duration) -> bool {
+        self.state_written_at.elapsed() >= every
     }
 
     /// The cut a replay must make before this offset is appended, if any.
@@ -115,15 +243,26 @@ impl Partition {
 
     pub fn append(&mut self, out: &Output<'_>, msg: &Incoming<'_>) -> anyhow::Result<()> {
         self.last_message_at = Instant::now();
-        if msg.offset < self.state.committed {
-            return Ok(()); // already in an object
+        if msg.offset < self.next_offset {
+            return Ok(()); // already staged, or below the committed offset (already in an object)
         }
-        let hour = msg.time_ns.div_euclid(HOUR_MS * 1_000_000);
-        if !self.staged.contains_key(&hour) {
-            let name = format!("{}-{}-{:020}.{}.gz", self.topic, self.partition, msg.offset, out.format.ext());
+        let (bucket, time_ns) = msg.classify(out.quarantine);
+        if let Bucket::Quarantine(reason, _) = bucket {
+            metrics::counter!("tron_sink_records_quarantined_total", "topic" => self.topic.clone(), "reason" => reason.as_str())
+                .increment(1);
+        }
+        if !self.staged.contains_key(&bucket) {
+            let name = format!(
+                "{}-{}-{:020}-{}.{}.gz",
+                self.topic,
+                self.partition,
+                msg.offset,
+                self.incarnation,
+                out.format.ext()
+            );
             let path = out.staging.join(name);
             let sink = RowSink::create(&path, out.format, out.gzip_level)
-                .map_err(|e| anyhow::anyhow!("{}: cannot create staging file: {e}", path.display()))?;
+                .map_err(|e| StagingError(format!("{}: cannot create staging file: {e}", path.display())))?;
             let file = StagedFile {
                 path,
                 first_offset: msg.offset,
@@ -132,48 +271,57 @@ impl Partition {
                 min_ns: i64::MAX,
                 max_ns: i64::MIN,
             };
-            self.staged.insert(hour, Staged { sink, file });
+            self.staged.insert(bucket, Staged { sink, file });
         }
-        let Staged { sink, file: staged } = self.staged.get_mut(&hour).expect("inserted above");
+        let Staged { sink, file: staged } = self.staged.get_mut(&bucket).expect("inserted above");
         let record: serde_json::Value = serde_json::from_slice(msg.raw).unwrap_or(serde_json::Value::Null);
         let src = RowSource {
             topic: &self.topic,
             partition: self.partition,
             offset: msg.offset,
             tag: msg.tag,
-            time_ns: msg.time_ns,
+            time_ns,
             raw: msg.raw,
             record: &record,
         };
         let size = sink
             .write(out.columns, &src)
-            .map_err(|e| anyhow::anyhow!("{}: cannot write staging file: {e}", staged.path.display()))?;
+            .map_err(|e| StagingError(format!("{}: cannot write staging file: {e}", staged.path.display())))?;
         staged.last_offset = msg.offset;
         staged.rows += 1;
-        staged.min_ns = staged.min_ns.min(msg.time_ns);
-        staged.max_ns = staged.max_ns.max(msg.time_ns);
+        staged.min_ns = staged.min_ns.min(time_ns);
+        staged.max_ns = staged.max_ns.max(time_ns);
         self.records_since_cut += 1;
         self.bytes_since_cut += size as u64;
-        self.staged_max_ns = self.staged_max_ns.max(msg.time_ns);
+        if let Bucket::Hour(_) = bucket {
+            self.staged_max_ns = self.staged_max_ns.max(time_ns);
+        }
         self.first_staged_at.get_or_insert_with(Instant::now);
         self.next_offset = msg.offset + 1;
         Ok(())
     }
 
-    /// Where to cut now, if anywhere. During a replay only the recorded cut counts.
-    pub fn cut_due(&self, roll: &RollConfig, lateness: Duration) -> Option<i64> {
-        let idle = self.last_message_at.elapsed() >= roll.idle_after;
+    /// Where to cut now, if anywhere. During a replay only the recorded cut counts, and only once
+    /// everything below it has been read: `position` is the consumer's position in the partition,
+    /// which also moves past offsets that carry no record (transaction markers).
+    pub fn cut_due(&self, roll: &RollConfig, lateness: Duration, position: Option<i64>) -> Option<i64> {
         if let Some(cut) = self.forced_cut {
-            // Offsets may have gaps (transaction markers): once idle, nothing below the cut is left.
-            return (self.next_offset >= cut || (idle && self.has_staged())).then_some(cut);
+            let all_read = self.next_offset >= cut || position.is_some_and(|p| p >= cut);
+            return all_read.then_some(cut);
         }
         if self.staged.is_empty() {
             return None;
         }
-        let oldest_hour_end_ns = (self.staged.keys().next().expect("non-empty") + 1) * HOUR_MS * 1_000_000;
-        let hour_passed = self.staged_max_ns >= oldest_hour_end_ns + lateness.as_nanos() as i64;
         let full = self.records_since_cut >= roll.max_records || self.bytes_since_cut >= roll.max_bytes;
         let old = self.first_staged_at.is_some_and(|t| t.elapsed() >= roll.max_age);
+        let idle = self.last_message_at.elapsed() >= roll.idle_after;
+        let oldest_hour = self.staged.keys().find_map(|b| match b {
+            Bucket::Hour(h) => Some(*h),
+            Bucket::Quarantine(..) => None,
+        });
+        let hour_passed = oldest_hour
+            .is_some_and(|h| self.staged_max_ns >= (h + 1) * HOUR_NS + lateness.as_nanos() as i64)
+            && self.last_cut_at.elapsed() >= roll.min_interval;
         (full || old || idle || hour_passed).then_some(self.next_offset)
     }
 
@@ -184,6 +332,8 @@ impl Partition {
     }
 
     /// Uploads every staged file as one cut ending before `cut`, then commits `cut` via `commit`.
+    /// On error nothing past the committed offset is committed; the caller retries (upload
+    /// errors) or gives the partition up ([`StagingError`], [`Fenced`](crate::store::Fenced)).
     pub async fn cut(
         &mut self,
         out: &Output<'_>,
@@ -191,41 +341,57 @@ impl Partition {
         commit: impl FnOnce(i64) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
         let from = self.state.committed;
-        for (hour, Staged { sink, file }) in std::mem::take(&mut self.staged) {
-            sink.finish().map_err(|e| anyhow::anyhow!("{}: cannot finish staging file: {e}", file.path.display()))?;
-            self.sealed.push((hour, file));
+        // Finish one file at a time: a file that cannot be finished stays staged, so the cut can
+        // never go on with part of its files.
+        while let Some((bucket, Staged { sink, file })) = self.staged.pop_first() {
+            if let Err(e) = sink.finish() {
+                let message = format!("{}: cannot finish staging file: {e}", file.path.display());
+                self.sealed.push((bucket, file));
+                return Err(StagingError(message).into());
+            }
+            self.sealed.push((bucket, file));
         }
-        // 1. Record the cut before any object of it exists.
+        // 1. Record the cut before any object of it exists (and learn whether we still own it).
         self.state.pending = Some(PendingCut { from, cut });
-        state::write(out.store, out.prefix, &self.topic, self.partition, &self.state).await?;
+        out.timed("recording the cut", self.claim.write(out.store, &self.state)).await?;
         // 2. Upload. Names depend only on (topic, partition, first offset): a replay overwrites.
         let started = Instant::now();
         let now_ns = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0);
-        for (hour, s) in &self.sealed {
-            let key = object_key(out.layout, &self.topic, *hour, self.partition, s.first_offset, out.format);
-            let body = std::fs::read(&s.path).map_err(|e| anyhow::anyhow!("{}: {e}", s.path.display()))?;
+        for (bucket, s) in &self.sealed {
+            let key = self.object_key(out, *bucket, s.first_offset);
+            let body = std::fs::read(&s.path).map_err(|e| StagingError(format!("{}: {e}", s.path.display())))?;
             let bytes = body.len() as u64;
-            let metadata = HashMap::from([
-                ("tron-rows".to_string(), s.rows.to_string()),
-                ("tron-partition".to_string(), self.partition.to_string()),
-                ("tron-first-offset".to_string(), s.first_offset.to_string()),
-                ("tron-last-offset".to_string(), s.last_offset.to_string()),
-                ("tron-min-time".to_string(), crate::format::rfc3339_micros(s.min_ns)),
-                ("tron-max-time".to_string(), crate::format::rfc3339_micros(s.max_ns)),
+            let mut metadata = HashMap::from([
+                (meta_key::ROWS.to_string(), s.rows.to_string()),
+                (meta_key::PARTITION.to_string(), self.partition.to_string()),
+                (meta_key::FIRST_OFFSET.to_string(), s.first_offset.to_string()),
+                (meta_key::LAST_OFFSET.to_string(), s.last_offset.to_string()),
+                (meta_key::MIN_TIME.to_string(), crate::format::rfc3339_micros(s.min_ns)),
+                (meta_key::MAX_TIME.to_string(), crate::format::rfc3339_micros(s.max_ns)),
             ]);
-            out.store.put(&key, body, content_type(out.format), metadata).await?;
+            if let Bucket::Quarantine(reason, _) = bucket {
+                metadata.insert(meta_key::QUARANTINE_REASON.to_string(), reason.as_str().to_string());
+            }
+            out.timed(&format!("upload {key}"), out.store.put(&key, body, content_type(out.format), metadata)).await?;
             metrics::counter!("tron_sink_objects_uploaded_total", "topic" => self.topic.clone()).increment(1);
             metrics::counter!("tron_sink_records_uploaded_total", "topic" => self.topic.clone()).increment(s.rows);
             metrics::counter!("tron_sink_bytes_uploaded_total", "topic" => self.topic.clone()).increment(bytes);
-            metrics::histogram!("tron_sink_event_to_object_seconds").record((now_ns - s.min_ns).max(0) as f64 / 1e9);
+            if let Bucket::Hour(_) = bucket {
+                metrics::histogram!("tron_sink_event_to_object_seconds")
+                    .record((now_ns - s.min_ns).max(0) as f64 / 1e9);
+            }
         }
         metrics::histogram!("tron_sink_upload_duration_seconds").record(started.elapsed().as_secs_f64());
         // 3. Commit: only now may the group move past these records.
         commit(cut)?;
+        metrics::counter!("tron_sink_cuts_total", "topic" => self.topic.clone()).increment(1);
+        tracing::debug!(topic = %self.topic, partition = self.partition, from, cut, objects = self.sealed.len(), rows = self.sealed.iter().map(|(_, s)| s.rows).sum::<u64>(), "cut committed");
         // 4. Clear the intent and advance the watermark.
         let finished = std::mem::take(&mut self.sealed);
-        for (hour, _) in &finished {
-            *self.state.hours.entry(*hour).or_default() += 1;
+        for (bucket, _) in &finished {
+            if let Bucket::Hour(hour) = bucket {
+                *self.state.hours.entry(*hour).or_default() += 1;
+            }
         }
         self.state.committed = cut;
         self.state.pending = None;
@@ -238,38 +404,55 @@ impl Partition {
         self.first_staged_at = None;
         self.staged_max_ns = i64::MIN;
         self.next_offset = self.next_offset.max(cut);
-        self.write_progress(out).await?;
+        self.last_cut_at = Instant::now();
         for (_, s) in finished {
             let _ = std::fs::remove_file(&s.path);
         }
-        Ok(())
+        // Whether the partition is at its end is learned at the next heartbeat.
+        self.write_progress(out, false).await
     }
 
-    /// Publishes progress for the finalizer: caught up when nothing is staged and the partition
-    /// has been idle. Throttled to `every`.
-    pub async fn heartbeat(&mut self, out: &Output<'_>, roll: &RollConfig, every: Duration) -> anyhow::Result<()> {
-        if self.state_written_at.elapsed() < every {
-            return Ok(());
+    fn object_key(&self, out: &Output<'_>, bucket: Bucket, first_offset: i64) -> String {
+        let name = format!("{}-{}-{first_offset:020}.{}.gz", self.topic, self.partition, out.format.ext());
+        match bucket {
+            Bucket::Hour(hour) => format!("{}{name}", out.layout.hour_dir(&self.topic, hour)),
+            Bucket::Quarantine(reason, hour) => {
+                let t = chrono::DateTime::from_timestamp(hour * 3600, 0).unwrap_or_default();
+                let dir = format!(
+                    "_tron/quarantine/{}/reason={}/{}/",
+                    self.topic,
+                    reason.as_str(),
+                    t.format("dt=%Y-%m-%d/hr=%H")
+                );
+                crate::join_key(out.prefix, &format!("{dir}{name}"))
+            }
         }
-        self.write_progress_if(out, self.staged.is_empty() && self.last_message_at.elapsed() >= roll.idle_after).await
     }
 
-    async fn write_progress(&mut self, out: &Output<'_>) -> anyhow::Result<()> {
-        let caught_up = self.staged.is_empty() && self.last_message_at.elapsed() >= Duration::from_secs(1);
-        self.write_progress_if(out, caught_up).await
+    /// Publishes progress for the finalizer. Caught up means the consumer
+    /// has read to the partition's end (`at_end`), nothing is staged or waiting to be replayed,
+    /// and no message came for `idle_after` (so nothing fetched is still on its way to us). The
+    /// caller throttles it with [`Partition::heartbeat_due`].
+    pub async fn heartbeat(&mut self, out: &Output<'_>, roll: &RollConfig, at_end: bool) -> anyhow::Result<()> {
+        let caught_up = at_end
+            && self.staged.is_empty()
+            && self.forced_cut.is_none()
+            && self.last_message_at.elapsed() >= roll.idle_after;
+        self.write_progress(out, caught_up).await
     }
 
-    async fn write_progress_if(&mut self, out: &Output<'_>, caught_up: bool) -> anyhow::Result<()> {
+    async fn write_progress(&mut self, out: &Output<'_>, caught_up: bool) -> anyhow::Result<()> {
         self.state.caught_up = caught_up;
         self.state.as_of_ms = chrono::Utc::now().timestamp_millis();
         let keep_from = self.state.watermark_ms / HOUR_MS - 72;
         self.state.hours.retain(|h, _| *h >= keep_from);
-        state::write(out.store, out.prefix, &self.topic, self.partition, &self.state).await?;
+        out.timed("writing the partition state", self.claim.write(out.store, &self.state)).await?;
         self.state_written_at = Instant::now();
         Ok(())
     }
 
-    /// Drops staged data (on revoke): the new owner re-reads it from the committed offset.
+    /// Drops staged data (on revoke, or when the partition is given up): whoever owns it next
+    /// re-reads it from the committed offset.
     pub fn discard(self) {
         for (_, Staged { sink, file }) in self.staged {
             drop(sink);
@@ -285,17 +468,6 @@ impl Partition {
     }
 }
 
-pub fn object_key(
-    layout: &Layout,
-    topic: &str,
-    hour: i64,
-    partition: i32,
-    first_offset: i64,
-    format: Format,
-) -> String {
-    format!("{}{topic}-{partition}-{first_offset:020}.{}.gz", layout.hour_dir(topic, hour), format.ext())
-}
-
 fn content_type(format: Format) -> &'static str {
     match format {
         Format::Csv => "text/csv",
@@ -303,3 +475,6 @@ fn content_type(format: Format) -> &'static str {
         Format::Ndjson => "application/x-ndjson",
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,12 +1,18 @@
 //! Per-partition progress, stored beside the data so every instance (and the finalizer) can read
 //! it: the committed offset, the event-time watermark, whether the partition is caught up, which
-//! hours received objects, and, while a cut is being uploaded, the cut itself.
+//! hours received objects, the owner, and, while a cut is being uploaded, the cut itself.
 //!
 //! The pending cut is what makes replays exact: it is written before any object of the cut is
 //! uploaded, so an instance that takes over after a crash cuts at the same offset and rewrites
 //! the same objects instead of writing differently-cut ones beside them.
+//!
+//! The owner claim is the fence (docs/architecture.md, "Fencing"): an instance that is assigned a
+//! partition first writes the state with a new owner epoch, conditional on the generation it read.
+//! Every later write of that instance is conditional on the generation of its own previous write,
+//! so once another instance has claimed the partition, the old owner's writes fail with
+//! [`Fenced`](crate::store::Fenced) and it gives the partition up before uploading anything.
 
-use crate::store::Store;
+use crate::store::{Expect, Fenced, Store};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -14,14 +20,23 @@ use std::collections::BTreeMap;
 pub struct PartitionState {
     pub committed: i64,
     pub pending: Option<PendingCut>,
-    /// Max event time (ms) among records below `committed`.
+    /// Max event time (ms) among records below `committed` (quarantined records excluded).
     pub watermark_ms: i64,
-    /// No records were waiting when this was written.
+    /// The consumer had read to the partition's end and nothing was staged when this was written.
     pub caught_up: bool,
     /// Wall clock (ms) when this was written.
     pub as_of_ms: i64,
     /// Hour (hours since epoch) → objects uploaded for it by this partition.
     pub hours: BTreeMap<i64, u64>,
+    /// Who owns the partition; the epoch grows with every claim.
+    #[serde(default)]
+    pub owner: Owner,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Owner {
+    pub instance: String,
+    pub epoch: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -34,24 +49,90 @@ pub fn key(prefix: &str, topic: &str, partition: i32) -> String {
     crate::join_key(prefix, &format!("_tron/state/{topic}/{partition}.json"))
 }
 
+/// For readers that do not write (the finalizer).
 pub async fn read(store: &Store, prefix: &str, topic: &str, partition: i32) -> anyhow::Result<Option<PartitionState>> {
     let k = key(prefix, topic, partition);
     match store.get(&k).await? {
-        Some(bytes) => Ok(Some(
-            serde_json::from_slice(&bytes)
-                .map_err(|e| anyhow::anyhow!("{}: corrupt state: {e}", store.describe(&k)))?,
-        )),
+        Some(bytes) => Ok(Some(parse(store, &k, &bytes)?)),
         None => Ok(None),
     }
 }
 
-pub async fn write(
-    store: &Store,
-    prefix: &str,
-    topic: &str,
-    partition: i32,
-    state: &PartitionState,
-) -> anyhow::Result<()> {
-    let body = serde_json::to_vec_pretty(state).expect("state serializes");
-    store.put(&key(prefix, topic, partition), body, "application/json", Default::default()).await
+fn parse(store: &Store, key: &str, bytes: &[u8]) -> anyhow::Result<PartitionState> {
+    serde_json::from_slice(bytes).map_err(|e| anyhow::anyhow!("{}: corrupt state: {e}", store.describe(key)))
+}
+
+/// The right to write one partition's state, held by its current owner.
+#[derive(Debug)]
+pub struct Claim {
+    key: String,
+    /// The generation of this owner's last write: the next write must find it unchanged.
+    generation: i64,
+}
+
+impl Claim {
+    /// Takes the partition over: reads its state and writes it back with a new owner epoch,
+    /// conditional on what was read. A concurrent write (a previous owner's last heartbeat) makes
+    /// the claim read again; the previous owner's next write is then refused.
+    pub async fn take(
+        store: &Store,
+        prefix: &str,
+        topic: &str,
+        partition: i32,
+        instance: &str,
+        adjust: impl Fn(PartitionState) -> PartitionState,
+    ) -> anyhow::Result<(PartitionState, Claim)> {
+        let key = key(prefix, topic, partition);
+        let mut last_error = None;
+        for _ in 0..5 {
+            let (previous, expect) = match store.get_versioned(&key).await? {
+                Some((bytes, generation)) => (parse(store, &key, &bytes)?, Expect::Generation(generation)),
+                None => (PartitionState::default(), Expect::Absent),
+            };
+            let epoch = previous.owner.epoch + 1;
+            let state = PartitionState { owner: Owner { instance: instance.to_string(), epoch }, ..adjust(previous) };
+            let body = serde_json::to_vec_pretty(&state).expect("state serializes");
+            match store.put_if(&key, body, "application/json", expect).await {
+                Ok(generation) => {
+                    tracing::info!(topic, partition, epoch, "partition claimed");
+                    return Ok((state, Claim { key, generation }));
+                }
+                Err(e) if e.downcast_ref::<Fenced>().is_some() => last_error = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_error.expect("five attempts").context("claiming the partition: its state kept changing"))
+    }
+
+    /// Writes the state if this instance still owns it; [`Fenced`] if another instance claimed it.
+    pub async fn write(&mut self, store: &Store, state: &PartitionState) -> anyhow::Result<()> {
+        let body = serde_json::to_vec_pretty(state).expect("state serializes");
+        self.generation =
+            store.put_if(&self.key, body, "application/json", Expect::Generation(self.generation)).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_second_claim_fences_the_first_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::Dir(dir.path().to_path_buf());
+        let keep = |s: PartitionState| s;
+        let (mut a_state, mut a) = Claim::take(&store, "", "t", 0, "a", keep).await.unwrap();
+        assert_eq!(a_state.owner.epoch, 1);
+        a_state.committed = 10;
+        a.write(&store, &a_state).await.unwrap();
+        let (b_state, mut b) = Claim::take(&store, "", "t", 0, "b", keep).await.unwrap();
+        assert_eq!((b_state.owner.epoch, b_state.committed), (2, 10));
+        a_state.committed = 20;
+        let err = a.write(&store, &a_state).await.unwrap_err();
+        assert!(err.downcast_ref::<Fenced>().is_some(), "{err:#}");
+        b.write(&store, &b_state).await.unwrap();
+        let stored = read(&store, "", "t", 0).await.unwrap().unwrap();
+        assert_eq!((stored.owner.instance.as_str(), stored.committed), ("b", 10));
+    }
 }

@@ -1,4 +1,10 @@
 //! Where finished objects go: GCS (JSON API) or a local directory standing in for it.
+//!
+//! Besides plain reads and writes the store offers one compare-and-swap: a write that lands only
+//! if the object is still at the generation the writer last saw (GCS `ifGenerationMatch`; a file
+//! lock and a generation file in the directory store). The partition state uses it to fence an
+//! instance that lost its partitions: its next state write fails with [`Fenced`] instead of
+//! landing over the new owner's.
 
 use gcloud_storage::client::{Client, ClientConfig};
 use gcloud_storage::http::objects::download::Range;
@@ -13,6 +19,37 @@ pub struct Listed {
     pub name: String,
     pub size: u64,
     pub metadata: HashMap<String, String>,
+}
+
+/// A conditional write found the object changed since the writer read it: another instance owns
+/// it now.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}: changed by another instance (precondition failed): this instance is fenced")]
+pub struct Fenced(pub String);
+
+/// The object generation a conditional write expects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// The object must not exist.
+    Absent,
+    /// The object must be at exactly this generation.
+    Generation(i64),
+}
+
+/// Errors that retrying cannot fix (authentication, permission, a missing bucket): they are
+/// logged with their reason and turn `/health` 503 at once.
+pub fn is_permanent(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<gcloud_storage::http::Error>())
+        .any(|g| matches!(status_of(g), Some(400 | 401 | 403 | 404)))
+}
+
+fn status_of(e: &gcloud_storage::http::Error) -> Option<u16> {
+    match e {
+        gcloud_storage::http::Error::Response(r) => Some(r.code),
+        gcloud_storage::http::Error::HttpClient(h) => h.status().map(|s| s.as_u16()),
+        _ => None,
+    }
 }
 
 pub enum Store {
@@ -54,6 +91,23 @@ impl Store {
         content_type: &str,
         metadata: HashMap<String, String>,
     ) -> anyhow::Result<()> {
+        self.put_inner(key, body, content_type, metadata, None).await.map(|_| ())
+    }
+
+    /// Writes only if the object is as `expect` says; returns the new generation. A mismatch is a
+    /// [`Fenced`] error.
+    pub async fn put_if(&self, key: &str, body: Vec<u8>, content_type: &str, expect: Expect) -> anyhow::Result<i64> {
+        self.put_inner(key, body, content_type, HashMap::new(), Some(expect)).await
+    }
+
+    async fn put_inner(
+        &self,
+        key: &str,
+        body: Vec<u8>,
+        content_type: &str,
+        metadata: HashMap<String, String>,
+        expect: Option<Expect>,
+    ) -> anyhow::Result<i64> {
         match self {
             Store::Gcs { client, bucket } => {
                 let crc = crc32c::crc32c(&body);
@@ -65,22 +119,86 @@ impl Store {
                     metadata: Some(metadata),
                     ..Default::default()
                 };
-                let req = UploadObjectRequest { bucket: bucket.clone(), ..Default::default() };
-                client
-                    .upload_object(&req, body, &UploadType::Multipart(Box::new(object)))
-                    .await
-                    .map_err(|e| anyhow::anyhow!("upload {}: {e}", self.describe(key)))?;
-                Ok(())
+                let req = UploadObjectRequest {
+                    bucket: bucket.clone(),
+                    if_generation_match: expect.map(|e| match e {
+                        Expect::Absent => 0,
+                        Expect::Generation(g) => g,
+                    }),
+                    ..Default::default()
+                };
+                match client.upload_object(&req, body, &UploadType::Multipart(Box::new(object))).await {
+                    Ok(o) => Ok(o.generation),
+                    Err(e) if expect.is_some() && status_of(&e) == Some(412) => Err(Fenced(self.describe(key)).into()),
+                    Err(e) => Err(anyhow::Error::new(e).context(format!("upload {}", self.describe(key)))),
+                }
             }
             Store::Dir(dir) => {
                 let dir = dir.clone();
                 let key = key.to_string();
+                let described = self.describe(&key);
                 tokio::task::spawn_blocking(move || {
-                    write_atomically(&dir.join(&key), &body)?;
+                    let meta_dir = dir.join(".meta");
+                    let generation_path = meta_dir.join(format!("{key}.generation"));
+                    // The lock makes read-compare-write one step for every process sharing the
+                    // directory.
+                    let lock = open_lock(&meta_dir.join(format!("{key}.lock")))?;
+                    lock.lock()?;
+                    let current = read_generation(&generation_path);
+                    let allowed = match expect {
+                        None => true,
+                        Some(Expect::Absent) => current.is_none(),
+                        Some(Expect::Generation(g)) => current == Some(g),
+                    };
+                    if !allowed {
+                        return Err(Fenced(described).into());
+                    }
+                    let next = current.unwrap_or(0) + 1;
+                    tron_service::fs::write_atomically(&dir.join(&key), &body)?;
                     let meta = serde_json::to_vec(&metadata)?;
-                    write_atomically(&dir.join(".meta").join(format!("{key}.json")), &meta)
+                    tron_service::fs::write_atomically(&meta_dir.join(format!("{key}.json")), &meta)?;
+                    tron_service::fs::write_atomically(&generation_path, next.to_string().as_bytes())?;
+                    Ok(next)
                 })
                 .await?
+            }
+        }
+    }
+
+    /// The object and its generation (for a later [`Store::put_if`]).
+    pub async fn get_versioned(&self, key: &str) -> anyhow::Result<Option<(Vec<u8>, i64)>> {
+        match self {
+            Store::Gcs { client, bucket } => {
+                // Metadata first, then that exact generation: a write in between makes the download
+                // miss, and the pair is read again.
+                for _ in 0..5 {
+                    let req =
+                        GetObjectRequest { bucket: bucket.clone(), object: key.to_string(), ..Default::default() };
+                    let generation = match client.get_object(&req).await {
+                        Ok(o) => o.generation,
+                        Err(e) if status_of(&e) == Some(404) => return Ok(None),
+                        Err(e) => return Err(anyhow::Error::new(e).context(format!("stat {}", self.describe(key)))),
+                    };
+                    let req = GetObjectRequest { if_generation_match: Some(generation), ..req };
+                    match client.download_object(&req, &Range::default()).await {
+                        Ok(bytes) => return Ok(Some((bytes, generation))),
+                        Err(e) if matches!(status_of(&e), Some(404 | 412)) => continue,
+                        Err(e) => return Err(anyhow::Error::new(e).context(format!("download {}", self.describe(key)))),
+                    }
+                }
+                anyhow::bail!("{}: changed five times while being read", self.describe(key))
+            }
+            Store::Dir(dir) => {
+                let meta_dir = dir.join(".meta");
+                let lock = open_lock(&meta_dir.join(format!("{key}.lock")))?;
+                lock.lock_shared()?;
+                let generation = read_generation(&meta_dir.join(format!("{key}.generation")));
+                match (std::fs::read(dir.join(key)), generation) {
+                    (Ok(b), Some(g)) => Ok(Some((b, g))),
+                    (Ok(b), None) => Ok(Some((b, 0))),
+                    (Err(e), _) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    (Err(e), _) => Err(anyhow::anyhow!("{}: {e}", dir.join(key).display())),
+                }
             }
         }
     }
@@ -180,15 +298,44 @@ fn list_dir(root: &Path, prefix: &str) -> anyhow::Result<Vec<Listed>> {
     Ok(out)
 }
 
-fn write_atomically(path: &Path, body: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
+fn open_lock(path: &Path) -> anyhow::Result<std::fs::File> {
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    let tmp = PathBuf::from(format!("{}.tmp", path.display()));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(body)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+fn read_generation(path: &Path) -> Option<i64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_conditional_write_fails_once_someone_else_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::Dir(dir.path().to_path_buf());
+        assert!(store.get_versioned("s/0.json").await.unwrap().is_none());
+        let g1 = store.put_if("s/0.json", b"a".to_vec(), "application/json", Expect::Absent).await.unwrap();
+        let err = store.put_if("s/0.json", b"b".to_vec(), "application/json", Expect::Absent).await.unwrap_err();
+        assert!(err.downcast_ref::<Fenced>().is_some(), "{err:#}");
+        let (body, g) = store.get_versioned("s/0.json").await.unwrap().unwrap();
+        assert_eq!((body.as_slice(), g), (&b"a"[..], g1));
+        // A new owner takes over; the old owner's write at its last generation is refused.
+        let g2 = store.put_if("s/0.json", b"new".to_vec(), "application/json", Expect::Generation(g1)).await.unwrap();
+        assert!(g2 > g1);
+        let err = store.put_if("s/0.json", b"old".to_vec(), "application/json", Expect::Generation(g1)).await;
+        assert!(err.unwrap_err().downcast_ref::<Fenced>().is_some());
+        assert_eq!(store.get("s/0.json").await.unwrap().unwrap(), b"new");
+        // Listing skips the bookkeeping files.
+        let listed = store.list("s/").await.unwrap();
+        assert_eq!(listed.iter().map(|l| l.name.as_str()).collect::<Vec<_>>(), ["s/0.json"]);
+    }
 }

@@ -1,0 +1,250 @@
+//! Cut boundaries, replays, quarantine, pacing and the fence, against a directory store.
+
+use super::*;
+use crate::config::{Column, Format, QuarantineConfig, RollConfig};
+use crate::layout::{Layout, DEFAULT_TEMPLATE};
+use crate::store::{Fenced, Store};
+use std::cell::Cell;
+
+const HOUR: i64 = 3_600_000_000_000;
+/// 2026-05-18T03:00Z in ns.
+const T0: i64 = 494_187 * HOUR;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    store: Store,
+    layout: Layout,
+    staging: PathBuf,
+    columns: Vec<Column>,
+    quarantine: QuarantineConfig,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let staging = dir.path().join("staging");
+        std::fs::create_dir_all(&staging).unwrap();
+        let store = Store::Dir(dir.path().join("bucket"));
+        Fixture {
+            store,
+            layout: Layout::new("", DEFAULT_TEMPLATE, &Default::default()),
+            staging,
+            columns: vec![Column { name: "seq".into(), source: "seq".into(), kind: "INTEGER".into() }],
+            quarantine: QuarantineConfig::default(),
+            _dir: dir,
+        }
+    }
+
+    fn out<'a>(&'a self, instance: &'a str) -> Output<'a> {
+        Output {
+            store: &self.store,
+            prefix: "",
+            layout: &self.layout,
+            format: Format::Csv,
+            columns: &self.columns,
+            gzip_level: 1,
+            staging: &self.staging,
+            quarantine: &self.quarantine,
+            request_timeout: Duration::from_secs(10),
+            instance,
+        }
+    }
+
+    /// Every uploaded data object: name → rows.
+    async fn objects(&self) -> BTreeMap<String, Vec<String>> {
+        let mut out = BTreeMap::new();
+        for o in self.store.list("").await.unwrap() {
+            if o.name.starts_with("_tron/state") {
+                continue;
+            }
+            let gz = self.store.get(&o.name).await.unwrap().unwrap();
+            let mut text = String::new();
+            use std::io::Read;
+            flate2::read::GzDecoder::new(&gz[..]).read_to_string(&mut text).unwrap();
+            out.insert(o.name, text.lines().map(str::to_string).collect());
+        }
+        out
+    }
+}
+
+fn raw(seq: i64) -> Vec<u8> {
+    format!("{{\"seq\":{seq}}}").into_bytes()
+}
+
+fn msg(offset: i64, event_ns: i64, raw: &[u8]) -> Incoming<'_> {
+    Incoming { offset, event_time_ns: Some(event_ns), kafka_time_ms: Some(event_ns / 1_000_000), tag: "t", raw }
+}
+
+fn roll() -> RollConfig {
+    RollConfig { idle_after: Duration::from_secs(3600), max_age: Duration::from_secs(3600), ..RollConfig::default() }
+}
+
+fn no_commit(_: i64) -> anyhow::Result<()> {
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_cut_uploads_each_hour_once_and_commits_its_end() {
+    let f = Fixture::new();
+    let out = f.out("a");
+    let mut p = Partition::open(&out, "t", 0, 0, 1).await.unwrap();
+    for i in 0..4 {
+        let r = raw(i);
+        p.append(&out, &msg(i, T0 + i * HOUR / 2, &r)).unwrap();
+    }
+    let committed = Cell::new(-1);
+    p.cut(&out, 4, |o| {
+        committed.set(o);
+        Ok(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(committed.get(), 4);
+    let objects = f.objects().await;
+    assert_eq!(
+        objects.iter().map(|(k, v)| (k.as_str(), v.len())).collect::<Vec<_>>(),
+        [
+            ("t/dt=2026-05-18/hr=03/t-0-00000000000000000000.csv.gz", 2),
+            ("t/dt=2026-05-18/hr=04/t-0-00000000000000000002.csv.gz", 2)
+        ]
+    );
+    let state = crate::state::read(&f.store, "", "t", 0).await.unwrap().unwrap();
+    assert_eq!((state.committed, state.pending, state.hours.len()), (4, None, 2));
+}
+
+#[tokio::test]
+async fn a_replayed_cut_waits_for_every_record_below_it_not_for_idleness() {
+    let f = Fixture::new();
+    let out = f.out("a");
+    let mut a = Partition::open(&out, "t", 0, 0, 1).await.unwrap();
+    for i in 0..6 {
+        let r = raw(i);
+        a.append(&out, &msg(i, T0, &r)).unwrap();
+    }
+    // The owner records the cut at 6 and dies before committing (the commit fails here).
+    let err = a.cut(&out, 6, |_| anyhow::bail!("killed")).await.unwrap_err();
+    assert!(err.to_string().contains("killed"));
+    a.discard();
+    let out_b = f.out("b");
+    let mut b = Partition::open(&out_b, "t", 0, 0, 2).await.unwrap();
+    assert!(b.replaying());
+    let idle = RollConfig { idle_after: Duration::ZERO, ..roll() };
+    for i in 0..3 {
+        let r = raw(i);
+        b.append(&out_b, &msg(i, T0, &r)).unwrap();
+    }
+    // Idle, half of [0, 6) staged: no cut, whatever the idleness; the consumer position decides.
+    assert_eq!(b.cut_due(&idle, Duration::ZERO, Some(3)), None);
+    assert_eq!(b.cut_due(&idle, Duration::ZERO, None), None);
+    for i in 3..5 {
+        let r = raw(i);
+        b.append(&out_b, &msg(i, T0, &r)).unwrap();
+    }
+    // Offset 5 was a transaction marker: the position moved past it without a record.
+    assert_eq!(b.cut_due(&idle, Duration::ZERO, Some(6)), Some(6));
+    b.cut(&out_b, 6, no_commit).await.unwrap();
+    let objects = f.objects().await;
+    assert_eq!(objects.len(), 1, "the replay rewrote the same object: {objects:?}");
+    assert_eq!(objects.values().next().unwrap().len(), 5);
+}
+
+#[tokio::test]
+async fn a_revoked_and_reassigned_partition_never_shares_staging_files() {
+    let f = Fixture::new();
+    let out = f.out("a");
+    let mut old = Partition::open(&out, "t", 1, 0, 1).await.unwrap();
+    let mut new = Partition::open(&out, "t", 1, 0, 2).await.unwrap();
+    let r = raw(0);
+    old.append(&out, &msg(0, T0, &r)).unwrap();
+    new.append(&out, &msg(0, T0, &r)).unwrap();
+    old.discard(); // the revoked incarnation deletes its files
+    new.cut(&out, 1, no_commit).await.unwrap();
+    assert_eq!(f.objects().await.values().map(Vec::len).sum::<usize>(), 1);
+}
+
+#[tokio::test]
+async fn an_owner_that_lost_the_partition_is_fenced_before_it_uploads() {
+    let f = Fixture::new();
+    let (out_a, out_b) = (f.out("a"), f.out("b"));
+    let mut zombie = Partition::open(&out_a, "t", 0, 0, 1).await.unwrap();
+    for i in 0..5 {
+        let r = raw(i);
+        zombie.append(&out_a, &msg(i, T0, &r)).unwrap();
+    }
+    // The group moved the partition: the new owner claims it, cuts [0, 3) and commits.
+    let mut owner = Partition::open(&out_b, "t", 0, 0, 1).await.unwrap();
+    for i in 0..3 {
+        let r = raw(i);
+        owner.append(&out_b, &msg(i, T0, &r)).unwrap();
+    }
+    owner.cut(&out_b, 3, no_commit).await.unwrap();
+    let before = f.objects().await;
+    // The zombie wakes up and cuts [0, 5): refused before any object is written.
+    let committed = Cell::new(false);
+    let err = zombie
+        .cut(&out_a, 5, |_| {
+            committed.set(true);
+            Ok(())
+        })
+        .await
+        .unwrap_err();
+    assert!(err.downcast_ref::<Fenced>().is_some(), "{err:#}");
+    assert!(!committed.get());
+    assert_eq!(f.objects().await, before, "no object of the zombie landed");
+    let state = crate::state::read(&f.store, "", "t", 0).await.unwrap().unwrap();
+    assert_eq!((state.owner.instance.as_str(), state.committed), ("b", 3));
+}
+
+#[tokio::test]
+async fn odd_event_times_are_quarantined_and_never_move_the_watermark() {
+    let f = Fixture::new();
+    let out = f.out("a");
+    let mut p = Partition::open(&out, "t", 0, 0, 1).await.unwrap();
+    let year_2100 = 4_102_444_800_000_000_000i64;
+    let cases = [(T0, Some(T0 / 1_000_000)), (year_2100, Some(T0 / 1_000_000)), (0, Some(T0 / 1_000_000))];
+    for (i, (event, kafka)) in cases.iter().enumerate() {
+        let r = raw(i as i64);
+        p.append(
+            &out,
+            &Incoming { offset: i as i64, event_time_ns: Some(*event), kafka_time_ms: *kafka, tag: "t", raw: &r },
+        )
+        .unwrap();
+    }
+    let r = raw(3);
+    p.append(&out, &Incoming { offset: 3, event_time_ns: None, kafka_time_ms: None, tag: "t", raw: &r }).unwrap();
+    p.cut(&out, 4, no_commit).await.unwrap();
+    let names: Vec<String> = f.objects().await.into_keys().collect();
+    assert_eq!(
+        names,
+        [
+            "_tron/quarantine/t/reason=no_time/dt=1970-01-01/hr=00/t-0-00000000000000000003.csv.gz",
+            "_tron/quarantine/t/reason=too_new/dt=2026-05-18/hr=03/t-0-00000000000000000001.csv.gz",
+            "_tron/quarantine/t/reason=too_old/dt=2026-05-18/hr=03/t-0-00000000000000000002.csv.gz",
+            "t/dt=2026-05-18/hr=03/t-0-00000000000000000000.csv.gz",
+        ]
+    );
+    let state = crate::state::read(&f.store, "", "t", 0).await.unwrap().unwrap();
+    assert_eq!(state.watermark_ms, T0 / 1_000_000);
+    assert_eq!(state.hours.keys().copied().collect::<Vec<_>>(), [T0 / HOUR]);
+}
+
+#[tokio::test]
+async fn an_old_hour_interleaved_with_the_current_one_cuts_at_most_once_per_min_interval() {
+    let f = Fixture::new();
+    let out = f.out("a");
+    let mut p = Partition::open(&out, "t", 0, 0, 1).await.unwrap();
+    let paced = RollConfig { min_interval: Duration::from_secs(3600), ..roll() };
+    let mut cuts = 0;
+    for i in 0..40 {
+        let event = if i % 2 == 0 { T0 } else { T0 + 3 * HOUR };
+        let r = raw(i);
+        p.append(&out, &msg(i, event, &r)).unwrap();
+        if let Some(cut) = p.cut_due(&paced, Duration::ZERO, None) {
+            p.cut(&out, cut, no_commit).await.unwrap();
+            cuts += 1;
+        }
+    }
+    assert_eq!(cuts, 1, "the first switch cuts; the next ones wait for min_interval");
+    let unpaced = RollConfig { min_interval: Duration::ZERO, ..roll() };
+    assert!(p.cut_due(&unpaced, Duration::ZERO, None).is_some());
+}
