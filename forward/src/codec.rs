@@ -14,11 +14,41 @@ pub struct ServerCodec {
     limits: Limits,
     /// Bytes the buffer must hold before a rescan can find a whole frame.
     need: usize,
+    /// Before the shared-key handshake completes only a PING (or a heartbeat) is accepted, judged
+    /// from its first bytes: an unauthenticated peer never gets a frame decompressed or decoded.
+    awaiting_ping: bool,
 }
+
+/// A PING frame starts with these bytes: an array of 6 whose first element is the string "PING".
+const PING_PREFIX: &[u8] = b"\x96\xa4PING";
+/// A PING carries a hostname, a salt, two hex digests and a user name: never near this size.
+const MAX_PING_BYTES: usize = 16 << 10;
 
 impl ServerCodec {
     pub fn new(limits: Limits) -> Self {
-        ServerCodec { limits, need: 0 }
+        ServerCodec { limits, need: 0, awaiting_ping: false }
+    }
+
+    /// A codec for a connection that must authenticate first: until [`ServerCodec::authenticated`]
+    /// any frame but a PING or a heartbeat fails with [`DecodeError::BeforeHandshake`] after at
+    /// most its first six bytes.
+    pub fn awaiting_ping(limits: Limits) -> Self {
+        ServerCodec { limits, need: 0, awaiting_ping: true }
+    }
+
+    pub fn authenticated(&mut self) {
+        self.awaiting_ping = false;
+    }
+
+    fn check_pre_auth(&self, src: &[u8]) -> Result<bool, DecodeError> {
+        if src.first() == Some(&0xc0) {
+            return Ok(true); // a heartbeat
+        }
+        let seen = src.len().min(PING_PREFIX.len());
+        if src[..seen] != PING_PREFIX[..seen] {
+            return Err(DecodeError::BeforeHandshake);
+        }
+        Ok(seen == PING_PREFIX.len())
     }
 }
 
@@ -45,6 +75,16 @@ impl Decoder for ServerCodec {
     type Error = DecodeError;
 
     fn decode(&mut self, src: &mut BytesMut) -> Result<Option<Frame>, DecodeError> {
+        if self.awaiting_ping {
+            if src.is_empty() || !self.check_pre_auth(src)? {
+                return Ok(None);
+            }
+            let limits = Limits { max_frame_bytes: MAX_PING_BYTES.min(self.limits.max_frame_bytes), ..self.limits };
+            return match next_value(src, &mut self.need, &limits)? {
+                Some(bytes) => parse_frame(&bytes, &limits).map(Some),
+                None => Ok(None),
+            };
+        }
         match next_value(src, &mut self.need, &self.limits)? {
             Some(bytes) => parse_frame(&bytes, &self.limits).map(Some),
             None => Ok(None),

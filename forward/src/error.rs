@@ -38,6 +38,8 @@ pub enum DecodeError {
     UnsupportedCompression(String),
     #[error("gzip: {0}")]
     Gzip(std::io::Error),
+    #[error("an event frame (or anything but PING) before the shared-key handshake completed")]
+    BeforeHandshake,
     #[error("i/o: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -53,6 +55,7 @@ impl DecodeError {
             DecodeError::Malformed(_) => "malformed_frame",
             DecodeError::UnsupportedCompression(_) => "unsupported_compression",
             DecodeError::Gzip(_) => "invalid_gzip",
+            DecodeError::BeforeHandshake => "before_handshake",
             DecodeError::Io(_) => "io",
         }
     }

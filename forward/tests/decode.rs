@@ -186,3 +186,39 @@ fn garbage_never_panics() {
         while let Ok(Some(_)) = codec.decode(&mut buf) {}
     }
 }
+
+#[test]
+fn before_the_handshake_an_event_frame_fails_on_its_first_bytes() {
+    let mut b = ChunkBuilder::new(9);
+    b.push(EventTime::default(), json!({"m": "x".repeat(1000)}).as_object().unwrap());
+    let wire = b.finish("tag", "c");
+    // Only the first byte has arrived: already refused, nothing buffered is decoded.
+    let mut codec = ServerCodec::awaiting_ping(Limits::default());
+    let err = codec.decode(&mut BytesMut::from(&wire[..1])).unwrap_err();
+    assert!(matches!(err, DecodeError::BeforeHandshake), "{err}");
+    assert_eq!(err.reason(), "before_handshake");
+    // A frame that starts like a PING but is not one fails as soon as it differs.
+    let mut codec = ServerCodec::awaiting_ping(Limits::default());
+    let err = codec.decode(&mut BytesMut::from(&b"\x96\xa4PONx"[..])).unwrap_err();
+    assert!(matches!(err, DecodeError::BeforeHandshake), "{err}");
+    // A PING claiming a huge hostname is refused from its header.
+    let mut codec = ServerCodec::awaiting_ping(Limits::default());
+    let err = codec.decode(&mut BytesMut::from(&b"\x96\xa4PING\xdb\x01\x00\x00\x00"[..])).unwrap_err();
+    assert!(matches!(err, DecodeError::FrameTooLarge { .. }), "{err}");
+}
+
+#[test]
+fn a_ping_and_a_heartbeat_pass_before_the_handshake_and_events_after() {
+    let helo = forward::handshake::Helo { nonce: b"n".to_vec(), auth_salt: Vec::new(), keepalive: true };
+    let ping = forward::handshake::Ping::answer(&helo, "client", b"salt", "key", None).encode();
+    let mut codec = ServerCodec::awaiting_ping(Limits::default());
+    let mut buf = BytesMut::from(&[0xc0][..]);
+    buf.extend_from_slice(&ping);
+    assert!(matches!(codec.decode(&mut buf).unwrap(), Some(Frame::Heartbeat)));
+    assert!(matches!(codec.decode(&mut buf).unwrap(), Some(Frame::Ping(_))));
+    codec.authenticated();
+    let mut b = ChunkBuilder::new(1);
+    b.push(EventTime::default(), json!({"m": 1}).as_object().unwrap());
+    let mut buf = BytesMut::from(&b.finish("tag", "c")[..]);
+    assert!(matches!(codec.decode(&mut buf).unwrap(), Some(Frame::Events(_))));
+}

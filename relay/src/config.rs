@@ -81,6 +81,11 @@ pub struct LimitsConfig {
     /// Decoded records waiting for Kafka, across all connections. Past it, sockets are not read.
     pub max_inflight_bytes: usize,
     pub max_connections: usize,
+    /// Connections from one source address. At either cap the oldest connection that has not
+    /// sent a complete frame yet is closed to admit a new one.
+    pub max_connections_per_address: usize,
+    /// The TLS handshake, the shared-key handshake and a connection's first frame must each
+    /// complete within this; a connection that says nothing does not keep its slot for long.
     #[serde(with = "duration")]
     pub handshake_timeout: Duration,
     #[serde(with = "duration")]
@@ -95,6 +100,7 @@ impl Default for LimitsConfig {
             max_entries_per_chunk: 1_000_000,
             max_inflight_bytes: 256 << 20,
             max_connections: 1024,
+            max_connections_per_address: 256,
             handshake_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
         }

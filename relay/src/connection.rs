@@ -7,6 +7,7 @@
 use crate::dead_letter::DeadLetter;
 use crate::kafka::Kafka;
 use crate::route::Router;
+use crate::slots::Slot;
 use forward::handshake::{Helo, Pong};
 use forward::{EventBatch, Frame, Limits, ServerCodec};
 use futures::{SinkExt, StreamExt};
@@ -38,17 +39,30 @@ pub struct Security {
     pub users: Vec<(String, String)>,
 }
 
-pub async fn serve<S>(stream: S, peer: SocketAddr, ctx: Arc<Context>, shutdown: Shutdown)
+pub async fn serve<S>(stream: S, peer: SocketAddr, ctx: Arc<Context>, slot: &Slot, shutdown: Shutdown)
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let mut framed = Framed::new(stream, ServerCodec::new(ctx.limits));
+    let codec = match ctx.security {
+        Some(_) => ServerCodec::awaiting_ping(ctx.limits),
+        None => ServerCodec::new(ctx.limits),
+    };
+    let mut framed = Framed::new(stream, codec);
     if let Some(security) = &ctx.security {
-        if let Err(reason) = handshake(&mut framed, security, ctx.handshake_timeout).await {
-            tracing::warn!(%peer, %reason, "handshake refused");
-            metrics::counter!("tron_relay_connections_refused_total", "reason" => "handshake").increment(1);
+        let outcome = tokio::select! {
+            outcome = handshake(&mut framed, security, ctx.handshake_timeout) => outcome,
+            _ = slot.evicted.cancelled() => Err(("evicted_silent", "closed for a newer connection before its handshake".into())),
+        };
+        if let Err((label, reason)) = outcome {
+            if label != "evicted_silent" {
+                // (an eviction is counted where it is decided, in `tron_relay_connections_closed_total`)
+                tracing::warn!(%peer, %reason, "handshake refused");
+                metrics::counter!("tron_relay_connections_refused_total", "reason" => label).increment(1);
+            }
             return;
         }
+        framed.codec_mut().authenticated();
+        slot.prove();
     }
     let (mut sink, mut frames) = framed.split();
     let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Vec<u8>>();
@@ -65,14 +79,26 @@ where
     let failed = CancellationToken::new();
     let mut deliveries = JoinSet::new();
     loop {
+        // Until a connection has sent a complete frame its slot may go to a newcomer, and it has
+        // only `handshake_timeout` to send one.
+        let quiet_limit = if slot.is_proven() { ctx.idle_timeout } else { ctx.handshake_timeout };
         let next = tokio::select! {
             biased;
             _ = shutdown.wait() => break,
             _ = failed.cancelled() => break,
+            _ = slot.evicted.cancelled() => {
+                tracing::debug!(%peer, "no frame yet and every slot taken: closed for a newer connection");
+                break;
+            }
             Some(_) = deliveries.join_next(), if !deliveries.is_empty() => continue,
-            next = tokio::time::timeout(ctx.idle_timeout, frames.next()) => next,
+            next = tokio::time::timeout(quiet_limit, frames.next()) => next,
         };
         let frame = match next {
+            Err(_) if !slot.is_proven() => {
+                tracing::debug!(%peer, "no frame within handshake_timeout; closing");
+                metrics::counter!("tron_relay_connections_closed_total", "reason" => "no_first_frame").increment(1);
+                break;
+            }
             Err(_) => {
                 tracing::debug!(%peer, "idle time-out; closing");
                 break;
@@ -83,7 +109,10 @@ where
                 metrics::counter!("tron_relay_frames_rejected_total", "reason" => e.reason()).increment(1);
                 break;
             }
-            Ok(Some(Ok(frame))) => frame,
+            Ok(Some(Ok(frame))) => {
+                slot.prove();
+                frame
+            }
         };
         let batch = match frame {
             Frame::Heartbeat => continue,
@@ -174,7 +203,12 @@ fn dead_letter(
     Ok(refused.len())
 }
 
-async fn handshake<S>(framed: &mut Framed<S, ServerCodec>, security: &Security, timeout: Duration) -> Result<(), String>
+/// Err: a metrics label and the reason to log.
+async fn handshake<S>(
+    framed: &mut Framed<S, ServerCodec>,
+    security: &Security,
+    timeout: Duration,
+) -> Result<(), (&'static str, String)>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -183,22 +217,33 @@ where
         auth_salt: if security.users.is_empty() { Vec::new() } else { hex_nonce() },
         keepalive: true,
     };
-    framed.send(helo.encode()).await.map_err(|e| format!("sending HELO: {e}"))?;
-    let ping = match tokio::time::timeout(timeout, framed.next()).await {
-        Err(_) => return Err(format!("no PING within {timeout:?}")),
-        Ok(None) => return Err("closed during handshake".into()),
-        Ok(Some(Err(e))) => return Err(format!("bad PING: {e}")),
-        Ok(Some(Ok(Frame::Ping(ping)))) => ping,
-        Ok(Some(Ok(_))) => return Err("sent events before completing the handshake".into()),
+    let io = |what: &str, e: std::io::Error| ("handshake", format!("{what}: {e}"));
+    framed.send(helo.encode()).await.map_err(|e| io("sending HELO", e))?;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let ping = loop {
+        match tokio::time::timeout_at(deadline, framed.next()).await {
+            Err(_) => return Err(("handshake", format!("no PING within {timeout:?}"))),
+            Ok(None) => return Err(("handshake", "closed during handshake".into())),
+            // Refused from the frame's first bytes: nothing was decompressed or decoded.
+            Ok(Some(Err(e @ forward::DecodeError::BeforeHandshake))) => {
+                return Err(("before_handshake", e.to_string()))
+            }
+            Ok(Some(Err(e))) => return Err(("handshake", format!("bad PING: {e}"))),
+            Ok(Some(Ok(Frame::Ping(ping)))) => break ping,
+            Ok(Some(Ok(Frame::Heartbeat))) => continue,
+            Ok(Some(Ok(Frame::Events(_)))) => {
+                return Err(("before_handshake", "sent events before completing the handshake".into()))
+            }
+        }
     };
     match ping.verify(&helo, &security.shared_key, &security.users) {
         Ok(()) => {
             let pong = Pong::accept(&ping, &helo, &security.hostname, &security.shared_key);
-            framed.send(pong.encode()).await.map_err(|e| format!("sending PONG: {e}"))
+            framed.send(pong.encode()).await.map_err(|e| io("sending PONG", e))
         }
         Err(reason) => {
             let _ = framed.send(Pong::reject(&reason).encode()).await;
-            Err(format!("{reason} (client hostname {:?})", ping.hostname))
+            Err(("handshake", format!("{reason} (client hostname {:?})", ping.hostname)))
         }
     }
 }

@@ -6,6 +6,7 @@ mod dead_letter;
 mod kafka;
 mod route;
 mod server;
+mod slots;
 
 use anyhow::Context as _;
 use clap::Parser;
@@ -85,7 +86,8 @@ async fn run(cfg: RelayConfig, config_path: PathBuf, daemon: Daemon) -> anyhow::
     tracing::info!(listen = %cfg.listen, tls = cfg.tls.is_some(), "accepting Forward connections");
 
     let beat = daemon.liveness.register("accept loop");
-    server::run(listener, ctx.clone(), tls, cfg.limits.max_connections, shutdown.clone(), beat).await;
+    let slots = slots::Slots::new(cfg.limits.max_connections, cfg.limits.max_connections_per_address);
+    server::run(listener, ctx.clone(), tls, slots, shutdown.clone(), beat).await;
     let kafka_ctx = ctx.clone();
     tokio::task::spawn_blocking(move || kafka_ctx.kafka.flush(Duration::from_secs(30))).await??;
     Ok(())

@@ -1,11 +1,11 @@
-//! Accepts connections (TLS unless configured otherwise), caps how many are open, and drains them
-//! on shutdown.
+//! Accepts connections (TLS unless configured otherwise), gives each a slot (see `slots`), and
+//! drains them on shutdown.
 
 use crate::connection::{self, Context};
+use crate::slots::Slots;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 use tron_service::systemd::Heartbeat;
@@ -18,11 +18,10 @@ pub async fn run(
     listener: TcpListener,
     ctx: Arc<Context>,
     tls: SharedAcceptor,
-    max_connections: usize,
+    slots: Arc<Slots>,
     shutdown: Shutdown,
     beat: Heartbeat,
 ) {
-    let slots = Arc::new(Semaphore::new(max_connections));
     let tracker = TaskTracker::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
@@ -39,10 +38,18 @@ pub async fn run(
                 }
             },
         };
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, max_connections, "connection refused: connection limit reached");
-            metrics::counter!("tron_relay_connections_refused_total", "reason" => "connection_limit").increment(1);
-            continue;
+        let slot = match slots.admit(peer.ip()) {
+            Ok((slot, evicted)) => {
+                if evicted {
+                    metrics::counter!("tron_relay_connections_closed_total", "reason" => "evicted_silent").increment(1);
+                }
+                slot
+            }
+            Err(refused) => {
+                tracing::warn!(%peer, open = slots.open(), reason = refused.reason(), "connection refused: every slot is held by a connection that has sent frames");
+                metrics::counter!("tron_relay_connections_refused_total", "reason" => refused.reason()).increment(1);
+                continue;
+            }
         };
         let _ = tcp.set_nodelay(true);
         let ctx = ctx.clone();
@@ -52,9 +59,12 @@ pub async fn run(
             metrics::gauge!("tron_relay_connections").increment(1.0);
             match tls {
                 Some(acceptor) => {
-                    let handshake = tokio::time::timeout(ctx.handshake_timeout, acceptor.accept(tcp)).await;
+                    let handshake = tokio::select! {
+                        result = tokio::time::timeout(ctx.handshake_timeout, acceptor.accept(tcp)) => result,
+                        _ = slot.evicted.cancelled() => return metrics::gauge!("tron_relay_connections").decrement(1.0),
+                    };
                     match handshake {
-                        Ok(Ok(stream)) => connection::serve(stream, peer, ctx, shutdown).await,
+                        Ok(Ok(stream)) => connection::serve(stream, peer, ctx, &slot, shutdown).await,
                         Ok(Err(e)) => {
                             tracing::warn!(%peer, error = %e, "TLS handshake failed");
                             metrics::counter!("tron_relay_connections_refused_total", "reason" => "tls").increment(1);
@@ -66,7 +76,7 @@ pub async fn run(
                         }
                     }
                 }
-                None => connection::serve(tcp, peer, ctx, shutdown).await,
+                None => connection::serve(tcp, peer, ctx, &slot, shutdown).await,
             }
             metrics::gauge!("tron_relay_connections").decrement(1.0);
             drop(slot);

@@ -177,16 +177,27 @@ def test_handshake_idle_and_connection_limits_refuse_while_a_good_client_deliver
     assert pong[0] == "PONG" and pong[1] is False, pong
     assert closed_by_peer(s)
 
-    # Connection cap: 3 silent TLS clients fill the remaining slots; a 5th is closed at once.
+    # Connection cap: 3 silent TLS clients fill the remaining slots; a 5th connection takes the
+    # slot of the oldest one that has not authenticated, which is closed at once.
     silent = [tls_client(certs, host, port) for _ in range(3)]
     began = time.time()
     extra = socket.create_connection((host, port), timeout=10)
-    assert closed_by_peer(extra, timeout=5) and time.time() - began < 2
+    assert closed_by_peer(silent[0], timeout=5) and time.time() - began < 2
 
-    # Handshake time-out: the silent clients never answer HELO; each is closed after ~2 s.
-    for s in silent:
+    # Handshake time-out: the other silent clients never answer HELO; each is closed after ~2 s.
+    for s in silent[1:] + [extra]:
         assert closed_by_peer(s, timeout=10)
     assert time.time() - began < 8
+
+    # When every slot is held by an authenticated client, a newcomer is refused.
+    time.sleep(0.5)
+    talking = [tls_client(certs, host, port) for _ in range(3)]
+    for s in talking:
+        assert forward_handshake(s, "s3cret")[1] is True
+    refused = socket.create_connection((host, port), timeout=10)
+    assert closed_by_peer(refused, timeout=5)
+    for s in talking:
+        s.close()
 
     # A TCP client that never starts TLS is dropped by the same time-out.
     began = time.time()
@@ -201,7 +212,8 @@ def test_handshake_idle_and_connection_limits_refuse_while_a_good_client_deliver
 
     time.sleep(0.5)
     assert counter(relay, "tron_relay_connections_refused_total", "connection_limit") >= 1
-    assert counter(relay, "tron_relay_connections_refused_total", "handshake") >= 4
+    assert counter(relay, "tron_relay_connections_closed_total", "evicted_silent") >= 1
+    assert counter(relay, "tron_relay_connections_refused_total", "handshake") >= 3
     assert counter(relay, "tron_relay_connections_refused_total", "tls_timeout") >= 1
     log = relay.tail(20000)
     assert "handshake refused peer=127.0.0.1:" in log and "shared_key mismatch" in log, log

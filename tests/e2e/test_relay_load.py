@@ -1,0 +1,114 @@
+"""The relay under hostile load, at the limits a user ships (no `[limits]` in the config): silent
+connections cannot take every slot, and nothing an unauthenticated peer sends is decompressed or
+decoded. A well-behaved client (PyPI fluent-logger, or the raw Forward helpers) keeps getting
+acks throughout; memory is read from /proc."""
+import gzip
+import os
+import socket
+import threading
+import time
+
+import msgpack
+
+import tron
+from test_relay_abuse import closed_by_peer, counter, forward_handshake, send_and_wait_ack
+
+SILENT = int(os.environ.get("TRON_RELAY_SILENT_CONNECTIONS", "1100"))
+
+
+def plaintext_relay(services, certs, work, topic, **extra):
+    os.makedirs(work)
+    services.create_topic(topic, 1)
+    cfg = tron.relay_config(work, certs, services.kafka_brokers, topic=topic, plaintext=True, **extra)
+    relay = tron.Proc("relay", "tron-relay", cfg, work)
+    host, port = cfg["listen"].rsplit(":", 1)
+    return relay, host, int(port)
+
+
+def test_silent_connections_from_one_address_cannot_lock_a_good_client_out(services, certs, workroot, procs):
+    """1,100 TCP connections that send nothing, from 127.0.0.1, against the default 1,024
+    connections and 256 per address: a client from the same address still connects, and its
+    chunk is acked within 15 s (each newcomer takes the slot of the oldest silent connection)."""
+    tron.allow_open_files(SILENT + 512)
+    relay, host, port = plaintext_relay(services, certs, os.path.join(workroot, "silent"), "silent")
+    procs.append(relay)
+    relay.start()
+    silent = []
+    try:
+        for _ in range(SILENT):
+            silent.append(socket.create_connection((host, port), timeout=10))
+        began = time.time()
+        good = socket.create_connection((host, port), timeout=15)
+        good.settimeout(15)
+        ack = send_and_wait_ack(good, "through")
+        waited = time.time() - began
+        assert ack == {"ack": "through"}, ack
+        good.close()
+    finally:
+        for s in silent:
+            s.close()
+    evicted = counter(relay, "tron_relay_connections_closed_total", "evicted_silent")
+    print("silent connections: %d from one address; a good client acked after %.1fs; evicted: %d"
+          % (SILENT, waited, evicted))
+    assert waited < 15, "acked only after %.1fs" % waited
+    assert evicted >= 1
+
+
+def amplifying_frame():
+    """58 KB on the wire: one CompressedPackedForward entry whose record is a map of 3 million
+    small-integer pairs (6 MB inflated; decoded into value trees, hundreds of MB)."""
+    pairs = 3_000_000
+    body = bytearray(b"\x92\xd7\x00" + (1795300000).to_bytes(4, "big") + b"\x00\x00\x00\x00")
+    body += b"\xdf" + pairs.to_bytes(4, "big")
+    body += b"\x01\x02" * pairs
+    packed = gzip.compress(bytes(body), 9)
+    return msgpack.packb(["amplify", packed, {"compressed": "gzip", "chunk": "boom"}], use_bin_type=True)
+
+
+def test_unauthenticated_amplifying_frames_are_refused_from_their_first_bytes(services, certs, workroot, procs):
+    """A relay with a shared key at default limits; 32 connections each send a small gzip chunk
+    that inflates into millions of map pairs, before any handshake. Each is closed and counted
+    (`before_handshake`) having been read no further than its header; relay RSS stays under
+    256 MiB, and an authenticated client keeps getting acks."""
+    relay, host, port = plaintext_relay(services, certs, os.path.join(workroot, "preauth"), "preauth",
+                                        security={"shared_key": "s3cret"})
+    procs.append(relay)
+    relay.start()
+    good = socket.create_connection((host, port), timeout=10)
+    assert forward_handshake(good, "s3cret")[1] is True
+    assert send_and_wait_ack(good, "g0") == {"ack": "g0"}
+    frame = amplifying_frame()
+    stop, acked, failures = threading.Event(), [], []
+
+    def keep_sending():
+        n = 0
+        while not stop.is_set():
+            n += 1
+            ack = send_and_wait_ack(good, "g%d" % n)
+            (acked if ack == {"ack": "g%d" % n} else failures).append(ack)
+            time.sleep(0.2)
+
+    sender = threading.Thread(target=keep_sending)
+    sender.start()
+    peak = 0.0
+    try:
+        for _ in range(3):
+            hostile = [socket.create_connection((host, port), timeout=10) for _ in range(32)]
+            for s in hostile:
+                try:
+                    s.sendall(frame)
+                except OSError:
+                    pass  # already closed: refused from the first bytes
+            for s in hostile:
+                assert closed_by_peer(s, timeout=10)
+            peak = max(peak, relay.peak_rss_mib())
+        tron.wait_until("a few more acks for the good client", lambda: len(acked) >= 5, timeout=30)
+    finally:
+        stop.set()
+        sender.join()
+    refused = counter(relay, "tron_relay_connections_refused_total", "before_handshake")
+    print("pre-auth amplification: %d KB frame x 96 connections; refused before_handshake: %d; relay peak RSS "
+          "%.0f MiB; good client acks meanwhile: %d" % (len(frame) // 1024, refused, peak, len(acked)))
+    assert refused >= 96
+    assert peak <= 256, "relay peak RSS %.0f MiB" % peak
+    assert not failures and acked, (len(acked), failures)
