@@ -30,6 +30,8 @@ pub enum DecodeError {
     DecompressedTooLarge { size: usize, limit: usize },
     #[error("chunk carries {count} entries, more than max_entries_per_chunk={limit} by {}", count - limit)]
     TooManyEntries { count: usize, limit: usize },
+    #[error("chunk holds more than {limit} MessagePack elements (values, keys and items)")]
+    TooManyElements { limit: usize },
     #[error("invalid MessagePack: {0}")]
     Msgpack(String),
     #[error("malformed frame: {0}")]
@@ -51,6 +53,7 @@ impl DecodeError {
             DecodeError::FrameTooLarge { .. } => "frame_too_large",
             DecodeError::DecompressedTooLarge { .. } => "decompressed_too_large",
             DecodeError::TooManyEntries { .. } => "too_many_entries",
+            DecodeError::TooManyElements { .. } => "too_many_elements",
             DecodeError::Msgpack(_) => "invalid_msgpack",
             DecodeError::Malformed(_) => "malformed_frame",
             DecodeError::UnsupportedCompression(_) => "unsupported_compression",

@@ -14,6 +14,7 @@ pub mod json;
 pub mod msgpack;
 mod scan;
 mod time;
+pub mod transcode;
 
 pub use chunk::ChunkBuilder;
 pub use codec::{ClientCodec, ServerCodec, ServerMessage};

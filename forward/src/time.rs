@@ -60,7 +60,7 @@ impl EventTime {
         }
     }
 
-    fn from_float(f: f64) -> Self {
+    pub(crate) fn from_float(f: f64) -> Self {
         if !f.is_finite() || f <= 0.0 {
             return EventTime::default();
         }
