@@ -46,7 +46,10 @@ impl Daemon {
         let addr = http::serve(metrics_listen, self.metrics.clone(), self.health.clone(), self.shutdown.clone())
             .await
             .map_err(|e| anyhow::anyhow!("binding metrics_listen = {metrics_listen}: {e}"))?;
-        tracing::info!(metrics = %addr, "{name} ready");
+        // Which build is running, in every scrape: dashboards can tell versions apart in a rollout.
+        metrics::gauge!("tron_build_info", "version" => env!("CARGO_PKG_VERSION"), "commit" => env!("TRON_COMMIT"))
+            .set(1.0);
+        tracing::info!(metrics = %addr, version = env!("CARGO_PKG_VERSION"), commit = env!("TRON_COMMIT"), "{name} ready");
         systemd::ready();
         systemd::spawn_watchdog(self.liveness.clone());
         Ok(addr)

@@ -3,6 +3,7 @@ to end), /metrics and /health say what the docs say, the sd_notify protocol (REA
 RELOADING, STOPPING) is spoken, and SIGHUP reloads the agent's sources and the relay's certificate
 without losing position."""
 import json
+import re
 import os
 import signal
 import socket
@@ -79,7 +80,14 @@ def test_sigterm_under_load_drains_every_component_and_loses_nothing(services, c
     assert tron.metric(s, "tron_sink_event_to_object_seconds_count") > 0
     for name, (code, body) in health.items():
         assert code == 200 and body["status"] == "ok", (name, code, body)
-    assert "kafka" in health["relay"][1]["parts"] and "kafka" in health["sink"][1]["parts"]
+    assert "kafka" in health["relay"][1]["parts"] and {"kafka", "gcs"} <= set(health["sink"][1]["parts"])
+    # Every metric a daemon emits is in the reference, and each says which build it is.
+    documented = set(re.findall(r"`(tron_[a-z0-9_]+)", open(os.path.join(tron.ROOT, "docs", "metrics.md")).read()))
+    for name, text in scraped.items():
+        emitted = {re.sub(r"_(bucket|sum|count)$", "", m) if m not in documented else m
+                   for m in re.findall(r"^(tron_[a-z0-9_]+)", text, re.M)}
+        assert emitted <= documented, "%s emits metrics docs/metrics.md does not list: %s" % (name, sorted(emitted - documented))
+        assert re.search(r'^tron_build_info\{.*commit="[0-9a-f]{12}".*\} 1$', text, re.M), (name, text[:2000])
     assert set(health["agent"][1]["parts"]) == {"s3", "relay"}
 
 
