@@ -39,6 +39,11 @@ where
     // Only string values are expanded, so a `${…}` in a comment is left alone.
     expand_strings(&mut doc, &|name| std::env::var(name).ok())
         .map_err(|var| ConfigError::MissingEnv { path: path.into(), var })?;
+    read_secret_files(&mut doc, "").map_err(|(key, message)| ConfigError::Invalid {
+        path: path.into(),
+        key,
+        message,
+    })?;
     let value: T = serde_path_to_error::deserialize(doc).map_err(|e| ConfigError::Invalid {
         path: path.into(),
         key: e.path().to_string(),
@@ -46,6 +51,49 @@ where
     })?;
     validate(&value).map_err(|(key, message)| ConfigError::Invalid { path: path.into(), key, message })?;
     Ok(value)
+}
+
+/// Keys whose value may instead be read from a file named by `{key}_file` (for systemd
+/// `LoadCredential=`, or any file only the service can read): a secret in the configuration file,
+/// or in an `Environment=` line, is visible to every local user through `systemctl show`.
+pub const SECRET_KEYS: &[&str] = &["shared_key", "password"];
+
+/// Replaces every `{key}_file = "PATH"` (for the keys in [`SECRET_KEYS`]) by `{key}` = the file's
+/// contents without a trailing newline. Err: the key's path and the problem.
+fn read_secret_files(v: &mut toml::Value, at: &str) -> Result<(), (String, String)> {
+    let join = |k: &str| if at.is_empty() { k.to_string() } else { format!("{at}.{k}") };
+    match v {
+        toml::Value::Table(t) => {
+            for key in SECRET_KEYS {
+                let file_key = format!("{key}_file");
+                let Some(value) = t.remove(&file_key) else { continue };
+                let Some(file) = value.as_str() else {
+                    return Err((join(&file_key), "must be a path (a string)".into()));
+                };
+                if t.contains_key(*key) {
+                    return Err((join(&file_key), format!("set either `{key}` or `{file_key}`, not both")));
+                }
+                let secret =
+                    std::fs::read_to_string(file).map_err(|e| (join(&file_key), format!("cannot read {file}: {e}")))?;
+                let secret = secret.strip_suffix('\n').unwrap_or(&secret);
+                let secret = secret.strip_suffix('\r').unwrap_or(secret);
+                if secret.is_empty() {
+                    return Err((join(&file_key), format!("{file} is empty")));
+                }
+                t.insert(key.to_string(), toml::Value::String(secret.to_string()));
+            }
+            for (k, child) in t.iter_mut() {
+                read_secret_files(child, &join(k))?;
+            }
+        }
+        toml::Value::Array(items) => {
+            for (i, child) in items.iter_mut().enumerate() {
+                read_secret_files(child, &format!("{at}[{i}]"))?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
 }
 
 fn expand_strings(v: &mut toml::Value, lookup: &dyn Fn(&str) -> Option<String>) -> Result<(), String> {
@@ -163,6 +211,50 @@ mod tests {
 
     fn parse_top(text: &str) -> Result<Top, ConfigError> {
         parse(text, Path::new("/etc/tron/x.toml"), |_: &Top| Ok(()))
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct WithSecrets {
+        security: Security,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Security {
+        shared_key: String,
+        users: Vec<User>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct User {
+        password: String,
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_problems_name_the_key() {
+        let dir = std::env::temp_dir().join(format!("tron-secret-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("key");
+        std::fs::write(&key, "s3cret\n").unwrap();
+        let text = format!(
+            "[security]\nshared_key_file = '{}'\n[[security.users]]\npassword_file = '{}'\n",
+            key.display(),
+            key.display()
+        );
+        let cfg: WithSecrets = parse(&text, Path::new("/x.toml"), |_: &WithSecrets| Ok(())).unwrap();
+        assert_eq!(cfg.security.shared_key, "s3cret");
+        assert_eq!(cfg.security.users[0].password, "s3cret");
+
+        let both = format!("[security]\nshared_key = 'a'\nshared_key_file = '{}'\nusers = []\n", key.display());
+        let msg = parse(&both, Path::new("/x.toml"), |_: &WithSecrets| Ok(())).unwrap_err().to_string();
+        assert!(msg.contains("key `security.shared_key_file`: set either `shared_key` or `shared_key_file`"), "{msg}");
+
+        let missing = "[security]\nusers = [{ password_file = '/nonexistent/pw' }]\nshared_key = 'a'\n";
+        let msg = parse(missing, Path::new("/x.toml"), |_: &WithSecrets| Ok(())).unwrap_err().to_string();
+        assert!(msg.contains("key `security.users[0].password_file`: cannot read /nonexistent/pw"), "{msg}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

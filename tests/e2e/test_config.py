@@ -27,6 +27,8 @@ CASES = [
      "key `output.topic_paths.web`: \"web\" is not one of kafka.topics"),
     ("tron-sink-secor", 'staging_dir = "/tmp/x"\nmetrics_listen = "127.0.0.1:0"\n[kafka]\nbrokers = "x"\ngroup_id = "g"\ntopics = ["t"]\n[output]\nurl = "gs://b/p"\nformat = "csv"\n[[output.columns]]\nname = "a"\nsorce = "a"\n',
      "did you mean `source`?"),
+    ("tron-relay", 'listen = "127.0.0.1:1"\nplaintext = true\n[kafka]\nbrokers = "x"\ndefault_topic = "t"\n[security]\nshared_key_file = "/nonexistent/tron-key"\n',
+     "key `security.shared_key_file`: cannot read /nonexistent/tron-key"),
     ("tron-sink-secor", 'staging_dir = "/tmp/s"\n[kafka]\nbrokers = "x"\ngroup_id = "g"\ntopics = ["t"]\n[output]\nurl = "s3://nope"\n',
      "key `output.url`: must start with gs:// or file://"),
 ]

@@ -70,8 +70,11 @@ def test_unauthenticated_amplifying_frames_are_refused_from_their_first_bytes(se
     that inflates into millions of map pairs, before any handshake. Each is closed and counted
     (`before_handshake`) having been read no further than its header; relay RSS stays under
     256 MiB, and an authenticated client keeps getting acks."""
+    key_file = os.path.join(workroot, "preauth-shared-key")
+    with open(key_file, "w") as f:
+        f.write("s3cret\n")  # read from a file, as with systemd LoadCredential=
     relay, host, port = plaintext_relay(services, certs, os.path.join(workroot, "preauth"), "preauth",
-                                        security={"shared_key": "s3cret"})
+                                        security={"shared_key_file": key_file})
     procs.append(relay)
     relay.start()
     good = socket.create_connection((host, port), timeout=10)
