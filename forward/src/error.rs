@@ -10,6 +10,11 @@ pub struct Limits {
     pub max_decompressed_bytes: usize,
     /// Most entries one frame may carry.
     pub max_entries_per_chunk: usize,
+    /// Most MessagePack elements (values, keys, items) one chunk may hold: what decoding costs
+    /// grows with it, not with the bytes (a byte each for millions of tiny map pairs).
+    pub max_elements_per_chunk: usize,
+    /// Largest JSON one chunk's records may make.
+    pub max_decoded_bytes: usize,
 }
 
 impl Default for Limits {
@@ -18,6 +23,8 @@ impl Default for Limits {
             max_frame_bytes: 16 * 1024 * 1024,
             max_decompressed_bytes: 64 * 1024 * 1024,
             max_entries_per_chunk: 1_000_000,
+            max_elements_per_chunk: 4_000_000,
+            max_decoded_bytes: 64 * 1024 * 1024,
         }
     }
 }
@@ -30,8 +37,10 @@ pub enum DecodeError {
     DecompressedTooLarge { size: usize, limit: usize },
     #[error("chunk carries {count} entries, more than max_entries_per_chunk={limit} by {}", count - limit)]
     TooManyEntries { count: usize, limit: usize },
-    #[error("chunk holds more than {limit} MessagePack elements (values, keys and items)")]
+    #[error("chunk holds more than max_elements_per_chunk={limit} MessagePack elements (values, keys and items)")]
     TooManyElements { limit: usize },
+    #[error("chunk's records make more than max_decoded_bytes={limit} bytes of JSON")]
+    DecodedTooLarge { limit: usize },
     #[error("invalid MessagePack: {0}")]
     Msgpack(String),
     #[error("malformed frame: {0}")]
@@ -54,6 +63,7 @@ impl DecodeError {
             DecodeError::DecompressedTooLarge { .. } => "decompressed_too_large",
             DecodeError::TooManyEntries { .. } => "too_many_entries",
             DecodeError::TooManyElements { .. } => "too_many_elements",
+            DecodeError::DecodedTooLarge { .. } => "decoded_too_large",
             DecodeError::Msgpack(_) => "invalid_msgpack",
             DecodeError::Malformed(_) => "malformed_frame",
             DecodeError::UnsupportedCompression(_) => "unsupported_compression",

@@ -1,6 +1,7 @@
 use crate::error::{malformed, DecodeError, Limits};
 use crate::handshake::Ping;
-use crate::time::{kind, EventTime};
+use crate::time::kind;
+use crate::transcode::{self, Records};
 use rmpv::Value;
 use std::io::Read;
 
@@ -33,23 +34,20 @@ pub struct Options {
     pub compressed: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct Entry {
-    pub time: EventTime,
-    /// Always a map: the event's fields.
-    pub record: Value,
-    /// Newer fluent-bit sends `[[EventTime, {metadata}], record]`; the metadata is kept here.
-    pub metadata: Option<Value>,
-}
-
+/// A frame's events, not decoded yet: the entries as one PackedForward stream (`[time, record]`
+/// after `[time, record]`, whatever mode the client used), gzip-compressed or not. Decoding
+/// ([`EventBatch::decode`]) is left to the caller, so it can bound how many decodes run at once
+/// and charge what they produce before handing it on.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EventBatch {
     pub tag: String,
     pub mode: Mode,
-    pub entries: Vec<Entry>,
     pub options: Options,
     /// Bytes the frame occupied on the wire.
     pub wire_bytes: usize,
+    entries: Vec<u8>,
+    /// Entries the frame header announced (Forward and Message modes; packed streams say nothing).
+    announced: Option<usize>,
 }
 
 impl EventBatch {
@@ -58,9 +56,26 @@ impl EventBatch {
         self.options.chunk.as_deref().map(encode_ack)
     }
 
-    /// Sum of the entries' decoded sizes, an estimate of what holding them costs.
-    pub fn decoded_bytes(&self) -> usize {
-        self.entries.iter().map(|e| approx_size(&e.record) + 16).sum()
+    /// Bytes this batch holds before decoding.
+    pub fn held_bytes(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Inflates (CompressedPackedForward) and transcodes every entry to JSON, within `limits`.
+    pub fn decode(&self, limits: &Limits) -> Result<Records, DecodeError> {
+        let inflated;
+        let packed = if self.mode == Mode::CompressedPackedForward {
+            inflated = gunzip(&self.entries, limits)?;
+            &inflated[..]
+        } else {
+            &self.entries[..]
+        };
+        let mut records = Records::default();
+        transcode::packed_entries(packed, limits, &mut records)?;
+        if let Some(n) = self.announced.filter(|n| *n != records.records.len()) {
+            return Err(malformed(format!("the frame announced {n} entries and holds {}", records.records.len())));
+        }
+        Ok(records)
     }
 }
 
@@ -73,103 +88,187 @@ pub fn encode_ack(chunk_msgpack: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Decodes one complete top-level value (as delimited by the scanner).
+/// Decodes one complete top-level value (as delimited by the scanner). Event frames are only
+/// taken apart (tag, entries, options), never decoded into values here.
 pub(crate) fn parse_frame(bytes: &[u8], limits: &Limits) -> Result<Frame, DecodeError> {
-    let value = read_one(bytes)?;
-    let items = match value {
-        Value::Nil => return Ok(Frame::Heartbeat),
-        Value::Array(items) => items,
-        other => return Err(malformed(format!("a frame must be an array or nil, got {}", kind(&other)))),
-    };
-    if items.len() == 6 && items[0].as_str() == Some("PING") {
+    if bytes == [0xc0] {
+        return Ok(Frame::Heartbeat);
+    }
+    let mut at = Cursor { bytes, pos: 0, limits };
+    let items = at
+        .array_len()
+        .ok_or_else(|| malformed(format!("a frame must be an array or nil, got {}", marker_kind(bytes[0]))))?;
+    if items == 6 && at.peek_str() == Some(b"PING") {
+        if bytes.len() > MAX_SMALL_VALUE {
+            return Err(malformed(format!("a PING of {} bytes", bytes.len())));
+        }
+        let Value::Array(items) = read_one(bytes)? else { unreachable!("an array header was read") };
         return Ping::from_items(items).map(Frame::Ping);
     }
-    parse_events(items, bytes.len(), limits).map(Frame::Events)
-}
-
-fn parse_events(mut items: Vec<Value>, wire_bytes: usize, limits: &Limits) -> Result<EventBatch, DecodeError> {
-    if !(2..=4).contains(&items.len()) {
-        return Err(malformed(format!("an event frame has 2 to 4 elements, got {}", items.len())));
+    if !(2..=4).contains(&items) {
+        return Err(malformed(format!("an event frame has 2 to 4 elements, got {items}")));
     }
-    let tag = match &items[0] {
-        Value::String(s) => s.as_str().ok_or_else(|| malformed("tag is not valid UTF-8"))?.to_owned(),
-        other => return Err(malformed(format!("tag must be a string, got {}", kind(other)))),
+    let tag = match at.str_bytes() {
+        Some(Ok(t)) => std::str::from_utf8(t).map_err(|_| malformed("tag is not valid UTF-8"))?.to_owned(),
+        Some(Err(e)) => return Err(e),
+        None => return Err(malformed(format!("tag must be a string, got {}", marker_kind(bytes[at.pos])))),
     };
-    let is_forward = matches!(&items[1], Value::Array(a) if a.first().is_none_or(Value::is_array));
-    let is_packed = matches!(&items[1], Value::Binary(_) | Value::String(_));
-    if is_forward || is_packed {
-        if items.len() > 3 {
-            return Err(malformed(format!("Forward/PackedForward frames have 2 or 3 elements, got {}", items.len())));
+    let second = *bytes.get(at.pos).ok_or_else(|| malformed("a frame without entries"))?;
+    let (mode, entries, announced) = if let Some(n) = at.array_len() {
+        // Forward: an array of entries; its items, back to back, are a packed stream.
+        if items > 3 {
+            return Err(malformed(format!("Forward/PackedForward frames have 2 or 3 elements, got {items}")));
         }
-        let options = match items.get(2) {
-            Some(v) => parse_options(v)?,
-            None => Options::default(),
+        if n > limits.max_entries_per_chunk {
+            return Err(DecodeError::TooManyEntries { count: n, limit: limits.max_entries_per_chunk });
+        }
+        let from = at.pos;
+        for _ in 0..n {
+            at.skip()?;
+        }
+        (Mode::Forward, bytes[from..at.pos].to_vec(), Some(n))
+    } else if is_bytes_marker(second) {
+        if items > 3 {
+            return Err(malformed(format!("Forward/PackedForward frames have 2 or 3 elements, got {items}")));
+        }
+        let packed = match at.str_bytes().or_else(|| at.bin_bytes()) {
+            Some(Ok(b)) => b.to_vec(),
+            Some(Err(e)) => return Err(e),
+            None => unreachable!("a str or bin marker"),
         };
-        let (mode, entries) = if is_forward {
-            let Value::Array(list) = std::mem::replace(&mut items[1], Value::Nil) else { unreachable!() };
-            if list.len() > limits.max_entries_per_chunk {
-                return Err(DecodeError::TooManyEntries { count: list.len(), limit: limits.max_entries_per_chunk });
-            }
-            (Mode::Forward, list.into_iter().map(parse_entry).collect::<Result<Vec<_>, _>>()?)
-        } else {
-            let packed = match std::mem::replace(&mut items[1], Value::Nil) {
-                Value::Binary(b) => b,
-                Value::String(s) => s.into_bytes(),
-                _ => unreachable!(),
-            };
-            match options.compressed.as_deref() {
-                Some("gzip") => (Mode::CompressedPackedForward, parse_packed(&gunzip(&packed, limits)?, limits)?),
-                None | Some("text") => (Mode::PackedForward, parse_packed(&packed, limits)?),
-                Some(other) => return Err(DecodeError::UnsupportedCompression(other.to_owned())),
-            }
+        (Mode::PackedForward, packed, None)
+    } else {
+        // Message: [tag, time, record(, options)]; as a packed stream: one [time, record] entry.
+        if items < 3 {
+            return Err(malformed("a Message frame is [tag, time, record] or [tag, time, record, options]"));
+        }
+        let from = at.pos;
+        at.skip()?;
+        at.skip()?;
+        let mut entry = Vec::with_capacity(1 + at.pos - from);
+        entry.push(0x92);
+        entry.extend_from_slice(&bytes[from..at.pos]);
+        (Mode::Message, entry, Some(1))
+    };
+    let options = if at.pos < bytes.len() {
+        let from = at.pos;
+        at.skip()?;
+        if at.pos - from > MAX_SMALL_VALUE {
+            return Err(malformed(format!("an options map of {} bytes", at.pos - from)));
+        }
+        parse_options(&read_one(&bytes[from..at.pos])?)?
+    } else {
+        Options::default()
+    };
+    if at.pos != bytes.len() {
+        return Err(DecodeError::Msgpack(format!("{} trailing bytes after the frame", bytes.len() - at.pos)));
+    }
+    let mode = match (mode, options.compressed.as_deref()) {
+        (Mode::PackedForward, Some("gzip")) => Mode::CompressedPackedForward,
+        (Mode::PackedForward, None | Some("text")) => Mode::PackedForward,
+        (Mode::PackedForward, Some(other)) => return Err(DecodeError::UnsupportedCompression(other.to_owned())),
+        (mode, _) => mode,
+    };
+    Ok(Frame::Events(EventBatch { tag, mode, options, wire_bytes: bytes.len(), entries, announced }))
+}
+
+/// PING frames and options maps are decoded into values; they are never larger than this.
+const MAX_SMALL_VALUE: usize = 64 << 10;
+
+/// Reads the headers of a frame whose extent the scanner already checked.
+struct Cursor<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    limits: &'a Limits,
+}
+
+impl<'a> Cursor<'a> {
+    fn be(&self, at: usize, n: usize) -> Option<usize> {
+        let b = self.bytes.get(at..at + n)?;
+        Some(b.iter().fold(0usize, |acc, x| (acc << 8) | *x as usize))
+    }
+
+    /// An array header at the cursor: consumes it and returns the length.
+    fn array_len(&mut self) -> Option<usize> {
+        let m = *self.bytes.get(self.pos)?;
+        let (len, header) = match m {
+            0x90..=0x9f => ((m & 0x0f) as usize, 1),
+            0xdc => (self.be(self.pos + 1, 2)?, 3),
+            0xdd => (self.be(self.pos + 1, 4)?, 5),
+            _ => return None,
         };
-        return Ok(EventBatch { tag, mode, entries, options, wire_bytes });
+        self.pos += header;
+        Some(len)
     }
-    if items.len() < 3 {
-        return Err(malformed("a Message frame is [tag, time, record] or [tag, time, record, options]"));
+
+    fn sized(&mut self, header: usize, len: Option<usize>) -> Option<Result<&'a [u8], DecodeError>> {
+        let len = len?;
+        let from = self.pos + header;
+        match self.bytes.get(from..from + len) {
+            Some(b) => {
+                self.pos = from + len;
+                Some(Ok(b))
+            }
+            None => Some(Err(DecodeError::Msgpack(format!("value cut short at byte {}", self.pos)))),
+        }
     }
-    let options = match items.get(3) {
-        Some(v) => parse_options(v)?,
-        None => Options::default(),
-    };
-    let record = std::mem::replace(&mut items[2], Value::Nil);
-    let time = std::mem::replace(&mut items[1], Value::Nil);
-    let entry = parse_entry(Value::Array(vec![time, record]))?;
-    Ok(EventBatch { tag, mode: Mode::Message, entries: vec![entry], options, wire_bytes })
+
+    fn str_bytes(&mut self) -> Option<Result<&'a [u8], DecodeError>> {
+        let m = *self.bytes.get(self.pos)?;
+        match m {
+            0xa0..=0xbf => self.sized(1, Some((m & 0x1f) as usize)),
+            0xd9 => self.sized(2, self.be(self.pos + 1, 1)),
+            0xda => self.sized(3, self.be(self.pos + 1, 2)),
+            0xdb => self.sized(5, self.be(self.pos + 1, 4)),
+            _ => None,
+        }
+    }
+
+    fn bin_bytes(&mut self) -> Option<Result<&'a [u8], DecodeError>> {
+        let m = *self.bytes.get(self.pos)?;
+        match m {
+            0xc4 => self.sized(2, self.be(self.pos + 1, 1)),
+            0xc5 => self.sized(3, self.be(self.pos + 1, 2)),
+            0xc6 => self.sized(5, self.be(self.pos + 1, 4)),
+            _ => None,
+        }
+    }
+
+    fn peek_str(&self) -> Option<&'a [u8]> {
+        let mut probe = Cursor { bytes: self.bytes, pos: self.pos, limits: self.limits };
+        probe.str_bytes()?.ok()
+    }
+
+    /// Steps over one whole value.
+    fn skip(&mut self) -> Result<(), DecodeError> {
+        match crate::scan::value_len(&self.bytes[self.pos..], self.limits)? {
+            crate::scan::Scan::Complete(n) => {
+                self.pos += n;
+                Ok(())
+            }
+            crate::scan::Scan::Incomplete(_) => {
+                Err(DecodeError::Msgpack(format!("value cut short at byte {}", self.pos)))
+            }
+        }
+    }
 }
 
-fn parse_entry(v: Value) -> Result<Entry, DecodeError> {
-    let Value::Array(mut pair) = v else {
-        return Err(malformed(format!("an entry must be [time, record], got {}", kind(&v))));
-    };
-    if pair.len() != 2 {
-        return Err(malformed(format!("an entry must be [time, record], got {} elements", pair.len())));
-    }
-    let record = pair.pop().expect("2 elements");
-    if !record.is_map() {
-        return Err(malformed(format!("a record must be a map, got {}", kind(&record))));
-    }
-    let (time, metadata) = match pair.pop().expect("1 element") {
-        Value::Array(mut t) if t.len() == 2 => {
-            let metadata = t.pop().expect("2 elements");
-            (EventTime::from_value(&t[0])?, Some(metadata))
-        }
-        t => (EventTime::from_value(&t)?, None),
-    };
-    Ok(Entry { time, record, metadata })
+fn is_bytes_marker(m: u8) -> bool {
+    matches!(m, 0xa0..=0xbf | 0xd9..=0xdb | 0xc4..=0xc6)
 }
 
-fn parse_packed(mut bytes: &[u8], limits: &Limits) -> Result<Vec<Entry>, DecodeError> {
-    let mut entries = Vec::new();
-    while !bytes.is_empty() {
-        if entries.len() == limits.max_entries_per_chunk {
-            return Err(DecodeError::TooManyEntries { count: entries.len() + 1, limit: limits.max_entries_per_chunk });
-        }
-        let v = rmpv::decode::read_value(&mut bytes)
-            .map_err(|e| DecodeError::Msgpack(format!("in packed entries: {e}")))?;
-        entries.push(parse_entry(v)?);
+fn marker_kind(m: u8) -> &'static str {
+    match m {
+        0xc0 => "nil",
+        0xc2 | 0xc3 => "bool",
+        0x00..=0x7f | 0xe0..=0xff | 0xcc..=0xd3 => "integer",
+        0xca | 0xcb => "float",
+        0xa0..=0xbf | 0xd9..=0xdb => "string",
+        0xc4..=0xc6 => "binary",
+        0x90..=0x9f | 0xdc | 0xdd => "array",
+        0x80..=0x8f | 0xde | 0xdf => "map",
+        _ => "ext",
     }
-    Ok(entries)
 }
 
 fn parse_options(v: &Value) -> Result<Options, DecodeError> {
@@ -213,14 +312,4 @@ fn read_one(mut bytes: &[u8]) -> Result<Value, DecodeError> {
         return Err(DecodeError::Msgpack(format!("{} trailing bytes after the frame", bytes.len())));
     }
     Ok(v)
-}
-
-fn approx_size(v: &Value) -> usize {
-    match v {
-        Value::String(s) => s.as_bytes().len() + 8,
-        Value::Binary(b) => b.len() + 8,
-        Value::Array(a) => a.iter().map(approx_size).sum::<usize>() + 8,
-        Value::Map(m) => m.iter().map(|(k, v)| approx_size(k) + approx_size(v)).sum::<usize>() + 8,
-        _ => 9,
-    }
 }

@@ -19,5 +19,6 @@ pub mod transcode;
 pub use chunk::ChunkBuilder;
 pub use codec::{ClientCodec, ServerCodec, ServerMessage};
 pub use error::{DecodeError, Limits};
-pub use frame::{encode_ack, Entry, EventBatch, Frame, Mode, Options};
+pub use frame::{encode_ack, EventBatch, Frame, Mode, Options};
 pub use time::EventTime;
+pub use transcode::{Record, Records};

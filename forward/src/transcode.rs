@@ -7,7 +7,7 @@
 //! keep the client's order (a tree sorted them), and a non-string key is the JSON text of its
 //! value (`1` → `"1"`, nil → `"null"`).
 
-use crate::error::{malformed, DecodeError};
+use crate::error::{malformed, DecodeError, Limits};
 use crate::time::{EventTime, EVENT_TIME_EXT};
 use base64::Engine as _;
 use std::ops::Range;
@@ -38,13 +38,22 @@ impl Records {
 }
 
 /// Appends every entry of a PackedForward stream (`[time, record]` after `[time, record]`) to
-/// `out`. Fails on the first malformed entry, or once `max_elements` elements (across the
-/// calls that share `out`) have been read.
-pub fn packed_entries(mut bytes: &[u8], max_elements: usize, out: &mut Records) -> Result<(), DecodeError> {
+/// `out`. Fails on the first malformed entry, or as soon as the entries, the elements read
+/// (across the calls that share `out`) or the JSON produced pass their limit.
+pub fn packed_entries(mut bytes: &[u8], limits: &Limits, out: &mut Records) -> Result<(), DecodeError> {
     while !bytes.is_empty() {
-        let mut r = Reader { buf: bytes, pos: 0, elements: out.elements, max_elements };
+        if out.records.len() == limits.max_entries_per_chunk {
+            return Err(DecodeError::TooManyEntries {
+                count: out.records.len() + 1,
+                limit: limits.max_entries_per_chunk,
+            });
+        }
+        let mut r = Reader { buf: bytes, pos: 0, elements: out.elements, max_elements: limits.max_elements_per_chunk };
         r.entry(out)?;
         out.elements = r.elements;
+        if out.json.len() > limits.max_decoded_bytes {
+            return Err(DecodeError::DecodedTooLarge { limit: limits.max_decoded_bytes });
+        }
         bytes = &bytes[r.pos..];
     }
     Ok(())
@@ -287,6 +296,10 @@ mod tests {
     use super::*;
     use rmpv::Value;
 
+    fn elements(n: usize) -> Limits {
+        Limits { max_elements_per_chunk: n, ..Limits::default() }
+    }
+
     fn packed(entries: &[Value]) -> Vec<u8> {
         let mut out = Vec::new();
         for e in entries {
@@ -319,7 +332,7 @@ mod tests {
             Value::Array(vec![Value::Array(vec![Value::from(1_700_000_001), Value::Map(vec![])]), record.clone()]),
         ]);
         let mut out = Records::default();
-        packed_entries(&bytes, 1000, &mut out).unwrap();
+        packed_entries(&bytes, &elements(1000), &mut out).unwrap();
         assert_eq!(out.records.len(), 2);
         assert_eq!(out.records[0].time, EventTime::new(1_700_000_000, 5));
         assert_eq!(out.records[1].time, EventTime::new(1_700_000_001, 0));
@@ -340,7 +353,7 @@ mod tests {
         // An entry whose record claims 2^32-1 pairs, and a few real ones.
         let mut bytes = vec![0x92, 0x01, 0xdf, 0xff, 0xff, 0xff, 0xff];
         bytes.extend(std::iter::repeat_n([0x01u8, 0x02], 600).flatten());
-        let err = packed_entries(&bytes, 1000, &mut Records::default()).unwrap_err();
+        let err = packed_entries(&bytes, &elements(1000), &mut Records::default()).unwrap_err();
         assert!(matches!(err, DecodeError::TooManyElements { limit: 1000 }), "{err}");
     }
 
@@ -349,12 +362,15 @@ mod tests {
         let mut bytes = vec![0x92, 0x01, 0x81, 0xa1, b'k'];
         bytes.extend(std::iter::repeat_n(0x91u8, 10_000));
         bytes.push(0xc0);
-        let err = packed_entries(&bytes, 1_000_000, &mut Records::default()).unwrap_err();
+        let err = packed_entries(&bytes, &elements(1_000_000), &mut Records::default()).unwrap_err();
         assert!(err.to_string().contains("nested deeper"), "{err}");
         let whole = packed(&[Value::Array(vec![Value::from(1), Value::Map(vec![("k".into(), "v".into())])])]);
         for cut in 1..whole.len() {
-            assert!(packed_entries(&whole[..cut], 1000, &mut Records::default()).is_err(), "cut {cut}");
+            assert!(packed_entries(&whole[..cut], &elements(1000), &mut Records::default()).is_err(), "cut {cut}");
         }
-        assert!(packed_entries(&[0x92, 0x01, 0x91, 0x01], 1000, &mut Records::default()).is_err(), "record not a map");
+        assert!(
+            packed_entries(&[0x92, 0x01, 0x91, 0x01], &elements(1000), &mut Records::default()).is_err(),
+            "record not a map"
+        );
     }
 }

@@ -78,6 +78,11 @@ pub struct LimitsConfig {
     pub max_frame_bytes: usize,
     pub max_decompressed_bytes: usize,
     pub max_entries_per_chunk: usize,
+    /// MessagePack elements (values, keys, items) one chunk may hold: decoding work and memory
+    /// grow with these, not with the bytes on the wire.
+    pub max_elements_per_chunk: usize,
+    /// JSON one chunk's records may make.
+    pub max_decoded_bytes: usize,
     /// Decoded records waiting for Kafka, across all connections. Past it, sockets are not read.
     pub max_inflight_bytes: usize,
     pub max_connections: usize,
@@ -96,8 +101,10 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             max_frame_bytes: 16 << 20,
-            max_decompressed_bytes: 64 << 20,
+            max_decompressed_bytes: 32 << 20,
             max_entries_per_chunk: 1_000_000,
+            max_elements_per_chunk: 4_000_000,
+            max_decoded_bytes: 32 << 20,
             max_inflight_bytes: 256 << 20,
             max_connections: 1024,
             max_connections_per_address: 256,

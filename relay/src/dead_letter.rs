@@ -1,7 +1,7 @@
 //! The dead-letter file: records Kafka can never accept, one JSON line each with the reason, the
 //! tag, the peer and the record, so they are answered (acked) yet kept for an operator.
 
-use forward::{json, Entry};
+use forward::Records;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,19 +23,26 @@ impl DeadLetter {
     }
 
     /// Appends and fsyncs the records; only then may their chunk be acked.
-    pub fn write(&self, peer: SocketAddr, tag: &str, topic: &str, records: &[(&Entry, String)]) -> Result<(), String> {
+    /// `refused`: (index into `records`, reason).
+    pub fn write(
+        &self,
+        peer: SocketAddr,
+        tag: &str,
+        topic: &str,
+        records: &Records,
+        refused: &[(usize, String)],
+    ) -> Result<(), String> {
         let mut text = Vec::new();
-        for (entry, reason) in records {
-            let record = match &entry.record {
-                rmpv::Value::Map(pairs) => json::to_json_map(pairs),
-                _ => serde_json::Map::new(),
-            };
+        for (index, reason) in refused {
+            // Rare (records Kafka can never take): parsing the JSON back costs nothing that matters.
+            let record: serde_json::Value =
+                serde_json::from_slice(records.get(*index)).map_err(|e| format!("record {index}: {e}"))?;
             let line = serde_json::json!({
                 "reason": reason,
                 "tag": tag,
                 "topic": topic,
                 "peer": peer.to_string(),
-                "event_time_ns": entry.time.unix_nanos(),
+                "event_time_ns": records.records[*index].time.unix_nanos(),
                 "record": record,
             });
             serde_json::to_writer(&mut text, &line).expect("JSON values always serialize");

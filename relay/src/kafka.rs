@@ -1,7 +1,7 @@
 //! Delivers a chunk's records to Kafka and answers only when every one of them is acknowledged.
 
 use crate::config::KafkaConfig;
-use forward::{json, Entry};
+use forward::Records;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -45,7 +45,9 @@ impl DeliveryError {
 }
 
 impl Kafka {
-    pub fn new(cfg: &KafkaConfig) -> anyhow::Result<Self> {
+    /// `max_inflight_bytes`: the relay's budget; librdkafka's queue is capped to the same bytes,
+    /// so records waiting for Kafka are held once, within the bound, not twice.
+    pub fn new(cfg: &KafkaConfig, max_inflight_bytes: usize) -> anyhow::Result<Self> {
         let mut client = ClientConfig::new();
         client
             .set("bootstrap.servers", &cfg.brokers)
@@ -55,10 +57,10 @@ impl Kafka {
             .set("batch.size", cfg.batch_bytes.to_string())
             .set("compression.type", &cfg.compression)
             .set("message.timeout.ms", cfg.delivery_timeout.as_millis().to_string())
-            // The relay's own in-flight bound is the real limit; librdkafka's queue must never
-            // be the one that refuses, so it is sized above it.
+            // Tied to the relay's budget: what the budget admits fits in librdkafka's queue (a
+            // full queue makes the producing chunk wait, it is never refused).
             .set("queue.buffering.max.messages", "2000000")
-            .set("queue.buffering.max.kbytes", "2097151");
+            .set("queue.buffering.max.kbytes", (max_inflight_bytes / 1024).clamp(1024, 2_097_151).to_string());
         for (k, v) in &cfg.properties {
             client.set(k, v);
         }
@@ -112,10 +114,10 @@ impl Kafka {
         &self,
         topic: &str,
         tag: &str,
-        entries: &[Entry],
+        records: &Records,
     ) -> Result<Vec<(usize, DeliveryError)>, DeliveryError> {
         let producer = self.producer();
-        let result = self.produce_all(&producer, topic, tag, entries).await;
+        let result = self.produce_all(&producer, topic, tag, records).await;
         if let Err(DeliveryError::Kafka { error, .. }) = &result {
             self.recover(&producer, error);
         }
@@ -127,26 +129,18 @@ impl Kafka {
         producer: &FutureProducer,
         topic: &str,
         tag: &str,
-        entries: &[Entry],
+        records: &Records,
     ) -> Result<Vec<(usize, DeliveryError)>, DeliveryError> {
-        let mut pending = Vec::with_capacity(entries.len());
+        let mut pending = Vec::with_capacity(records.records.len());
         let mut refused = Vec::new();
-        for (index, entry) in entries.iter().enumerate() {
-            let record = match &entry.record {
-                rmpv::Value::Map(pairs) => json::to_json_map(pairs),
-                _ => serde_json::Map::new(),
-            };
-            let key = self.key_field.as_ref().and_then(|f| record.get(f)).map(|v| match v {
-                serde_json::Value::String(s) => s.clone(),
-                other => other.to_string(),
-            });
-            let payload = serde_json::to_vec(&record).expect("JSON maps always serialize");
+        for (index, entry) in records.records.iter().enumerate() {
+            let payload = records.get(index);
+            let key = self.key_field.as_ref().and_then(|f| key_of(payload, f));
             let time_ns = entry.time.unix_nanos().to_string();
             let headers = OwnedHeaders::new()
                 .insert(Header { key: "tag", value: Some(tag) })
                 .insert(Header { key: "event_time_ns", value: Some(&time_ns) });
-            let mut rec =
-                FutureRecord::to(topic).payload(&payload).timestamp(entry.time.unix_millis()).headers(headers);
+            let mut rec = FutureRecord::to(topic).payload(payload).timestamp(entry.time.unix_millis()).headers(headers);
             if let Some(k) = &key {
                 rec = rec.key(k.as_str());
             }
@@ -196,6 +190,16 @@ impl Kafka {
     /// Whether the cluster answers a metadata request, for `/health`.
     pub fn reachable(&self, timeout: Duration) -> Result<(), String> {
         self.producer().client().fetch_metadata(None, timeout).map(|_| ()).map_err(|e| e.to_string())
+    }
+}
+
+/// The Kafka key from a record's field (`kafka.key_field`): a string as is, anything else as its
+/// JSON text. Parses the record again, which only a relay configured with a key field pays.
+fn key_of(json: &[u8], field: &str) -> Option<String> {
+    let mut record: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(json).ok()?;
+    match record.remove(field)? {
+        serde_json::Value::String(s) => Some(s),
+        other => Some(other.to_string()),
     }
 }
 

@@ -8,6 +8,10 @@ mod route;
 mod server;
 mod slots;
 
+/// Chunks decoded at once: one per core of the 2-core VM the relay is sized for. Each may hold up
+/// to `max_decompressed_bytes` + `max_decoded_bytes` while it decodes.
+const DECODE_SLOTS: usize = 2;
+
 use anyhow::Context as _;
 use clap::Parser;
 use config::RelayConfig;
@@ -57,7 +61,7 @@ async fn run(cfg: RelayConfig, config_path: PathBuf, daemon: Daemon) -> anyhow::
         std::fs::create_dir_all(dir).with_context(|| format!("dead_letter.path: creating {}", dir.display()))?;
     }
     let ctx = Arc::new(Context {
-        kafka: kafka::Kafka::new(&cfg.kafka).context("creating the Kafka producer")?,
+        kafka: kafka::Kafka::new(&cfg.kafka, cfg.limits.max_inflight_bytes).context("creating the Kafka producer")?,
         dead_letter: dead_letter::DeadLetter::new(cfg.dead_letter.path.clone(), cfg.dead_letter.max_bytes),
         router: route::Router::new(
             cfg.kafka.routes.iter().map(|r| (r.pattern.clone(), r.topic.clone())),
@@ -67,7 +71,10 @@ async fn run(cfg: RelayConfig, config_path: PathBuf, daemon: Daemon) -> anyhow::
             max_frame_bytes: cfg.limits.max_frame_bytes,
             max_decompressed_bytes: cfg.limits.max_decompressed_bytes,
             max_entries_per_chunk: cfg.limits.max_entries_per_chunk,
+            max_elements_per_chunk: cfg.limits.max_elements_per_chunk,
+            max_decoded_bytes: cfg.limits.max_decoded_bytes,
         },
+        decode_slots: tokio::sync::Semaphore::new(DECODE_SLOTS),
         budget: Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_inflight_bytes)),
         max_inflight_bytes: cfg.limits.max_inflight_bytes,
         handshake_timeout: cfg.limits.handshake_timeout,

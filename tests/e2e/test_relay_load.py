@@ -55,9 +55,9 @@ def test_silent_connections_from_one_address_cannot_lock_a_good_client_out(servi
 
 
 def amplifying_frame():
-    """58 KB on the wire: one CompressedPackedForward entry whose record is a map of 3 million
-    small-integer pairs (6 MB inflated; decoded into value trees, hundreds of MB)."""
-    pairs = 3_000_000
+    """About 60 KB on the wire: one CompressedPackedForward entry whose record is a map of 30
+    million small-integer pairs (60 MB inflated; decoded into value trees, gigabytes)."""
+    pairs = 30_000_000
     body = bytearray(b"\x92\xd7\x00" + (1795300000).to_bytes(4, "big") + b"\x00\x00\x00\x00")
     body += b"\xdf" + pairs.to_bytes(4, "big")
     body += b"\x01\x02" * pairs
@@ -65,11 +65,13 @@ def amplifying_frame():
     return msgpack.packb(["amplify", packed, {"compressed": "gzip", "chunk": "boom"}], use_bin_type=True)
 
 
-def test_unauthenticated_amplifying_frames_are_refused_from_their_first_bytes(services, certs, workroot, procs):
-    """A relay with a shared key at default limits; 32 connections each send a small gzip chunk
-    that inflates into millions of map pairs, before any handshake. Each is closed and counted
-    (`before_handshake`) having been read no further than its header; relay RSS stays under
-    256 MiB, and an authenticated client keeps getting acks."""
+def test_amplifying_frames_before_and_after_the_handshake_keep_memory_bounded(services, certs, workroot, procs):
+    """A relay with a shared key at default limits. 96 connections each send a small gzip chunk
+    that inflates into 30 million map pairs, before any handshake: each is closed and counted
+    (`before_handshake`) having been read no further than its header. Then 32 connections that
+    completed the handshake send it: each chunk is refused while it decodes (the inflated size or
+    the element count passes its limit; at most two chunks decode at once) and counted. Relay
+    RSS stays under 256 MiB throughout, and an authenticated client keeps getting acks."""
     key_file = os.path.join(workroot, "preauth-shared-key")
     with open(key_file, "w") as f:
         f.write("s3cret\n")  # read from a file, as with systemd LoadCredential=
@@ -105,13 +107,27 @@ def test_unauthenticated_amplifying_frames_are_refused_from_their_first_bytes(se
             for s in hostile:
                 assert closed_by_peer(s, timeout=10)
             peak = max(peak, relay.peak_rss_mib())
+        authenticated = []
+        for _ in range(32):
+            s = socket.create_connection((host, port), timeout=10)
+            assert forward_handshake(s, "s3cret")[1] is True
+            authenticated.append(s)
+        for s in authenticated:
+            s.sendall(frame)
+        for s in authenticated:
+            assert closed_by_peer(s, timeout=60)
+        peak = max(peak, relay.peak_rss_mib())
         tron.wait_until("a few more acks for the good client", lambda: len(acked) >= 5, timeout=30)
     finally:
         stop.set()
         sender.join()
     refused = counter(relay, "tron_relay_connections_refused_total", "before_handshake")
-    print("pre-auth amplification: %d KB frame x 96 connections; refused before_handshake: %d; relay peak RSS "
-          "%.0f MiB; good client acks meanwhile: %d" % (len(frame) // 1024, refused, peak, len(acked)))
+    rejected = (counter(relay, "tron_relay_frames_rejected_total", "decompressed_too_large")
+                + counter(relay, "tron_relay_frames_rejected_total", "too_many_elements"))
+    print("amplification: %d KB frame x 96 connections before the handshake (refused: %d) and x 32 after it "
+          "(rejected while decoding: %d); relay peak RSS %.0f MiB; good client acks meanwhile: %d"
+          % (len(frame) // 1024, refused, rejected, peak, len(acked)))
     assert refused >= 96
+    assert rejected >= 32
     assert peak <= 256, "relay peak RSS %.0f MiB" % peak
     assert not failures and acked, (len(acked), failures)

@@ -259,12 +259,6 @@ def test_odd_event_times_are_quarantined_and_hours_finalize_exactly(services, wo
     print("odd times: 600 rows in the hour at _SUCCESS, quarantined: %s" % quarantined)
 
 
-def cpu_seconds(pid):
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def drain_backlog(services, workroot, topic, total, event_time):
     """Produces `total` records first, then starts a sink on them: returns the sink's CPU-seconds
     and wall-clock seconds until every record is in an object, and its number of cuts."""
@@ -277,7 +271,7 @@ def drain_backlog(services, workroot, topic, total, event_time):
         tron.wait_until("%s: %d records uploaded" % (topic, total),
                         lambda: (s.metric("tron_sink_records_uploaded_total", topic=topic) or 0) >= total,
                         timeout=300, interval=0.5, on_timeout=s.tail)
-        cpu, wall = cpu_seconds(s.proc.pid), time.time() - started
+        cpu, wall = s.cpu_seconds(), time.time() - started
         wait_for_every_record(services, topic, total, [s])
         return cpu, wall, s.metric("tron_sink_cuts_total", topic=topic)
     finally:

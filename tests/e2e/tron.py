@@ -97,6 +97,12 @@ class Proc:
                     return int(line.split()[1]) / 1024.0
         return float("nan")
 
+    def cpu_seconds(self):
+        """User + system CPU time the running process has used, from /proc."""
+        with open("/proc/%d/stat" % self.proc.pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def health(self):
         port = int(self.config["metrics_listen"].rsplit(":", 1)[1])
         try:

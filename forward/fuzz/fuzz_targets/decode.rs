@@ -12,7 +12,13 @@ fuzz_target!(|data: &[u8]| {
     let Some((&split, body)) = data.split_first() else {
         return;
     };
-    let limits = Limits { max_frame_bytes: 1 << 16, max_decompressed_bytes: 1 << 18, max_entries_per_chunk: 1000 };
+    let limits = Limits {
+        max_frame_bytes: 1 << 16,
+        max_decompressed_bytes: 1 << 18,
+        max_entries_per_chunk: 1000,
+        max_elements_per_chunk: 100_000,
+        max_decoded_bytes: 1 << 20,
+    };
     let mut codec = ServerCodec::new(limits);
     let mut buf = BytesMut::new();
     let step = (split as usize).max(1);
@@ -23,8 +29,10 @@ fuzz_target!(|data: &[u8]| {
                 Ok(Some(frame)) => {
                     if let forward::Frame::Events(batch) = &frame {
                         let _ = batch.ack();
-                        for e in &batch.entries {
-                            let _ = forward::json::to_json(&e.record);
+                        if let Ok(records) = batch.decode(&limits) {
+                            for i in 0..records.records.len() {
+                                assert!(serde_json::from_slice::<serde_json::Value>(records.get(i)).is_ok());
+                            }
                         }
                     }
                 }
