@@ -229,17 +229,16 @@ fn dead_letter(
     batch: &Chunk,
     peer: SocketAddr,
     topic: &str,
-    refused: Vec<(usize, crate::kafka::DeliveryError)>,
+    refused: Vec<crate::kafka::Refused>,
 ) -> Result<usize, (&'static str, String)> {
-    let reasons: Vec<_> = refused.iter().map(|(i, e)| (*i, e.to_string())).collect();
-    tokio::task::block_in_place(|| ctx.dead_letter.write(peer, &batch.tag, topic, &batch.records, &reasons))
+    tokio::task::block_in_place(|| ctx.dead_letter.write(peer, &batch.tag, topic, &refused))
         .map_err(|e| ("dead_letter_failed", e))?;
-    for (_, e) in &refused {
-        metrics::counter!("tron_relay_records_dead_lettered_total", "reason" => e.reason()).increment(1);
+    for r in &refused {
+        metrics::counter!("tron_relay_records_dead_lettered_total", "reason" => r.error.reason()).increment(1);
     }
     tracing::warn!(
         %peer, tag = %batch.tag, records = refused.len(), file = %ctx.dead_letter.path().display(),
-        first_error = %refused[0].1, "records Kafka can never accept written to the dead-letter file; chunk acked"
+        first_error = %refused[0].error, "records Kafka can never accept written to the dead-letter file; chunk acked"
     );
     Ok(refused.len())
 }

@@ -1,7 +1,7 @@
 //! The dead-letter file: records Kafka can never accept, one JSON line each with the reason, the
 //! tag, the peer and the record, so they are answered (acked) yet kept for an operator.
 
-use forward::Records;
+use crate::kafka::Refused;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,26 +23,18 @@ impl DeadLetter {
     }
 
     /// Appends and fsyncs the records; only then may their chunk be acked.
-    /// `refused`: (index into `records`, reason).
-    pub fn write(
-        &self,
-        peer: SocketAddr,
-        tag: &str,
-        topic: &str,
-        records: &Records,
-        refused: &[(usize, String)],
-    ) -> Result<(), String> {
+    pub fn write(&self, peer: SocketAddr, tag: &str, topic: &str, refused: &[Refused]) -> Result<(), String> {
         let mut text = Vec::new();
-        for (index, reason) in refused {
+        for r in refused {
             // Rare (records Kafka can never take): parsing the JSON back costs nothing that matters.
             let record: serde_json::Value =
-                serde_json::from_slice(records.get(*index)).map_err(|e| format!("record {index}: {e}"))?;
+                serde_json::from_slice(&r.json).map_err(|e| format!("refused record: {e}"))?;
             let line = serde_json::json!({
-                "reason": reason,
+                "reason": r.error.to_string(),
                 "tag": tag,
                 "topic": topic,
                 "peer": peer.to_string(),
-                "event_time_ns": records.records[*index].time.unix_nanos(),
+                "event_time_ns": r.time_ns,
                 "record": record,
             });
             serde_json::to_writer(&mut text, &line).expect("JSON values always serialize");

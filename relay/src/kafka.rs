@@ -1,18 +1,75 @@
 //! Delivers a chunk's records to Kafka and answers only when every one of them is acknowledged.
+//!
+//! Delivery reports are counted per chunk: every record of a chunk carries the same
+//! `Arc<ChunkDelivery>`, and the chunk's task wakes once when the last report arrives (no future,
+//! channel or allocation per record).
 
 use crate::config::KafkaConfig;
 use forward::Records;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use std::sync::{Arc, RwLock};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::ClientContext;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
+
+type KafkaProducer = ThreadedProducer<DeliveryContext>;
+
+/// Reports of one chunk's records.
+#[derive(Default)]
+struct ChunkDelivery {
+    /// Records not reported yet, plus one held until every record is produced.
+    pending: AtomicUsize,
+    done: tokio::sync::Notify,
+    /// The first failure that fails the chunk.
+    error: Mutex<Option<KafkaError>>,
+    /// Records the broker refused as too large: (payload, timestamp in ms, error).
+    too_large: Mutex<Vec<(Vec<u8>, i64, KafkaError)>>,
+}
+
+impl ChunkDelivery {
+    fn reported(&self) {
+        if self.pending.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.done.notify_one();
+        }
+    }
+}
+
+struct DeliveryContext;
+
+impl ClientContext for DeliveryContext {}
+
+impl ProducerContext for DeliveryContext {
+    type DeliveryOpaque = Arc<ChunkDelivery>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, chunk: Arc<ChunkDelivery>) {
+        if let Err((error, message)) = result {
+            if is_too_large(error) {
+                let payload = message.payload().unwrap_or_default().to_vec();
+                let ms = message.timestamp().to_millis().unwrap_or(0);
+                chunk.too_large.lock().expect("too_large lock").push((payload, ms, error.clone()));
+            } else {
+                chunk.error.lock().expect("error lock").get_or_insert_with(|| error.clone());
+            }
+        }
+        chunk.reported();
+    }
+}
+
+/// What Kafka refused as too large, for the dead-letter file: the record's JSON, its event time
+/// (ns) and why.
+pub struct Refused {
+    pub json: Vec<u8>,
+    pub time_ns: i64,
+    pub error: DeliveryError,
+}
 
 pub struct Kafka {
     /// Replaced after a fatal error: librdkafka's idempotent producer refuses every later message
     /// once it has one (e.g. a broker that lost its producer-id state across a restart).
-    producer: RwLock<Arc<FutureProducer>>,
+    producer: RwLock<Arc<KafkaProducer>>,
     client: ClientConfig,
     key_field: Option<String>,
 }
@@ -24,8 +81,6 @@ pub enum DeliveryError {
     TooLarge { topic: String, error: KafkaError },
     #[error("topic {topic}: {error}")]
     Kafka { topic: String, error: KafkaError },
-    #[error("producer shut down before delivery was confirmed")]
-    Canceled,
 }
 
 impl DeliveryError {
@@ -39,7 +94,6 @@ impl DeliveryError {
                 }
                 _ => "kafka_error",
             },
-            DeliveryError::Canceled => "canceled",
         }
     }
 }
@@ -64,11 +118,11 @@ impl Kafka {
         for (k, v) in &cfg.properties {
             client.set(k, v);
         }
-        let producer: FutureProducer = client.create()?;
+        let producer: KafkaProducer = client.create_with_context(DeliveryContext)?;
         Ok(Kafka { producer: RwLock::new(Arc::new(producer)), client, key_field: cfg.key_field.clone() })
     }
 
-    fn producer(&self) -> Arc<FutureProducer> {
+    fn producer(&self) -> Arc<KafkaProducer> {
         self.producer.read().expect("producer lock").clone()
     }
 
@@ -77,7 +131,7 @@ impl Kafka {
     /// later message with `ProducerFenced` without librdkafka calling it fatal), swap in a fresh
     /// producer, once however many chunks saw the failure. Failed chunks were not acked; clients
     /// re-send them.
-    fn recover(&self, used: &Arc<FutureProducer>, error: &KafkaError) {
+    fn recover(&self, used: &Arc<KafkaProducer>, error: &KafkaError) {
         let identity_lost = matches!(
             error.rdkafka_error_code(),
             Some(
@@ -97,7 +151,7 @@ impl Kafka {
         if !Arc::ptr_eq(&current, used) {
             return;
         }
-        match self.client.create::<FutureProducer>() {
+        match self.client.create_with_context::<_, KafkaProducer>(DeliveryContext) {
             Ok(fresh) => {
                 tracing::error!(?code, %reason, "Kafka producer unusable (fatal error, or its producer id is no longer accepted); replaced it with a new one");
                 metrics::counter!("tron_relay_producer_restarts_total").increment(1);
@@ -107,15 +161,9 @@ impl Kafka {
         }
     }
 
-    /// Produces every entry and waits for all acknowledgements. Records Kafka refuses as too
-    /// large come back as `(index, error)`: no retry can deliver them. Any other failure fails the
-    /// whole chunk.
-    pub async fn deliver(
-        &self,
-        topic: &str,
-        tag: &str,
-        records: &Records,
-    ) -> Result<Vec<(usize, DeliveryError)>, DeliveryError> {
+    /// Produces every record and waits for all acknowledgements. Records Kafka refuses as too
+    /// large come back: no retry can deliver them. Any other failure fails the whole chunk.
+    pub async fn deliver(&self, topic: &str, tag: &str, records: &Records) -> Result<Vec<Refused>, DeliveryError> {
         let producer = self.producer();
         let result = self.produce_all(&producer, topic, tag, records).await;
         if let Err(DeliveryError::Kafka { error, .. }) = &result {
@@ -126,59 +174,70 @@ impl Kafka {
 
     async fn produce_all(
         &self,
-        producer: &FutureProducer,
+        producer: &KafkaProducer,
         topic: &str,
         tag: &str,
         records: &Records,
-    ) -> Result<Vec<(usize, DeliveryError)>, DeliveryError> {
-        let mut pending = Vec::with_capacity(records.records.len());
+    ) -> Result<Vec<Refused>, DeliveryError> {
+        let chunk = Arc::new(ChunkDelivery { pending: AtomicUsize::new(1), ..Default::default() });
         let mut refused = Vec::new();
+        let mut time_ns = String::new();
+        let mut sync_error = None;
         for (index, entry) in records.records.iter().enumerate() {
             let payload = records.get(index);
             let key = self.key_field.as_ref().and_then(|f| key_of(payload, f));
-            let time_ns = entry.time.unix_nanos().to_string();
-            let headers = OwnedHeaders::new()
+            time_ns.clear();
+            std::fmt::Write::write_fmt(&mut time_ns, format_args!("{}", entry.time.unix_nanos())).expect("string");
+            let headers = OwnedHeaders::new_with_capacity(2)
                 .insert(Header { key: "tag", value: Some(tag) })
                 .insert(Header { key: "event_time_ns", value: Some(&time_ns) });
-            let mut rec = FutureRecord::to(topic).payload(payload).timestamp(entry.time.unix_millis()).headers(headers);
+            let mut rec = BaseRecord::with_opaque_to(topic, chunk.clone())
+                .payload(payload)
+                .timestamp(entry.time.unix_millis())
+                .headers(headers);
             if let Some(k) = &key {
                 rec = rec.key(k.as_str());
             }
+            chunk.pending.fetch_add(1, Ordering::AcqRel);
             loop {
-                match producer.send_result(rec) {
-                    Ok(fut) => {
-                        pending.push((index, fut));
-                        break;
-                    }
+                match producer.send(rec) {
+                    Ok(()) => break,
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                         rec = back;
                         tokio::time::sleep(Duration::from_millis(5)).await;
                     }
-                    Err((error, _)) => match classify(topic, error) {
-                        e @ DeliveryError::TooLarge { .. } => {
-                            refused.push((index, e));
-                            break;
+                    Err((error, _)) => {
+                        chunk.reported(); // never queued: no report will come
+                        match classify(topic, error) {
+                            error @ DeliveryError::TooLarge { .. } => refused.push(Refused {
+                                json: payload.to_vec(),
+                                time_ns: entry.time.unix_nanos(),
+                                error,
+                            }),
+                            e => sync_error = Some(e),
                         }
-                        e => return Err(e),
-                    },
+                        break;
+                    }
                 }
             }
-        }
-        let mut first_error = None;
-        for (index, fut) in pending {
-            let outcome = match fut.await {
-                Ok(Ok(_)) => continue,
-                Ok(Err((error, _))) => classify(topic, error),
-                Err(_) => DeliveryError::Canceled,
-            };
-            match outcome {
-                e @ DeliveryError::TooLarge { .. } => refused.push((index, e)),
-                e => {
-                    first_error.get_or_insert(e);
-                }
+            if sync_error.is_some() {
+                break;
             }
         }
-        first_error.map_or(Ok(refused), Err)
+        // Every report must be in before the chunk is answered (and before `records` may go).
+        let done = chunk.done.notified();
+        chunk.reported();
+        done.await;
+        if let Some(e) = sync_error {
+            return Err(e);
+        }
+        if let Some(error) = chunk.error.lock().expect("error lock").take() {
+            return Err(classify(topic, error));
+        }
+        for (json, ms, error) in std::mem::take(&mut *chunk.too_large.lock().expect("too_large lock")) {
+            refused.push(Refused { json, time_ns: ms * 1_000_000, error: classify(topic, error) });
+        }
+        Ok(refused)
     }
 
     /// Waits for everything queued to be acknowledged, up to `timeout`.
@@ -203,12 +262,15 @@ fn key_of(json: &[u8], field: &str) -> Option<String> {
     }
 }
 
-fn classify(topic: &str, error: KafkaError) -> DeliveryError {
-    let too_large = matches!(
+fn is_too_large(error: &KafkaError) -> bool {
+    matches!(
         error.rdkafka_error_code(),
         Some(RDKafkaErrorCode::MessageSizeTooLarge) | Some(RDKafkaErrorCode::InvalidMessageSize)
-    );
-    if too_large {
+    )
+}
+
+fn classify(topic: &str, error: KafkaError) -> DeliveryError {
+    if is_too_large(&error) {
         DeliveryError::TooLarge { topic: topic.to_string(), error }
     } else {
         DeliveryError::Kafka { topic: topic.to_string(), error }
