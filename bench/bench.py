@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -138,6 +139,51 @@ def bench_relay(svc, certs, work, n, clients=4):
     return per * clients
 
 
+FLUENT_BIT = os.path.join(ROOT, "..", "shared", "peers", "fluent-bit", "fluent-bit")
+
+
+def bench_relay_peer(work, n, clients=4):
+    """The same stream as bench_relay into Fluent Bit 5.1.1's in_forward -> null (the peer the
+    relay's CPU is compared with); skipped with a message when ../shared is absent."""
+    if not os.path.exists(FLUENT_BIT):
+        print("relay peer: skipped (no Fluent Bit at %s)" % FLUENT_BIT)
+        return
+    port = servers.free_port()
+    conf = os.path.join(work, "fluent-bit.conf")
+    with open(conf, "w") as f:
+        f.write("[SERVICE]\n    Flush 1\n    Log_Level warn\n[INPUT]\n    Name forward\n    Listen 127.0.0.1\n"
+                "    Port %d\n[OUTPUT]\n    Name null\n    Match *\n" % port)
+    peer = subprocess.Popen([FLUENT_BIT, "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        per = n // clients
+        frames = [chunk_frames(c, per, 1000) for c in range(clients)]
+        start = time.time()
+        threads = [threading.Thread(target=send_chunks, args=("127.0.0.1", port, f)) for f in frames]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.time() - start
+        with open("/proc/%d/stat" % peer.pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        with open("/proc/%d/status" % peer.pid) as f:
+            hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+        print("relay peer: Fluent Bit 5.1.1 in_forward -> null, same %d records from %d clients, acked, in %.1fs; "
+              "%.2f CPU-s (%.2f per million records); peak RSS %.1f MiB"
+              % (per * clients, clients, elapsed, cpu, cpu * 1e6 / (per * clients), hwm))
+    finally:
+        peer.terminate()
+        peer.wait()
+
+
 def bench_sink(svc, work, n, topic="bench-relay"):
     """n records already in Kafka → gzip CSV objects in fake-gcs-server."""
     svc.create_gcs_bucket("bench")
@@ -251,6 +297,8 @@ def main():
         delivered = None
         if "relay" in args.which or "sink" in args.which:
             delivered = bench_relay(svc, certs, mk(work, "relay"), args.records)
+        if "relay" in args.which:
+            bench_relay_peer(mk(work, "relay-peer"), args.records)
         if "sink" in args.which:
             bench_sink(svc, mk(work, "sink"), delivered)
         if "files" in args.which:
