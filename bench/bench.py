@@ -171,17 +171,64 @@ def bench_relay_peer(work, n, clients=4):
         for t in threads:
             t.join()
         elapsed = time.time() - start
-        with open("/proc/%d/stat" % peer.pid) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        with open("/proc/%d/status" % peer.pid) as f:
-            hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+        cpu, hwm = proc_cpu_and_peak(peer.pid)
         print("relay peer: Fluent Bit 5.1.1 in_forward -> null, same %d records from %d clients, acked, in %.1fs; "
               "%.2f CPU-s (%.2f per million records); peak RSS %.1f MiB"
               % (per * clients, clients, elapsed, cpu, cpu * 1e6 / (per * clients), hwm))
     finally:
         peer.terminate()
         peer.wait()
+
+
+def proc_cpu_and_peak(pid):
+    """CPU-seconds (user + system) and peak RSS (MiB) of a process we did not start as a tron.Proc."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    with open("/proc/%d/status" % pid) as f:
+        hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), hwm
+
+
+def bench_relay_from_fluent_bit(svc, work, n):
+    """The issue's scenario: Fluent Bit 5.1.1 tails n 215-byte JSON lines and forwards them (acks
+    required) to the relay (plaintext, default limits) → Kafka. Prints both processes' CPU."""
+    if not os.path.exists(FLUENT_BIT):
+        print("relay from Fluent Bit: skipped (no Fluent Bit at %s)" % FLUENT_BIT)
+        return
+    svc.create_topic("bench-fb", 3)
+    relay = tron.Proc("relay", "tron-relay", tron.relay_config(work, None, svc.kafka_brokers, topic="bench-fb",
+                                                               plaintext=True), work).start()
+    host, port = relay.config["listen"].rsplit(":", 1)
+    log = os.path.join(work, "big.log")
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    with open(log, "w") as f:
+        for i in range(n):
+            f.write(record_line(i, now) + "\n")
+    parsers = os.path.join(work, "parsers.conf")
+    with open(parsers, "w") as f:
+        f.write("[PARSER]\n    Name json\n    Format json\n    Time_Key time\n"
+                "    Time_Format %Y-%m-%dT%H:%M:%S.%LZ\n    Time_Keep On\n")
+    conf = os.path.join(work, "fluent-bit.conf")
+    with open(conf, "w") as f:
+        f.write("[SERVICE]\n    Flush 1\n    Log_Level warn\n    Parsers_File %s\n"
+                "[INPUT]\n    Name tail\n    Path %s\n    Read_from_Head On\n    Parser json\n"
+                "    File_Cache_Advise Off\n    Tag bench\n"
+                "[OUTPUT]\n    Name forward\n    Match *\n    Host %s\n    Port %s\n    Require_ack_response On\n"
+                % (parsers, log, host, port))
+    start = time.time()
+    sender = subprocess.Popen([FLUENT_BIT, "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_metric(relay, "tron_relay_records_delivered_total", n, 600)
+        elapsed = time.time() - start
+        fb_cpu, fb_hwm = proc_cpu_and_peak(sender.pid)
+        cpu = relay.cpu_seconds()
+        print("relay from Fluent Bit: %d lines tailed by Fluent Bit 5.1.1 -> relay (acked) -> Kafka in %.1fs; "
+              "relay %.2f CPU-s (%.2f per million records), peak RSS %.1f MiB; Fluent Bit (tail + forward) "
+              "%.2f CPU-s, peak RSS %.1f MiB" % (n, elapsed, cpu, cpu * 1e6 / n, relay.peak_rss_mib(), fb_cpu, fb_hwm))
+    finally:
+        sender.terminate()
+        sender.wait()
+        relay.stop()
 
 
 def bench_sink(svc, work, n, topic="bench-relay"):
@@ -299,6 +346,7 @@ def main():
             delivered = bench_relay(svc, certs, mk(work, "relay"), args.records)
         if "relay" in args.which:
             bench_relay_peer(mk(work, "relay-peer"), args.records)
+            bench_relay_from_fluent_bit(svc, mk(work, "relay-fb"), args.records)
         if "sink" in args.which:
             bench_sink(svc, mk(work, "sink"), delivered)
         if "files" in args.which:
