@@ -85,6 +85,8 @@ pub struct LimitsConfig {
     pub max_decoded_bytes: usize,
     /// Decoded records waiting for Kafka, across all connections. Past it, sockets are not read.
     pub max_inflight_bytes: usize,
+    /// Of that budget, what one connection may hold unacked (overshot by one chunk at most).
+    pub max_inflight_bytes_per_connection: usize,
     pub max_connections: usize,
     /// Connections from one source address. At either cap the oldest connection that has not
     /// sent a complete frame yet is closed to admit a new one.
@@ -106,6 +108,7 @@ impl Default for LimitsConfig {
             max_elements_per_chunk: 4_000_000,
             max_decoded_bytes: 32 << 20,
             max_inflight_bytes: 256 << 20,
+            max_inflight_bytes_per_connection: 64 << 20,
             max_connections: 1024,
             max_connections_per_address: 256,
             handshake_timeout: Duration::from_secs(10),
@@ -181,6 +184,14 @@ impl RelayConfig {
             return bad(
                 "limits.max_inflight_bytes",
                 "must be at least the frame limit, or a single chunk could never pass",
+            );
+        }
+        if self.limits.max_inflight_bytes_per_connection > self.limits.max_inflight_bytes
+            || self.limits.max_inflight_bytes_per_connection == 0
+        {
+            return bad(
+                "limits.max_inflight_bytes_per_connection",
+                "must be more than 0 and at most limits.max_inflight_bytes",
             );
         }
         if self.kafka.default_topic.is_empty() {

@@ -131,3 +131,51 @@ def test_amplifying_frames_before_and_after_the_handshake_keep_memory_bounded(se
     assert rejected >= 32
     assert peak <= 256, "relay peak RSS %.0f MiB" % peak
     assert not failures and acked, (len(acked), failures)
+
+
+def test_one_connection_holds_at_most_its_share_of_the_budget(services, certs, workroot, procs):
+    """Kafka unreachable, default limits (256 MiB budget, 64 MiB per connection). One client sends
+    chunks as fast as the relay reads them: what it holds unacked stops at its share (plus one
+    chunk), and a second client's chunks are still taken in."""
+    work = os.path.join(workroot, "share")
+    os.makedirs(work)
+    dead = "127.0.0.1:%d" % tron.servers.free_port()
+    cfg = tron.relay_config(work, certs, dead, topic="share", plaintext=True)
+    cfg["kafka"]["delivery_timeout"] = "120s"
+    relay = tron.Proc("relay", "tron-relay", cfg, work)
+    procs.append(relay)
+    relay.start()
+    host, port = cfg["listen"].rsplit(":", 1)
+
+    def chunk(client, n):
+        entries = [[1795300000 + i, {"c": client, "seq": n * 400 + i, "pad": "p" * 160}] for i in range(400)]
+        return msgpack.packb(["share", entries, {"chunk": "c%d-%d" % (client, n), "size": 400}])
+
+    def flood(client, count):
+        s = socket.create_connection((host, int(port)), timeout=10)
+        s.settimeout(60)
+        try:
+            for n in range(count):
+                s.sendall(chunk(client, n))
+        except OSError:
+            pass  # the relay stopped reading: that is the point
+        return s
+
+    def inflight():
+        return relay.metric("tron_relay_inflight_bytes") or 0
+
+    def settled():
+        before = inflight()
+        time.sleep(2)
+        return before if before > 0 and inflight() == before else None
+
+    a = threading.Thread(target=flood, args=(1, 400), daemon=True)
+    a.start()
+    one = tron.wait_until("the first client's unacked bytes to stop growing", settled, timeout=60)
+    b = threading.Thread(target=flood, args=(2, 20), daemon=True)
+    b.start()
+    both = tron.wait_until("the second client's chunks to be taken in", lambda: inflight() > one + (4 << 20) and inflight(),
+                           timeout=30)
+    print("per-connection share: one client holds %.1f MiB unacked (share 64 MiB), with a second one %.1f MiB"
+          % (one / (1 << 20), both / (1 << 20)))
+    assert (32 << 20) < one <= (64 << 20) + (1 << 20), one
