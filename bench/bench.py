@@ -171,22 +171,13 @@ def bench_relay_peer(work, n, clients=4):
         for t in threads:
             t.join()
         elapsed = time.time() - start
-        cpu, hwm = proc_cpu_and_peak(peer.pid)
+        cpu, hwm = tron.cpu_seconds(peer.pid), tron.peak_rss_mib(peer.pid)
         print("relay peer: Fluent Bit 5.1.1 in_forward -> null, same %d records from %d clients, acked, in %.1fs; "
               "%.2f CPU-s (%.2f per million records); peak RSS %.1f MiB"
               % (per * clients, clients, elapsed, cpu, cpu * 1e6 / (per * clients), hwm))
     finally:
         peer.terminate()
         peer.wait()
-
-
-def proc_cpu_and_peak(pid):
-    """CPU-seconds (user + system) and peak RSS (MiB) of a process we did not start as a tron.Proc."""
-    with open("/proc/%d/stat" % pid) as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    with open("/proc/%d/status" % pid) as f:
-        hwm = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), hwm
 
 
 def bench_relay_from_fluent_bit(svc, work, n):
@@ -220,7 +211,7 @@ def bench_relay_from_fluent_bit(svc, work, n):
     try:
         wait_metric(relay, "tron_relay_records_delivered_total", n, 600)
         elapsed = time.time() - start
-        fb_cpu, fb_hwm = proc_cpu_and_peak(sender.pid)
+        fb_cpu, fb_hwm = tron.cpu_seconds(sender.pid), tron.peak_rss_mib(sender.pid)
         cpu = relay.cpu_seconds()
         print("relay from Fluent Bit: %d lines tailed by Fluent Bit 5.1.1 -> relay (acked) -> Kafka in %.1fs; "
               "relay %.2f CPU-s (%.2f per million records), peak RSS %.1f MiB; Fluent Bit (tail + forward) "

@@ -90,18 +90,10 @@ class Proc:
         return metric(self.metrics(), name, **labels)
 
     def peak_rss_mib(self):
-        """Peak resident memory (VmHWM) of the running process, from /proc."""
-        with open("/proc/%d/status" % self.proc.pid) as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024.0
-        return float("nan")
+        return peak_rss_mib(self.proc.pid)
 
     def cpu_seconds(self):
-        """User + system CPU time the running process has used, from /proc."""
-        with open("/proc/%d/stat" % self.proc.pid) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu_seconds(self.proc.pid)
 
     def health(self):
         port = int(self.config["metrics_listen"].rsplit(":", 1)[1])
@@ -136,6 +128,22 @@ class Proc:
             return open(self.log, errors="replace").read()[-n:]
         except OSError:
             return ""
+
+
+def peak_rss_mib(pid):
+    """Peak resident memory (VmHWM) of a running process, from /proc."""
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def cpu_seconds(pid):
+    """User + system CPU time a running process has used, from /proc."""
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def metric(text, name, **labels):
