@@ -86,7 +86,9 @@ pub struct LimitsConfig {
     /// Decoded records waiting for Kafka, across all connections. Past it, sockets are not read.
     pub max_inflight_bytes: usize,
     /// Of that budget, what one connection may hold unacked (overshot by one chunk at most).
-    pub max_inflight_bytes_per_connection: usize,
+    /// Unset: a quarter of `max_inflight_bytes` (64 MiB at the defaults), so lowering the
+    /// budget alone keeps the share in proportion.
+    pub max_inflight_bytes_per_connection: Option<usize>,
     pub max_connections: usize,
     /// Connections from one source address. At either cap the oldest connection that has not
     /// sent a complete frame yet is closed to admit a new one.
@@ -99,6 +101,13 @@ pub struct LimitsConfig {
     pub idle_timeout: Duration,
 }
 
+impl LimitsConfig {
+    /// What one connection may hold unacked: as set, or a quarter of the budget.
+    pub fn inflight_bytes_per_connection(&self) -> usize {
+        self.max_inflight_bytes_per_connection.unwrap_or(self.max_inflight_bytes / 4)
+    }
+}
+
 impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
@@ -108,7 +117,7 @@ impl Default for LimitsConfig {
             max_elements_per_chunk: 4_000_000,
             max_decoded_bytes: 32 << 20,
             max_inflight_bytes: 256 << 20,
-            max_inflight_bytes_per_connection: 64 << 20,
+            max_inflight_bytes_per_connection: None,
             max_connections: 1024,
             max_connections_per_address: 256,
             handshake_timeout: Duration::from_secs(10),
@@ -186,9 +195,8 @@ impl RelayConfig {
                 "must be at least the frame limit, or a single chunk could never pass",
             );
         }
-        if self.limits.max_inflight_bytes_per_connection > self.limits.max_inflight_bytes
-            || self.limits.max_inflight_bytes_per_connection == 0
-        {
+        let share = self.limits.inflight_bytes_per_connection();
+        if share > self.limits.max_inflight_bytes || share == 0 {
             return bad(
                 "limits.max_inflight_bytes_per_connection",
                 "must be more than 0 and at most limits.max_inflight_bytes",

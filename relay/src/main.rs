@@ -77,7 +77,7 @@ async fn run(cfg: RelayConfig, config_path: PathBuf, daemon: Daemon) -> anyhow::
         decode_slots: tokio::sync::Semaphore::new(DECODE_SLOTS),
         budget: Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_inflight_bytes)),
         max_inflight_bytes: cfg.limits.max_inflight_bytes,
-        max_inflight_bytes_per_connection: cfg.limits.max_inflight_bytes_per_connection,
+        max_inflight_bytes_per_connection: cfg.limits.inflight_bytes_per_connection(),
         handshake_timeout: cfg.limits.handshake_timeout,
         idle_timeout: cfg.limits.idle_timeout,
         security: cfg.security.as_ref().map(|s| Security {

@@ -29,6 +29,8 @@ CASES = [
      "did you mean `source`?"),
     ("tron-relay", 'listen = "127.0.0.1:1"\nplaintext = true\n[kafka]\nbrokers = "x"\ndefault_topic = "t"\n[security]\nshared_key_file = "/nonexistent/tron-key"\n',
      "key `security.shared_key_file`: cannot read /nonexistent/tron-key"),
+    ("tron-relay", 'listen = "127.0.0.1:1"\nplaintext = true\n[kafka]\nbrokers = "x"\ndefault_topic = "t"\n[limits]\nmax_inflight_bytes = 33554432\nmax_inflight_bytes_per_connection = 67108864\n',
+     "key `limits.max_inflight_bytes_per_connection`: must be more than 0 and at most limits.max_inflight_bytes"),
     ("tron-sink-secor", 'staging_dir = "/tmp/s"\n[kafka]\nbrokers = "x"\ngroup_id = "g"\ntopics = ["t"]\n[output]\nurl = "s3://nope"\n',
      "key `output.url`: must start with gs:// or file://"),
 ]
