@@ -56,11 +56,6 @@ impl EventBatch {
         self.options.chunk.as_deref().map(encode_ack)
     }
 
-    /// Bytes this batch holds before decoding.
-    pub fn held_bytes(&self) -> usize {
-        self.entries.len()
-    }
-
     /// Inflates (CompressedPackedForward) and transcodes every entry to JSON, within `limits`.
     pub fn decode(&self, limits: &Limits) -> Result<Records, DecodeError> {
         let inflated;

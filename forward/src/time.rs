@@ -38,28 +38,21 @@ impl EventTime {
         out
     }
 
-    /// Accepts every time form clients send: an integer (seconds), a float (seconds, as some
-    /// loggers send), or EventTime (ext 0, 8 bytes; fixext8 or ext8 both arrive here as Ext).
-    pub fn from_value(v: &Value) -> Result<Self, DecodeError> {
-        match v {
-            Value::Integer(i) => {
-                let secs = i.as_u64().or_else(|| i.as_i64().map(|s| s.max(0) as u64)).unwrap_or(0);
-                Ok(EventTime::new(secs.min(u32::MAX as u64) as u32, 0))
-            }
-            Value::F32(f) => Ok(Self::from_float(*f as f64)),
-            Value::F64(f) => Ok(Self::from_float(*f)),
-            Value::Ext(EVENT_TIME_EXT, data) if data.len() == 8 => Ok(EventTime::new(
-                u32::from_be_bytes(data[..4].try_into().expect("4 bytes")),
-                u32::from_be_bytes(data[4..].try_into().expect("4 bytes")),
+    /// An ext value as EventTime (type 0, 8 bytes: seconds and nanoseconds, big-endian).
+    pub(crate) fn from_ext(ext_type: i8, data: &[u8]) -> Result<Self, DecodeError> {
+        match (ext_type, <[u8; 8]>::try_from(data)) {
+            (EVENT_TIME_EXT, Ok(b)) => Ok(EventTime::new(
+                u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+                u32::from_be_bytes([b[4], b[5], b[6], b[7]]),
             )),
-            Value::Ext(t, data) => Err(malformed(format!(
-                "time is ext type {t} with {} bytes; EventTime is ext type 0 with 8 bytes",
+            _ => Err(malformed(format!(
+                "time is ext type {ext_type} with {} bytes; EventTime is ext type 0 with 8 bytes",
                 data.len()
             ))),
-            other => Err(malformed(format!("time must be an integer or EventTime, got {}", kind(other)))),
         }
     }
 
+    /// Seconds as a float, as some loggers send them.
     pub(crate) fn from_float(f: f64) -> Self {
         if !f.is_finite() || f <= 0.0 {
             return EventTime::default();
@@ -92,15 +85,5 @@ mod tests {
         assert_eq!(t, EventTime::new(1_700_000_000, 123_456_789));
         assert_eq!(t.unix_nanos(), 1_700_000_000_123_456_789);
         assert_eq!(t.unix_millis(), 1_700_000_000_123);
-    }
-
-    #[test]
-    fn accepts_integer_float_and_ext() {
-        assert_eq!(EventTime::from_value(&Value::from(5u64)).unwrap(), EventTime::new(5, 0));
-        assert_eq!(EventTime::from_value(&Value::F64(1.5)).unwrap(), EventTime::new(1, 500_000_000));
-        let ext = Value::Ext(0, EventTime::new(7, 9).to_ext_payload().to_vec());
-        assert_eq!(EventTime::from_value(&ext).unwrap(), EventTime::new(7, 9));
-        assert!(EventTime::from_value(&Value::Ext(1, vec![0; 8])).is_err());
-        assert!(EventTime::from_value(&Value::from("x")).is_err());
     }
 }

@@ -8,7 +8,7 @@
 //! value (`1` → `"1"`, nil → `"null"`).
 
 use crate::error::{malformed, DecodeError, Limits};
-use crate::time::{EventTime, EVENT_TIME_EXT};
+use crate::time::EventTime;
 use base64::Engine as _;
 use std::ops::Range;
 
@@ -262,14 +262,7 @@ fn time_of(head: Head<'_>) -> Result<EventTime, DecodeError> {
         Head::Int(i) => Ok(EventTime::new(i.clamp(0, u32::MAX as i64) as u32, 0)),
         Head::F32(f) => Ok(EventTime::from_float(f as f64)),
         Head::F64(f) => Ok(EventTime::from_float(f)),
-        Head::Ext(EVENT_TIME_EXT, data) if data.len() == 8 => Ok(EventTime::new(
-            u32::from_be_bytes(data[..4].try_into().expect("4 bytes")),
-            u32::from_be_bytes(data[4..].try_into().expect("4 bytes")),
-        )),
-        Head::Ext(t, data) => Err(malformed(format!(
-            "time is ext type {t} with {} bytes; EventTime is ext type 0 with 8 bytes",
-            data.len()
-        ))),
+        Head::Ext(t, data) => EventTime::from_ext(t, data),
         _ => Err(malformed("time must be an integer or EventTime")),
     }
 }
@@ -346,6 +339,16 @@ mod tests {
             assert_eq!(got, expected);
         }
         assert!(std::str::from_utf8(out.get(0)).unwrap().starts_with("{\"msg\":"), "client order kept");
+    }
+
+    #[test]
+    fn times_are_integers_floats_or_event_time_exts() {
+        assert_eq!(time_of(Head::Uint(5)).unwrap(), EventTime::new(5, 0));
+        assert_eq!(time_of(Head::F64(1.5)).unwrap(), EventTime::new(1, 500_000_000));
+        let ext = EventTime::new(7, 9).to_ext_payload();
+        assert_eq!(time_of(Head::Ext(0, &ext)).unwrap(), EventTime::new(7, 9));
+        assert!(time_of(Head::Ext(1, &[0; 8])).is_err());
+        assert!(time_of(Head::Str(b"x")).is_err());
     }
 
     #[test]

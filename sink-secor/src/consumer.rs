@@ -603,8 +603,8 @@ impl Loop<'_> {
             // Reading starts where the objects end, whatever position librdkafka kept from an
             // earlier assignment (see `handle`): a position past `committed` would let the
             // heartbeat report the partition caught up with records never staged.
-            if self.position(&tp).is_some_and(|p| p != committed) {
-                tracing::info!(topic = %tp.0, partition = tp.1, committed, position = self.position(&tp), "idle partition's read position is not its committed offset; re-reading from the committed offset");
+            if let Some(position) = self.position(&tp).filter(|p| *p != committed) {
+                tracing::info!(topic = %tp.0, partition = tp.1, committed, position, "idle partition's read position is not its committed offset; re-reading from the committed offset");
                 metrics::counter!("tron_sink_rewinds_total", "topic" => tp.0.clone()).increment(1);
                 self.seek(&tp, committed);
             }

@@ -5,6 +5,7 @@ import json
 import os
 import socket
 import ssl
+import threading
 import time
 
 import msgpack
@@ -34,6 +35,30 @@ def send_and_wait_ack(sock, chunk_id):
         for obj in unpacker:
             return obj
     return None
+
+
+class KeepSending(threading.Thread):
+    """A good client sending a chunk every `every` seconds on `sock` until stopped; `acked` and
+    `failures` hold what came back for each."""
+
+    def __init__(self, sock, prefix, every):
+        super().__init__()
+        self.sock, self.prefix, self.every = sock, prefix, every
+        self.stopping, self.acked, self.failures = threading.Event(), [], []
+        self.start()
+
+    def run(self):
+        n = 0
+        while not self.stopping.is_set():
+            n += 1
+            chunk = "%s%d" % (self.prefix, n)
+            ack = send_and_wait_ack(self.sock, chunk)
+            (self.acked if ack == {"ack": chunk} else self.failures).append(ack)
+            time.sleep(self.every)
+
+    def stop(self):
+        self.stopping.set()
+        self.join()
 
 
 def closed_by_peer(sock, timeout=10):
@@ -157,19 +182,7 @@ def test_handshake_idle_and_connection_limits_refuse_while_a_good_client_deliver
     assert send_and_wait_ack(good, "g1") == {"ack": "g1"}
     # The good client sends a chunk every 0.5 s throughout (so it is never idle) and every one
     # must be acked.
-    import threading
-    stop, acked, failures = threading.Event(), [], []
-
-    def keep_sending():
-        n = 0
-        while not stop.is_set():
-            n += 1
-            ack = send_and_wait_ack(good, "k%d" % n)
-            (acked if ack == {"ack": "k%d" % n} else failures).append(ack)
-            time.sleep(0.5)
-
-    sender_thread = threading.Thread(target=keep_sending)
-    sender_thread.start()
+    sender = KeepSending(good, "k", 0.5)
 
     # A wrong shared key: PONG says no, the connection is closed, the peer is logged.
     s = tls_client(certs, host, port)
@@ -218,9 +231,8 @@ def test_handshake_idle_and_connection_limits_refuse_while_a_good_client_deliver
     log = relay.tail(20000)
     assert "handshake refused peer=127.0.0.1:" in log and "shared_key mismatch" in log, log
     # The good client kept its slot and every chunk it sent meanwhile was acked.
-    stop.set()
-    sender_thread.join()
-    assert not failures and len(acked) >= 10, (len(acked), failures)
+    sender.stop()
+    assert not sender.failures and len(sender.acked) >= 10, (len(sender.acked), sender.failures)
     good.close()
 
 

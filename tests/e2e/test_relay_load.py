@@ -11,7 +11,7 @@ import time
 import msgpack
 
 import tron
-from test_relay_abuse import closed_by_peer, counter, forward_handshake, send_and_wait_ack
+from test_relay_abuse import KeepSending, closed_by_peer, counter, forward_handshake, send_and_wait_ack
 
 SILENT = int(os.environ.get("TRON_RELAY_SILENT_CONNECTIONS", "1100"))
 
@@ -83,18 +83,7 @@ def test_amplifying_frames_before_and_after_the_handshake_keep_memory_bounded(se
     assert forward_handshake(good, "s3cret")[1] is True
     assert send_and_wait_ack(good, "g0") == {"ack": "g0"}
     frame = amplifying_frame()
-    stop, acked, failures = threading.Event(), [], []
-
-    def keep_sending():
-        n = 0
-        while not stop.is_set():
-            n += 1
-            ack = send_and_wait_ack(good, "g%d" % n)
-            (acked if ack == {"ack": "g%d" % n} else failures).append(ack)
-            time.sleep(0.2)
-
-    sender = threading.Thread(target=keep_sending)
-    sender.start()
+    sender = KeepSending(good, "g", 0.2)
     peak = 0.0
     try:
         for _ in range(3):
@@ -117,20 +106,19 @@ def test_amplifying_frames_before_and_after_the_handshake_keep_memory_bounded(se
         for s in authenticated:
             assert closed_by_peer(s, timeout=60)
         peak = max(peak, relay.peak_rss_mib())
-        tron.wait_until("a few more acks for the good client", lambda: len(acked) >= 5, timeout=30)
+        tron.wait_until("a few more acks for the good client", lambda: len(sender.acked) >= 5, timeout=30)
     finally:
-        stop.set()
-        sender.join()
+        sender.stop()
     refused = counter(relay, "tron_relay_connections_refused_total", "before_handshake")
     rejected = (counter(relay, "tron_relay_frames_rejected_total", "decompressed_too_large")
                 + counter(relay, "tron_relay_frames_rejected_total", "too_many_elements"))
     print("amplification: %d KB frame x 96 connections before the handshake (refused: %d) and x 32 after it "
           "(rejected while decoding: %d); relay peak RSS %.0f MiB; good client acks meanwhile: %d"
-          % (len(frame) // 1024, refused, rejected, peak, len(acked)))
+          % (len(frame) // 1024, refused, rejected, peak, len(sender.acked)))
     assert refused >= 96
     assert rejected >= 32
     assert peak <= 256, "relay peak RSS %.0f MiB" % peak
-    assert not failures and acked, (len(acked), failures)
+    assert not sender.failures and sender.acked, (len(sender.acked), sender.failures)
 
 
 def test_one_connection_holds_at_most_its_share_of_the_budget(services, certs, workroot, procs):
