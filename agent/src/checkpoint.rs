@@ -76,6 +76,28 @@ impl Checkpointer {
     }
 }
 
+/// Written after the first scan of the agent's first start: from then on `read_from = "end"` no
+/// longer applies, even if no checkpoint was ever saved (no files yet, or a crash before the save).
+const STARTED_MARKER: &str = "started";
+
+/// When the agent last ran, as the newest write of its state (checkpoints are saved at stop, the
+/// marker at the first start); None for an empty state directory. Ten seconds earlier, so a file
+/// rotated just before an unsaved stop still counts as rotated during the downtime.
+pub fn previous_run(state_dir: &Path) -> Option<std::time::SystemTime> {
+    let checkpoints = std::fs::read_dir(state_dir.join("checkpoints")).into_iter().flatten().flatten();
+    let files = checkpoints.map(|e| e.path()).chain([state_dir.join(STARTED_MARKER)]);
+    let newest = files.filter_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok()).max()?;
+    Some(newest - std::time::Duration::from_secs(10))
+}
+
+pub fn mark_started(state_dir: &Path) -> anyhow::Result<()> {
+    let marker = state_dir.join(STARTED_MARKER);
+    if !marker.exists() {
+        tron_service::fs::write_atomically(&marker, b"first scan done\n")?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -89,6 +111,19 @@ mod tests {
         let c2 = Checkpointer::open(dir.path(), "s3").unwrap();
         assert_eq!(c2.get(7), Some(100));
         assert_eq!(Checkpointer::open(dir.path(), "relay").unwrap().get(7), None);
+    }
+
+    #[test]
+    fn a_first_start_is_an_empty_state_dir_and_only_that() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(previous_run(dir.path()), None);
+        mark_started(dir.path()).unwrap();
+        assert!(previous_run(dir.path()).is_some());
+        let upgraded = tempfile::tempdir().unwrap(); // checkpoints from before the marker existed
+        let mut c = Checkpointer::open(upgraded.path(), "relay").unwrap();
+        c.set(7, 1, "/a.log");
+        c.save_if_dirty().unwrap();
+        assert!(previous_run(upgraded.path()).is_some());
     }
 
     #[test]

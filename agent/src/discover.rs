@@ -93,6 +93,10 @@ pub struct Registry {
     complained: Mutex<HashSet<PathBuf>>,
     generation: watch::Sender<u64>,
     started: std::time::SystemTime,
+    /// When the agent last ran (None: first start, empty state). `read_from = "end"` applies only
+    /// on a first start; otherwise a file found in the first scan appeared while the agent was
+    /// down and is read from its beginning.
+    previous_run: Option<std::time::SystemTime>,
     /// Identities some destination had not finished when the agent last stopped.
     resume: HashSet<u64>,
     /// Identities shipped and closed, so a rotated copy of them is not adopted again.
@@ -107,6 +111,7 @@ impl Registry {
         cfg: FilesConfig,
         destinations: Vec<&'static str>,
         resume: HashSet<u64>,
+        previous_run: Option<std::time::SystemTime>,
     ) -> Arc<Self> {
         Arc::new(Registry {
             sources: RwLock::new(Arc::new(Source::build(sources, &[]))),
@@ -117,6 +122,7 @@ impl Registry {
             complained: Mutex::new(HashSet::new()),
             generation: watch::channel(0).0,
             started: std::time::SystemTime::now(),
+            previous_run,
             resume,
             finished_ids: Mutex::new(HashMap::new()),
         })
@@ -281,7 +287,13 @@ impl Registry {
             }
             return None;
         }
-        let start_offset = if first && source.cfg.read_from == ReadFrom::End { meta.len() } else { 0 };
+        let start_offset =
+            if first && self.previous_run.is_none() && source.cfg.read_from == ReadFrom::End { meta.len() } else { 0 };
+        if start_offset > 0 {
+            // Logged and counted: nothing the agent decides not to ship goes unnoticed.
+            tracing::info!(path = %path_str, bytes = start_offset, "read_from = \"end\" on first start: existing content not shipped");
+            metrics::counter!("tron_agent_bytes_skipped_total", "reason" => "read_from_end").increment(start_offset);
+        }
         tracing::info!(path = %path_str, fingerprint = %format!("{fp:016x}"), start_offset, "following file");
         let tf = self.track(fp, source, start_offset, file, path_str, dev_ino, meta.len(), true);
         files.insert(fp, tf);
@@ -419,7 +431,10 @@ impl Registry {
             if !meta.is_file() || view.tracked(self).contains(&dev_ino) {
                 continue;
             }
-            let recent = !first && meta.modified().is_ok_and(|m| m >= self.started);
+            // Rotated since we last looked: since this process started, or, in the first scan,
+            // since the previous run (a file written and rotated while the agent was down).
+            let since = if first { self.previous_run } else { Some(self.started) };
+            let recent = since.is_some_and(|t| meta.modified().is_ok_and(|m| m >= t));
             let Ok(file) = File::open(&candidate) else { continue };
             let Ok(Some(fp)) = fingerprint::of_file(&file, self.cfg.fingerprint_bytes) else { continue };
             if !(recent || self.resume.contains(&fp))

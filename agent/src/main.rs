@@ -65,11 +65,13 @@ async fn run(cfg: AgentConfig, config_path: PathBuf, daemon: Daemon) -> anyhow::
     for name in ["s3", "relay"] {
         resume.extend(checkpoint::Checkpointer::open(&cfg.state_dir, name)?.fingerprints());
     }
-    let registry = Registry::new(&cfg.sources, cfg.files.clone(), destinations, resume);
+    let previous_run = checkpoint::previous_run(&cfg.state_dir);
+    let registry = Registry::new(&cfg.sources, cfg.files.clone(), destinations, resume, previous_run);
     {
         let r = registry.clone();
         tokio::task::spawn_blocking(move || r.scan()).await?;
     }
+    checkpoint::mark_started(&cfg.state_dir)?;
     let scan_requested = Arc::new(AtomicBool::new(false));
     let watcher = watch_dirs(&registry, scan_requested.clone());
     let beat = daemon.liveness.register("scanner");

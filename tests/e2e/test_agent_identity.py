@@ -91,3 +91,41 @@ def test_rotated_file_is_given_up_after_max_rotated_keep_logged_and_counted(serv
                     timeout=60, interval=1, on_timeout=agent.tail)
     assert agent.stop() == 0
     gate.close()
+
+
+def test_read_from_end_skips_only_what_existed_at_the_first_start(services, certs, workroot, procs):
+    """`read_from = "end"` skips the content files hold at the agent's first start (logged and
+    counted), and nothing else: a file created while the agent was stopped, and the new file a
+    rotation during the downtime left behind, are read from their beginning."""
+    work, logs, gate, cfg = gated_s3_agent(services, certs, workroot, "from-end")
+    cfg["sources"][0]["read_from"] = "end"
+    path = os.path.join(logs, "app.log")
+
+    def write(path, seqs):
+        with open(path, "a") as f:
+            f.writelines(json.dumps({"seq": s, "pad": "e" * 40}) + "\n" for s in seqs)
+
+    write(path, range(100))  # history present at the first start: skipped
+    skipped_bytes = os.path.getsize(path)
+    agent = tron.Proc("agent", "tron-agent", cfg, work, env=dict(tron.servers.S3_CREDENTIALS))
+    procs.append(agent)
+    agent.start()
+    tron.wait_until("the agent following app.log", lambda: "following file path=%s " % path in agent.tail(),
+                    timeout=20, interval=0.2, on_timeout=agent.tail)
+    assert agent.metric("tron_agent_bytes_skipped_total", reason="read_from_end") == skipped_bytes
+    write(path, range(100, 110))
+    tron.wait_until("lines written after the start", lambda: s3_seqs(services, "from-end") >= set(range(100, 110)),
+                    timeout=60, interval=1, on_timeout=agent.tail)
+    assert agent.stop() == 0
+
+    os.rename(path, path + ".1")  # rotated while the agent is down
+    write(path + ".1", range(110, 113))  # the old file's last lines, written after the rename
+    write(path, range(113, 120))  # the 7 lines of the issue, in the new app.log
+    write(os.path.join(logs, "other.log"), range(120, 125))  # a file that did not exist before
+    agent.start()
+    tron.wait_until("every line written during the downtime", lambda: s3_seqs(services, "from-end") >= set(range(100, 125)),
+                    timeout=60, interval=1, on_timeout=agent.tail)
+    assert s3_seqs(services, "from-end") == set(range(100, 125))
+    assert agent.metric("tron_agent_bytes_skipped_total", reason="read_from_end") in (None, 0)
+    assert agent.stop() == 0
+    gate.close()
