@@ -194,6 +194,9 @@ pub struct RelayConfig {
     pub ack_timeout: Duration,
     #[serde(default = "default_gzip_level")]
     pub gzip_level: u32,
+    /// How often the agent tells the relay its low watermark (docs/completeness.md); "0s": never.
+    #[serde(default = "default_watermark_interval", with = "duration")]
+    pub watermark_interval: Duration,
     #[serde(default = "relay_batch")]
     pub batch: BatchConfig,
 }
@@ -210,6 +213,10 @@ fn relay_batch() -> BatchConfig {
 fn s3_batch() -> BatchConfig {
     BatchConfig { max_bytes: 32 << 20, max_age: Duration::from_secs(60), max_inflight: 4, max_buffer_bytes: 256 << 20 }
 }
+fn default_watermark_interval() -> Duration {
+    Duration::from_secs(5)
+}
+
 fn default_metrics_listen() -> SocketAddr {
     "127.0.0.1:9464".parse().expect("valid")
 }

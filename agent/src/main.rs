@@ -86,7 +86,7 @@ async fn run(cfg: AgentConfig, config_path: PathBuf, daemon: Daemon) -> anyhow::
     }
     let mut relay = None;
     if let Some(relay_cfg) = &cfg.destinations.relay {
-        let dest = Arc::new(relay::RelayForwarder::new(relay_cfg, &host, health.clone())?);
+        let dest = Arc::new(relay::RelayForwarder::new(relay_cfg, &host, source_tags(&cfg), health.clone())?);
         relay = Some(dest.clone());
         shippers.push(ctx.spawn(dest)?);
     }
@@ -230,4 +230,12 @@ fn system_hostname() -> String {
         .ok()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "localhost".into())
+}
+
+/// Every tag the sources send with, once each.
+fn source_tags(cfg: &AgentConfig) -> Vec<String> {
+    let mut tags: Vec<String> = cfg.sources.iter().map(|s| s.tag.clone()).collect();
+    tags.sort();
+    tags.dedup();
+    tags
 }

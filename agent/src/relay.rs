@@ -35,7 +35,17 @@ pub struct RelayForwarder {
     batch: BatchConfig,
     gzip_level: u32,
     ack_timeout: Duration,
+    /// This agent's host name, the first half of every chunk's `tron_source`.
+    host: String,
+    /// The tags this agent's sources send with, so the relay knows which topics a watermark
+    /// report speaks for.
+    tags: Vec<String>,
+    watermark_interval: Duration,
 }
+
+/// The reserved tag of watermark reports; the relay keeps them and writes nothing of them as
+/// records.
+pub const WATERMARK_TAG: &str = "tron.watermark";
 
 pub struct SealedChunk {
     frame: Arc<Vec<u8>>,
@@ -55,7 +65,7 @@ struct Connector {
 }
 
 impl RelayForwarder {
-    pub fn new(cfg: &RelayConfig, hostname: &str, health: Health) -> anyhow::Result<Self> {
+    pub fn new(cfg: &RelayConfig, hostname: &str, tags: Vec<String>, health: Health) -> anyhow::Result<Self> {
         let tls = Arc::new(std::sync::RwLock::new(tls_settings(cfg)?));
         let connector = Connector {
             addresses: cfg.addresses.clone(),
@@ -72,6 +82,9 @@ impl RelayForwarder {
             batch: cfg.batch.clone(),
             gzip_level: cfg.gzip_level,
             ack_timeout: cfg.ack_timeout,
+            host: hostname.to_string(),
+            tags,
+            watermark_interval: cfg.watermark_interval,
         })
     }
 
@@ -114,8 +127,8 @@ impl Destination for RelayForwarder {
         ChunkBuilder::new(self.gzip_level)
     }
 
-    fn push(&self, builder: &mut ChunkBuilder, record: &Record) {
-        builder.push(record.time, &record.fields);
+    fn push(&self, builder: &mut ChunkBuilder, record: &Record, position: u64) {
+        builder.push_at(position, record.time, &record.fields);
     }
 
     fn seal(&self, builder: ChunkBuilder, meta: &BatchMeta) -> SealedChunk {
@@ -123,10 +136,43 @@ impl Destination for RelayForwarder {
         let id = format!("{:016x}-{:020}", meta.fingerprint, meta.first_offset);
         let mut chunk = Vec::new();
         rmp::encode::write_str(&mut chunk, &id).expect("vec");
-        SealedChunk { frame: Arc::new(builder.finish(&meta.tag, &id)), chunk }
+        // The source positions let the sink drop a record it already wrote when this chunk is
+        // re-sent (after a crash or an ack time-out), whatever chunk boundaries it had before.
+        let source = format!("{}/{:016x}", self.host, meta.fingerprint);
+        SealedChunk { frame: Arc::new(builder.finish_from(&meta.tag, &id, &source, meta.end_offset)), chunk }
+    }
+
+    fn watermark_interval(&self) -> Option<Duration> {
+        (!self.watermark_interval.is_zero()).then_some(self.watermark_interval)
+    }
+
+    /// A one-record chunk on [`WATERMARK_TAG`]. It goes down the same connection as the chunks,
+    /// after the acks it was computed from. A lost report is replaced by the next one.
+    async fn send_watermark(self: Arc<Self>, watermark_ms: i64) {
+        let mut record = serde_json::Map::new();
+        record.insert("host".into(), self.host.clone().into());
+        record.insert("watermark_ms".into(), watermark_ms.into());
+        record.insert("tags".into(), self.tags.clone().into());
+        let mut builder = ChunkBuilder::new(1);
+        let now_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        builder.push(forward::EventTime::from_unix_nanos(now_ns as i64), &record);
+        let id = format!("wm-{}-{watermark_ms}", self.host);
+        let mut chunk = Vec::new();
+        rmp::encode::write_str(&mut chunk, &id).expect("vec");
+        let sealed = Arc::new(SealedChunk { frame: Arc::new(builder.finish(WATERMARK_TAG, &id)), chunk });
+        match self.send_frame(&sealed).await {
+            Ok(()) => metrics::counter!("tron_agent_watermarks_sent_total").increment(1),
+            Err(e) => tracing::debug!(error = %e, "watermark report not acknowledged; the next one replaces it"),
+        }
     }
 
     async fn send(self: Arc<Self>, sealed: Arc<SealedChunk>, _meta: Arc<BatchMeta>) -> Result<(), String> {
+        self.send_frame(&sealed).await
+    }
+}
+
+impl RelayForwarder {
+    async fn send_frame(&self, sealed: &SealedChunk) -> Result<(), String> {
         let (reply, wait) = oneshot::channel();
         let req = Request { frame: sealed.frame.clone(), chunk: sealed.chunk.clone(), reply };
         self.requests.send(req).await.map_err(|_| "relay connection task stopped".to_string())?;

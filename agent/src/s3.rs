@@ -106,7 +106,7 @@ impl Destination for S3Archive {
         GzEncoder::new(Vec::new(), flate2::Compression::new(self.gzip_level))
     }
 
-    fn push(&self, gz: &mut Self::Builder, record: &Record) {
+    fn push(&self, gz: &mut Self::Builder, record: &Record, _position: u64) {
         let time = chrono::DateTime::from_timestamp_nanos(record.time.unix_nanos());
         let mut line = Vec::with_capacity(256);
         line.extend_from_slice(b"{\"_time\":\"");

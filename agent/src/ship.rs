@@ -39,6 +39,8 @@ pub struct BatchMeta {
     pub hour: i64,
     pub records: u64,
     pub raw_bytes: usize,
+    /// Earliest event time (ns) among the records; i64::MAX while there are none.
+    pub min_time_ns: i64,
 }
 
 /// A place records are shipped to.
@@ -57,7 +59,9 @@ pub trait Destination: Send + Sync + 'static {
     fn open_batch_bytes(&self) -> usize {
         GZIP_ENCODER_BYTES
     }
-    fn push(&self, builder: &mut Self::Builder, record: &Record);
+    /// `position`: where the record's range in the file starts. Ranges tile the file: a record
+    /// covers the empty lines before it, a batch's last record ends at the batch's end offset.
+    fn push(&self, builder: &mut Self::Builder, record: &Record, position: u64);
     fn seal(&self, builder: Self::Builder, meta: &BatchMeta) -> Self::Sealed;
     /// Delivers one sealed batch. Called again with the same batch until it succeeds, so it must
     /// be idempotent where the destination allows (same object key, same chunk id).
@@ -66,6 +70,14 @@ pub trait Destination: Send + Sync + 'static {
         sealed: Arc<Self::Sealed>,
         meta: Arc<BatchMeta>,
     ) -> impl Future<Output = Result<(), String>> + Send;
+    /// How often this destination wants the agent's low watermark, if at all.
+    fn watermark_interval(&self) -> Option<Duration> {
+        None
+    }
+    /// Reports "every line with an event time before `watermark_ms` is delivered".
+    fn send_watermark(self: Arc<Self>, _watermark_ms: i64) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 struct OpenBatch<B> {
@@ -80,8 +92,8 @@ struct Cursor<B> {
     read: u64,
     /// Delivered up to here.
     acked: u64,
-    /// Sealed batches by first offset: (end offset, delivered).
-    sealed: BTreeMap<u64, (u64, bool)>,
+    /// Sealed batches by first offset: (end offset, delivered, earliest event time in ns).
+    sealed: BTreeMap<u64, (u64, bool, i64)>,
     open: Option<OpenBatch<B>>,
     /// A multiline record read but held back until it is known to be complete.
     held: Option<Held>,
@@ -146,6 +158,7 @@ impl<D: Destination> Shipper<D> {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_save = Instant::now();
+        let mut last_watermark = Instant::now();
         let stop = shutdown.token();
         while !stop.is_cancelled() {
             beat.beat();
@@ -155,6 +168,14 @@ impl<D: Destination> Shipper<D> {
             if last_save.elapsed() >= self.checkpoint_interval {
                 self.save_checkpoint();
                 last_save = Instant::now();
+            }
+            if self.dest.watermark_interval().is_some_and(|every| last_watermark.elapsed() >= every) {
+                last_watermark = Instant::now();
+                if let Some(watermark_ms) = tokio::task::block_in_place(|| self.low_watermark_ms()) {
+                    metrics::gauge!("tron_agent_low_watermark_seconds", "destination" => self.dest.name())
+                        .set(watermark_ms as f64 / 1000.0);
+                    tokio::spawn(self.dest.clone().send_watermark(watermark_ms));
+                }
             }
             tokio::select! {
                 _ = stop.cancelled() => {},
@@ -408,6 +429,7 @@ impl<D: Destination> Shipper<D> {
                         hour,
                         records: 0,
                         raw_bytes: 0,
+                        min_time_ns: i64::MAX,
                     },
                     started: Instant::now(),
                 });
@@ -417,9 +439,10 @@ impl<D: Destination> Shipper<D> {
                 if open.meta.records == 0 {
                     open.meta.hour = hour;
                 }
-                self.dest.push(&mut open.builder, &record);
+                self.dest.push(&mut open.builder, &record, open.meta.end_offset);
                 open.meta.records += 1;
                 open.meta.raw_bytes += len + 1;
+                open.meta.min_time_ns = open.meta.min_time_ns.min(record.time.unix_nanos());
                 self.buffered += len + 1;
             }
             open.meta.end_offset = end;
@@ -445,10 +468,10 @@ impl<D: Destination> Shipper<D> {
         let meta = open.meta;
         if meta.records == 0 {
             // Only empty lines: nothing to send, but the range is done.
-            cursor.sealed.insert(meta.first_offset, (meta.end_offset, true));
+            cursor.sealed.insert(meta.first_offset, (meta.end_offset, true, i64::MAX));
             return;
         }
-        cursor.sealed.insert(meta.first_offset, (meta.end_offset, false));
+        cursor.sealed.insert(meta.first_offset, (meta.end_offset, false, meta.min_time_ns));
         let sealed = Arc::new(self.dest.seal(open.builder, &meta));
         let meta = Arc::new(meta);
         self.inflight += 1;
@@ -490,6 +513,45 @@ impl<D: Destination> Shipper<D> {
                 }
             }
         });
+    }
+
+    /// "Every line of mine with an event time before this is delivered": the earliest event time
+    /// among records not yet delivered (in sealed or open batches) and the first line not yet
+    /// read of every file, or now when everything is delivered. None when a file's next line
+    /// cannot be read: an unreadable file holds the watermark where it was.
+    fn low_watermark_ms(&self) -> Option<i64> {
+        let mut low = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as i64;
+        for (fp, c) in &self.cursors {
+            for (_, delivered, min_time_ns) in c.sealed.values() {
+                if !delivered {
+                    low = low.min(*min_time_ns);
+                }
+            }
+            if let Some(open) = &c.open {
+                low = low.min(open.meta.min_time_ns);
+            }
+            if !c.file.gone.load(Ordering::SeqCst) && c.file.size() > c.read {
+                low = low.min(self.next_line_time(*fp, c)?.unwrap_or(i64::MAX));
+            }
+        }
+        Some(low.div_euclid(1_000_000))
+    }
+
+    /// The event time of the line at a cursor's read position; Ok(None) while it is not complete.
+    fn next_line_time(&self, fp: u64, c: &Cursor<D::Builder>) -> Option<Option<i64>> {
+        use std::os::unix::fs::FileExt;
+        let mut head = vec![0u8; 64 << 10];
+        let n = c.file.handle().read_at(&mut head, c.read).ok()?;
+        let Some(end) = head[..n].iter().position(|b| *b == b'\n') else {
+            // A line longer than the peek: its time is in its first bytes for JSON lines with
+            // the time first, not in general; hold the watermark where it was.
+            return if n == head.len() { None } else { Some(None) };
+        };
+        let path = c.file.path();
+        let origin = Origin { host: &self.host, path: &path, fingerprint: fp };
+        let now_ns = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as i64;
+        let record = parse_line(&head[..end], c.read, &c.file.source, &self.fields, &origin, now_ns);
+        Some(Some(record.time.unix_nanos()))
     }
 
     fn save_checkpoint(&mut self) {

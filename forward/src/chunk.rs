@@ -1,4 +1,5 @@
 use crate::msgpack::write_json_map;
+use crate::origin::{PositionWriter, POSITIONS_OPTION, SOURCE_OPTION};
 use crate::time::{EventTime, EVENT_TIME_EXT};
 use flate2::write::GzEncoder;
 use flate2::Compression;
@@ -7,11 +8,14 @@ use std::io::Write;
 /// Packs entries into one CompressedPackedForward frame:
 /// `[tag, bin(gzip(entries…)), {"size": n, "chunk": id, "compressed": "gzip"}]`.
 /// Entries are compressed as they are added, so a chunk costs its compressed size in memory.
+/// Entries added with [`ChunkBuilder::push_at`] and a chunk closed with
+/// [`ChunkBuilder::finish_from`] also carry their source positions ([`crate::origin`]).
 pub struct ChunkBuilder {
     gz: GzEncoder<Vec<u8>>,
     scratch: Vec<u8>,
     entries: u64,
     raw_bytes: usize,
+    positions: PositionWriter,
 }
 
 impl ChunkBuilder {
@@ -21,7 +25,14 @@ impl ChunkBuilder {
             scratch: Vec::with_capacity(512),
             entries: 0,
             raw_bytes: 0,
+            positions: PositionWriter::default(),
         }
+    }
+
+    /// Adds an entry that starts at byte `position` of its source (not below the previous one).
+    pub fn push_at(&mut self, position: u64, time: EventTime, record: &serde_json::Map<String, serde_json::Value>) {
+        self.positions.push(position);
+        self.push(time, record);
     }
 
     pub fn push(&mut self, time: EventTime, record: &serde_json::Map<String, serde_json::Value>) {
@@ -44,12 +55,35 @@ impl ChunkBuilder {
     }
 
     pub fn finish(self, tag: &str, chunk_id: &str) -> Vec<u8> {
+        self.finish_with(tag, chunk_id, None)
+    }
+
+    /// Closes a chunk whose entries were all added with [`ChunkBuilder::push_at`]: `source` names
+    /// where they came from and `end` is where the last one ends.
+    pub fn finish_from(self, tag: &str, chunk_id: &str, source: &str, end: u64) -> Vec<u8> {
+        self.finish_with(tag, chunk_id, Some((source, end)))
+    }
+
+    fn finish_with(mut self, tag: &str, chunk_id: &str, origin: Option<(&str, u64)>) -> Vec<u8> {
+        if let Some((_, end)) = origin {
+            assert!(
+                !self.positions.is_empty() || self.entries == 0,
+                "finish_from needs every entry pushed with push_at"
+            );
+            self.positions.push(end);
+        }
         let packed = self.gz.finish().expect("writing to a Vec cannot fail");
-        let mut out = Vec::with_capacity(packed.len() + tag.len() + chunk_id.len() + 48);
+        let mut out = Vec::with_capacity(packed.len() + tag.len() + chunk_id.len() + 64 + self.positions.bytes.len());
         out.push(0x93);
         rmp::encode::write_str(&mut out, tag).expect("vec");
         rmp::encode::write_bin(&mut out, &packed).expect("vec");
-        rmp::encode::write_map_len(&mut out, 3).expect("vec");
+        rmp::encode::write_map_len(&mut out, if origin.is_some() { 5 } else { 3 }).expect("vec");
+        if let Some((source, _)) = origin {
+            rmp::encode::write_str(&mut out, SOURCE_OPTION).expect("vec");
+            rmp::encode::write_str(&mut out, source).expect("vec");
+            rmp::encode::write_str(&mut out, POSITIONS_OPTION).expect("vec");
+            rmp::encode::write_bin(&mut out, &self.positions.bytes).expect("vec");
+        }
         rmp::encode::write_str(&mut out, "size").expect("vec");
         rmp::encode::write_uint(&mut out, self.entries).expect("vec");
         rmp::encode::write_str(&mut out, "chunk").expect("vec");

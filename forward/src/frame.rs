@@ -1,6 +1,6 @@
 use crate::error::{malformed, DecodeError, Limits};
 use crate::handshake::Ping;
-use crate::time::kind;
+use crate::origin::{Origin, POSITIONS_OPTION, SOURCE_OPTION};
 use crate::transcode::{self, Records};
 use rmpv::Value;
 use std::io::Read;
@@ -32,6 +32,10 @@ pub struct Options {
     /// The client's chunk id, kept as its MessagePack encoding so the ack echoes it exactly.
     pub chunk: Option<Vec<u8>>,
     pub compressed: Option<String>,
+    /// `tron_source` ([`crate::origin`]).
+    pub source: Option<String>,
+    /// `tron_positions`, as sent: decoded once the record count is known.
+    pub positions: Option<Vec<u8>>,
 }
 
 /// A frame's events, not decoded yet: the entries as one PackedForward stream (`[time, record]`
@@ -69,6 +73,9 @@ impl EventBatch {
         transcode::packed_entries(packed, limits, &mut records)?;
         if let Some(n) = self.announced.filter(|n| *n != records.records.len()) {
             return Err(malformed(format!("the frame announced {n} entries and holds {}", records.records.len())));
+        }
+        if let (Some(source), Some(positions)) = (&self.options.source, &self.options.positions) {
+            records.origin = Some(Origin::decode(source.clone(), positions, records.records.len())?);
         }
         Ok(records)
     }
@@ -145,16 +152,7 @@ pub(crate) fn parse_frame(bytes: &[u8], limits: &Limits) -> Result<Frame, Decode
         entry.extend_from_slice(&bytes[from..at.pos]);
         (Mode::Message, entry, Some(1))
     };
-    let options = if at.pos < bytes.len() {
-        let from = at.pos;
-        at.skip()?;
-        if at.pos - from > MAX_SMALL_VALUE {
-            return Err(malformed(format!("an options map of {} bytes", at.pos - from)));
-        }
-        parse_options(&read_one(&bytes[from..at.pos])?)?
-    } else {
-        Options::default()
-    };
+    let options = if at.pos < bytes.len() { parse_options(&mut at)? } else { Options::default() };
     if at.pos != bytes.len() {
         return Err(DecodeError::Msgpack(format!("{} trailing bytes after the frame", bytes.len() - at.pos)));
     }
@@ -181,6 +179,19 @@ impl<'a> Cursor<'a> {
     fn be(&self, at: usize, n: usize) -> Option<usize> {
         let b = self.bytes.get(at..at + n)?;
         Some(b.iter().fold(0usize, |acc, x| (acc << 8) | *x as usize))
+    }
+
+    /// A map header at the cursor: consumes it and returns the number of pairs.
+    fn map_len(&mut self) -> Option<usize> {
+        let m = *self.bytes.get(self.pos)?;
+        let (len, header) = match m {
+            0x80..=0x8f => ((m & 0x0f) as usize, 1),
+            0xde => (self.be(self.pos + 1, 2)?, 3),
+            0xdf => (self.be(self.pos + 1, 4)?, 5),
+            _ => return None,
+        };
+        self.pos += header;
+        Some(len)
     }
 
     /// An array header at the cursor: consumes it and returns the length.
@@ -266,24 +277,46 @@ fn marker_kind(m: u8) -> &'static str {
     }
 }
 
-fn parse_options(v: &Value) -> Result<Options, DecodeError> {
-    let Value::Map(pairs) = v else {
-        return match v {
-            Value::Nil => Ok(Options::default()),
-            other => Err(malformed(format!("options must be a map, got {}", kind(other)))),
-        };
-    };
+/// Walks the options map in place: the values we use are small and decoded one by one (each
+/// within [`MAX_SMALL_VALUE`]), `tron_positions` is taken as bytes, anything else is stepped over.
+fn parse_options(at: &mut Cursor<'_>) -> Result<Options, DecodeError> {
     let mut options = Options::default();
-    for (k, v) in pairs {
-        match k.as_str() {
-            Some("size") => options.size = v.as_u64(),
-            Some("chunk") => {
-                let mut raw = Vec::new();
-                rmpv::encode::write_value(&mut raw, v).map_err(|e| DecodeError::Msgpack(e.to_string()))?;
-                options.chunk = Some(raw);
+    let marker = at.bytes[at.pos];
+    if marker == 0xc0 {
+        at.pos += 1;
+        return Ok(options);
+    }
+    let pairs = at.map_len().ok_or_else(|| malformed(format!("options must be a map, got {}", marker_kind(marker))))?;
+    for _ in 0..pairs {
+        let key = match at.str_bytes() {
+            Some(Ok(k)) => Some(k),
+            Some(Err(e)) => return Err(e),
+            None => {
+                at.skip()?;
+                None
             }
-            Some("compressed") => options.compressed = v.as_str().map(str::to_owned),
-            _ => {}
+        };
+        if key == Some(POSITIONS_OPTION.as_bytes()) {
+            match at.bin_bytes() {
+                Some(Ok(b)) => options.positions = Some(b.to_vec()),
+                Some(Err(e)) => return Err(e),
+                None => return Err(malformed(format!("{POSITIONS_OPTION} must be binary"))),
+            }
+            continue;
+        }
+        let from = at.pos;
+        at.skip()?;
+        let known = [&b"size"[..], b"chunk", b"compressed", SOURCE_OPTION.as_bytes()];
+        let Some(key) = key.filter(|k| known.contains(k)) else { continue };
+        if at.pos - from > MAX_SMALL_VALUE {
+            return Err(malformed(format!("option {:?} of {} bytes", String::from_utf8_lossy(key), at.pos - from)));
+        }
+        let v = read_one(&at.bytes[from..at.pos])?;
+        match key {
+            b"size" => options.size = v.as_u64(),
+            b"chunk" => options.chunk = Some(at.bytes[from..at.pos].to_vec()),
+            b"compressed" => options.compressed = v.as_str().map(str::to_owned),
+            _ => options.source = v.as_str().map(str::to_owned),
         }
     }
     Ok(options)

@@ -22,6 +22,8 @@ pub struct Records {
     pub records: Vec<Record>,
     /// MessagePack elements read (every value, key and array item), for cost accounting.
     pub elements: usize,
+    /// Where the records came from, when the client said ([`crate::origin`]).
+    pub origin: Option<crate::Origin>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

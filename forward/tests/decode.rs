@@ -234,3 +234,34 @@ fn a_ping_and_a_heartbeat_pass_before_the_handshake_and_events_after() {
     let mut buf = BytesMut::from(&b.finish("tag", "c")[..]);
     assert!(matches!(codec.decode(&mut buf).unwrap(), Some(Frame::Events(_))));
 }
+
+#[test]
+fn source_positions_travel_in_the_options_and_must_fit_the_records() {
+    let record = json!({"msg": "x"}).as_object().unwrap().clone();
+    let mut b = ChunkBuilder::new(1);
+    // 5,000 one-byte lines: positions larger than any small option value, taken as bytes.
+    for i in 0..5000u64 {
+        b.push_at(1_000 + 2 * i, EventTime::new(1, 0), &record);
+    }
+    let frame = b.finish_from("app", "c-1", "web-1/00000000000000aa", 11_000);
+    let frames = decode_all(&frame, Limits::default(), 4096).unwrap();
+    let Frame::Events(batch) = &frames[0] else { panic!("{frames:?}") };
+    let origin = batch.decode(&Limits::default()).unwrap().origin.expect("origin");
+    assert_eq!(origin.source, "web-1/00000000000000aa");
+    assert_eq!(origin.positions.len(), 5001);
+    assert_eq!((origin.range(0), origin.range(4999)), ((1_000, 1_002), (10_998, 11_000)));
+
+    // A chunk without the options (any other client) has no origin.
+    let mut plain = ChunkBuilder::new(1);
+    plain.push(EventTime::new(1, 0), &record);
+    let frames = decode_all(&plain.finish("app", "c-2"), Limits::default(), 4096).unwrap();
+    let Frame::Events(batch) = &frames[0] else { panic!() };
+    assert_eq!(batch.decode(&Limits::default()).unwrap().origin, None);
+
+    // Positions that do not fit the records are a malformed chunk, named.
+    let mut short = ChunkBuilder::new(1);
+    short.push_at(0, EventTime::new(1, 0), &record);
+    short.push(EventTime::new(1, 0), &record);
+    let err = decode_all(&short.finish_from("app", "c-3", "s", 9), Limits::default(), 4096).unwrap_err();
+    assert!(err.to_string().contains("tron_positions holds 2 positions for 2 records (expected 3)"), "{err}");
+}

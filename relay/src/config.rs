@@ -145,9 +145,17 @@ pub struct KafkaConfig {
     /// How long one record may wait for Kafka before its chunk is failed (the client re-sends).
     #[serde(default = "default_delivery_timeout", with = "duration")]
     pub delivery_timeout: Duration,
+    /// How often agents' watermarks are written to every partition of their topics
+    /// (docs/completeness.md); "0s": never.
+    #[serde(default = "default_watermark_interval", with = "duration")]
+    pub watermark_interval: Duration,
     /// Passed to librdkafka as they are; they win over the settings above.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+}
+
+fn default_watermark_interval() -> Duration {
+    Duration::from_secs(5)
 }
 
 #[derive(Debug, Deserialize)]

@@ -8,6 +8,7 @@ use crate::dead_letter::DeadLetter;
 use crate::kafka::Kafka;
 use crate::route::Router;
 use crate::slots::Slot;
+use crate::watermarks::{Watermarks, WATERMARK_TAG};
 use forward::handshake::{Helo, Pong};
 use forward::{Frame, Limits, Records, ServerCodec};
 use futures::{SinkExt, StreamExt};
@@ -24,6 +25,7 @@ use tron_service::Shutdown;
 
 pub struct Context {
     pub kafka: Kafka,
+    pub watermarks: Watermarks,
     pub dead_letter: DeadLetter,
     pub router: Router,
     pub limits: Limits,
@@ -153,6 +155,19 @@ where
                 break;
             }
         };
+        if batch.tag == WATERMARK_TAG {
+            // An agent's low watermark: kept, written to Kafka by the watermark task, acked now.
+            drop(decoding);
+            if let Err(e) = ctx.watermarks.report(&records, &ctx.router) {
+                tracing::warn!(%peer, error = %e, "bad watermark report; closing connection");
+                metrics::counter!("tron_relay_frames_rejected_total", "reason" => "bad_watermark").increment(1);
+                break;
+            }
+            if let Some(ack) = batch.ack() {
+                let _ = ack_tx.send(ack);
+            }
+            continue;
+        }
         metrics::counter!("tron_relay_records_received_total").increment(records.records.len() as u64);
         let cost = chunk_cost(&records).clamp(1, ctx.max_inflight_bytes) as u32;
         let permit = tokio::select! {

@@ -14,6 +14,7 @@ use rdkafka::ClientContext;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
+use tron_service::headers;
 
 type KafkaProducer = ThreadedProducer<DeliveryContext>;
 
@@ -182,21 +183,34 @@ impl Kafka {
         let chunk = Arc::new(ChunkDelivery { pending: AtomicUsize::new(1), ..Default::default() });
         let mut refused = Vec::new();
         let mut time_ns = String::new();
+        let mut range = String::new();
         let mut sync_error = None;
         for (index, entry) in records.records.iter().enumerate() {
             let payload = records.get(index);
             let key = self.key_field.as_ref().and_then(|f| key_of(payload, f));
             time_ns.clear();
             std::fmt::Write::write_fmt(&mut time_ns, format_args!("{}", entry.time.unix_nanos())).expect("string");
-            let headers = OwnedHeaders::new_with_capacity(2)
-                .insert(Header { key: "tag", value: Some(tag) })
-                .insert(Header { key: "event_time_ns", value: Some(&time_ns) });
+            let mut headers = OwnedHeaders::new_with_capacity(4)
+                .insert(Header { key: headers::TAG, value: Some(tag) })
+                .insert(Header { key: headers::EVENT_TIME_NS, value: Some(&time_ns) });
+            // Keyed by source, so one file's records stay in one partition, where the sink keeps
+            // the ranges it wrote and drops a record re-sent after a crash (docs/exactly-once.md).
+            if let Some(origin) = &records.origin {
+                let (start, end) = origin.range(index);
+                range.clear();
+                std::fmt::Write::write_fmt(&mut range, format_args!("{start}-{end}")).expect("string");
+                headers = headers
+                    .insert(Header { key: headers::SOURCE, value: Some(&origin.source) })
+                    .insert(Header { key: headers::RANGE, value: Some(&range) });
+            }
             let mut rec = BaseRecord::with_opaque_to(topic, chunk.clone())
                 .payload(payload)
                 .timestamp(entry.time.unix_millis())
                 .headers(headers);
-            if let Some(k) = &key {
-                rec = rec.key(k.as_str());
+            match (&key, &records.origin) {
+                (Some(k), _) => rec = rec.key(k.as_str()),
+                (None, Some(origin)) => rec = rec.key(origin.source.as_str()),
+                (None, None) => {}
             }
             chunk.pending.fetch_add(1, Ordering::AcqRel);
             loop {
@@ -238,6 +252,49 @@ impl Kafka {
             refused.push(Refused { json, time_ns: ms * 1_000_000, error: classify(topic, error) });
         }
         Ok(refused)
+    }
+
+    /// Writes `payload` to every partition of `topic` (a watermark message); returns how many.
+    pub async fn produce_to_every_partition(&self, topic: &str, payload: &[u8]) -> Result<usize, DeliveryError> {
+        let producer = self.producer();
+        let partitions = tokio::task::block_in_place(|| {
+            producer
+                .client()
+                .fetch_metadata(Some(topic), Duration::from_secs(10))
+                .map(|m| m.topics().iter().find(|t| t.name() == topic).map_or(0, |t| t.partitions().len()))
+        })
+        .map_err(|error| DeliveryError::Kafka { topic: topic.to_string(), error })?;
+        let chunk = Arc::new(ChunkDelivery { pending: AtomicUsize::new(1), ..Default::default() });
+        for partition in 0..partitions as i32 {
+            let headers =
+                OwnedHeaders::new_with_capacity(1).insert(Header { key: headers::WATERMARKS, value: Some("1") });
+            let mut rec = BaseRecord::<(), [u8], _>::with_opaque_to(topic, chunk.clone())
+                .partition(partition)
+                .payload(payload)
+                .headers(headers);
+            chunk.pending.fetch_add(1, Ordering::AcqRel);
+            loop {
+                match producer.send(rec) {
+                    Ok(()) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        rec = back;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((error, _)) => {
+                        chunk.reported();
+                        chunk.error.lock().expect("error lock").get_or_insert(error);
+                        break;
+                    }
+                }
+            }
+        }
+        let done = chunk.done.notified();
+        chunk.reported();
+        done.await;
+        if let Some(error) = chunk.error.lock().expect("error lock").take() {
+            return Err(classify(topic, error));
+        }
+        Ok(partitions)
     }
 
     /// Waits for everything queued to be acknowledged, up to `timeout`.

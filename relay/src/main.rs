@@ -7,6 +7,7 @@ mod kafka;
 mod route;
 mod server;
 mod slots;
+mod watermarks;
 
 /// Chunks decoded at once: one per core of the 2-core VM the relay is sized for. Each may hold up
 /// to `max_decompressed_bytes` + `max_decoded_bytes` while it decodes.
@@ -62,6 +63,7 @@ async fn run(cfg: RelayConfig, config_path: PathBuf, daemon: Daemon) -> anyhow::
     }
     let ctx = Arc::new(Context {
         kafka: kafka::Kafka::new(&cfg.kafka, cfg.limits.max_inflight_bytes).context("creating the Kafka producer")?,
+        watermarks: Default::default(),
         dead_letter: dead_letter::DeadLetter::new(cfg.dead_letter.path.clone(), cfg.dead_letter.max_bytes),
         router: route::Router::new(
             cfg.kafka.routes.iter().map(|r| (r.pattern.clone(), r.topic.clone())),
@@ -90,6 +92,10 @@ async fn run(cfg: RelayConfig, config_path: PathBuf, daemon: Daemon) -> anyhow::
     let listener =
         tokio::net::TcpListener::bind(cfg.listen).await.with_context(|| format!("binding listen = {}", cfg.listen))?;
     spawn_kafka_health(ctx.clone(), health.clone(), shutdown.clone());
+    if !cfg.kafka.watermark_interval.is_zero() {
+        let (ctx, shutdown, every) = (ctx.clone(), shutdown.clone(), cfg.kafka.watermark_interval);
+        tokio::spawn(async move { ctx.watermarks.run(&ctx.kafka, every, shutdown).await });
+    }
     daemon.ready("tron-relay", cfg.metrics_listen).await?;
     tracing::info!(listen = %cfg.listen, tls = cfg.tls.is_some(), "accepting Forward connections");
 

@@ -5,6 +5,7 @@ pub mod backoff;
 pub mod config;
 pub mod daemon;
 pub mod fs;
+pub mod headers;
 pub mod http;
 pub mod shutdown;
 pub mod systemd;

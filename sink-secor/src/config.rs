@@ -20,6 +20,8 @@ pub struct SinkConfig {
     pub finalize: FinalizeConfig,
     #[serde(default)]
     pub quarantine: QuarantineConfig,
+    #[serde(default)]
+    pub dedupe: DedupeConfig,
     pub bigquery: Option<BigQueryConfig>,
 }
 
@@ -105,6 +107,23 @@ pub struct Column {
     pub kind: String,
 }
 
+/// Dropping records tron-agent re-sent (docs/exactly-once.md).
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct DedupeConfig {
+    /// A source (one file of one host) with no record for this long (by Kafka timestamps) is
+    /// forgotten: a copy of its records arriving later would be written again. Longer costs
+    /// state: about 100 bytes per source per partition.
+    #[serde(with = "duration")]
+    pub forget_after: Duration,
+}
+
+impl Default for DedupeConfig {
+    fn default() -> Self {
+        DedupeConfig { forget_after: Duration::from_secs(24 * 3600) }
+    }
+}
+
 #[derive(Debug, Deserialize, Clone)]
 #[serde(deny_unknown_fields, default)]
 pub struct RollConfig {
@@ -144,11 +163,19 @@ pub struct FinalizeConfig {
     pub lateness: Duration,
     #[serde(with = "duration")]
     pub interval: Duration,
+    /// An agent whose watermark reports stopped this long ago no longer holds hours back; the
+    /// manifest lists it as stale (docs/completeness.md).
+    #[serde(with = "duration")]
+    pub host_timeout: Duration,
 }
 
 impl Default for FinalizeConfig {
     fn default() -> Self {
-        FinalizeConfig { lateness: Duration::from_secs(300), interval: Duration::from_secs(10) }
+        FinalizeConfig {
+            lateness: Duration::from_secs(300),
+            interval: Duration::from_secs(10),
+            host_timeout: Duration::from_secs(600),
+        }
     }
 }
 

@@ -8,6 +8,7 @@
 //! or a `Partition` of an older epoch is never mixed with a newer one.
 
 use crate::config::SinkConfig;
+use crate::dedupe::Position;
 use crate::finalize::Finalizer;
 use crate::partition::{Incoming, Output, Partition, StagingError};
 use crate::store::{Fenced, Store};
@@ -22,7 +23,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tron_service::backoff::Backoff;
 use tron_service::systemd::Heartbeat;
-use tron_service::{Health, Shutdown};
+use tron_service::{headers, Health, Shutdown};
 
 /// A topic partition.
 pub type Tp = (String, i32);
@@ -220,6 +221,7 @@ pub async fn run(
             gzip_level: cfg.output.gzip_level,
             staging: &cfg.staging_dir,
             quarantine: &cfg.quarantine,
+            dedupe: &cfg.dedupe,
             request_timeout: cfg.output.request_timeout,
             instance: &instance,
         },
@@ -685,14 +687,19 @@ async fn poll_while<T>(
 fn incoming<M: Message>(m: &M) -> Incoming<'_> {
     let mut tag = "";
     let mut event_time_ns = None;
+    let (mut source, mut range) = (None, None);
+    let mut is_watermark = false;
     if let Some(headers) = m.headers() {
         for i in 0..headers.count() {
             let h = headers.get(i);
             match (h.key, h.value) {
-                ("tag", Some(v)) => tag = std::str::from_utf8(v).unwrap_or(""),
-                ("event_time_ns", Some(v)) => {
+                (headers::TAG, Some(v)) => tag = std::str::from_utf8(v).unwrap_or(""),
+                (headers::EVENT_TIME_NS, Some(v)) => {
                     event_time_ns = std::str::from_utf8(v).ok().and_then(|s| s.parse().ok());
                 }
+                (headers::SOURCE, v) => source = v,
+                (headers::RANGE, v) => range = v,
+                (headers::WATERMARKS, _) => is_watermark = true,
                 _ => {}
             }
         }
@@ -703,6 +710,8 @@ fn incoming<M: Message>(m: &M) -> Incoming<'_> {
         kafka_time_ms: m.timestamp().to_millis().filter(|ms| *ms >= 0),
         tag,
         raw: m.payload().unwrap_or_default(),
+        position: Position::from_headers(source, range),
+        is_watermark,
     }
 }
 
@@ -753,7 +762,7 @@ async fn finalize(l: &mut Loop<'_>, finalizer: &mut Finalizer) {
             continue;
         };
         let started = Instant::now();
-        let pass = finalizer.run_once(l.out.store, l.out.prefix, l.out.layout, topic, count, cfg.finalize.lateness);
+        let pass = finalizer.run_once(l.out.store, l.out.prefix, l.out.layout, topic, count, &cfg.finalize);
         let result = match tokio::time::timeout(cfg.output.request_timeout, pass).await {
             Ok(result) => result,
             Err(_) => {

@@ -1,13 +1,24 @@
-//! Marks an hour complete: when every partition of the topic has passed the hour's end plus the
-//! allowed lateness (its committed watermark is past it, or it was caught up after that time),
-//! the hour's prefix gets `_manifest.json` (objects, rows, bytes, event-time range, offset ranges)
-//! and `_SUCCESS`. Objects that arrive later add a new manifest revision and count as late.
+//! Marks an hour complete and writes `_manifest.json` (objects, rows, bytes, event-time range,
+//! offset ranges, how the hour was decided) and `_SUCCESS`. Objects that arrive later add a new
+//! manifest revision and count as late.
+//!
+//! Two rules (docs/completeness.md):
+//! - **Watermarks** (tron-agent traffic): every agent that reported within `host_timeout` has, on
+//!   every partition, a committed watermark past the hour's end plus lateness: each of its lines
+//!   of the hour is then in an object. Agents that stopped reporting no longer block and are
+//!   listed as stale.
+//! - **Event time** (clients without watermarks: Fluent Bit, fluent-logger, Docker): every
+//!   partition's highest committed event time is past the hour's end plus lateness, or it was
+//!   caught up after that time. A guess that breaks when sources are not in step, so it applies
+//!   only where such clients sent records recently; when both kinds did, both rules must hold.
 
+use crate::config::FinalizeConfig;
 use crate::layout::Layout;
 use crate::partition::{meta_key, HOUR_MS};
 use crate::state::{self, PartitionState};
 use crate::store::Store;
 use serde_json::json;
+use std::collections::BTreeSet;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
@@ -25,7 +36,7 @@ impl Finalizer {
         layout: &Layout,
         topic: &str,
         partitions: i32,
-        lateness: Duration,
+        cfg: &FinalizeConfig,
     ) -> anyhow::Result<()> {
         let mut states: Vec<PartitionState> = Vec::with_capacity(partitions as usize);
         for p in 0..partitions {
@@ -40,17 +51,17 @@ impl Finalizer {
                 *hours.entry(*h).or_default() += n;
             }
         }
-        let lateness_ms = lateness.as_millis() as i64;
+        let lateness_ms = cfg.lateness.as_millis() as i64;
+        let rules = Rules::of(&states, chrono::Utc::now().timestamp_millis(), cfg.host_timeout);
         for (hour, uploaded) in hours {
             if self.done.get(&(topic.to_string(), hour)) == Some(&uploaded) {
                 continue;
             }
             let deadline = (hour + 1) * HOUR_MS + lateness_ms;
-            let passed = states.iter().all(|s| s.watermark_ms >= deadline || (s.caught_up && s.as_of_ms >= deadline));
-            if !passed {
+            let Some(decision) = rules.complete(&states, deadline) else {
                 continue;
-            }
-            if self.finalize_hour(store, layout, topic, hour, uploaded).await? {
+            };
+            if self.finalize_hour(store, layout, topic, hour, uploaded, decision).await? {
                 self.done.insert((topic.to_string(), hour), uploaded);
             }
         }
@@ -65,6 +76,7 @@ impl Finalizer {
         topic: &str,
         hour: i64,
         uploaded: u64,
+        decision: serde_json::Value,
     ) -> anyhow::Result<bool> {
         let dir = layout.hour_dir(topic, hour);
         let listed = store.list(&dir).await?;
@@ -125,6 +137,7 @@ impl Finalizer {
             "max_event_time": max_t,
             "partitions": offsets.into_iter().map(|(p, (a, b))| (p, json!({"first_offset": a, "last_offset": b}))).collect::<serde_json::Map<_, _>>(),
             "finalized_at": chrono::Utc::now().to_rfc3339(),
+            "completeness": decision,
         });
         store
             .put(
@@ -149,5 +162,120 @@ impl Finalizer {
             tracing::info!(topic, hour = %manifest["hour"], revision, late_objects = late, "late records: manifest revised");
         }
         Ok(true)
+    }
+}
+
+/// Which completeness rules apply to a topic now, from its partitions' states.
+struct Rules {
+    /// Agents that reported within `host_timeout`; each must be past the hour everywhere.
+    fresh: BTreeSet<String>,
+    stale: BTreeSet<String>,
+    watermarks: bool,
+    event_time: bool,
+}
+
+impl Rules {
+    fn of(states: &[PartitionState], now_ms: i64, host_timeout: Duration) -> Rules {
+        let horizon = now_ms - host_timeout.as_millis() as i64;
+        let (mut fresh, mut stale) = (BTreeSet::new(), BTreeSet::new());
+        for (host, mark) in states.iter().flat_map(|s| &s.hosts) {
+            if mark.reported_ms >= horizon {
+                fresh.insert(host.clone());
+            }
+        }
+        for host in states.iter().flat_map(|s| s.hosts.keys()) {
+            if !fresh.contains(host) {
+                stale.insert(host.clone());
+            }
+        }
+        let tracked = !fresh.is_empty() || states.iter().any(|s| s.tracked_seen_ms >= horizon);
+        let untracked = states.iter().any(|s| s.untracked_seen_ms >= horizon);
+        // Agent records seen but no report yet (just started): wait for the watermarks rather
+        // than guess; with no recent traffic at all, the event-time rule decides as before.
+        Rules { fresh, stale, watermarks: tracked, event_time: untracked || !tracked }
+    }
+
+    /// How hour's `deadline` (its end plus lateness) was decided, or None while it is not done.
+    fn complete(&self, states: &[PartitionState], deadline: i64) -> Option<serde_json::Value> {
+        if self.watermarks {
+            let past = |s: &PartitionState| {
+                self.fresh.iter().all(|h| s.hosts.get(h).is_some_and(|m| m.watermark_ms >= deadline))
+            };
+            if self.fresh.is_empty() || !states.iter().all(past) {
+                return None;
+            }
+        }
+        if self.event_time
+            && !states.iter().all(|s| s.watermark_ms >= deadline || (s.caught_up && s.as_of_ms >= deadline))
+        {
+            return None;
+        }
+        let rule = match (self.watermarks, self.event_time) {
+            (true, true) => "watermarks+event_time",
+            (true, false) => "watermarks",
+            _ => "event_time",
+        };
+        Some(json!({"rule": rule, "hosts_complete": self.fresh, "hosts_stale": self.stale}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::HostMark;
+
+    const NOW: i64 = 1_779_000_000_000;
+
+    fn partition(hosts: &[(&str, i64, i64)], tracked: bool, untracked: bool) -> PartitionState {
+        let mut s = PartitionState::default();
+        for (h, w, r) in hosts {
+            s.hosts.insert(h.to_string(), HostMark { watermark_ms: *w, reported_ms: *r });
+        }
+        s.tracked_seen_ms = if tracked { NOW } else { 0 };
+        s.untracked_seen_ms = if untracked { NOW } else { 0 };
+        s
+    }
+
+    #[test]
+    fn an_hour_waits_for_every_fresh_agent_on_every_partition() {
+        let timeout = Duration::from_secs(600);
+        let d = NOW - 1000;
+        let states =
+            [partition(&[("a", d, NOW), ("b", d, NOW)], true, false), partition(&[("a", d, NOW)], true, false)];
+        assert_eq!(Rules::of(&states, NOW, timeout).complete(&states, d), None, "b not known on partition 1 yet");
+        let states = [
+            partition(&[("a", d, NOW), ("b", d - 1, NOW)], true, false),
+            partition(&[("a", d, NOW), ("b", d, NOW)], true, false),
+        ];
+        assert_eq!(Rules::of(&states, NOW, timeout).complete(&states, d), None, "b behind on partition 0");
+        // b stopped reporting long ago: it no longer holds the hour, and the manifest says so.
+        let stale = NOW - 700_000;
+        let states = [
+            partition(&[("a", d, NOW), ("b", 0, stale)], true, false),
+            partition(&[("a", d, NOW), ("b", 0, stale)], true, false),
+        ];
+        let decision = Rules::of(&states, NOW, timeout).complete(&states, d).unwrap();
+        assert_eq!(decision, json!({"rule": "watermarks", "hosts_complete": ["a"], "hosts_stale": ["b"]}));
+    }
+
+    #[test]
+    fn agent_records_without_a_report_yet_hold_the_hour_and_other_clients_use_event_time() {
+        let timeout = Duration::from_secs(600);
+        let mut early = partition(&[], true, false);
+        early.watermark_ms = NOW; // event times far past the hour: the old rule would fire
+        assert_eq!(Rules::of(&[early.clone()], NOW, timeout).complete(&[early], NOW - 5000), None);
+        let mut plain = partition(&[], false, true);
+        plain.watermark_ms = NOW;
+        let decision = Rules::of(&[plain.clone()], NOW, timeout).complete(&[plain.clone()], NOW - 5000).unwrap();
+        assert_eq!(decision["rule"], "event_time");
+        // Both kinds of client: both rules.
+        let mut both = partition(&[("a", NOW, NOW)], true, true);
+        both.watermark_ms = NOW - 6000;
+        assert_eq!(Rules::of(&[both.clone()], NOW, timeout).complete(&[both.clone()], NOW - 5000), None);
+        both.watermark_ms = NOW;
+        assert_eq!(
+            Rules::of(&[both.clone()], NOW, timeout).complete(&[both], NOW - 5000).unwrap()["rule"],
+            "watermarks+event_time"
+        );
     }
 }

@@ -4,6 +4,7 @@
 mod bq;
 mod config;
 mod consumer;
+mod dedupe;
 mod finalize;
 mod format;
 mod layout;

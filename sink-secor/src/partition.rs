@@ -8,10 +8,11 @@
 //! object across crashes and rebalances. Every state write goes through the owner's [`Claim`], so
 //! an instance that lost the partition is fenced before it uploads anything.
 
-use crate::config::{Column, Format, QuarantineConfig, RollConfig};
+use crate::config::{Column, DedupeConfig, Format, QuarantineConfig, RollConfig};
+use crate::dedupe::{Position, Verdict, Written};
 use crate::format::{RowSink, RowSource};
 use crate::layout::Layout;
-use crate::state::{Claim, PartitionState, PendingCut};
+use crate::state::{Claim, HostMark, PartitionState, PendingCut};
 use crate::store::Store;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -45,6 +46,7 @@ pub struct Output<'a> {
     pub gzip_level: u32,
     pub staging: &'a Path,
     pub quarantine: &'a QuarantineConfig,
+    pub dedupe: &'a DedupeConfig,
     pub request_timeout: Duration,
     pub instance: &'a str,
 }
@@ -94,6 +96,10 @@ pub struct Incoming<'a> {
     pub kafka_time_ms: Option<i64>,
     pub tag: &'a str,
     pub raw: &'a [u8],
+    /// Its source and byte range there, when the producer (tron-agent via the relay) said.
+    pub position: Option<Position<'a>>,
+    /// A relay's watermark message (header `tron_watermarks`), not a record.
+    pub is_watermark: bool,
 }
 
 impl Incoming<'_> {
@@ -145,6 +151,13 @@ pub struct Partition {
     incarnation: u64,
     state: PartitionState,
     claim: Claim,
+    /// Source ranges written or staged (the state holds those below the committed offset).
+    written: Written,
+    /// Host watermarks read since the last cut; they join the state when the cut commits.
+    hosts_read: BTreeMap<String, HostMark>,
+    /// Records with / without source positions read since the last cut.
+    tracked_read: bool,
+    untracked_read: bool,
     /// During a replay: the cut the crashed owner had started; no other cut may come first.
     forced_cut: Option<i64>,
     staged: BTreeMap<Bucket, Staged>,
@@ -202,6 +215,10 @@ impl Partition {
             partition,
             epoch,
             incarnation: INCARNATIONS.fetch_add(1, Ordering::Relaxed),
+            written: state.written.clone(),
+            hosts_read: BTreeMap::new(),
+            tracked_read: false,
+            untracked_read: false,
             state,
             claim,
             forced_cut,
@@ -242,9 +259,28 @@ impl Partition {
     }
 
     pub fn append(&mut self, out: &Output<'_>, msg: &Incoming<'_>) -> anyhow::Result<()> {
-        self.last_message_at = Instant::now();
         if msg.offset < self.next_offset {
             return Ok(()); // already staged, or below the committed offset (already in an object)
+        }
+        if msg.is_watermark {
+            // Not a message for idleness: a partition that only gets watermarks is caught up.
+            self.read_watermarks(msg);
+            self.first_staged_at.get_or_insert_with(Instant::now);
+            self.next_offset = msg.offset + 1;
+            return Ok(());
+        }
+        self.last_message_at = Instant::now();
+        match msg.position {
+            Some(_) => self.tracked_read = true,
+            None => self.untracked_read = true,
+        }
+        if let Some(position) = msg.position {
+            if self.written.admit(position, msg.kafka_time_ms.unwrap_or(0)) == Verdict::Duplicate {
+                metrics::counter!("tron_sink_duplicates_dropped_total", "topic" => self.topic.clone()).increment(1);
+                self.first_staged_at.get_or_insert_with(Instant::now);
+                self.next_offset = msg.offset + 1;
+                return Ok(());
+            }
         }
         let (bucket, time_ns) = msg.classify(out.quarantine);
         if let Bucket::Quarantine(reason, _) = bucket {
@@ -301,6 +337,23 @@ impl Partition {
         Ok(())
     }
 
+    fn read_watermarks(&mut self, msg: &Incoming<'_>) {
+        #[derive(serde::Deserialize)]
+        struct Message {
+            tron_watermarks: BTreeMap<String, (i64, i64)>,
+        }
+        match serde_json::from_slice::<Message>(msg.raw) {
+            Ok(m) => {
+                for (host, (watermark_ms, reported_ms)) in m.tron_watermarks {
+                    HostMark::merge(&mut self.hosts_read, &host, HostMark { watermark_ms, reported_ms });
+                }
+            }
+            Err(e) => {
+                tracing::warn!(topic = %self.topic, partition = self.partition, offset = msg.offset, error = %e, "unreadable watermark message; skipped")
+            }
+        }
+    }
+
     /// Where to cut now, if anywhere. During a replay only the recorded cut counts, and only once
     /// everything below it has been read: `position` is the consumer's position in the partition,
     /// which also moves past offsets that carry no record (transaction markers).
@@ -309,7 +362,9 @@ impl Partition {
             let all_read = self.next_offset >= cut || position.is_some_and(|p| p >= cut);
             return all_read.then_some(cut);
         }
-        if self.staged.is_empty() {
+        // Nothing staged but records read (duplicates, all dropped): an idle cut commits past them.
+        let read_past_committed = self.next_offset > self.state.committed;
+        if self.staged.is_empty() && !read_past_committed {
             return None;
         }
         let full = self.records_since_cut >= roll.max_records || self.bytes_since_cut >= roll.max_bytes;
@@ -395,6 +450,22 @@ impl Partition {
         }
         self.state.committed = cut;
         self.state.pending = None;
+        self.written.expire(out.dedupe.forget_after.as_millis() as i64);
+        self.state.written = self.written.clone();
+        // Watermark messages below the cut speak for records that are now all in objects.
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        for (host, mark) in std::mem::take(&mut self.hosts_read) {
+            HostMark::merge(&mut self.state.hosts, &host, mark);
+        }
+        self.state.hosts.retain(|_, m| m.reported_ms >= now_ms - 24 * HOUR_MS);
+        if std::mem::take(&mut self.tracked_read) {
+            self.state.tracked_seen_ms = now_ms;
+        }
+        if std::mem::take(&mut self.untracked_read) {
+            self.state.untracked_seen_ms = now_ms;
+        }
+        metrics::gauge!("tron_sink_dedupe_sources", "topic" => self.topic.clone(), "partition" => self.partition.to_string())
+            .set(self.written.sources() as f64);
         if self.staged_max_ns != i64::MIN {
             self.state.watermark_ms = self.state.watermark_ms.max(self.staged_max_ns / 1_000_000);
         }

@@ -31,6 +31,40 @@ pub struct PartitionState {
     /// Who owns the partition; the epoch grows with every claim.
     #[serde(default)]
     pub owner: Owner,
+    /// Source ranges written below `committed`, to drop records re-sent by agents.
+    #[serde(default)]
+    pub written: crate::dedupe::Written,
+    /// Agents' low watermarks from watermark messages below `committed`: every record of that
+    /// host with an event time before `watermark_ms` is below `committed`, so in an object.
+    #[serde(default)]
+    pub hosts: BTreeMap<String, HostMark>,
+    /// Wall clock (ms) of the last cut that committed records with / without source positions
+    /// (tron-agent / any other client): which completeness rule applies (docs/completeness.md).
+    #[serde(default)]
+    pub tracked_seen_ms: i64,
+    #[serde(default)]
+    pub untracked_seen_ms: i64,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct HostMark {
+    pub watermark_ms: i64,
+    /// When the relay last heard from the host (relay clock): the freshest report wins, and a
+    /// host silent for `finalize.host_timeout` no longer holds hours back.
+    pub reported_ms: i64,
+}
+
+impl HostMark {
+    /// Keeps the fresher of two reports of a host.
+    pub fn merge(into: &mut BTreeMap<String, HostMark>, host: &str, mark: HostMark) {
+        match into.get_mut(host) {
+            Some(m) if m.reported_ms >= mark.reported_ms => {}
+            Some(m) => *m = mark,
+            None => {
+                into.insert(host.to_string(), mark);
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]

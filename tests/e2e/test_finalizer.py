@@ -32,6 +32,8 @@ def test_idle_partitions_do_not_block_and_late_records_revise_the_manifest(servi
     print("hour finalized %.1fs after its records were sent (idle_after 2s, finalize interval 1s)" % (time.time() - start))
     manifest = json.loads(services.gcs_get("fin", prefix + "_manifest.json"))
     assert manifest["revision"] == 1 and manifest["rows"] == 3, manifest
+    # fluent-logger sends no watermarks: the hour was decided by event times, and it says so.
+    assert manifest["completeness"]["rule"] == "event_time", manifest["completeness"]
     assert all(o["name"].startswith(prefix) for o in manifest["objects"])
 
     send(2, 100)  # late: the hour is already complete

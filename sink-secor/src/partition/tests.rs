@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::config::{Column, Format, QuarantineConfig, RollConfig};
+use crate::dedupe::Position;
 use crate::layout::{Layout, DEFAULT_TEMPLATE};
 use crate::store::{Fenced, Store};
 use std::cell::Cell;
@@ -17,6 +18,7 @@ struct Fixture {
     staging: PathBuf,
     columns: Vec<Column>,
     quarantine: QuarantineConfig,
+    dedupe: crate::config::DedupeConfig,
 }
 
 impl Fixture {
@@ -31,6 +33,7 @@ impl Fixture {
             staging,
             columns: vec![Column { name: "seq".into(), source: "seq".into(), kind: "INTEGER".into() }],
             quarantine: QuarantineConfig::default(),
+            dedupe: Default::default(),
             _dir: dir,
         }
     }
@@ -45,6 +48,7 @@ impl Fixture {
             gzip_level: 1,
             staging: &self.staging,
             quarantine: &self.quarantine,
+            dedupe: &self.dedupe,
             request_timeout: Duration::from_secs(10),
             instance,
         }
@@ -72,7 +76,21 @@ fn raw(seq: i64) -> Vec<u8> {
 }
 
 fn msg(offset: i64, event_ns: i64, raw: &[u8]) -> Incoming<'_> {
-    Incoming { offset, event_time_ns: Some(event_ns), kafka_time_ms: Some(event_ns / 1_000_000), tag: "t", raw }
+    Incoming {
+        offset,
+        event_time_ns: Some(event_ns),
+        kafka_time_ms: Some(event_ns / 1_000_000),
+        tag: "t",
+        raw,
+        position: None,
+        is_watermark: false,
+    }
+}
+
+/// A record line `seq` of source "h/1", each line 10 bytes.
+fn from_file(offset: i64, seq: i64, raw: &[u8]) -> Incoming<'_> {
+    let start = seq as u64 * 10;
+    Incoming { position: Some(Position { source: "h/1", start, end: start + 10 }), ..msg(offset, T0, raw) }
 }
 
 fn roll() -> RollConfig {
@@ -149,6 +167,44 @@ async fn a_replayed_cut_waits_for_every_record_below_it_not_for_idleness() {
 }
 
 #[tokio::test]
+async fn records_re_sent_by_an_agent_are_dropped_across_cuts_and_replays() {
+    let f = Fixture::new();
+    let out = f.out("a");
+    let mut a = Partition::open(&out, "t", 0, 0, 1).await.unwrap();
+    // Lines 0..4, then the agent crashes and re-sends lines 2..6 (offsets 4..8).
+    for (offset, seq) in [(0, 0), (1, 1), (2, 2), (3, 3)] {
+        let r = raw(seq);
+        a.append(&out, &from_file(offset, seq, &r)).unwrap();
+    }
+    a.cut(&out, 4, no_commit).await.unwrap();
+    for (offset, seq) in [(4, 2), (5, 3), (6, 4), (7, 5)] {
+        let r = raw(seq);
+        a.append(&out, &from_file(offset, seq, &r)).unwrap();
+    }
+    // The owner records the cut at 8 and dies before committing.
+    a.cut(&out, 8, |_| anyhow::bail!("killed")).await.unwrap_err();
+    a.discard();
+    // The next owner replays [4, 8) from the state as of offset 4: the same two rows are new.
+    let out_b = f.out("b");
+    let mut b = Partition::open(&out_b, "t", 0, 4, 2).await.unwrap();
+    for (offset, seq) in [(4, 2), (5, 3), (6, 4), (7, 5)] {
+        let r = raw(seq);
+        b.append(&out_b, &from_file(offset, seq, &r)).unwrap();
+    }
+    b.cut(&out_b, 8, no_commit).await.unwrap();
+    // Only duplicates after that: nothing to upload, but an idle cut commits past them.
+    let r = raw(5);
+    b.append(&out_b, &from_file(8, 5, &r)).unwrap();
+    let idle = RollConfig { idle_after: Duration::ZERO, ..roll() };
+    assert_eq!(b.cut_due(&idle, Duration::ZERO, None), Some(9));
+    b.cut(&out_b, 9, no_commit).await.unwrap();
+    let rows: Vec<String> = f.objects().await.into_values().flatten().filter(|r| r != "seq").collect();
+    assert_eq!(rows, ["0", "1", "2", "3", "4", "5"]);
+    let state = crate::state::read(&f.store, "", "t", 0).await.unwrap().unwrap();
+    assert_eq!((state.committed, state.written.sources()), (9, 1));
+}
+
+#[tokio::test]
 async fn a_revoked_and_reassigned_partition_never_shares_staging_files() {
     let f = Fixture::new();
     let out = f.out("a");
@@ -206,12 +262,32 @@ async fn odd_event_times_are_quarantined_and_never_move_the_watermark() {
         let r = raw(i as i64);
         p.append(
             &out,
-            &Incoming { offset: i as i64, event_time_ns: Some(*event), kafka_time_ms: *kafka, tag: "t", raw: &r },
+            &Incoming {
+                offset: i as i64,
+                event_time_ns: Some(*event),
+                kafka_time_ms: *kafka,
+                tag: "t",
+                raw: &r,
+                position: None,
+                is_watermark: false,
+            },
         )
         .unwrap();
     }
     let r = raw(3);
-    p.append(&out, &Incoming { offset: 3, event_time_ns: None, kafka_time_ms: None, tag: "t", raw: &r }).unwrap();
+    p.append(
+        &out,
+        &Incoming {
+            offset: 3,
+            event_time_ns: None,
+            kafka_time_ms: None,
+            tag: "t",
+            raw: &r,
+            position: None,
+            is_watermark: false,
+        },
+    )
+    .unwrap();
     p.cut(&out, 4, no_commit).await.unwrap();
     let names: Vec<String> = f.objects().await.into_keys().collect();
     assert_eq!(
