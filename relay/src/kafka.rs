@@ -36,6 +36,36 @@ impl ChunkDelivery {
             self.done.notify_one();
         }
     }
+
+    /// Releases the one held while producing and waits for every report.
+    async fn all_reported(&self) {
+        let done = self.done.notified();
+        self.reported();
+        done.await;
+    }
+}
+
+/// Queues one record of `chunk`, waiting while librdkafka's queue is full. An error means it was
+/// never queued (no report will come for it).
+async fn enqueue<K: rdkafka::message::ToBytes + ?Sized>(
+    producer: &KafkaProducer,
+    mut rec: BaseRecord<'_, K, [u8], Arc<ChunkDelivery>>,
+    chunk: &ChunkDelivery,
+) -> Result<(), KafkaError> {
+    chunk.pending.fetch_add(1, Ordering::AcqRel);
+    loop {
+        match producer.send(rec) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                rec = back;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            Err((error, _)) => {
+                chunk.reported();
+                return Err(error);
+            }
+        }
+    }
 }
 
 struct DeliveryContext;
@@ -212,36 +242,20 @@ impl Kafka {
                 (None, Some(origin)) => rec = rec.key(origin.source.as_str()),
                 (None, None) => {}
             }
-            chunk.pending.fetch_add(1, Ordering::AcqRel);
-            loop {
-                match producer.send(rec) {
-                    Ok(()) => break,
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                        rec = back;
-                        tokio::time::sleep(Duration::from_millis(5)).await;
+            if let Err(error) = enqueue(producer, rec, &chunk).await {
+                match classify(topic, error) {
+                    error @ DeliveryError::TooLarge { .. } => {
+                        refused.push(Refused { json: payload.to_vec(), time_ns: entry.time.unix_nanos(), error })
                     }
-                    Err((error, _)) => {
-                        chunk.reported(); // never queued: no report will come
-                        match classify(topic, error) {
-                            error @ DeliveryError::TooLarge { .. } => refused.push(Refused {
-                                json: payload.to_vec(),
-                                time_ns: entry.time.unix_nanos(),
-                                error,
-                            }),
-                            e => sync_error = Some(e),
-                        }
+                    e => {
+                        sync_error = Some(e);
                         break;
                     }
                 }
             }
-            if sync_error.is_some() {
-                break;
-            }
         }
         // Every report must be in before the chunk is answered (and before `records` may go).
-        let done = chunk.done.notified();
-        chunk.reported();
-        done.await;
+        chunk.all_reported().await;
         if let Some(e) = sync_error {
             return Err(e);
         }
@@ -268,29 +282,15 @@ impl Kafka {
         for partition in 0..partitions as i32 {
             let headers =
                 OwnedHeaders::new_with_capacity(1).insert(Header { key: headers::WATERMARKS, value: Some("1") });
-            let mut rec = BaseRecord::<(), [u8], _>::with_opaque_to(topic, chunk.clone())
+            let rec = BaseRecord::<(), [u8], _>::with_opaque_to(topic, chunk.clone())
                 .partition(partition)
                 .payload(payload)
                 .headers(headers);
-            chunk.pending.fetch_add(1, Ordering::AcqRel);
-            loop {
-                match producer.send(rec) {
-                    Ok(()) => break,
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                        rec = back;
-                        tokio::time::sleep(Duration::from_millis(5)).await;
-                    }
-                    Err((error, _)) => {
-                        chunk.reported();
-                        chunk.error.lock().expect("error lock").get_or_insert(error);
-                        break;
-                    }
-                }
+            if let Err(error) = enqueue(&producer, rec, &chunk).await {
+                chunk.error.lock().expect("error lock").get_or_insert(error);
             }
         }
-        let done = chunk.done.notified();
-        chunk.reported();
-        done.await;
+        chunk.all_reported().await;
         if let Some(error) = chunk.error.lock().expect("error lock").take() {
             return Err(classify(topic, error));
         }
