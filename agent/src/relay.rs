@@ -154,8 +154,7 @@ impl Destination for RelayForwarder {
         record.insert("watermark_ms".into(), watermark_ms.into());
         record.insert("tags".into(), self.tags.clone().into());
         let mut builder = ChunkBuilder::new(1);
-        let now_ns = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
-        builder.push(forward::EventTime::from_unix_nanos(now_ns as i64), &record);
+        builder.push(forward::EventTime::from_unix_nanos(tron_service::clock::now_ns()), &record);
         let id = format!("wm-{}-{watermark_ms}", self.host);
         let mut chunk = Vec::new();
         rmp::encode::write_str(&mut chunk, &id).expect("vec");

@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tron_service::systemd::Heartbeat;
 use tron_service::{Health, Shutdown};
@@ -92,11 +92,18 @@ struct Cursor<B> {
     read: u64,
     /// Delivered up to here.
     acked: u64,
-    /// Sealed batches by first offset: (end offset, delivered, earliest event time in ns).
-    sealed: BTreeMap<u64, (u64, bool, i64)>,
+    /// Sealed batches by first offset.
+    sealed: BTreeMap<u64, SealedRange>,
     open: Option<OpenBatch<B>>,
     /// A multiline record read but held back until it is known to be complete.
     held: Option<Held>,
+}
+
+struct SealedRange {
+    end: u64,
+    delivered: bool,
+    /// Earliest event time (ns) of its records, for the low watermark.
+    min_time_ns: i64,
 }
 
 struct Done {
@@ -224,7 +231,7 @@ impl<D: Destination> Shipper<D> {
         self.buffered -= done.cost;
         if let Some(c) = self.cursors.get_mut(&done.fingerprint) {
             if let Some(entry) = c.sealed.get_mut(&done.first_offset) {
-                entry.1 = true;
+                entry.delivered = true;
             }
         }
     }
@@ -233,10 +240,10 @@ impl<D: Destination> Shipper<D> {
         for (fp, c) in self.cursors.iter_mut() {
             let before = c.acked;
             while let Some(entry) = c.sealed.first_entry() {
-                if !entry.get().1 {
+                if !entry.get().delivered {
                     break;
                 }
-                c.acked = entry.get().0;
+                c.acked = entry.get().end;
                 entry.remove();
             }
             if c.acked != before || self.checkpoints.get(*fp).is_none() {
@@ -324,7 +331,7 @@ impl<D: Destination> Shipper<D> {
         let budget = cfg.max_bytes.saturating_sub(open_bytes).max(1);
         let path = file.path();
         let origin = Origin { host: &self.host, path: &path, fingerprint: fp };
-        let now_ns = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as i64;
+        let now_ns = tron_service::clock::now_ns();
         let mut lines: Vec<(Record, u64, usize)> = Vec::new();
         let mut raw: Vec<Span> = Vec::new();
         let read_from = cursor.read;
@@ -468,10 +475,14 @@ impl<D: Destination> Shipper<D> {
         let meta = open.meta;
         if meta.records == 0 {
             // Only empty lines: nothing to send, but the range is done.
-            cursor.sealed.insert(meta.first_offset, (meta.end_offset, true, i64::MAX));
+            cursor.sealed.insert(
+                meta.first_offset,
+                SealedRange { end: meta.end_offset, delivered: true, min_time_ns: i64::MAX },
+            );
             return;
         }
-        cursor.sealed.insert(meta.first_offset, (meta.end_offset, false, meta.min_time_ns));
+        let range = SealedRange { end: meta.end_offset, delivered: false, min_time_ns: meta.min_time_ns };
+        cursor.sealed.insert(meta.first_offset, range);
         let sealed = Arc::new(self.dest.seal(open.builder, &meta));
         let meta = Arc::new(meta);
         self.inflight += 1;
@@ -520,12 +531,10 @@ impl<D: Destination> Shipper<D> {
     /// read of every file, or now when everything is delivered. None when a file's next line
     /// cannot be read: an unreadable file holds the watermark where it was.
     fn low_watermark_ms(&self) -> Option<i64> {
-        let mut low = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as i64;
+        let mut low = tron_service::clock::now_ns();
         for (fp, c) in &self.cursors {
-            for (_, delivered, min_time_ns) in c.sealed.values() {
-                if !delivered {
-                    low = low.min(*min_time_ns);
-                }
+            for range in c.sealed.values().filter(|r| !r.delivered) {
+                low = low.min(range.min_time_ns);
             }
             if let Some(open) = &c.open {
                 low = low.min(open.meta.min_time_ns);
@@ -537,7 +546,8 @@ impl<D: Destination> Shipper<D> {
         Some(low.div_euclid(1_000_000))
     }
 
-    /// The event time of the line at a cursor's read position; Ok(None) while it is not complete.
+    /// The event time of the line at a cursor's read position: Some(None) while that line is not
+    /// complete yet (it cannot hold the watermark back), None when it cannot be read.
     fn next_line_time(&self, fp: u64, c: &Cursor<D::Builder>) -> Option<Option<i64>> {
         use std::os::unix::fs::FileExt;
         let mut head = vec![0u8; 64 << 10];
@@ -549,7 +559,7 @@ impl<D: Destination> Shipper<D> {
         };
         let path = c.file.path();
         let origin = Origin { host: &self.host, path: &path, fingerprint: fp };
-        let now_ns = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as i64;
+        let now_ns = tron_service::clock::now_ns();
         let record = parse_line(&head[..end], c.read, &c.file.source, &self.fields, &origin, now_ns);
         Some(Some(record.time.unix_nanos()))
     }

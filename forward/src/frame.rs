@@ -183,24 +183,22 @@ impl<'a> Cursor<'a> {
 
     /// A map header at the cursor: consumes it and returns the number of pairs.
     fn map_len(&mut self) -> Option<usize> {
-        let m = *self.bytes.get(self.pos)?;
-        let (len, header) = match m {
-            0x80..=0x8f => ((m & 0x0f) as usize, 1),
-            0xde => (self.be(self.pos + 1, 2)?, 3),
-            0xdf => (self.be(self.pos + 1, 4)?, 5),
-            _ => return None,
-        };
-        self.pos += header;
-        Some(len)
+        self.container_len(0x80, 0xde)
     }
 
     /// An array header at the cursor: consumes it and returns the length.
     fn array_len(&mut self) -> Option<usize> {
+        self.container_len(0x90, 0xdc)
+    }
+
+    /// A map or array header (`fix`: its fix marker with length 0; `m16`: its 16-bit marker, the
+    /// 32-bit one follows it): consumes it and returns the length.
+    fn container_len(&mut self, fix: u8, m16: u8) -> Option<usize> {
         let m = *self.bytes.get(self.pos)?;
         let (len, header) = match m {
-            0x90..=0x9f => ((m & 0x0f) as usize, 1),
-            0xdc => (self.be(self.pos + 1, 2)?, 3),
-            0xdd => (self.be(self.pos + 1, 4)?, 5),
+            _ if m & 0xf0 == fix => ((m & 0x0f) as usize, 1),
+            _ if m == m16 => (self.be(self.pos + 1, 2)?, 3),
+            _ if m == m16 + 1 => (self.be(self.pos + 1, 4)?, 5),
             _ => return None,
         };
         self.pos += header;

@@ -15,7 +15,7 @@ use futures::{SinkExt, StreamExt};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinSet;
@@ -262,7 +262,7 @@ async fn deliver(
         Ok(dead) => {
             let delivered = batch.records.records.len() - dead;
             metrics::counter!("tron_relay_records_delivered_total").increment(delivered as u64);
-            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as i64;
+            let now = tron_service::clock::now_ns();
             let latency = metrics::histogram!("tron_relay_event_to_kafka_seconds");
             for e in &batch.records.records {
                 latency.record((now - e.time.unix_nanos()).max(0) as f64 / 1e9);

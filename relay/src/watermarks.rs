@@ -16,7 +16,8 @@ use crate::route::Router;
 use forward::Records;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+use tron_service::clock::now_ms;
 use tron_service::Shutdown;
 
 /// The reserved tag agents send their reports on; nothing sent on it is written as a record.
@@ -41,10 +42,6 @@ struct Report {
     host: String,
     watermark_ms: i64,
     tags: Vec<String>,
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis() as i64
 }
 
 impl Watermarks {

@@ -2,6 +2,7 @@
 //! endpoint, systemd readiness and watchdog, shutdown signals, and TLS material.
 
 pub mod backoff;
+pub mod clock;
 pub mod config;
 pub mod daemon;
 pub mod fs;

@@ -265,21 +265,19 @@ impl Partition {
         if msg.is_watermark {
             // Not a message for idleness: a partition that only gets watermarks is caught up.
             self.read_watermarks(msg);
-            self.first_staged_at.get_or_insert_with(Instant::now);
-            self.next_offset = msg.offset + 1;
+            self.pass_over(msg.offset);
             return Ok(());
         }
         self.last_message_at = Instant::now();
         match msg.position {
-            Some(_) => self.tracked_read = true,
             None => self.untracked_read = true,
-        }
-        if let Some(position) = msg.position {
-            if self.written.admit(position, msg.kafka_time_ms.unwrap_or(0)) == Verdict::Duplicate {
-                metrics::counter!("tron_sink_duplicates_dropped_total", "topic" => self.topic.clone()).increment(1);
-                self.first_staged_at.get_or_insert_with(Instant::now);
-                self.next_offset = msg.offset + 1;
-                return Ok(());
+            Some(position) => {
+                self.tracked_read = true;
+                if self.written.admit(position, msg.kafka_time_ms.unwrap_or(0)) == Verdict::Duplicate {
+                    metrics::counter!("tron_sink_duplicates_dropped_total", "topic" => self.topic.clone()).increment(1);
+                    self.pass_over(msg.offset);
+                    return Ok(());
+                }
             }
         }
         let (bucket, time_ns) = msg.classify(out.quarantine);
@@ -335,6 +333,13 @@ impl Partition {
         self.first_staged_at.get_or_insert_with(Instant::now);
         self.next_offset = msg.offset + 1;
         Ok(())
+    }
+
+    /// A message read that stages nothing (a watermark message, a duplicate): the next cut commits
+    /// past it, at the latest `roll.max_age` from now.
+    fn pass_over(&mut self, offset: i64) {
+        self.first_staged_at.get_or_insert_with(Instant::now);
+        self.next_offset = offset + 1;
     }
 
     fn read_watermarks(&mut self, msg: &Incoming<'_>) {
