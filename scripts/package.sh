@@ -17,13 +17,20 @@ for want in ./usr/bin/tron-agent ./usr/bin/tron-relay ./usr/bin/tron-sink-secor 
   ./lib/systemd/system/tron-agent.service ./lib/systemd/system/tron-relay.service \
   ./lib/systemd/system/tron-sink-secor.service ./usr/share/doc/tron/examples/agent.toml \
   ./usr/share/doc/tron/examples/relay.toml ./usr/share/doc/tron/examples/sink-secor.toml \
-  ./usr/share/doc/tron/deployment.md; do
+  ./usr/share/doc/tron/deployment.md ./etc/tron/agent.toml ./etc/tron/relay.toml ./etc/tron/sink-secor.toml; do
   grep -qxF "$want" <<<"$contents" || { echo "FAIL: $deb lacks $want"; exit 1; }
 done
 # Captured first, then searched: `dpkg-deb | grep -q` under pipefail fails whenever grep exits at the
 # first match and dpkg-deb dies of SIGPIPE, which depends on timing.
 info=$(dpkg-deb --info "$deb")
 grep -q 'postinst' <<<"$info" || { echo "FAIL: $deb has no postinst (service users)"; exit 1; }
+grep -q 'prerm' <<<"$info" || { echo "FAIL: $deb has no prerm (stops the services on removal)"; exit 1; }
+# librdkafka is linked against the system OpenSSL (TLS and SASL to Kafka): the package must say so.
+grep -Eq '^ Depends:.*libssl' <<<"$info" || { echo "FAIL: $deb does not depend on libssl"; echo "$info"; exit 1; }
+conffiles=$(dpkg-deb --info "$deb" conffiles)
+for conf in /etc/tron/agent.toml /etc/tron/relay.toml /etc/tron/sink-secor.toml; do
+  grep -qxF "$conf" <<<"$conffiles" || { echo "FAIL: $conf is not a conffile (an upgrade would overwrite it)"; exit 1; }
+done
 echo "contents: ok ($(wc -l <<<"$contents") entries)"
 
 root=$(mktemp -d)
@@ -31,7 +38,7 @@ trap 'rm -rf "$root"' EXIT
 dpkg -x "$deb" "$root"
 for bin in agent relay sink-secor; do
   "$root/usr/bin/tron-$bin" --version >/dev/null
-  "$root/usr/bin/tron-$bin" --config "$root/usr/share/doc/tron/examples/$bin.toml" --check-config
+  "$root/usr/bin/tron-$bin" --config "$root/etc/tron/$bin.toml" --check-config
 done
 
 # verify resolves ExecStart; point it at the unpacked binaries, and treat any finding as a failure

@@ -164,6 +164,43 @@ pub struct S3Config {
     pub multipart_threshold_bytes: usize,
     #[serde(default = "default_multipart_part")]
     pub multipart_part_bytes: usize,
+    /// Server-side encryption of every object: `AES256` (SSE-S3) or `aws:kms` (SSE-KMS, with
+    /// `sse_kms_key_id`, or the bucket's default KMS key). Unset: the bucket's default.
+    pub sse: Option<Sse>,
+    pub sse_kms_key_id: Option<String>,
+    /// `STANDARD`, `STANDARD_IA`, `INTELLIGENT_TIERING`, `GLACIER_IR`, … Unset: STANDARD.
+    pub storage_class: Option<String>,
+    /// A profile of ~/.aws/config and ~/.aws/credentials (unreadable under the unit's
+    /// ProtectHome=yes: point AWS_CONFIG_FILE / AWS_SHARED_CREDENTIALS_FILE elsewhere).
+    pub profile: Option<String>,
+    /// A role to assume (STS AssumeRole) with the credentials found otherwise.
+    pub role_arn: Option<String>,
+    #[serde(default = "default_role_session_name")]
+    pub role_session_name: String,
+    /// `when_supported` (the SDK's default: a CRC checksum on every upload) or `when_required`,
+    /// for S3-compatible stores that reject the SDK's default checksums.
+    #[serde(default)]
+    pub checksums: Checksums,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+pub enum Sse {
+    #[serde(rename = "AES256")]
+    Aes256,
+    #[serde(rename = "aws:kms")]
+    Kms,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Checksums {
+    #[default]
+    WhenSupported,
+    WhenRequired,
+}
+
+fn default_role_session_name() -> String {
+    "tron-agent".into()
 }
 
 fn default_multipart_threshold() -> usize {
@@ -274,6 +311,18 @@ impl AgentConfig {
             check_batch("destinations.s3.batch", &s3.batch)?;
             if s3.multipart_part_bytes < 5 << 20 {
                 return err("destinations.s3.multipart_part_bytes".into(), "S3 parts must be at least 5 MiB (5242880)");
+            }
+            if s3.sse_kms_key_id.is_some() && s3.sse != Some(Sse::Kms) {
+                return err("destinations.s3.sse_kms_key_id".into(), "needs sse = \"aws:kms\"");
+            }
+            if let Some(class) = &s3.storage_class {
+                let known = aws_sdk_s3::types::StorageClass::values();
+                if !known.contains(&class.as_str()) {
+                    return Err((
+                        "destinations.s3.storage_class".into(),
+                        format!("{class:?} is not one of {}", known.join(", ")),
+                    ));
+                }
             }
         }
         if let Some(r) = &self.destinations.relay {

@@ -1,10 +1,12 @@
 //! The S3 archive: one gzip NDJSON object per batch (one file, one event hour), named after the
 //! data it holds so a retried upload overwrites instead of duplicating.
 
-use crate::config::{BatchConfig, S3Config};
+use crate::config::{BatchConfig, Checksums, S3Config, Sse};
 use crate::parse::Record;
 use crate::ship::{BatchMeta, Destination};
+use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation, SharedCredentialsProvider};
 use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{ServerSideEncryption, StorageClass};
 use flate2::write::GzEncoder;
 use std::io::Write;
 use std::path::PathBuf;
@@ -14,9 +16,61 @@ enum Store {
     S3 {
         client: aws_sdk_s3::Client,
         bucket: String,
+        put: PutOptions,
     },
     /// `file://` stand-in: the same keys under a local directory.
     Dir(PathBuf),
+}
+
+/// What every object is written with (the multipart upload's create call carries the same).
+struct PutOptions {
+    sse: Option<ServerSideEncryption>,
+    kms_key_id: Option<String>,
+    storage_class: Option<StorageClass>,
+}
+
+impl From<&S3Config> for PutOptions {
+    fn from(cfg: &S3Config) -> Self {
+        PutOptions {
+            sse: cfg.sse.map(|sse| match sse {
+                Sse::Aes256 => ServerSideEncryption::Aes256,
+                Sse::Kms => ServerSideEncryption::AwsKms,
+            }),
+            kms_key_id: cfg.sse_kms_key_id.clone(),
+            storage_class: cfg.storage_class.as_deref().map(StorageClass::from),
+        }
+    }
+}
+
+/// The S3 client: the SDK's default credential chain (environment, web identity, ECS/EC2
+/// metadata, ~/.aws), or a named profile, optionally assuming `role_arn` with those credentials.
+async fn client(cfg: &S3Config) -> aws_sdk_s3::Client {
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
+    if let Some(region) = &cfg.region {
+        loader = loader.region(aws_config::Region::new(region.clone()));
+    }
+    if let Some(profile) = &cfg.profile {
+        loader = loader.profile_name(profile);
+    }
+    let mut shared = loader.load().await;
+    if let Some(role) = &cfg.role_arn {
+        let provider = aws_config::sts::AssumeRoleProvider::builder(role)
+            .session_name(&cfg.role_session_name)
+            .configure(&shared)
+            .build()
+            .await;
+        shared = shared.into_builder().credentials_provider(SharedCredentialsProvider::new(provider)).build();
+    }
+    let mut s3 = aws_sdk_s3::config::Builder::from(&shared);
+    if let Some(endpoint) = &cfg.endpoint {
+        s3 = s3.endpoint_url(endpoint).force_path_style(true);
+    }
+    if cfg.checksums == Checksums::WhenRequired {
+        s3 = s3
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+    }
+    aws_sdk_s3::Client::from_conf(s3.build())
 }
 
 pub struct S3Archive {
@@ -38,17 +92,9 @@ impl S3Archive {
         } else {
             let rest = cfg.url.strip_prefix("s3://").expect("validated");
             let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-            let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-            if let Some(region) = &cfg.region {
-                loader = loader.region(aws_config::Region::new(region.clone()));
-            }
-            let shared = loader.load().await;
-            let mut s3 = aws_sdk_s3::config::Builder::from(&shared);
-            if let Some(endpoint) = &cfg.endpoint {
-                s3 = s3.endpoint_url(endpoint).force_path_style(true);
-            }
-            let client = aws_sdk_s3::Client::from_conf(s3.build());
-            (Store::S3 { client, bucket: bucket.to_string() }, prefix.trim_matches('/').to_string())
+            let client = client(cfg).await;
+            let put = PutOptions::from(cfg);
+            (Store::S3 { client, bucket: bucket.to_string(), put }, prefix.trim_matches('/').to_string())
         };
         Ok(S3Archive {
             store,
@@ -127,14 +173,17 @@ impl Destination for S3Archive {
 
     async fn send(self: Arc<Self>, sealed: Arc<SealedObject>, _meta: Arc<BatchMeta>) -> Result<(), String> {
         match &self.store {
-            Store::S3 { client, bucket } if sealed.body.len() > self.multipart_threshold => {
-                multipart_put(client, bucket, &sealed.key, &sealed.body, self.part_size).await
+            Store::S3 { client, bucket, put } if sealed.body.len() > self.multipart_threshold => {
+                multipart_put(client, bucket, put, &sealed.key, &sealed.body, self.part_size).await
             }
-            Store::S3 { client, bucket } => client
+            Store::S3 { client, bucket, put } => client
                 .put_object()
                 .bucket(bucket)
                 .key(&sealed.key)
                 .content_type("application/x-ndjson")
+                .set_server_side_encryption(put.sse.clone())
+                .set_ssekms_key_id(put.kms_key_id.clone())
+                .set_storage_class(put.storage_class.clone())
                 .body(ByteStream::from(sealed.body.clone()))
                 .send()
                 .await
@@ -158,6 +207,7 @@ impl Destination for S3Archive {
 async fn multipart_put(
     client: &aws_sdk_s3::Client,
     bucket: &str,
+    put: &PutOptions,
     key: &str,
     body: &bytes::Bytes,
     part_size: usize,
@@ -169,6 +219,9 @@ async fn multipart_put(
         .bucket(bucket)
         .key(key)
         .content_type("application/x-ndjson")
+        .set_server_side_encryption(put.sse.clone())
+        .set_ssekms_key_id(put.kms_key_id.clone())
+        .set_storage_class(put.storage_class.clone())
         .send()
         .await
         .map_err(|e| fail(aws_sdk_s3::error::DisplayErrorContext(e).to_string()))?;

@@ -218,6 +218,12 @@ impl RelayConfig {
                 return Err((format!("kafka.routes[{i}].topic"), "must not be empty".into()));
             }
         }
-        Ok(())
+        let client = crate::kafka::client_config(&self.kafka, self.limits.max_inflight_bytes);
+        tron_service::kafka::check::<rdkafka::producer::BaseProducer>(
+            &client,
+            "kafka",
+            &self.kafka.properties,
+            crate::kafka::TYPED_KEYS,
+        )
     }
 }

@@ -129,26 +129,42 @@ impl DeliveryError {
     }
 }
 
+/// The producer's librdkafka configuration: our settings, then `kafka.properties` over them.
+pub fn client_config(cfg: &KafkaConfig, max_inflight_bytes: usize) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", &cfg.brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", cfg.linger.as_millis().to_string())
+        .set("batch.size", cfg.batch_bytes.to_string())
+        .set("compression.type", &cfg.compression)
+        .set("message.timeout.ms", cfg.delivery_timeout.as_millis().to_string())
+        // Tied to the relay's budget: what the budget admits fits in librdkafka's queue (a
+        // full queue makes the producing chunk wait, it is never refused).
+        .set("queue.buffering.max.messages", "2000000")
+        .set("queue.buffering.max.kbytes", (max_inflight_bytes / 1024).clamp(1024, 2_097_151).to_string());
+    for (k, v) in &cfg.properties {
+        client.set(k, v);
+    }
+    client
+}
+
+/// Our keys behind the librdkafka properties [`client_config`] sets, for errors.
+pub const TYPED_KEYS: tron_service::kafka::TypedKeys = &[
+    ("bootstrap.servers", "kafka.brokers"),
+    ("linger.ms", "kafka.linger"),
+    ("batch.size", "kafka.batch_bytes"),
+    ("compression.type", "kafka.compression"),
+    ("message.timeout.ms", "kafka.delivery_timeout"),
+    ("queue.buffering.max.kbytes", "limits.max_inflight_bytes"),
+];
+
 impl Kafka {
     /// `max_inflight_bytes`: the relay's budget; librdkafka's queue is capped to the same bytes,
     /// so records waiting for Kafka are held once, within the bound, not twice.
     pub fn new(cfg: &KafkaConfig, max_inflight_bytes: usize) -> anyhow::Result<Self> {
-        let mut client = ClientConfig::new();
-        client
-            .set("bootstrap.servers", &cfg.brokers)
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("linger.ms", cfg.linger.as_millis().to_string())
-            .set("batch.size", cfg.batch_bytes.to_string())
-            .set("compression.type", &cfg.compression)
-            .set("message.timeout.ms", cfg.delivery_timeout.as_millis().to_string())
-            // Tied to the relay's budget: what the budget admits fits in librdkafka's queue (a
-            // full queue makes the producing chunk wait, it is never refused).
-            .set("queue.buffering.max.messages", "2000000")
-            .set("queue.buffering.max.kbytes", (max_inflight_bytes / 1024).clamp(1024, 2_097_151).to_string());
-        for (k, v) in &cfg.properties {
-            client.set(k, v);
-        }
+        let client = client_config(cfg, max_inflight_bytes);
         let producer: KafkaProducer = client.create_with_context(DeliveryContext)?;
         Ok(Kafka { producer: RwLock::new(Arc::new(producer)), client, key_field: cfg.key_field.clone() })
     }

@@ -56,7 +56,9 @@ where
 /// Keys whose value may instead be read from a file named by `{key}_file` (for systemd
 /// `LoadCredential=`, or any file only the service can read): a secret in the configuration file,
 /// or in an `Environment=` line, is visible to every local user through `systemctl show`.
-pub const SECRET_KEYS: &[&str] = &["shared_key", "password"];
+/// The dotted ones are librdkafka properties in `[kafka.properties]` (`"sasl.password_file" = …`).
+pub const SECRET_KEYS: &[&str] =
+    &["shared_key", "password", "sasl.password", "ssl.key.password", "sasl.oauthbearer.client.secret"];
 
 /// Replaces every `{key}_file = "PATH"` (for the keys in [`SECRET_KEYS`]) by `{key}` = the file's
 /// contents without a trailing newline. Err: the key's path and the problem.
@@ -255,6 +257,26 @@ mod tests {
         let msg = parse(missing, Path::new("/x.toml"), |_: &WithSecrets| Ok(())).unwrap_err().to_string();
         assert!(msg.contains("key `security.users[0].password_file`: cannot read /nonexistent/pw"), "{msg}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_kafka_sasl_password_comes_from_a_file() {
+        #[derive(serde::Deserialize)]
+        struct K {
+            kafka: KafkaProps,
+        }
+        #[derive(serde::Deserialize)]
+        struct KafkaProps {
+            properties: std::collections::BTreeMap<String, String>,
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let pw = dir.path().join("kafka-password");
+        std::fs::write(&pw, "hunter2\n").unwrap();
+        let text =
+            format!("[kafka.properties]\n\"sasl.username\" = 'u'\n\"sasl.password_file\" = '{}'\n", pw.display());
+        let cfg: K = parse(&text, Path::new("/x.toml"), |_: &K| Ok(())).unwrap();
+        assert_eq!(cfg.kafka.properties["sasl.password"], "hunter2");
+        assert!(!cfg.kafka.properties.contains_key("sasl.password_file"));
     }
 
     #[test]

@@ -8,6 +8,8 @@ pub mod daemon;
 pub mod fs;
 pub mod headers;
 pub mod http;
+#[cfg(feature = "kafka")]
+pub mod kafka;
 pub mod shutdown;
 pub mod systemd;
 pub mod telemetry;

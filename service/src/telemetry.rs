@@ -9,6 +9,9 @@ pub fn init_logging() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        // stderr: stdout belongs to what a subcommand prints (a bq command, a schema), and a
+        // log line there (librdkafka reporting an unreachable broker) would corrupt it.
+        .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }

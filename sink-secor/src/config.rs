@@ -41,8 +41,16 @@ pub struct KafkaConfig {
 pub struct OutputConfig {
     /// `gs://bucket/prefix` or `file:///directory`.
     pub url: String,
-    /// GCS JSON API endpoint override (an emulator); requests are then unauthenticated.
+    /// GCS JSON API endpoint override (an emulator, a private endpoint). Authentication still
+    /// applies unless `anonymous = true`.
     pub endpoint: Option<String>,
+    /// A service-account key or workload identity federation (`external_account`) JSON file.
+    /// Unset: Application Default Credentials (GOOGLE_APPLICATION_CREDENTIALS, gcloud's ADC
+    /// file, then the metadata server).
+    pub credentials_file: Option<PathBuf>,
+    /// Unauthenticated requests, for an emulator (fake-gcs-server) only.
+    #[serde(default)]
+    pub anonymous: bool,
     #[serde(default)]
     pub format: Format,
     /// CSV/TSV columns, in order. Default: time, tag, record.
@@ -205,6 +213,9 @@ pub struct BigQueryConfig {
     /// Table per topic; default: the topic name with `.`/`-` as `_`.
     #[serde(default)]
     pub tables: BTreeMap<String, String>,
+    /// `bq load --max_bad_records`: 0, since every row is written from the same typed columns.
+    #[serde(default)]
+    pub max_bad_records: u32,
 }
 
 fn default_metrics_listen() -> SocketAddr {
@@ -233,6 +244,14 @@ impl SinkConfig {
         if !(self.output.url.starts_with("gs://") || self.output.url.starts_with("file://")) {
             return err("output.url".into(), "must start with gs:// or file://");
         }
+        if self.output.anonymous && self.output.credentials_file.is_some() {
+            return err("output.anonymous".into(), "cannot be true when output.credentials_file is set");
+        }
+        if let Some(file) = &self.output.credentials_file {
+            if let Err(e) = std::fs::metadata(file) {
+                return Err(("output.credentials_file".into(), format!("{}: {e}", file.display())));
+            }
+        }
         for (i, c) in self.output.columns.iter().enumerate() {
             if !["STRING", "INTEGER", "FLOAT", "BOOLEAN", "TIMESTAMP", "JSON"].contains(&c.kind.as_str()) {
                 return err(
@@ -260,7 +279,13 @@ impl SinkConfig {
         }
         crate::layout::check_distinct(&self.layout(), &self.kafka.topics)
             .map_err(|m| ("output.path".to_string(), m))?;
-        Ok(())
+        let client = crate::consumer::client_config(&self.kafka);
+        tron_service::kafka::check::<rdkafka::consumer::BaseConsumer>(
+            &client,
+            "kafka",
+            &self.kafka.properties,
+            crate::consumer::TYPED_KEYS,
+        )
     }
 
     pub fn layout(&self) -> crate::layout::Layout {

@@ -7,7 +7,7 @@
 //! which makes librdkafka stop fetching). Each assignment of a partition gets an epoch; a message
 //! or a `Partition` of an older epoch is never mixed with a newer one.
 
-use crate::config::SinkConfig;
+use crate::config::{KafkaConfig, SinkConfig};
 use crate::dedupe::Position;
 use crate::finalize::Finalizer;
 use crate::partition::{Incoming, Output, Partition, StagingError};
@@ -95,20 +95,30 @@ impl ConsumerContext for GroupContext {
 
 type GroupConsumer = StreamConsumer<GroupContext>;
 
-pub fn create(cfg: &SinkConfig) -> anyhow::Result<GroupConsumer> {
+/// The consumer's librdkafka configuration: our settings, then `kafka.properties` over them.
+pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     let mut client = ClientConfig::new();
     client
-        .set("bootstrap.servers", &cfg.kafka.brokers)
-        .set("group.id", &cfg.kafka.group_id)
+        .set("bootstrap.servers", &cfg.brokers)
+        .set("group.id", &cfg.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed")
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000");
-    for (k, v) in &cfg.kafka.properties {
+    for (k, v) in &cfg.properties {
         client.set(k, v);
     }
+    client
+}
+
+/// Our keys behind the librdkafka properties [`client_config`] sets, for errors.
+pub const TYPED_KEYS: tron_service::kafka::TypedKeys =
+    &[("bootstrap.servers", "kafka.brokers"), ("group.id", "kafka.group_id")];
+
+pub fn create(cfg: &SinkConfig) -> anyhow::Result<GroupConsumer> {
+    let client = client_config(&cfg.kafka);
     let consumer: GroupConsumer = client.create_with_context(GroupContext::default())?;
     let topics: Vec<&str> = cfg.kafka.topics.iter().map(String::as_str).collect();
     consumer.subscribe(&topics)?;

@@ -15,7 +15,7 @@ mod store;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use config::SinkConfig;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use tron_service::daemon::{self, Daemon};
 
@@ -39,14 +39,34 @@ enum Command {
         #[arg(long)]
         topic: String,
     },
-    /// Print the `bq load` command that (re)loads one hour, idempotently.
+    /// Write the table schema to --schema-file and print the `bq load` command that (re)loads
+    /// one hour, idempotently: shell-quoted (run it with `eval`), or with --json as an argv list.
     BqLoadCommand {
         #[arg(long)]
         topic: String,
         /// UTC hour as YYYY-MM-DDTHH.
         #[arg(long)]
         hour: String,
+        /// Where to write the schema the command names; on the machine that runs `bq`.
+        #[arg(long)]
+        schema_file: PathBuf,
+        /// Print a JSON array: ["bq", "load", …].
+        #[arg(long)]
+        json: bool,
     },
+}
+
+fn print_load_command(cfg: &SinkConfig, topic: &str, hour: &str, schema_file: &Path, json: bool) -> anyhow::Result<()> {
+    let argv = bq::load_argv(cfg, topic, hour, schema_file)?;
+    let schema = serde_json::to_vec_pretty(&bq::schema(cfg)).expect("json");
+    std::fs::write(schema_file, schema).map_err(|e| anyhow::anyhow!("--schema-file {}: {e}", schema_file.display()))?;
+    if json {
+        let full: Vec<&str> = std::iter::once("bq").chain(argv.iter().map(String::as_str)).collect();
+        println!("{}", serde_json::to_string(&full).expect("json"));
+    } else {
+        println!("{}", bq::shell_line(&argv));
+    }
+    Ok(())
 }
 
 /// Joins a key prefix and a name with exactly one `/`.
@@ -69,12 +89,9 @@ fn main() -> ExitCode {
             println!("{}", serde_json::to_string_pretty(&bq::schema(&cfg)).expect("json"));
             return ExitCode::SUCCESS;
         }
-        Some(Command::BqLoadCommand { topic, hour }) => {
-            return match bq::load_command(&cfg, &topic, &hour) {
-                Ok(cmd) => {
-                    println!("{cmd}");
-                    ExitCode::SUCCESS
-                }
+        Some(Command::BqLoadCommand { topic, hour, schema_file, json }) => {
+            return match print_load_command(&cfg, &topic, &hour, &schema_file, json) {
+                Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("tron-sink-secor: {e}");
                     ExitCode::FAILURE
@@ -91,7 +108,7 @@ async fn run(cfg: SinkConfig, daemon: Daemon) -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&cfg.staging_dir);
     std::fs::create_dir_all(&cfg.staging_dir).with_context(|| format!("staging_dir {}", cfg.staging_dir.display()))?;
     let (bucket, _) = cfg.split_url();
-    let store = store::Store::open(&bucket, cfg.output.endpoint.as_deref()).await?;
+    let store = store::Store::open(&bucket, &cfg.output).await?;
     // /health names GCS from the start: a missing bucket or refused credentials show at once.
     let (_, prefix) = cfg.split_url();
     let state_prefix = join_key(&prefix, "_tron/state/");

@@ -6,6 +6,8 @@
 //! instance that lost its partitions: its next state write fails with [`Fenced`] instead of
 //! landing over the new owner's.
 
+use crate::config::OutputConfig;
+use gcloud_storage::client::google_cloud_auth::credentials::CredentialsFile;
 use gcloud_storage::client::{Client, ClientConfig};
 use gcloud_storage::http::objects::download::Range;
 use gcloud_storage::http::objects::get::GetObjectRequest;
@@ -58,20 +60,35 @@ pub enum Store {
 }
 
 impl Store {
-    /// `gs://bucket` or `file:///dir`. `endpoint` points the GCS client at an emulator (no auth).
-    pub async fn open(url: &str, endpoint: Option<&str>) -> anyhow::Result<Self> {
+    /// `gs://bucket` or `file:///dir`, authenticated as `output` says.
+    pub async fn open(url: &str, output: &OutputConfig) -> anyhow::Result<Self> {
         if let Some(dir) = url.strip_prefix("file://") {
             std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("{dir}: cannot create: {e}"))?;
             return Ok(Store::Dir(dir.into()));
         }
         let bucket =
             url.strip_prefix("gs://").ok_or_else(|| anyhow::anyhow!("{url}: expected gs://bucket or file:///dir"))?;
-        let config = match endpoint {
-            Some(ep) => ClientConfig { storage_endpoint: ep.trim_end_matches('/').to_string(), ..Default::default() }
-                .anonymous(),
-            None => ClientConfig::default().with_auth().await.map_err(|e| {
-                anyhow::anyhow!("GCS credentials (GOOGLE_APPLICATION_CREDENTIALS or metadata server): {e}")
-            })?,
+        let mut config = ClientConfig::default();
+        if let Some(ep) = &output.endpoint {
+            config.storage_endpoint = ep.trim_end_matches('/').to_string();
+        }
+        let config = if output.anonymous {
+            config.anonymous()
+        } else if let Some(file) = &output.credentials_file {
+            let path = file.display().to_string();
+            let credentials = CredentialsFile::new_from_file(path.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("output.credentials_file = {path}: {e}"))?;
+            config
+                .with_credentials(credentials)
+                .await
+                .map_err(|e| anyhow::anyhow!("output.credentials_file = {path}: {e}"))?
+        } else {
+            config.with_auth().await.map_err(|e| {
+                anyhow::anyhow!(
+                    "GCS Application Default Credentials (GOOGLE_APPLICATION_CREDENTIALS, gcloud's ADC file, or the metadata server): {e}; set output.credentials_file, or output.anonymous = true for an emulator"
+                )
+            })?
         };
         Ok(Store::Gcs { client: Box::new(Client::new(config)), bucket: bucket.trim_end_matches('/').to_string() })
     }

@@ -7,7 +7,6 @@ import os
 import random
 import shutil
 import stat
-import time
 
 import tron
 

@@ -49,3 +49,57 @@ def test_large_batches_use_multipart_and_keep_every_line(services, certs, workro
     print("multipart: %d objects, %d multipart (%s)" % (len(objects()), len(multipart),
                                                          [(o["Size"], o["ETag"]) for o in multipart]))
     assert agent.stop() == 0
+
+
+def archive_with(services, certs, workroot, procs, name, env_extra, **s3_options):
+    """An agent archiving one small file to s3://{name}/a with `s3_options`; returns it and the client."""
+    work = os.path.join(workroot, name)
+    logs = os.path.join(work, "logs")
+    os.makedirs(logs)
+    services.create_s3_bucket(name)
+    cfg = tron.agent_config(work, os.path.join(logs, "*.log"), "s3://%s/a" % name, None, certs,
+                            s3_endpoint=services.s3_endpoint)
+    cfg["destinations"]["s3"].update(s3_options)
+    cfg["destinations"]["s3"]["batch"].update(max_age="1s")
+    with open(os.path.join(logs, "app.log"), "w") as f:
+        for i in range(1000):
+            f.write(json.dumps({"seq": i}) + "\n")
+    env = dict(tron.servers.S3_CREDENTIALS)
+    env.update(env_extra)
+    agent = tron.Proc("agent", "tron-agent", cfg, work, env=env)
+    procs.append(agent)
+    agent.start()
+    return agent, services.s3_client()
+
+
+def test_objects_carry_sse_kms_and_storage_class_under_an_assumed_role(services, certs, workroot, procs):
+    # STS is moto too (the SDK's per-service endpoint variable), so AssumeRole is a real call.
+    agent, client = archive_with(
+        services, certs, workroot, procs, "sse-kms", {"AWS_ENDPOINT_URL_STS": services.s3_endpoint},
+        sse="aws:kms", sse_kms_key_id="arn:aws:kms:us-east-1:123456789012:key/tron-archive",
+        storage_class="STANDARD_IA", role_arn="arn:aws:iam::123456789012:role/tron-archive",
+        checksums="when_required")
+
+    def listed():
+        return client.list_objects_v2(Bucket="sse-kms").get("Contents", [])
+
+    tron.wait_until("the archive object", listed, timeout=60, on_timeout=agent.tail)
+    head = client.head_object(Bucket="sse-kms", Key=listed()[0]["Key"])
+    assert head["ServerSideEncryption"] == "aws:kms", head
+    assert head["SSEKMSKeyId"].endswith("tron-archive"), head
+    assert head["StorageClass"] == "STANDARD_IA", head
+    body = client.get_object(Bucket="sse-kms", Key=listed()[0]["Key"])["Body"].read()
+    assert sorted(json.loads(line)["seq"] for line in tron.read_gz_lines(body)) == list(range(1000))
+
+
+def test_an_unreachable_sts_fails_uploads_so_the_role_is_really_used(services, certs, workroot, procs):
+    closed = "http://127.0.0.1:%d" % tron.servers.free_port()
+    agent, client = archive_with(services, certs, workroot, procs, "sts-down", {"AWS_ENDPOINT_URL_STS": closed},
+                                 role_arn="arn:aws:iam::123456789012:role/tron-archive")
+
+    def failing():
+        return (tron.metric(agent.metrics(), "tron_agent_send_retries_total", destination="s3") or 0) > 0
+
+    tron.wait_until("S3 uploads failing for want of the role's credentials", failing, timeout=90,
+                    on_timeout=agent.tail)
+    assert client.list_objects_v2(Bucket="sts-down").get("KeyCount", 0) == 0

@@ -1,5 +1,7 @@
 """Bad configuration is refused at start with the file, the key's path and the problem."""
+import json
 import os
+import sys
 import subprocess
 
 import tron
@@ -63,31 +65,71 @@ def test_example_configs_are_valid():
         assert out.returncode == 0, "%s: %s" % (path, out.stderr)
 
 
-def test_bq_commands():
+def bq_argv(config, topic, hour, schema_file):
+    out = subprocess.run([os.path.join(tron.BIN, "tron-sink-secor"), "--config", str(config), "bq-load-command",
+                          "--topic", topic, "--hour", hour, "--schema-file", str(schema_file), "--json"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_bq_commands(tmp_path):
     path = os.path.join(tron.ROOT, "examples", "sink-secor.toml")
     sink = os.path.join(tron.BIN, "tron-sink-secor")
     schema = subprocess.run([sink, "--config", path, "bq-schema", "--topic", "logs"], capture_output=True, text=True)
     assert schema.returncode == 0, schema.stderr
-    import json
     assert [c["name"] for c in json.loads(schema.stdout)] == ["time", "host", "message", "record"]
-    cmd = subprocess.run([sink, "--config", path, "bq-load-command", "--topic", "logs", "--hour", "2026-11-22T03"],
-                         capture_output=True, text=True)
-    assert cmd.returncode == 0, cmd.stderr
-    out = cmd.stdout
-    assert "'logs.app_logs$2026112203'" in out and "--replace" in out, out
-    assert "gs://my-warehouse/tron/logs/dt=2026-11-22/hr=03/*.csv.gz" in out, out
-    assert "{dt:DATE}/{hr:INTEGER}" in out, out
+    schema_file = tmp_path / "schema.json"
+    argv = bq_argv(path, "logs", "2026-11-22T03", schema_file)
+    assert argv == [
+        "bq", "load", "--source_format=CSV", "--allow_quoted_newlines", "--field_delimiter=,",
+        "--max_bad_records=0", "--replace", "--time_partitioning_type=HOUR", "--time_partitioning_field=time",
+        "--hive_partitioning_mode=CUSTOM",
+        "--hive_partitioning_source_uri_prefix=gs://my-warehouse/tron/logs/{dt:DATE}/{hr:INTEGER}",
+        "logs.app_logs$2026112203", "gs://my-warehouse/tron/logs/dt=2026-11-22/hr=03/*.csv.gz", str(schema_file)]
+    assert json.loads(schema_file.read_text()) == json.loads(schema.stdout)
 
 
 def test_bq_command_for_a_topic_with_its_own_path(tmp_path):
     path = tmp_path / "sink.toml"
     path.write_text('staging_dir = "/tmp/x"\n[kafka]\nbrokers = "x"\ngroup_id = "g"\ntopics = ["web", "app"]\n'
-                    '[output]\nurl = "gs://b/p"\n[output.topic_paths]\nweb = "web-archive/%Y/%m/%d/%H"\n')
-    sink = os.path.join(tron.BIN, "tron-sink-secor")
-    web = subprocess.run([sink, "--config", str(path), "bq-load-command", "--topic", "web", "--hour", "2026-11-22T03"],
-                         capture_output=True, text=True)
-    assert web.returncode == 0, web.stderr
-    assert "'gs://b/p/web-archive/2026/11/22/03/*.csv.gz'" in web.stdout and "hive_partitioning" not in web.stdout, web.stdout
-    app = subprocess.run([sink, "--config", str(path), "bq-load-command", "--topic", "app", "--hour", "2026-11-22T03"],
-                         capture_output=True, text=True)
-    assert "'gs://b/p/app/dt=2026-11-22/hr=03/*.csv.gz'" in app.stdout and "{dt:DATE}" in app.stdout, app.stdout
+                    '[output]\nurl = "gs://b/p"\nformat = "tsv"\n[output.topic_paths]\nweb = "web-archive/%Y/%m/%d/%H"\n')
+    web = bq_argv(path, "web", "2026-11-22T03", tmp_path / "s.json")
+    assert web[-2] == "gs://b/p/web-archive/2026/11/22/03/*.tsv.gz", web
+    assert not [a for a in web if "hive_partitioning" in a], web
+    assert "--field_delimiter=\t" in web, web
+    app = bq_argv(path, "app", "2026-11-22T03", tmp_path / "s.json")
+    assert app[-2] == "gs://b/p/app/dt=2026-11-22/hr=03/*.tsv.gz", app
+    assert "--hive_partitioning_source_uri_prefix=gs://b/p/app/{dt:DATE}/{hr:INTEGER}" in app, app
+
+
+def documented_block(doc, marker):
+    text = open(os.path.join(tron.ROOT, "docs", doc)).read()
+    after = text.split("<!-- tested: %s -->" % marker, 1)[1]
+    return after.split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_documented_hourly_load_script_passes_bq_the_right_argv(tmp_path):
+    """Runs docs/bigquery.md's script as written, with a `bq` first on PATH that records its argv
+    and the schema file it is given (the script deletes it on exit)."""
+    script = tmp_path / "hourly-load.sh"
+    script.write_text(documented_block("bigquery.md", "hourly-load"))
+    fakebin = tmp_path / "bin"
+    fakebin.mkdir()
+    record = tmp_path / "bq-call.json"
+    (fakebin / "bq").write_text(
+        "#!%s\nimport json, sys\nargv = sys.argv[1:]\n"
+        "json.dump({'argv': argv, 'schema': json.load(open(argv[-1]))}, open(%r, 'w'))\n"
+        % (sys.executable, str(record)))
+    (fakebin / "bq").chmod(0o755)
+    env = dict(os.environ, PATH="%s:%s:%s" % (fakebin, tron.BIN, os.environ["PATH"]),
+               TRON_SINK_CONFIG=os.path.join(tron.ROOT, "examples", "sink-secor.toml"))
+    out = subprocess.run(["bash", str(script), "2026-11-22T03"], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    call = json.loads(record.read_text())
+    argv = call["argv"]
+    assert argv[0] == "load" and "--replace" in argv, argv
+    assert argv[-3:-1] == ["logs.app_logs$2026112203", "gs://my-warehouse/tron/logs/dt=2026-11-22/hr=03/*.csv.gz"], argv
+    assert "--hive_partitioning_source_uri_prefix=gs://my-warehouse/tron/logs/{dt:DATE}/{hr:INTEGER}" in argv, argv
+    assert not [a for a in argv if "'" in a or '"' in a], "quote characters reached bq: %s" % argv
+    assert [c["name"] for c in call["schema"]] == ["time", "host", "message", "record"]

@@ -1,7 +1,5 @@
 """Clients nobody here wrote talk to tron-relay; what they send arrives in Kafka (read back
 through tron-sink-secor and fake-gcs-server) with the right tag, time and fields."""
-import csv
-import io
 import json
 import os
 import socket
@@ -20,13 +18,6 @@ RECORD_COLUMNS = [
 ]
 
 
-def rows_in(services, bucket, prefix):
-    out = []
-    for obj in services.gcs_list(bucket, prefix):
-        if not obj["name"].rsplit("/", 1)[1].startswith("_"):
-            text = tron.read_gz_lines(services.gcs_get(bucket, obj["name"]))
-            out.extend(csv.reader(io.StringIO("\n".join(text) + "\n")))
-    return out
 
 
 def test_fluent_logger_python_and_raw_forward_chunks_reach_kafka(services, certs, workroot, procs):
@@ -55,11 +46,11 @@ def test_fluent_logger_python_and_raw_forward_chunks_reach_kafka(services, certs
     assert ack == {"ack": "chunk-abc"}, ack
 
     def arrived():
-        return len(rows_in(services, "interop", "w/interop/")) >= 100
+        return len(tron.gcs_csv_rows(services, "interop", "w/interop/")) >= 100
 
     tron.wait_until("100 records from third-party clients", arrived, timeout=60, interval=1,
                     on_timeout=lambda: relay.tail() + sink.tail())
-    rows = rows_in(services, "interop", "w/interop/")
+    rows = tron.gcs_csv_rows(services, "interop", "w/interop/")
     assert len(rows) == 100
     py = sorted((json.loads(r[2])["i"], r) for r in rows if r[1] == "py.evt")
     assert [i for i, _ in py] == list(range(50))
@@ -89,9 +80,9 @@ def test_npm_fluent_logger_over_tls_with_shared_key_and_acks(services, certs, wo
     assert bad.returncode != 0
     assert "shared_key mismatch" in relay.tail()
 
-    tron.wait_until("90 npm records in Kafka", lambda: len(rows_in(services, "npm-out", "w/npm/")) >= 90, timeout=120,
+    tron.wait_until("90 npm records in Kafka", lambda: len(tron.gcs_csv_rows(services, "npm-out", "w/npm/")) >= 90, timeout=120,
                     on_timeout=lambda: sink.tail())
-    rows = rows_in(services, "npm-out", "w/npm/")
+    rows = tron.gcs_csv_rows(services, "npm-out", "w/npm/")
     assert len(rows) == 90
     assert {r[1] for r in rows} == {"npm.evt"}
     assert sorted(json.loads(r[2])["i"] for r in rows) == sorted(list(range(30)) * 3)

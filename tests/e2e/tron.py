@@ -1,7 +1,9 @@
 """Runs the real tron binaries (release builds in target/release, or $TRON_BIN_DIR) with
 generated configs, and reads back what they produced. Shared by the end-to-end suites and by
 scripts/run-local.sh."""
+import csv
 import gzip
+import io
 import json
 import os
 import re
@@ -231,12 +233,23 @@ def sink_config(workdir, brokers, url, gcs_endpoint=None, topic="logs", group="t
     }
     if gcs_endpoint:
         cfg["output"]["endpoint"] = gcs_endpoint
+        cfg["output"]["anonymous"] = True
     cfg.update(extra)
     return cfg
 
 
 def read_gz_lines(data):
     return gzip.decompress(data).decode("utf-8").splitlines()
+
+
+def gcs_csv_rows(services, bucket, prefix):
+    """Every CSV row of every data object (not `_SUCCESS`/`_manifest.json`) under `prefix`."""
+    out = []
+    for obj in services.gcs_list(bucket, prefix):
+        if not obj["name"].rsplit("/", 1)[1].startswith("_"):
+            text = read_gz_lines(services.gcs_get(bucket, obj["name"]))
+            out.extend(csv.reader(io.StringIO("\n".join(text) + "\n")))
+    return out
 
 
 def wait_until(what, check, timeout, interval=1.0, on_timeout=None):

@@ -4,7 +4,8 @@
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 # Debian packages: logrotate (the rotation tests use the real tool), systemd (systemd-analyze
-# verifies the units), dpkg-dev tools for the .deb checks.
+# verifies the units), dpkg-dev tools for the .deb checks, OpenSSL headers (librdkafka is built
+# with TLS and SASL against the system OpenSSL), stunnel (the TLS listener in front of Tansu).
 apt_install() {
   local sudo=""
   [ "$(id -u)" = 0 ] || sudo=sudo
@@ -14,6 +15,9 @@ missing=()
 command -v logrotate >/dev/null 2>&1 || missing+=(logrotate)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 command -v dpkg-deb >/dev/null 2>&1 || missing+=(dpkg)
+command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+[ -f /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
+command -v stunnel4 >/dev/null 2>&1 || missing+=(stunnel4)
 [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 # cargo-deb builds the .deb (scripts/package.sh).
 if ! command -v cargo-deb >/dev/null 2>&1; then

@@ -50,6 +50,14 @@ def wait_for(what, check, timeout=60.0, proc=None, log=None):
     raise RuntimeError("%s not ready after %.0fs (last error: %s)" % (what, timeout, last))
 
 
+def create_topic(port, name, partitions):
+    """Creates `name` on the Tansu broker at 127.0.0.1:`port`; an existing topic is fine."""
+    out = subprocess.run([TANSU, "topic", "create", "--broker", "tcp://%s:%d" % (HOST, port),
+                          "--partitions", str(partitions), name], capture_output=True, text=True)
+    if out.returncode != 0 and "exists" not in (out.stdout + out.stderr).lower():
+        raise RuntimeError("creating topic %s failed: %s %s" % (name, out.stdout, out.stderr))
+
+
 def tcp_open(port):
     with socket.create_connection((HOST, port), timeout=1):
         return True
@@ -169,10 +177,7 @@ class Services:
     # --- fixtures the suites need -------------------------------------------------------------
 
     def create_topic(self, name, partitions=3):
-        out = subprocess.run([TANSU, "topic", "create", "--broker", "tcp://%s:%d" % (HOST, self.kafka_port),
-                              "--partitions", str(partitions), name], capture_output=True, text=True)
-        if out.returncode != 0 and "exists" not in (out.stdout + out.stderr).lower():
-            raise RuntimeError("creating topic %s failed: %s %s" % (name, out.stdout, out.stderr))
+        create_topic(self.kafka_port, name, partitions)
 
     def s3_client(self):
         import boto3
@@ -213,6 +218,61 @@ class Services:
         url = "%s/storage/v1/b/%s/o/%s?alt=media" % (self.gcs_endpoint, bucket, urllib.parse.quote(name, safe=""))
         with urllib.request.urlopen(url, timeout=30) as r:
             return r.read()
+
+
+class TlsKafka:
+    """A Tansu broker reachable only over TLS with client certificates: Tansu 0.6 accepts `--cert`
+    but its listener still speaks plaintext, so stunnel (OpenSSL, a real TLS server) terminates
+    TLS in front of it and requires a client certificate signed by `certs["ca"]`. Tansu advertises
+    the TLS address, so every connection a Kafka client makes after the bootstrap goes through
+    TLS too."""
+
+    def __init__(self, workdir, certs):
+        self.workdir = workdir
+        os.makedirs(workdir, exist_ok=True)
+        self.certs = certs
+        self.plain_port = free_port()
+        self.tls_port = free_port()
+        self.servers = {}
+
+    @property
+    def brokers(self):
+        return "%s:%d" % (HOST, self.tls_port)
+
+    def client_properties(self, client_cert=True):
+        props = {"security.protocol": "ssl", "ssl.ca.location": self.certs["ca"],
+                 "ssl.endpoint.identification.algorithm": "https"}
+        if client_cert:
+            props.update({"ssl.certificate.location": self.certs["client_cert"],
+                          "ssl.key.location": self.certs["client_key"]})
+        return props
+
+    def start(self):
+        plain = "tcp://%s:%d" % (HOST, self.plain_port)
+        advertised = "tcp://%s:%d" % (HOST, self.tls_port)
+        kafka = Server("tansu-tls", [TANSU, "broker", "--listener-url", plain, "--advertised-listener-url",
+                                     advertised, "--storage-engine", "memory://tansu/"],
+                       self.workdir, {"RUST_LOG": "warn"}).start()
+        self.servers["kafka"] = kafka
+        wait_for("Tansu broker behind TLS", lambda: tcp_open(self.plain_port), proc=kafka.proc, log=kafka.log)
+        conf = os.path.join(self.workdir, "stunnel.conf")
+        with open(conf, "w") as f:
+            f.write("foreground = yes\npid =\ndebug = 4\n[kafka]\naccept = %s:%d\nconnect = %s:%d\n"
+                    "cert = %s\nkey = %s\nCAfile = %s\nverifyChain = yes\nrequireCert = yes\n"
+                    % (HOST, self.tls_port, HOST, self.plain_port, self.certs["server_cert"],
+                       self.certs["server_key"], self.certs["ca"]))
+        tls = Server("stunnel", [shutil.which("stunnel4") or "stunnel4", conf], self.workdir).start()
+        self.servers["tls"] = tls
+        wait_for("stunnel TLS listener", lambda: tcp_open(self.tls_port), proc=tls.proc, log=tls.log)
+        return self
+
+    def create_topic(self, name, partitions=3):
+        create_topic(self.plain_port, name, partitions)
+
+    def stop(self):
+        for s in reversed(list(self.servers.values())):
+            s.stop()
+        self.servers.clear()
 
 
 import urllib.parse  # noqa: E402  (used by the methods above)
