@@ -51,7 +51,7 @@ def test_large_batches_use_multipart_and_keep_every_line(services, certs, workro
     assert agent.stop() == 0
 
 
-def archive_with(services, certs, workroot, procs, name, env_extra, **s3_options):
+def archive_with(services, certs, workroot, procs, name, env_extra, credentials_in_env=True, **s3_options):
     """An agent archiving one small file to s3://{name}/a with `s3_options`; returns it and the client."""
     work = os.path.join(workroot, name)
     logs = os.path.join(work, "logs")
@@ -64,7 +64,7 @@ def archive_with(services, certs, workroot, procs, name, env_extra, **s3_options
     with open(os.path.join(logs, "app.log"), "w") as f:
         for i in range(1000):
             f.write(json.dumps({"seq": i}) + "\n")
-    env = dict(tron.servers.S3_CREDENTIALS)
+    env = dict(tron.servers.S3_CREDENTIALS) if credentials_in_env else {}
     env.update(env_extra)
     agent = tron.Proc("agent", "tron-agent", cfg, work, env=env)
     procs.append(agent)
@@ -103,3 +103,17 @@ def test_an_unreachable_sts_fails_uploads_so_the_role_is_really_used(services, c
     tron.wait_until("S3 uploads failing for want of the role's credentials", failing, timeout=90,
                     on_timeout=agent.tail)
     assert client.list_objects_v2(Bucket="sts-down").get("KeyCount", 0) == 0
+
+
+def test_credentials_come_from_the_named_profile(services, certs, workroot, procs, tmp_path):
+    # Only the profile has credentials: no AWS_* keys in the environment, no default profile.
+    (tmp_path / "config").write_text("[profile archive]\nregion = us-east-1\n")
+    (tmp_path / "credentials").write_text("[archive]\naws_access_key_id = test\naws_secret_access_key = test\n")
+    env = {"AWS_CONFIG_FILE": str(tmp_path / "config"), "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "credentials")}
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_DEFAULT_REGION", "AWS_REGION"):
+        assert var not in os.environ, var
+    agent, client = archive_with(services, certs, workroot, procs, "by-profile", env, credentials_in_env=False,
+                                 profile="archive")
+    tron.wait_until("the archive object, signed with the profile's keys",
+                    lambda: client.list_objects_v2(Bucket="by-profile").get("KeyCount", 0) > 0, timeout=60,
+                    on_timeout=agent.tail)
