@@ -130,15 +130,15 @@ pub struct DestinationsConfig {
     pub relay: Option<RelayConfig>,
 }
 
-/// Batching shared by both destinations.
-#[derive(Debug, Deserialize, Clone)]
-#[serde(deny_unknown_fields, default)]
+/// How a destination batches. Each destination has its own defaults ([`s3_batch`],
+/// [`relay_batch`]); a `[destinations.*.batch]` table that sets some keys keeps that
+/// destination's defaults for the others (`BatchTable`).
+#[derive(Debug, Clone, PartialEq)]
 pub struct BatchConfig {
     /// Uncompressed record bytes in one object or chunk.
     pub max_bytes: usize,
     /// A non-full batch is sent this long after its first record (0: as soon as the file has no
     /// more lines for now).
-    #[serde(with = "duration")]
     pub max_age: Duration,
     /// Batches being sent or retried at once.
     pub max_inflight: usize,
@@ -156,7 +156,7 @@ pub struct S3Config {
     pub region: Option<String>,
     #[serde(default = "default_gzip_level")]
     pub gzip_level: u32,
-    #[serde(default = "s3_batch")]
+    #[serde(default = "s3_batch", deserialize_with = "s3_batch_table")]
     pub batch: BatchConfig,
     /// Objects larger than this are sent as a multipart upload of `multipart_part_bytes` parts,
     /// so a large batch is not one long request that restarts from zero on a failure.
@@ -234,14 +234,40 @@ pub struct RelayConfig {
     /// How often the agent tells the relay its low watermark (docs/completeness.md); "0s": never.
     #[serde(default = "default_watermark_interval", with = "duration")]
     pub watermark_interval: Duration,
-    #[serde(default = "relay_batch")]
+    #[serde(default = "relay_batch", deserialize_with = "relay_batch_table")]
     pub batch: BatchConfig,
 }
 
-impl Default for BatchConfig {
-    fn default() -> Self {
-        relay_batch()
+/// A batch table as written: the keys it leaves out come from the destination's defaults.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchTable {
+    max_bytes: Option<usize>,
+    #[serde(default, deserialize_with = "optional_duration")]
+    max_age: Option<Duration>,
+    max_inflight: Option<usize>,
+    max_buffer_bytes: Option<usize>,
+}
+
+impl BatchTable {
+    fn over(self, defaults: BatchConfig) -> BatchConfig {
+        BatchConfig {
+            max_bytes: self.max_bytes.unwrap_or(defaults.max_bytes),
+            max_age: self.max_age.unwrap_or(defaults.max_age),
+            max_inflight: self.max_inflight.unwrap_or(defaults.max_inflight),
+            max_buffer_bytes: self.max_buffer_bytes.unwrap_or(defaults.max_buffer_bytes),
+        }
     }
+}
+
+fn optional_duration<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration::deserialize(d).map(Some)
+}
+fn s3_batch_table<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BatchConfig, D::Error> {
+    Ok(BatchTable::deserialize(d)?.over(s3_batch()))
+}
+fn relay_batch_table<'de, D: serde::Deserializer<'de>>(d: D) -> Result<BatchConfig, D::Error> {
+    Ok(BatchTable::deserialize(d)?.over(relay_batch()))
 }
 
 fn relay_batch() -> BatchConfig {
@@ -349,4 +375,29 @@ fn check_batch(key: &str, b: &BatchConfig) -> Result<(), (String, String)> {
         return Err((format!("{key}.max_buffer_bytes"), "must be at least max_bytes".into()));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(batches: &str) -> AgentConfig {
+        let text = format!(
+            "state_dir = \"/tmp/x\"\nhost = \"h\"\n[[sources]]\nname = \"a\"\ninclude = [\"/tmp/*.log\"]\ntag = \"t\"\n\
+             [destinations.s3]\nurl = \"file:///tmp/s3\"\n[destinations.relay]\naddresses = [\"127.0.0.1:1\"]\nplaintext = true\n{batches}"
+        );
+        tron_service::config::parse(&text, std::path::Path::new("agent.toml"), |_: &AgentConfig| Ok(())).unwrap()
+    }
+
+    #[test]
+    fn a_partial_batch_table_keeps_its_destinations_defaults() {
+        let none = parse("");
+        let d = none.destinations;
+        assert_eq!((d.s3.unwrap().batch, d.relay.unwrap().batch), (s3_batch(), relay_batch()));
+        // Only max_age for S3: 32 MiB objects still, not the relay's 1 MiB chunks.
+        let cfg = parse("[destinations.s3.batch]\nmax_age = \"5s\"\n[destinations.relay.batch]\nmax_inflight = 2\n");
+        let (s3, relay) = (cfg.destinations.s3.unwrap().batch, cfg.destinations.relay.unwrap().batch);
+        assert_eq!(s3, BatchConfig { max_age: Duration::from_secs(5), ..s3_batch() });
+        assert_eq!(relay, BatchConfig { max_inflight: 2, ..relay_batch() });
+    }
 }

@@ -20,14 +20,12 @@ pub fn schema(cfg: &SinkConfig) -> serde_json::Value {
 /// an earlier load of that hour put there. `hour` is `YYYY-MM-DDTHH` (UTC); `schema_file` is where
 /// the caller wrote [`schema`].
 pub fn load_argv(cfg: &SinkConfig, topic: &str, hour: &str, schema_file: &Path) -> anyhow::Result<Vec<String>> {
-    let t = chrono::NaiveDateTime::parse_from_str(&format!("{hour}:00:00"), "%Y-%m-%dT%H:%M:%S")
-        .map_err(|e| anyhow::anyhow!("--hour {hour:?}: expected YYYY-MM-DDTHH: {e}"))?;
+    let hour_index = crate::layout::parse_hour("--hour", hour)?;
     if !cfg.kafka.topics.iter().any(|known| known == topic) {
         anyhow::bail!("--topic {topic:?} is not one of kafka.topics {:?}", cfg.kafka.topics);
     }
     let (bucket, _) = cfg.split_url();
     let layout = cfg.layout();
-    let hour_index = t.and_utc().timestamp() / 3600;
     let source = format!("{bucket}/{}*.{}.gz", layout.hour_dir(topic, hour_index), cfg.output.format.ext());
     let bigquery = cfg.bigquery.as_ref();
     let dataset = bigquery.map_or("DATASET".to_string(), |b| b.dataset.clone());
@@ -56,7 +54,7 @@ pub fn load_argv(cfg: &SinkConfig, topic: &str, hour: &str, schema_file: &Path) 
         argv.push("--hive_partitioning_mode=CUSTOM".into());
         argv.push(format!("--hive_partitioning_source_uri_prefix={bucket}/{base}/{{dt:DATE}}/{{hr:INTEGER}}"));
     }
-    argv.push(format!("{dataset}.{table}${}", t.format("%Y%m%d%H")));
+    argv.push(format!("{dataset}.{table}${}", crate::layout::format_hour(hour_index).replace(['-', 'T'], "")));
     argv.push(source);
     argv.push(schema_file.display().to_string());
     Ok(argv)

@@ -36,6 +36,14 @@ const HOLD_OFF: Duration = Duration::from_secs(15);
 /// SIGTERM: the last cuts may take this long in all.
 const DRAIN_LIMIT: Duration = Duration::from_secs(60);
 
+/// A partition given up and left alone for a while.
+struct HeldOff {
+    epoch: u64,
+    until: Instant,
+    /// Where its objects end: re-reading starts here when the group has no committed offset yet.
+    committed: i64,
+}
+
 #[derive(Clone, Copy)]
 struct Assignment {
     since: Instant,
@@ -196,7 +204,7 @@ struct Loop<'a> {
     paused: bool,
     /// Partitions given up (fenced, or staging failed) and left alone until the instant, for the
     /// assignment epoch they were given up in.
-    held_off: HashMap<Tp, (u64, Instant)>,
+    held_off: HashMap<Tp, HeldOff>,
     /// Committed offsets of owned partitions not opened yet, by assignment epoch: fetched for all
     /// of them in one request (each request costs a broker round trip, 500 ms on Tansu).
     committed_cache: HashMap<Tp, (u64, Option<i64>)>,
@@ -332,7 +340,7 @@ impl Loop<'_> {
         let Some(epoch) = epoch.filter(|e| self.context().epoch_of(&tp) == Some(*e)) else {
             return; // fetched under an assignment that has since ended; its next owner reads it
         };
-        if self.held_off.get(&tp).is_some_and(|(e, _)| *e == epoch) {
+        if self.held_off.get(&tp).is_some_and(|h| h.epoch == epoch) {
             return;
         }
         if self.partitions.get(&tp).is_some_and(|p| p.epoch != epoch) {
@@ -384,8 +392,7 @@ impl Loop<'_> {
 
     async fn cut_if_due(&mut self, tp: &Tp) {
         let Some(p) = self.partitions.get(tp) else { return };
-        let position = if p.replaying() { self.position(tp) } else { None };
-        if let Some(cut) = p.cut_due(&self.cfg.roll, self.cfg.finalize.lateness, position) {
+        if let Some(cut) = p.cut_due(&self.cfg.roll, self.cfg.finalize.lateness) {
             self.run_cut(tp, cut).await;
         }
     }
@@ -487,22 +494,24 @@ impl Loop<'_> {
         tpl.add_partition(&tp.0, tp.1);
         let _ = self.consumer.pause(&tpl);
         self.seek(tp, committed);
-        self.held_off.insert(tp.clone(), (epoch, Instant::now() + HOLD_OFF));
+        self.held_off.insert(tp.clone(), HeldOff { epoch, until: Instant::now() + HOLD_OFF, committed });
     }
 
     fn release_held_off(&mut self) {
         let due: Vec<Tp> =
-            self.held_off.iter().filter(|(_, (_, until))| Instant::now() >= *until).map(|(tp, _)| tp.clone()).collect();
+            self.held_off.iter().filter(|(_, h)| Instant::now() >= h.until).map(|(tp, _)| tp.clone()).collect();
         for tp in due {
-            self.held_off.remove(&tp);
+            let held = self.held_off.remove(&tp).expect("listed");
             if self.context().epoch_of(&tp).is_some() {
-                if let Some(committed) = committed_offset(self.consumer, &tp.0, tp.1) {
-                    self.seek(&tp, committed);
-                }
+                // Resume first, then seek: librdkafka may drop a seek on a paused partition, and
+                // the fetch would go on from past the records that were given up. A partition
+                // that never had a commit goes back to where its given-up staging began.
                 let mut tpl = TopicPartitionList::new();
                 tpl.add_partition(&tp.0, tp.1);
                 let _ = self.consumer.resume(&tpl);
-                tracing::info!(topic = %tp.0, partition = tp.1, "re-reading a partition that was given up");
+                let committed = committed_offset(self.consumer, &tp.0, tp.1).unwrap_or(held.committed);
+                self.seek(&tp, committed);
+                tracing::info!(topic = %tp.0, partition = tp.1, committed, "re-reading a partition that was given up");
             }
         }
     }
@@ -615,8 +624,11 @@ impl Loop<'_> {
             // Reading starts where the objects end, whatever position librdkafka kept from an
             // earlier assignment (see `handle`): a position past `committed` would let the
             // heartbeat report the partition caught up with records never staged.
-            if let Some(position) = self.position(&tp).filter(|p| *p != committed) {
-                tracing::info!(topic = %tp.0, partition = tp.1, committed, position, "idle partition's read position is not its committed offset; re-reading from the committed offset");
+            // An unknown position (no message since a seek or a resume) is not trusted either: a
+            // replayed cut would wait for records the fetch has already gone past.
+            let position = self.position(&tp);
+            if position != Some(committed) {
+                tracing::info!(topic = %tp.0, partition = tp.1, committed, ?position, "idle partition's read position is not its committed offset; re-reading from the committed offset");
                 metrics::counter!("tron_sink_rewinds_total", "topic" => tp.0.clone()).increment(1);
                 self.seek(&tp, committed);
             }
@@ -639,7 +651,8 @@ impl Loop<'_> {
         if !p.heartbeat_due(self.cfg.finalize.interval) {
             return;
         }
-        let read_to = self.position(tp).unwrap_or(0).max(p.next_offset());
+        let position = if p.position_trusted() { self.position(tp) } else { None };
+        let read_to = position.unwrap_or(0).max(p.next_offset());
         let end = tokio::task::block_in_place(|| self.consumer.fetch_watermarks(&tp.0, tp.1, Duration::from_secs(5)));
         let at_end = matches!(end, Ok((_, high)) if read_to >= high);
         let Some(p) = self.partitions.get_mut(tp) else { return };

@@ -38,6 +38,19 @@ impl Layout {
     }
 }
 
+/// Parses a UTC hour written `YYYY-MM-DDTHH` into hours since the epoch; `flag` names the input
+/// in the error.
+pub fn parse_hour(flag: &str, hour: &str) -> anyhow::Result<i64> {
+    let t = chrono::NaiveDateTime::parse_from_str(&format!("{hour}:00:00"), "%Y-%m-%dT%H:%M:%S")
+        .map_err(|e| anyhow::anyhow!("{flag} {hour:?}: expected YYYY-MM-DDTHH: {e}"))?;
+    Ok(t.and_utc().timestamp() / 3600)
+}
+
+/// The hour as `YYYY-MM-DDTHH`, the form [`parse_hour`] reads.
+pub fn format_hour(hour: i64) -> String {
+    chrono::DateTime::from_timestamp(hour * 3600, 0).unwrap_or_default().format("%Y-%m-%dT%H").to_string()
+}
+
 fn render(template: &str, topic: &str, hour: i64) -> String {
     let t = chrono::DateTime::from_timestamp(hour * 3600, 0).unwrap_or_default();
     t.format(&template.replace("{topic}", topic)).to_string()
@@ -79,6 +92,13 @@ pub fn check_distinct(layout: &Layout, topics: &[String]) -> Result<(), String> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hours_read_and_print_the_same() {
+        assert_eq!(parse_hour("--hour", "2026-05-18T03").unwrap(), 494_187);
+        assert_eq!(format_hour(494_187), "2026-05-18T03");
+        assert!(parse_hour("--from", "2026-05-18 03").unwrap_err().to_string().contains("--from"));
+    }
 
     #[test]
     fn default_is_hive_style_under_the_prefix() {

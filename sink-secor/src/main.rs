@@ -1,6 +1,7 @@
 //! tron-sink-secor: a Kafka consumer group that writes hourly-partitioned gzip CSV/TSV/NDJSON
 //! objects to GCS, every record in exactly one object, and marks hours complete.
 
+mod audit;
 mod bq;
 mod config;
 mod consumer;
@@ -41,7 +42,8 @@ enum Command {
     },
     /// Write the table schema to --schema-file and print the `bq load` command that (re)loads
     /// one hour, idempotently: shell-quoted (run it with `eval`), or with --json as an argv list.
-    BqLoadCommand {
+    #[command(name = "bq-load-command")]
+    BqLoad {
         #[arg(long)]
         topic: String,
         /// UTC hour as YYYY-MM-DDTHH.
@@ -54,6 +56,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Compare the agents' S3 archive with the GCS objects, hour by hour: rows, ids missing on
+    /// either side, duplicates, event → object latency. Exit 1 when anything is missing or
+    /// doubled, 2 when the stores cannot be read. --watch exports the results as metrics.
+    Audit(audit::AuditArgs),
 }
 
 fn print_load_command(cfg: &SinkConfig, topic: &str, hour: &str, schema_file: &Path, json: bool) -> anyhow::Result<()> {
@@ -89,7 +95,7 @@ fn main() -> ExitCode {
             println!("{}", serde_json::to_string_pretty(&bq::schema(&cfg)).expect("json"));
             return ExitCode::SUCCESS;
         }
-        Some(Command::BqLoadCommand { topic, hour, schema_file, json }) => {
+        Some(Command::BqLoad { topic, hour, schema_file, json }) => {
             return match print_load_command(&cfg, &topic, &hour, &schema_file, json) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -98,6 +104,7 @@ fn main() -> ExitCode {
                 }
             };
         }
+        Some(Command::Audit(args)) => return audit::main(cfg, args),
         None => {}
     }
     daemon::run(|d| run(cfg, d))

@@ -160,6 +160,10 @@ pub struct Partition {
     untracked_read: bool,
     /// During a replay: the cut the crashed owner had started; no other cut may come first.
     forced_cut: Option<i64>,
+    /// A message was handed to `append` since the partition was opened. Until then the
+    /// consumer's position may still be the one from before the seek to `committed` (librdkafka
+    /// applies a seek asynchronously) and says nothing about what this `Partition` has read.
+    read_since_open: bool,
     staged: BTreeMap<Bucket, Staged>,
     /// Files of a cut that is under way (finished, maybe partly uploaded). They stay until the
     /// commit succeeds, so a retried cut uploads them again instead of committing past them.
@@ -222,6 +226,7 @@ impl Partition {
             state,
             claim,
             forced_cut,
+            read_since_open: false,
             staged: BTreeMap::new(),
             sealed: Vec::new(),
             records_since_cut: 0,
@@ -244,9 +249,10 @@ impl Partition {
         self.next_offset
     }
 
-    /// Replaying an interrupted cut: `cut_due` needs the consumer's position.
-    pub fn replaying(&self) -> bool {
-        self.forced_cut.is_some()
+    /// Whether the consumer's position can speak for this partition (see `read_since_open`):
+    /// the heartbeat uses it to see past transaction markers at the partition's end.
+    pub fn position_trusted(&self) -> bool {
+        self.read_since_open
     }
 
     pub fn heartbeat_due(&self, every: Duration) -> bool {
@@ -259,6 +265,7 @@ impl Partition {
     }
 
     pub fn append(&mut self, out: &Output<'_>, msg: &Incoming<'_>) -> anyhow::Result<()> {
+        self.read_since_open = true;
         if msg.offset < self.next_offset {
             return Ok(()); // already staged, or below the committed offset (already in an object)
         }
@@ -360,12 +367,13 @@ impl Partition {
     }
 
     /// Where to cut now, if anywhere. During a replay only the recorded cut counts, and only once
-    /// everything below it has been read: `position` is the consumer's position in the partition,
-    /// which also moves past offsets that carry no record (transaction markers).
-    pub fn cut_due(&self, roll: &RollConfig, lateness: Duration, position: Option<i64>) -> Option<i64> {
+    /// every message below it has been read again. The recorded cut is always one past a message
+    /// the previous owner read (`next_offset` only moves on messages), so that message comes
+    /// again; the consumer's position is not consulted: right after the seek to `committed` it
+    /// can still be the old one, and a replayed cut committed on it once lost [committed, cut).
+    pub fn cut_due(&self, roll: &RollConfig, lateness: Duration) -> Option<i64> {
         if let Some(cut) = self.forced_cut {
-            let all_read = self.next_offset >= cut || position.is_some_and(|p| p >= cut);
-            return all_read.then_some(cut);
+            return (self.next_offset >= cut).then_some(cut);
         }
         // Nothing staged but records read (duplicates, all dropped): an idle cut commits past them.
         let read_past_committed = self.next_offset > self.state.committed;

@@ -21,6 +21,8 @@ pub struct Listed {
     pub name: String,
     pub size: u64,
     pub metadata: HashMap<String, String>,
+    /// When the object was written (ms since the epoch), as the store reports it.
+    pub created_ms: Option<i64>,
 }
 
 /// A conditional write found the object changed since the writer read it: another instance owns
@@ -263,6 +265,7 @@ impl Store {
                             name: o.name,
                             size: o.size.max(0) as u64,
                             metadata: o.metadata.unwrap_or_default(),
+                            created_ms: o.time_created.map(|t| (t.unix_timestamp_nanos() / 1_000_000) as i64),
                         });
                     }
                     match resp.next_page_token {
@@ -306,8 +309,13 @@ fn list_dir(root: &Path, prefix: &str) -> anyhow::Result<Vec<Listed>> {
                     .ok()
                     .and_then(|b| serde_json::from_slice(&b).ok())
                     .unwrap_or_default();
-                let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
-                out.push(Listed { name, size, metadata });
+                let stat = entry.metadata().ok();
+                let size = stat.as_ref().map_or(0, |m| m.len());
+                let created_ms = stat
+                    .and_then(|m| m.modified().ok())
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map(|d| d.as_millis() as i64);
+                out.push(Listed { name, size, metadata, created_ms });
             }
         }
     }

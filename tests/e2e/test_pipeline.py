@@ -134,6 +134,34 @@ def test_every_line_lands_once_in_its_hour_in_gcs_and_at_least_once_in_s3(servic
     for p in (agent, relay, sink):
         assert p.stop() == 0, "%s did not exit cleanly:\n%s" % (p.name, p.tail())
 
+    # The audit compares archive and warehouse id by id: clean, then exactly one deleted object.
+    first, last = event_time(0, base), event_time(LINES - 1, base)
+    audit_args = ["--topic", "logs", "--from", first.strftime("%Y-%m-%dT%H"), "--to", last.strftime("%Y-%m-%dT%H"),
+                  "--archive", "s3://%s/archive" % S3_BUCKET, "--tag", "app.log", "--s3-endpoint", services.s3_endpoint]
+    code, table, err = tron.audit(sink, *audit_args, env=servers_env())
+    print("audit of the run:\n" + table)
+    assert code == 0, (code, table, err)
+    code, out, err = tron.audit(sink, *audit_args, "--json", env=servers_env())
+    reports = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and len(reports) == 3, (code, out, err)
+    for r in reports:
+        assert r["missing_in_gcs"] == r["missing_in_archive"] == r["gcs_duplicate_rows"] == 0, r
+        assert r["gcs_rows"] == r["gcs_ids"] == r["archive_ids"] and r["success"], r
+        assert 0 < r["latency"]["p50_ms"] <= r["latency"]["p99_ms"] <= r["latency"]["max_ms"], r
+    assert sum(r["gcs_rows"] for r in reports) == LINES
+    middle = reports[1]["hour"]
+    victim = next(o["name"] for o in services.gcs_list(GCS_BUCKET, "warehouse/logs/%s/" % hour_prefix(
+        datetime.datetime.strptime(middle, "%Y-%m-%dT%H"))) if o["name"].endswith(".csv.gz"))
+    victim_rows = len(list(csv.reader(io.StringIO("\n".join(tron.read_gz_lines(
+        services.gcs_get(GCS_BUCKET, victim))) + "\n"))))
+    services.gcs_delete(GCS_BUCKET, victim)
+    code, out, err = tron.audit(sink, *audit_args, "--json", env=servers_env())
+    after = {r["hour"]: r for r in map(json.loads, out.splitlines())}
+    assert code == 1, (code, out, err)
+    assert after[middle]["missing_in_gcs"] == victim_rows > 0, (victim_rows, after[middle])
+    assert all(r["missing_in_gcs"] == 0 for h, r in after.items() if h != middle), after
+    print("after deleting %s (%d rows): %s" % (victim, victim_rows, after[middle]))
+
 
 def servers_env():
     return dict(tron.servers.S3_CREDENTIALS)

@@ -195,18 +195,31 @@ def test_a_full_staging_directory_is_reported_and_loses_nothing(services, workro
         s.start()
         # Hard-to-compress records: 256 KiB of staging holds a few hundred of them.
         producer = Producer({"bootstrap.servers": services.kafka_brokers})
-        for i in range(6000):
-            producer.produce(topic, json.dumps({"seq": i, "pad": os.urandom(600).hex()}).encode())
-        assert producer.flush(30) == 0
+
+        def produce(first, count, partition):
+            for i in range(first, first + count):
+                value = json.dumps({"seq": i, "pad": os.urandom(600).hex()}).encode()
+                producer.produce(topic, value, partition=partition)
+            assert producer.flush(30) == 0
+
+        produce(0, 5900, 0)
         tron.wait_until("the sink reports staging down", lambda: s.health()[0] == 503
                         and "staging" in json.dumps(s.health()[1]), timeout=60, interval=0.5,
                         on_timeout=lambda: s.tail(40))
         print("health while staging is full: %s" % (s.health(),))
-        assert "No space left on device" in s.tail(400), s.tail(40)
+        assert "No space left on device" in s.tail(100000), s.tail(40)
+        # Partition 0 was given up and its file deleted; for the next 15 s it is left alone. Now
+        # partition 1 gets 100 records and then nothing: its staging file is in the tmpfs when
+        # that goes away, so its idle cut fails after recording its intent, and the cut must be
+        # replayed from offset 0 with no newer record to prompt it.
+        produce(5900, 100, 1)
+        tron.wait_until("partition 1 staged", lambda: any(n.startswith(topic + "-1-") for n in os.listdir(staging)),
+                        timeout=10, interval=0.1, on_timeout=lambda: s.tail(40))
     finally:
         subprocess.run(["umount", "-l", staging])
     # Space returns (the staging directory is now the roomy parent filesystem): everything lands.
     per_record = wait_for_every_record(services, topic, 6000, [s], timeout=180)
+    assert "replaying an interrupted cut" in s.tail(400), s.tail(40)
     print("full staging: 503 with the reason, then %d records each in exactly one object" % len(per_record))
 
 

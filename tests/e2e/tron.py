@@ -238,6 +238,13 @@ def sink_config(workdir, brokers, url, gcs_endpoint=None, topic="logs", group="t
     return cfg
 
 
+def audit(sink, *args, env=None):
+    """Runs `tron-sink-secor audit` with the sink's config: (exit code, stdout, stderr)."""
+    r = subprocess.run([os.path.join(BIN, "tron-sink-secor"), "--config", sink.config_path, "audit"] + list(args),
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, **(env or {})))
+    return r.returncode, r.stdout, r.stderr
+
+
 def read_gz_lines(data):
     return gzip.decompress(data).decode("utf-8").splitlines()
 

@@ -214,6 +214,10 @@ class Services:
             if not token:
                 return items
 
+    def gcs_delete(self, bucket, name):
+        url = "%s/storage/v1/b/%s/o/%s" % (self.gcs_endpoint, bucket, urllib.parse.quote(name, safe=""))
+        urllib.request.urlopen(urllib.request.Request(url, method="DELETE"), timeout=10).read()
+
     def gcs_get(self, bucket, name):
         url = "%s/storage/v1/b/%s/o/%s?alt=media" % (self.gcs_endpoint, bucket, urllib.parse.quote(name, safe=""))
         with urllib.request.urlopen(url, timeout=30) as r:

@@ -145,25 +145,23 @@ async fn a_replayed_cut_waits_for_every_record_below_it_not_for_idleness() {
     a.discard();
     let out_b = f.out("b");
     let mut b = Partition::open(&out_b, "t", 0, 0, 2).await.unwrap();
-    assert!(b.replaying());
     let idle = RollConfig { idle_after: Duration::ZERO, ..roll() };
+    assert_eq!(b.cut_due(&idle, Duration::ZERO), None);
     for i in 0..3 {
         let r = raw(i);
         b.append(&out_b, &msg(i, T0, &r)).unwrap();
     }
-    // Idle, half of [0, 6) staged: no cut, whatever the idleness; the consumer position decides.
-    assert_eq!(b.cut_due(&idle, Duration::ZERO, Some(3)), None);
-    assert_eq!(b.cut_due(&idle, Duration::ZERO, None), None);
-    for i in 3..5 {
+    // Idle, half of [0, 6) staged: no cut, whatever the idleness.
+    assert_eq!(b.cut_due(&idle, Duration::ZERO), None);
+    for i in 3..6 {
         let r = raw(i);
         b.append(&out_b, &msg(i, T0, &r)).unwrap();
     }
-    // Offset 5 was a transaction marker: the position moved past it without a record.
-    assert_eq!(b.cut_due(&idle, Duration::ZERO, Some(6)), Some(6));
+    assert_eq!(b.cut_due(&idle, Duration::ZERO), Some(6));
     b.cut(&out_b, 6, no_commit).await.unwrap();
     let objects = f.objects().await;
     assert_eq!(objects.len(), 1, "the replay rewrote the same object: {objects:?}");
-    assert_eq!(objects.values().next().unwrap().len(), 5);
+    assert_eq!(objects.values().next().unwrap().len(), 6);
 }
 
 #[tokio::test]
@@ -196,7 +194,7 @@ async fn records_re_sent_by_an_agent_are_dropped_across_cuts_and_replays() {
     let r = raw(5);
     b.append(&out_b, &from_file(8, 5, &r)).unwrap();
     let idle = RollConfig { idle_after: Duration::ZERO, ..roll() };
-    assert_eq!(b.cut_due(&idle, Duration::ZERO, None), Some(9));
+    assert_eq!(b.cut_due(&idle, Duration::ZERO), Some(9));
     b.cut(&out_b, 9, no_commit).await.unwrap();
     let rows: Vec<String> = f.objects().await.into_values().flatten().filter(|r| r != "seq").collect();
     assert_eq!(rows, ["0", "1", "2", "3", "4", "5"]);
@@ -315,12 +313,12 @@ async fn an_old_hour_interleaved_with_the_current_one_cuts_at_most_once_per_min_
         let event = if i % 2 == 0 { T0 } else { T0 + 3 * HOUR };
         let r = raw(i);
         p.append(&out, &msg(i, event, &r)).unwrap();
-        if let Some(cut) = p.cut_due(&paced, Duration::ZERO, None) {
+        if let Some(cut) = p.cut_due(&paced, Duration::ZERO) {
             p.cut(&out, cut, no_commit).await.unwrap();
             cuts += 1;
         }
     }
     assert_eq!(cuts, 1, "the first switch cuts; the next ones wait for min_interval");
     let unpaced = RollConfig { min_interval: Duration::ZERO, ..roll() };
-    assert!(p.cut_due(&unpaced, Duration::ZERO, None).is_some());
+    assert!(p.cut_due(&unpaced, Duration::ZERO).is_some());
 }
