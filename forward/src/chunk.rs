@@ -14,7 +14,6 @@ pub struct ChunkBuilder {
     gz: GzEncoder<Vec<u8>>,
     scratch: Vec<u8>,
     entries: u64,
-    raw_bytes: usize,
     positions: PositionWriter,
 }
 
@@ -24,7 +23,6 @@ impl ChunkBuilder {
             gz: GzEncoder::new(Vec::new(), Compression::new(level)),
             scratch: Vec::with_capacity(512),
             entries: 0,
-            raw_bytes: 0,
             positions: PositionWriter::default(),
         }
     }
@@ -42,16 +40,10 @@ impl ChunkBuilder {
         write_json_map(&mut self.scratch, record);
         self.gz.write_all(&self.scratch).expect("writing to a Vec cannot fail");
         self.entries += 1;
-        self.raw_bytes += self.scratch.len();
     }
 
     pub fn entries(&self) -> u64 {
         self.entries
-    }
-
-    /// Uncompressed size of the entries so far.
-    pub fn raw_bytes(&self) -> usize {
-        self.raw_bytes
     }
 
     pub fn finish(self, tag: &str, chunk_id: &str) -> Vec<u8> {

@@ -32,10 +32,6 @@ impl Shutdown {
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
     }
 
-    pub fn trigger(&self) {
-        self.0.cancel();
-    }
-
     pub fn is_triggered(&self) -> bool {
         self.0.is_cancelled()
     }

@@ -18,10 +18,6 @@ pub fn reloading() {
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Reloading]);
 }
 
-pub fn status(text: &str) {
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Status(text)]);
-}
-
 /// Half the configured watchdog period, if systemd set one. As libsystemd's
 /// `sd_watchdog_enabled`: `WATCHDOG_PID`, when set, must name this process (a child that
 /// inherited the variables must not ping for its parent); when unset the period applies.

@@ -91,7 +91,13 @@ fn main() -> ExitCode {
         Err(code) => return code,
     };
     match args.command {
-        Some(Command::BqSchema { topic: _ }) => {
+        Some(Command::BqSchema { topic }) => {
+            // Every topic is written with the same columns today; the topic is still checked, so
+            // a typo in a load script fails here instead of loading the wrong table later.
+            if !cfg.kafka.topics.contains(&topic) {
+                eprintln!("tron-sink-secor: --topic {topic:?} is not one of kafka.topics {:?}", cfg.kafka.topics);
+                return ExitCode::FAILURE;
+            }
             println!("{}", serde_json::to_string_pretty(&bq::schema(&cfg)).expect("json"));
             return ExitCode::SUCCESS;
         }

@@ -79,6 +79,8 @@ def test_bq_commands(tmp_path):
     schema = subprocess.run([sink, "--config", path, "bq-schema", "--topic", "logs"], capture_output=True, text=True)
     assert schema.returncode == 0, schema.stderr
     assert [c["name"] for c in json.loads(schema.stdout)] == ["time", "host", "message", "record"]
+    unknown = subprocess.run([sink, "--config", path, "bq-schema", "--topic", "nope"], capture_output=True, text=True)
+    assert unknown.returncode == 1 and "kafka.topics" in unknown.stderr, (unknown.returncode, unknown.stderr)
     schema_file = tmp_path / "schema.json"
     argv = bq_argv(path, "logs", "2026-11-22T03", schema_file)
     assert argv == [
