@@ -286,6 +286,7 @@ pub async fn run(
         l.open_idle_partitions().await;
         let keys: Vec<Tp> = l.partitions.keys().cloned().collect();
         for tp in keys {
+            l.reseek_stalled_replay(&tp);
             l.cut_if_due(&tp).await;
             l.heartbeat(&tp).await;
         }
@@ -388,6 +389,19 @@ impl Loop<'_> {
         metrics::counter!("tron_sink_records_consumed_total", "topic" => tp.0.clone()).increment(1);
         // Size, hour-passed and replayed cuts are due as soon as the record that triggers them lands.
         self.cut_if_due(&tp).await;
+    }
+
+    /// A replayed cut waits for the records below it to be read again; if none come, the seek
+    /// that should have brought them is issued again (appending skips what was already read).
+    fn reseek_stalled_replay(&mut self, tp: &Tp) {
+        let Some(p) = self.partitions.get_mut(tp) else { return };
+        if !p.replay_stalled(self.cfg.roll.idle_after) {
+            return;
+        }
+        p.reseeked();
+        let offset = p.next_offset();
+        tracing::info!(topic = %tp.0, partition = tp.1, offset, "replayed cut still waiting for its records; seeking again");
+        self.seek(tp, offset);
     }
 
     async fn cut_if_due(&mut self, tp: &Tp) {

@@ -259,6 +259,17 @@ impl Partition {
         self.state_written_at.elapsed() >= every
     }
 
+    /// Replaying a cut and nothing read for `quiet`: the re-read the replay waits for may never
+    /// have started (librdkafka can drop a seek around a pause/resume), so the caller seeks again.
+    pub fn replay_stalled(&self, quiet: Duration) -> bool {
+        self.forced_cut.is_some() && self.last_message_at.elapsed() >= quiet
+    }
+
+    /// A seek was issued for a stalled replay: wait `quiet` again before the next one.
+    pub fn reseeked(&mut self) {
+        self.last_message_at = Instant::now();
+    }
+
     /// The cut a replay must make before this offset is appended, if any.
     pub fn forced_cut_before(&self, offset: i64) -> Option<i64> {
         self.forced_cut.filter(|cut| offset >= *cut)
