@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests", "e2e"))
@@ -85,6 +86,151 @@ def bench_agent(svc, certs, work, n):
           "agent peak RSS %.1f MiB, relay peak RSS %.1f MiB"
           % (n, size / 1e6, elapsed, n / elapsed, size / 1e6 / elapsed, agent.peak_rss_mib(), relay.peak_rss_mib()))
     agent.stop(), relay.stop()
+
+
+class ForwardReceiver:
+    """Fluent Bit 5.1.1 in_forward -> null, the receiver both senders of bench_senders talk to
+    (plaintext or TLS, acks on); its HTTP metrics count what arrived."""
+
+    def __init__(self, work, certs=None):
+        self.port, self.http = servers.free_port(), servers.free_port()
+        tls = ("    tls On\n    tls.verify Off\n    tls.crt_file %s\n    tls.key_file %s\n"
+               % (certs["server_cert"], certs["server_key"])) if certs else ""
+        conf = os.path.join(work, "receiver-%s.conf" % ("tls" if certs else "plain"))
+        with open(conf, "w") as f:
+            f.write("[SERVICE]\n    Flush 1\n    Log_Level warn\n    HTTP_Server On\n    HTTP_Listen 127.0.0.1\n"
+                    "    HTTP_Port %d\n[INPUT]\n    Name forward\n    Listen 127.0.0.1\n    Port %d\n%s"
+                    "[OUTPUT]\n    Name null\n    Match *\n" % (self.http, self.port, tls))
+        self.proc = subprocess.Popen([FLUENT_BIT, "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        servers.wait_for("Fluent Bit receiver", lambda: self.records() is not None, timeout=20)
+
+    def records(self):
+        try:
+            with urllib.request.urlopen("http://127.0.0.1:%d/api/v1/metrics" % self.http, timeout=2) as r:
+                return sum(v.get("records", 0) for v in json.load(r)["input"].values())
+        except OSError:
+            return None
+
+    def wait_for(self, n, timeout=600):
+        deadline = time.time() + timeout
+        while (self.records() or 0) < n:
+            if time.time() > deadline:
+                raise RuntimeError("the receiver has %s of %d records" % (self.records(), n))
+            time.sleep(0.05)
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def write_lines(path, n):
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(record_line(i, now) + "\n")
+    return os.path.getsize(path)
+
+
+def run_fluent_bit_sender(work, log, receiver, tls_ca):
+    """Fluent Bit tail (JSON parser) -> forward with acks; returns (CPU-s, peak MiB, wall s)."""
+    parsers = os.path.join(work, "parsers.conf")
+    with open(parsers, "w") as f:
+        f.write("[PARSER]\n    Name json\n    Format json\n    Time_Key time\n"
+                "    Time_Format %Y-%m-%dT%H:%M:%S.%LZ\n    Time_Keep On\n")
+    tls = "    tls On\n    tls.verify On\n    tls.ca_file %s\n    tls.vhost localhost\n" % tls_ca if tls_ca else ""
+    conf = os.path.join(work, "sender.conf")
+    with open(conf, "w") as f:
+        f.write("[SERVICE]\n    Flush 1\n    Log_Level warn\n    Parsers_File %s\n"
+                "[INPUT]\n    Name tail\n    Path %s\n    Read_from_Head On\n    Parser json\n"
+                "    File_Cache_Advise Off\n    DB %s\n    Tag bench\n"
+                "[OUTPUT]\n    Name forward\n    Match *\n    Host 127.0.0.1\n    Port %d\n"
+                "    Require_ack_response On\n%s" % (parsers, log, os.path.join(work, "tail.db"), receiver.port, tls))
+    before = receiver.records() or 0
+    start = time.time()
+    sender = subprocess.Popen([FLUENT_BIT, "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        try:
+            receiver.wait_for(before + count_lines(log), timeout=180)
+        except RuntimeError as e:
+            # Seen with TLS: Fluent Bit stalls on acks and retries; report what it did.
+            print("senders: Fluent Bit did not finish: %s" % e)
+        # The last ack reaches the sender after the receiver counted the records.
+        time.sleep(1.5)
+        return tron.cpu_seconds(sender.pid), tron.peak_rss_mib(sender.pid), time.time() - start
+    finally:
+        sender.terminate()
+        sender.wait()
+
+
+def count_lines(path):
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
+
+
+def run_agent_sender(svc, certs, work, log, n, receiver=None, tls=False, compression="gzip", s3=False):
+    """tron-agent at its default settings tailing `log` to the receiver and/or to S3 (moto);
+    returns (CPU-s, peak MiB, wall s) once every line is acknowledged by each destination."""
+    s3_url = "s3://bench-archive/%s" % os.path.basename(work) if s3 else None
+    cfg = tron.agent_config(work, log, s3_url, "127.0.0.1:%d" % receiver.port if receiver else None, certs,
+                            s3_endpoint=svc.s3_endpoint if s3 else None)
+    cfg["files"] = {}  # defaults
+    if not s3:
+        del cfg["destinations"]["s3"]
+    else:
+        del cfg["destinations"]["s3"]["batch"]
+    if receiver:
+        relay = cfg["destinations"]["relay"]
+        del relay["batch"]
+        if compression != "gzip":  # the default; left out so an older build can run the same scenario
+            relay["compression"] = compression
+        if not tls:
+            relay["plaintext"] = True
+            del relay["tls_ca"], relay["tls_server_name"]
+    destinations = len(cfg["destinations"])
+    agent = tron.Proc(os.path.basename(work), "tron-agent", cfg, work, env=servers.S3_CREDENTIALS if s3 else None)
+    start = time.time()
+    agent.start()
+    try:
+        wait_metric(agent, "tron_agent_records_sent_total", n * destinations, 600)
+        return agent.cpu_seconds(), agent.peak_rss_mib(), time.time() - start
+    finally:
+        agent.stop()
+
+
+def bench_senders(svc, certs, work, n):
+    """Agent scenarios, each against the same Fluent Bit receiver as Fluent Bit's own tail ->
+    forward on the same file: CPU-seconds per million lines and peak RSS of the sender."""
+    if not os.path.exists(FLUENT_BIT):
+        print("senders: skipped (no Fluent Bit at %s: it is the receiver and the peer)" % FLUENT_BIT)
+        return
+    svc.create_s3_bucket("bench-archive")
+    log = os.path.join(mk(work, "logs"), "big.log")
+    size = write_lines(log, n)
+    rows = []
+
+    def row(name, result):
+        cpu, hwm, wall = result
+        rows.append((name, cpu, hwm, wall))
+        print("senders: %-48s %6.2f CPU-s (%.2f per million lines), peak RSS %5.1f MiB, %5.1f s wall, %.0f MB/s"
+              % (name, cpu, cpu * 1e6 / n, hwm, wall, size / 1e6 / wall), flush=True)
+
+    for tls in (False, True):
+        receiver = ForwardReceiver(work, certs if tls else None)
+        link = "TLS" if tls else "plaintext"
+        try:
+            row("Fluent Bit tail -> forward, %s, acks" % link,
+                run_fluent_bit_sender(mk(work, "fb-%s" % link), log, receiver, certs["ca"] if tls else None))
+            for compression in ("gzip", "none"):
+                row("tron-agent -> forward, %s, acks, %s" % (link, compression),
+                    run_agent_sender(svc, certs, mk(work, "agent-%s-%s" % (link, compression)), log, n,
+                                     receiver=receiver, tls=tls, compression=compression))
+            if tls:
+                row("tron-agent -> S3 (moto) only", run_agent_sender(svc, certs, mk(work, "agent-s3"), log, n, s3=True))
+                row("tron-agent -> forward (TLS, gzip) + S3", run_agent_sender(
+                    svc, certs, mk(work, "agent-both"), log, n, receiver=receiver, tls=True, s3=True))
+        finally:
+            receiver.stop()
+    return rows
 
 
 def chunk_frames(client, n, per_chunk):
@@ -222,11 +368,12 @@ def bench_relay_from_fluent_bit(svc, work, n):
         relay.stop()
 
 
-def bench_sink(svc, work, n, topic="bench-relay"):
-    """n records already in Kafka → gzip CSV objects in fake-gcs-server."""
+def bench_sink(svc, work, n, topic="bench-relay", fmt="csv"):
+    """n records already in Kafka → gzip CSV (or NDJSON) objects in fake-gcs-server."""
     svc.create_gcs_bucket("bench")
-    cfg = tron.sink_config(work, svc.kafka_brokers, "gs://bench/w", gcs_endpoint=svc.gcs_endpoint, topic=topic,
-                           group="bench-sink")
+    cfg = tron.sink_config(work, svc.kafka_brokers, "gs://bench/" + fmt, gcs_endpoint=svc.gcs_endpoint, topic=topic,
+                           group="bench-sink-" + fmt, name="sink-" + fmt)
+    cfg["output"]["format"] = fmt
     cfg["output"]["columns"] = [{"name": "time", "source": "@time", "type": "TIMESTAMP"},
                                 {"name": "path", "source": "path", "type": "STRING"},
                                 {"name": "status", "source": "status", "type": "INTEGER"},
@@ -241,9 +388,12 @@ def bench_sink(svc, work, n, topic="bench-relay"):
     elapsed = time.time() - start
     raw = n * 215
     gz = metric(sink, "tron_sink_bytes_uploaded_total")
-    print("sink: %d records (%.0f MB of JSON) from Kafka to gzip CSV in GCS in %.1fs (first record consumed → last uploaded; includes the 3 s idle wait before the final cut) = %.0f records/s, "
-          "%.1f MB/s in, %.1f MB gzip out; peak RSS %.1f MiB"
-          % (n, raw / 1e6, elapsed, n / elapsed, raw / 1e6 / elapsed, gz / 1e6, sink.peak_rss_mib()))
+    cpu = sink.cpu_seconds()
+    print("sink: %d records (%.0f MB of JSON) from Kafka to gzip %s in GCS in %.1fs (first record consumed → last uploaded; includes the 3 s idle wait before the final cut) = %.0f records/s, "
+          "%.1f MB/s in, %.1f MB gzip out; %.2f CPU-s (%.2f per million records, %.0f MB of input per CPU-s); "
+          "peak RSS %.1f MiB"
+          % (n, raw / 1e6, fmt.upper(), elapsed, n / elapsed, raw / 1e6 / elapsed, gz / 1e6, cpu, cpu * 1e6 / n, raw / 1e6 / cpu,
+             sink.peak_rss_mib()))
     sink.stop()
 
 
@@ -380,7 +530,7 @@ def mk(work, name):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("which", nargs="*", default=["agent", "files", "relay", "sink", "latency"])
+    ap.add_argument("which", nargs="*", default=["agent", "senders", "files", "relay", "sink", "latency"])
     ap.add_argument("--records", type=int, default=1_000_000)
     args = ap.parse_args()
     work = os.path.join(ROOT, ".run", "bench")
@@ -391,6 +541,8 @@ def main():
         certs = certs_mod.make(os.path.join(work, "certs"))
         if "agent" in args.which:
             bench_agent(svc, certs, mk(work, "agent"), args.records)
+        if "senders" in args.which:
+            bench_senders(svc, certs, mk(work, "senders"), args.records)
         delivered = None
         if "relay" in args.which or "sink" in args.which:
             delivered = bench_relay(svc, certs, mk(work, "relay"), args.records)
@@ -399,6 +551,7 @@ def main():
             bench_relay_from_fluent_bit(svc, mk(work, "relay-fb"), args.records)
         if "sink" in args.which:
             bench_sink(svc, mk(work, "sink"), delivered)
+            bench_sink(svc, mk(work, "sink-ndjson"), delivered, fmt="ndjson")
         if "files" in args.which:
             bench_many_files(svc, certs, mk(work, "files"))
         if "latency" in args.which:

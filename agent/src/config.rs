@@ -183,6 +183,14 @@ pub struct S3Config {
     pub checksums: Checksums,
 }
 
+#[derive(Debug, Deserialize, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkCompression {
+    #[default]
+    Gzip,
+    None,
+}
+
 #[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
 pub enum Sse {
     #[serde(rename = "AES256")]
@@ -229,7 +237,11 @@ pub struct RelayConfig {
     pub password: Option<String>,
     #[serde(default = "default_ack_timeout", with = "duration")]
     pub ack_timeout: Duration,
-    #[serde(default = "default_gzip_level")]
+    /// `gzip` (CompressedPackedForward) or `none` (PackedForward: no CPU spent on compression,
+    /// for links where bandwidth is cheap).
+    #[serde(default)]
+    pub compression: LinkCompression,
+    #[serde(default = "default_relay_gzip_level")]
     pub gzip_level: u32,
     /// How often the agent tells the relay its low watermark (docs/completeness.md); "0s": never.
     #[serde(default = "default_watermark_interval", with = "duration")]
@@ -289,8 +301,13 @@ fn default_max_line_bytes() -> usize {
 fn default_time_format() -> String {
     "rfc3339".into()
 }
+/// The archive is kept for months and paid for by the byte: zlib's default trade-off.
 fn default_gzip_level() -> u32 {
     6
+}
+/// The relay link is paid for in CPU on every app server: the fastest level.
+fn default_relay_gzip_level() -> u32 {
+    1
 }
 fn default_ack_timeout() -> Duration {
     Duration::from_secs(30)
@@ -335,6 +352,7 @@ impl AgentConfig {
                 return err("destinations.s3.url".into(), "must start with s3:// or file://");
             }
             check_batch("destinations.s3.batch", &s3.batch)?;
+            check_gzip_level("destinations.s3.gzip_level", s3.gzip_level)?;
             if s3.multipart_part_bytes < 5 << 20 {
                 return err("destinations.s3.multipart_part_bytes".into(), "S3 parts must be at least 5 MiB (5242880)");
             }
@@ -362,9 +380,17 @@ impl AgentConfig {
                 return err("destinations.relay.client_cert".into(), "client_cert and client_key go together");
             }
             check_batch("destinations.relay.batch", &r.batch)?;
+            check_gzip_level("destinations.relay.gzip_level", r.gzip_level)?;
         }
         Ok(())
     }
+}
+
+fn check_gzip_level(key: &str, level: u32) -> Result<(), (String, String)> {
+    if level > 9 {
+        return Err((key.into(), format!("{level} is not a gzip level (0-9)")));
+    }
+    Ok(())
 }
 
 fn check_batch(key: &str, b: &BatchConfig) -> Result<(), (String, String)> {

@@ -91,58 +91,252 @@ pub struct Origin<'a> {
     pub fingerprint: u64,
 }
 
+/// The fields the agent adds to every record of one file, by name: `None` when switched off.
+pub struct Added<'a> {
+    host: Option<(&'a str, &'a str)>,
+    file: Option<(&'a str, &'a str)>,
+    id: Option<&'a str>,
+}
+
+impl<'a> Added<'a> {
+    pub fn new(fields: &'a FieldsConfig, origin: &Origin<'a>) -> Self {
+        let named = |name: &'a String| (!name.is_empty()).then_some(name.as_str());
+        Added {
+            host: named(&fields.host).map(|k| (k, origin.host)),
+            file: named(&fields.file).map(|k| (k, origin.path)),
+            id: named(&fields.id),
+        }
+    }
+
+    fn names(&self) -> impl Iterator<Item = &'a str> {
+        [self.host.map(|h| h.0), self.file.map(|f| f.0), self.id].into_iter().flatten()
+    }
+
+    fn pairs<'r>(&self, id: &'r str) -> impl Iterator<Item = (&'a str, &'r str)>
+    where
+        'a: 'r,
+    {
+        [self.host, self.file, self.id.map(|k| (k, id))].into_iter().flatten()
+    }
+}
+
+/// A record's fields in the form that costs least to encode: most lines are JSON objects, which
+/// are checked once and then copied (archive) or transcoded (Forward) from their text, with no
+/// tree of values built per line.
+#[derive(Debug)]
+pub enum Fields {
+    /// A JSON object line that names none of the added fields, and its number of pairs; the
+    /// added fields follow its own.
+    Json(Vec<u8>, u32),
+    /// A line kept as text under "message" (raw parser, or a line that is not a JSON object).
+    Message(String),
+    /// A JSON object that names an added field, with the added values already in it: they win,
+    /// as they always have.
+    Map(Map<String, Value>),
+}
+
+#[derive(Debug)]
 pub struct Record {
     pub time: EventTime,
-    pub fields: Map<String, Value>,
+    pub fields: Fields,
+    /// [`record_id`] of the line, when ids are added.
+    pub id: Option<String>,
+}
+
+impl Record {
+    /// The record as one MessagePack map: a Forward entry's record.
+    pub fn write_msgpack(&self, added: &Added, out: &mut Vec<u8>) {
+        let id = self.id.as_deref().unwrap_or_default();
+        let extra = added.pairs(id).count() as u32;
+        match &self.fields {
+            Fields::Map(map) => return forward::msgpack::write_json_map(out, map),
+            Fields::Json(text, pairs) => forward::msgpack::write_json_object_text_of_len(out, text, *pairs, extra)
+                .expect("the line was checked to be one JSON object"),
+            Fields::Message(text) => {
+                rmp::encode::write_map_len(out, 1 + extra).expect("vec");
+                rmp::encode::write_str(out, "message").expect("vec");
+                rmp::encode::write_str(out, text).expect("vec");
+            }
+        }
+        for (k, v) in added.pairs(id) {
+            rmp::encode::write_str(out, k).expect("vec");
+            rmp::encode::write_str(out, v).expect("vec");
+        }
+    }
+
+    /// The record as one JSON object, `_time` (RFC 3339, ns) first, then the line's fields in
+    /// their order and as written, then the added ones; with the newline: the archive's form.
+    pub fn write_json_line(&self, added: &Added, out: &mut Vec<u8>) {
+        let time = chrono::DateTime::from_timestamp_nanos(self.time.unix_nanos());
+        out.extend_from_slice(b"{\"_time\":\"");
+        out.extend_from_slice(time.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true).as_bytes());
+        out.push(b'"');
+        let id = self.id.as_deref().unwrap_or_default();
+        match &self.fields {
+            Fields::Map(map) => {
+                let text = serde_json::to_vec(map).expect("JSON maps serialize");
+                if text.len() > 2 {
+                    out.push(b',');
+                    out.extend_from_slice(&text[1..text.len() - 1]);
+                }
+                out.extend_from_slice(b"}\n");
+                return;
+            }
+            Fields::Json(text, _) => {
+                let inner = object_inner(text);
+                if !inner.is_empty() {
+                    out.push(b',');
+                    out.extend_from_slice(inner);
+                }
+            }
+            Fields::Message(text) => {
+                out.extend_from_slice(b",\"message\":");
+                serde_json::to_writer(&mut *out, text).expect("vec");
+            }
+        }
+        for (k, v) in added.pairs(id) {
+            out.push(b',');
+            serde_json::to_writer(&mut *out, k).expect("vec");
+            out.push(b':');
+            serde_json::to_writer(&mut *out, v).expect("vec");
+        }
+        out.extend_from_slice(b"}\n");
+    }
+}
+
+/// What is between the braces of a checked JSON object, without the surrounding white space.
+fn object_inner(text: &[u8]) -> &[u8] {
+    let trimmed = text.trim_ascii();
+    trimmed[1..trimmed.len() - 1].trim_ascii()
 }
 
 pub fn parse_line(
     line: &[u8],
     offset: u64,
     src: &SourceSettings,
-    fields: &FieldsConfig,
+    added: &Added,
     origin: &Origin,
     now_ns: i64,
 ) -> Record {
-    let text = text_of(line);
-    let mut map = match src.parser {
-        Parser::Json => match serde_json::from_str::<Value>(&text) {
-            Ok(Value::Object(m)) => m,
-            _ => {
+    let mut time = None;
+    let fields = match src.parser {
+        // Checked as a whole first: skipping a value does not check its UTF-8.
+        Parser::Json => match std::str::from_utf8(line).map(|text| scan_object(text, src.time_field.as_deref(), added))
+        {
+            Ok(Ok(scan)) if !scan.names_added => {
+                time = scan.time;
+                Fields::Json(line.to_vec(), scan.pairs)
+            }
+            Ok(Ok(scan)) => {
+                // Rare: the line names a field the agent adds. Built as a map so the added
+                // value replaces the line's, as before.
+                time = scan.time;
+                match serde_json::from_slice::<Value>(line) {
+                    Ok(Value::Object(map)) => Fields::Map(map),
+                    _ => unreachable!("scanned as one JSON object"),
+                }
+            }
+            Ok(Err(_)) | Err(_) => {
                 metrics::counter!("tron_agent_json_parse_errors_total", "source" => src.name.clone()).increment(1);
-                message_only(text)
+                Fields::Message(text_of(line))
             }
         },
-        Parser::Raw => message_only(text),
+        Parser::Raw => Fields::Message(text_of(line)),
     };
-    let time_ns = src
-        .time_field
-        .as_ref()
-        .and_then(|f| map.get(f))
+    let time_ns = time
         .and_then(|v| {
-            let parsed = src.time_format.to_nanos(v);
+            let parsed = src.time_format.to_nanos(&v);
             if parsed.is_none() {
                 metrics::counter!("tron_agent_time_parse_errors_total", "source" => src.name.clone()).increment(1);
             }
             parsed
         })
         .unwrap_or(now_ns);
-    if !fields.host.is_empty() {
-        map.insert(fields.host.clone(), Value::String(origin.host.to_string()));
-    }
-    if !fields.file.is_empty() {
-        map.insert(fields.file.clone(), Value::String(origin.path.to_string()));
-    }
-    if !fields.id.is_empty() {
-        map.insert(fields.id.clone(), Value::String(record_id(origin.host, origin.fingerprint, offset)));
-    }
-    Record { time: EventTime::from_unix_nanos(time_ns), fields: map }
+    let id = added.id.map(|_| record_id(origin.host, origin.fingerprint, offset));
+    let fields = match fields {
+        Fields::Map(mut map) => {
+            for (k, v) in added.pairs(id.as_deref().unwrap_or_default()) {
+                map.insert(k.to_string(), Value::String(v.to_string()));
+            }
+            Fields::Map(map)
+        }
+        other => other,
+    };
+    Record { time: EventTime::from_unix_nanos(time_ns), fields, id }
 }
 
-fn message_only(text: String) -> Map<String, Value> {
-    let mut m = Map::with_capacity(4);
-    m.insert("message".into(), Value::String(text));
-    m
+/// One pass over a JSON line: is it one object, what is its time field (the last one, if named
+/// twice), does it name a field the agent adds. Values are skipped, not built.
+struct Scan {
+    time: Option<Value>,
+    names_added: bool,
+    pairs: u32,
+}
+
+fn scan_object(line: &str, time_field: Option<&str>, added: &Added) -> Result<Scan, serde_json::Error> {
+    use serde::de::{Deserializer as _, IgnoredAny, MapAccess, Visitor};
+    struct ScanVisitor<'s> {
+        time_field: Option<&'s str>,
+        added: &'s Added<'s>,
+    }
+    impl<'de> Visitor<'de> for ScanVisitor<'_> {
+        type Value = Scan;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Scan, A::Error> {
+            let mut scan = Scan { time: None, names_added: false, pairs: 0 };
+            while let Some(key) = map.next_key::<KeyText<'de>>()? {
+                scan.pairs += 1;
+                let key = key.as_str();
+                scan.names_added |= self.added.names().any(|n| n == key);
+                if Some(key) == self.time_field {
+                    scan.time = Some(map.next_value::<Value>()?);
+                } else {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+            Ok(scan)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(line);
+    let scan = de.deserialize_map(ScanVisitor { time_field, added })?;
+    de.end()?;
+    Ok(scan)
+}
+
+/// An object key, borrowed from the line unless it has escapes.
+enum KeyText<'de> {
+    Borrowed(&'de str),
+    Owned(String),
+}
+
+impl KeyText<'_> {
+    fn as_str(&self) -> &str {
+        match self {
+            KeyText::Borrowed(s) => s,
+            KeyText::Owned(s) => s,
+        }
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for KeyText<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = KeyText<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<KeyText<'de>, E> {
+                Ok(KeyText::Borrowed(s))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<KeyText<'de>, E> {
+                Ok(KeyText::Owned(s.to_owned()))
+            }
+        }
+        d.deserialize_str(V)
+    }
 }
 
 /// Deterministic 128-bit id of (host, file identity, byte offset): the same line re-sent after a
@@ -193,35 +387,87 @@ mod tests {
         Origin { host: "h1", path: "/var/log/a.log", fingerprint: 42 }
     }
 
+    /// Parses a line and returns what each destination would write of it, as JSON values: the
+    /// archive's line and the Forward record (decoded back from MessagePack).
+    fn parse(
+        line: &[u8],
+        offset: u64,
+        src: &SourceSettings,
+        fields: &FieldsConfig,
+        now_ns: i64,
+    ) -> (Record, Value, Value) {
+        let origin = origin();
+        let added = Added::new(fields, &origin);
+        let record = parse_line(line, offset, src, &added, &origin, now_ns);
+        let mut json = Vec::new();
+        record.write_json_line(&added, &mut json);
+        assert_eq!(json.pop(), Some(b'\n'));
+        let archived: Value =
+            serde_json::from_slice(&json).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&json)));
+        let mut packed = Vec::new();
+        record.write_msgpack(&added, &mut packed);
+        let forwarded = forward::json::to_json(&rmpv::decode::read_value(&mut &packed[..]).unwrap());
+        (record, archived, forwarded)
+    }
+
     #[test]
     fn json_line_with_rfc3339_time() {
-        let r = parse_line(
+        let (r, archived, forwarded) = parse(
             br#"{"time":"2026-11-22T03:04:05.123456789Z","msg":"x"}"#,
             100,
             &src(Parser::Json, Some("time"), "rfc3339"),
             &FieldsConfig::default(),
-            &origin(),
             7,
         );
         assert_eq!(r.time, EventTime::new(1795316645, 123456789));
-        assert_eq!(r.fields["msg"], "x");
-        assert_eq!(r.fields["host"], "h1");
-        assert_eq!(r.fields["file"], "/var/log/a.log");
-        assert_eq!(r.fields["_id"], record_id("h1", 42, 100));
+        assert!(matches!(r.fields, Fields::Json(_, 2)));
+        let expected = serde_json::json!({"time": "2026-11-22T03:04:05.123456789Z", "msg": "x", "host": "h1",
+            "file": "/var/log/a.log", "_id": record_id("h1", 42, 100)});
+        assert_eq!(forwarded, expected);
+        let mut with_time = expected.clone();
+        with_time["_time"] = "2026-11-22T03:04:05.123456789Z".into();
+        assert_eq!(archived, with_time);
+    }
+
+    #[test]
+    fn the_archive_keeps_a_json_line_as_written_with_the_added_fields_after_it() {
+        let origin = origin();
+        let fields = FieldsConfig::default();
+        let added = Added::new(&fields, &origin);
+        let r =
+            parse_line(br#" {"b":1.50, "a":"\u00e9"} "#, 0, &src(Parser::Json, None, "rfc3339"), &added, &origin, 0);
+        let mut out = Vec::new();
+        r.write_json_line(&added, &mut out);
+        let expected = format!(
+            "{{\"_time\":\"1970-01-01T00:00:00.000000000Z\",\"b\":1.50, \"a\":\"\\u00e9\",\"host\":\"h1\",\"file\":\"/var/log/a.log\",\"_id\":\"{}\"}}\n",
+            record_id("h1", 42, 0)
+        );
+        assert_eq!(String::from_utf8(out).unwrap(), expected);
+    }
+
+    #[test]
+    fn a_line_naming_an_added_field_gets_the_added_value() {
+        let (r, archived, forwarded) = parse(
+            br#"{"host":"spoofed","msg":"x"}"#,
+            0,
+            &src(Parser::Json, None, "rfc3339"),
+            &FieldsConfig::default(),
+            0,
+        );
+        assert!(matches!(r.fields, Fields::Map(_)));
+        assert_eq!((&archived["host"], &forwarded["host"]), (&"h1".into(), &"h1".into()));
+        assert_eq!(forwarded.as_object().unwrap().len(), 4);
     }
 
     #[test]
     fn unparsable_json_is_kept_as_message_with_read_time() {
-        let r = parse_line(
-            b"not json",
-            0,
-            &src(Parser::Json, Some("time"), "rfc3339"),
-            &FieldsConfig::default(),
-            &origin(),
-            5_000_000_000,
-        );
-        assert_eq!(r.fields["message"], "not json");
-        assert_eq!(r.time, EventTime::new(5, 0));
+        for line in [&b"not json"[..], b"[1,2]", b"{\"a\":1} trailing", b"{\"a\":\"\xff\"}"] {
+            let (r, archived, forwarded) =
+                parse(line, 0, &src(Parser::Json, Some("time"), "rfc3339"), &FieldsConfig::default(), 5_000_000_000);
+            assert_eq!(r.time, EventTime::new(5, 0));
+            assert_eq!(archived["message"], forwarded["message"]);
+            assert_eq!(forwarded.as_object().unwrap().len(), 4, "{forwarded}");
+        }
     }
 
     #[test]
@@ -235,23 +481,32 @@ mod tests {
     }
 
     #[test]
-    fn invalid_utf8_is_escaped_not_lost() {
-        let r = parse_line(
-            b"ok \xff\xfe end",
+    fn the_time_field_is_found_among_nested_values_and_escaped_keys() {
+        let (r, ..) = parse(
+            br#"{"n":{"ts":1},"a":[{"ts":2}],"\u0074s":3000}"#,
             0,
-            &src(Parser::Raw, None, "rfc3339"),
+            &src(Parser::Json, Some("ts"), "unix_ms"),
             &FieldsConfig::default(),
-            &origin(),
             0,
         );
-        assert_eq!(r.fields["message"], "ok \\xff\\xfe end");
+        assert_eq!(r.time, EventTime::new(3, 0));
+    }
+
+    #[test]
+    fn invalid_utf8_is_escaped_not_lost() {
+        let (_, archived, forwarded) =
+            parse(b"ok \xff\xfe end", 0, &src(Parser::Raw, None, "rfc3339"), &FieldsConfig::default(), 0);
+        assert_eq!(archived["message"], "ok \\xff\\xfe end");
+        assert_eq!(forwarded["message"], "ok \\xff\\xfe end");
     }
 
     #[test]
     fn added_fields_can_be_renamed_or_switched_off() {
         let fields = FieldsConfig { host: "".into(), file: "path".into(), id: "".into() };
-        let r = parse_line(b"x", 0, &src(Parser::Raw, None, "rfc3339"), &fields, &origin(), 0);
-        assert_eq!(r.fields.keys().collect::<Vec<_>>(), ["message", "path"]);
+        let (r, archived, forwarded) = parse(b"x", 0, &src(Parser::Raw, None, "rfc3339"), &fields, 0);
+        assert_eq!(forwarded.as_object().unwrap().keys().collect::<Vec<_>>(), ["message", "path"]);
+        assert_eq!(archived.as_object().unwrap().keys().collect::<Vec<_>>(), ["_time", "message", "path"]);
+        assert_eq!(r.id, None);
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //! chunk id, so several chunks are in flight at once. A broken connection fails every waiting
 //! chunk (the shipper re-sends them) and the task moves to the next address with back-off.
 
-use crate::config::{BatchConfig, RelayConfig};
-use crate::parse::Record;
+use crate::config::{BatchConfig, LinkCompression, RelayConfig};
+use crate::parse::{Added, Record};
 use crate::ship::{BatchMeta, Destination};
 use forward::handshake::Ping;
 use forward::{ChunkBuilder, ClientCodec, ServerMessage};
@@ -33,7 +33,8 @@ pub struct RelayForwarder {
     tls: Arc<std::sync::RwLock<TlsSettings>>,
     requests: mpsc::Sender<Request>,
     batch: BatchConfig,
-    gzip_level: u32,
+    /// None: chunks go uncompressed.
+    gzip_level: Option<u32>,
     ack_timeout: Duration,
     /// This agent's host name, the first half of every chunk's `tron_source`.
     host: String,
@@ -80,7 +81,7 @@ impl RelayForwarder {
             tls,
             requests: tx,
             batch: cfg.batch.clone(),
-            gzip_level: cfg.gzip_level,
+            gzip_level: (cfg.compression == LinkCompression::Gzip).then_some(cfg.gzip_level),
             ack_timeout: cfg.ack_timeout,
             host: hostname.to_string(),
             tags,
@@ -124,11 +125,15 @@ impl Destination for RelayForwarder {
     }
 
     fn builder(&self) -> ChunkBuilder {
-        ChunkBuilder::new(self.gzip_level)
+        self.gzip_level.map_or_else(ChunkBuilder::uncompressed, ChunkBuilder::new)
     }
 
-    fn push(&self, builder: &mut ChunkBuilder, record: &Record, position: u64) {
-        builder.push_at(position, record.time, &record.fields);
+    fn open_batch_bytes(&self) -> usize {
+        self.gzip_level.map_or(0, |_| crate::ship::GZIP_ENCODER_BYTES)
+    }
+
+    fn push(&self, builder: &mut ChunkBuilder, record: &Record, added: &Added, position: u64) {
+        builder.push_encoded_at(position, record.time, |out| record.write_msgpack(added, out));
     }
 
     fn seal(&self, builder: ChunkBuilder, meta: &BatchMeta) -> SealedChunk {

@@ -2,7 +2,7 @@
 //! data it holds so a retried upload overwrites instead of duplicating.
 
 use crate::config::{BatchConfig, Checksums, S3Config, Sse};
-use crate::parse::Record;
+use crate::parse::{Added, Record};
 use crate::ship::{BatchMeta, Destination};
 use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation, SharedCredentialsProvider};
 use aws_sdk_s3::primitives::ByteStream;
@@ -152,18 +152,9 @@ impl Destination for S3Archive {
         GzEncoder::new(Vec::new(), flate2::Compression::new(self.gzip_level))
     }
 
-    fn push(&self, gz: &mut Self::Builder, record: &Record, _position: u64) {
-        let time = chrono::DateTime::from_timestamp_nanos(record.time.unix_nanos());
-        let mut line = Vec::with_capacity(256);
-        line.extend_from_slice(b"{\"_time\":\"");
-        line.extend_from_slice(time.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true).as_bytes());
-        line.push(b'"');
-        let fields = serde_json::to_vec(&record.fields).expect("JSON maps serialize");
-        if fields.len() > 2 {
-            line.push(b',');
-        }
-        line.extend_from_slice(&fields[1..]);
-        line.push(b'\n');
+    fn push(&self, gz: &mut Self::Builder, record: &Record, added: &Added, _position: u64) {
+        let mut line = Vec::with_capacity(512);
+        record.write_json_line(added, &mut line);
         gz.write_all(&line).expect("writing to a Vec cannot fail");
     }
 

@@ -6,25 +6,36 @@ use flate2::Compression;
 use std::io::Write;
 
 /// Packs entries into one CompressedPackedForward frame:
-/// `[tag, bin(gzip(entries…)), {"size": n, "chunk": id, "compressed": "gzip"}]`.
+/// `[tag, bin(gzip(entries…)), {"size": n, "chunk": id, "compressed": "gzip"}]`, or, built with
+/// [`ChunkBuilder::uncompressed`], one PackedForward frame without the `compressed` option.
 /// Entries are compressed as they are added, so a chunk costs its compressed size in memory.
 /// Entries added with [`ChunkBuilder::push_at`] and a chunk closed with
 /// [`ChunkBuilder::finish_from`] also carry their source positions ([`crate::origin`]).
 pub struct ChunkBuilder {
-    gz: GzEncoder<Vec<u8>>,
+    body: Body,
     scratch: Vec<u8>,
     entries: u64,
     positions: PositionWriter,
 }
 
+enum Body {
+    Gzip(Box<GzEncoder<Vec<u8>>>),
+    Plain(Vec<u8>),
+}
+
 impl ChunkBuilder {
+    /// A CompressedPackedForward chunk, gzip at `level` (0-9).
     pub fn new(level: u32) -> Self {
-        ChunkBuilder {
-            gz: GzEncoder::new(Vec::new(), Compression::new(level)),
-            scratch: Vec::with_capacity(512),
-            entries: 0,
-            positions: PositionWriter::default(),
-        }
+        Self::with_body(Body::Gzip(Box::new(GzEncoder::new(Vec::new(), Compression::new(level)))))
+    }
+
+    /// A PackedForward chunk: for links where bandwidth is cheaper than the CPU gzip costs.
+    pub fn uncompressed() -> Self {
+        Self::with_body(Body::Plain(Vec::new()))
+    }
+
+    fn with_body(body: Body) -> Self {
+        ChunkBuilder { body, scratch: Vec::with_capacity(512), entries: 0, positions: PositionWriter::default() }
     }
 
     /// Adds an entry that starts at byte `position` of its source (not below the previous one).
@@ -34,12 +45,41 @@ impl ChunkBuilder {
     }
 
     pub fn push(&mut self, time: EventTime, record: &serde_json::Map<String, serde_json::Value>) {
-        self.scratch.clear();
-        self.scratch.push(0x92);
-        write_event_time(&mut self.scratch, time);
-        write_json_map(&mut self.scratch, record);
-        self.gz.write_all(&self.scratch).expect("writing to a Vec cannot fail");
+        self.push_encoded(time, |out| write_json_map(out, record));
+    }
+
+    /// Adds an entry whose record `write_record` writes as one MessagePack map, starting at byte
+    /// `position` of its source (see [`ChunkBuilder::push_at`]).
+    pub fn push_encoded_at(&mut self, position: u64, time: EventTime, write_record: impl FnOnce(&mut Vec<u8>)) {
+        self.positions.push(position);
+        self.push_encoded(time, write_record);
+    }
+
+    fn push_encoded(&mut self, time: EventTime, write_record: impl FnOnce(&mut Vec<u8>)) {
+        // Uncompressed entries go straight into the body; compressed ones through one scratch
+        // buffer, so the encoder sees one write per entry.
+        let out = match &mut self.body {
+            Body::Plain(body) => body,
+            Body::Gzip(_) => {
+                self.scratch.clear();
+                &mut self.scratch
+            }
+        };
+        out.push(0x92);
+        write_event_time(out, time);
+        write_record(out);
+        if let Body::Gzip(gz) = &mut self.body {
+            gz.write_all(&self.scratch).expect("writing to a Vec cannot fail");
+        }
         self.entries += 1;
+    }
+
+    /// Bytes the body holds so far (compressed bytes for a gzip chunk).
+    pub fn body_len(&self) -> usize {
+        match &self.body {
+            Body::Gzip(gz) => gz.get_ref().len(),
+            Body::Plain(body) => body.len(),
+        }
     }
 
     pub fn entries(&self) -> u64 {
@@ -64,12 +104,16 @@ impl ChunkBuilder {
             );
             self.positions.push(end);
         }
-        let packed = self.gz.finish().expect("writing to a Vec cannot fail");
+        let (packed, compressed) = match self.body {
+            Body::Gzip(gz) => (gz.finish().expect("writing to a Vec cannot fail"), true),
+            Body::Plain(body) => (body, false),
+        };
         let mut out = Vec::with_capacity(packed.len() + tag.len() + chunk_id.len() + 64 + self.positions.bytes.len());
         out.push(0x93);
         rmp::encode::write_str(&mut out, tag).expect("vec");
         rmp::encode::write_bin(&mut out, &packed).expect("vec");
-        rmp::encode::write_map_len(&mut out, if origin.is_some() { 5 } else { 3 }).expect("vec");
+        let options = 2 + u32::from(origin.is_some()) * 2 + u32::from(compressed);
+        rmp::encode::write_map_len(&mut out, options).expect("vec");
         if let Some((source, _)) = origin {
             rmp::encode::write_str(&mut out, SOURCE_OPTION).expect("vec");
             rmp::encode::write_str(&mut out, source).expect("vec");
@@ -80,8 +124,10 @@ impl ChunkBuilder {
         rmp::encode::write_uint(&mut out, self.entries).expect("vec");
         rmp::encode::write_str(&mut out, "chunk").expect("vec");
         rmp::encode::write_str(&mut out, chunk_id).expect("vec");
-        rmp::encode::write_str(&mut out, "compressed").expect("vec");
-        rmp::encode::write_str(&mut out, "gzip").expect("vec");
+        if compressed {
+            rmp::encode::write_str(&mut out, "compressed").expect("vec");
+            rmp::encode::write_str(&mut out, "gzip").expect("vec");
+        }
         out
     }
 }

@@ -1,6 +1,10 @@
-//! Writes JSON values as MessagePack without an intermediate tree, for the agent's hot path.
+//! Writes JSON as MessagePack without an intermediate tree, for the agent's hot path: from a
+//! `serde_json::Value` (records the agent had to build) or straight from JSON text (records read
+//! as JSON lines, transcoded as they are parsed).
 
+use serde::de::{DeserializeSeed, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
+use std::fmt;
 
 pub fn write_json(out: &mut Vec<u8>, v: &Value) {
     // Writing into a Vec cannot fail, so the rmp results are infallible here.
@@ -32,5 +36,207 @@ pub fn write_json_map(out: &mut Vec<u8>, map: &serde_json::Map<String, Value>) {
     for (k, v) in map {
         rmp::encode::write_str(out, k).expect("vec");
         write_json(out, v);
+    }
+}
+
+/// Transcodes a JSON object's text to a MessagePack map, keys in their order, numbers and
+/// strings as [`write_json`] writes them. The map's header counts `extra` more pairs, which the
+/// caller appends. On error (the text is not one JSON object) `out` may hold a partial value.
+pub fn write_json_object_text(out: &mut Vec<u8>, json: &[u8], extra: u32) -> Result<(), serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_slice(json);
+    serde::Deserializer::deserialize_map(&mut de, Transcode { out, extra, header: Header::Patched })?;
+    de.end()
+}
+
+/// As [`write_json_object_text`], for an object whose number of pairs the caller already knows
+/// (it scanned the text): the map header is written first instead of patched in afterwards.
+pub fn write_json_object_text_of_len(
+    out: &mut Vec<u8>,
+    json: &[u8],
+    pairs: u32,
+    extra: u32,
+) -> Result<(), serde_json::Error> {
+    rmp::encode::write_map_len(out, pairs + extra).expect("vec");
+    let mut de = serde_json::Deserializer::from_slice(json);
+    serde::Deserializer::deserialize_map(&mut de, Transcode { out, extra, header: Header::Written(pairs) })?;
+    de.end()
+}
+
+/// Writes each value it is handed; `extra` is added to the count of the outermost map only.
+struct Transcode<'a> {
+    out: &'a mut Vec<u8>,
+    extra: u32,
+    header: Header,
+}
+
+/// How the outermost map's header is written.
+#[derive(Clone, Copy)]
+enum Header {
+    /// A 32-bit placeholder, filled in (and shrunk) once the pairs are counted.
+    Patched,
+    /// Already written for this many pairs, which must be what the text holds.
+    Written(u32),
+}
+
+impl<'a> Transcode<'a> {
+    fn inner(out: &'a mut Vec<u8>) -> Self {
+        Transcode { out, extra: 0, header: Header::Patched }
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Transcode<'_> {
+    type Value = ();
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+/// Containers get a 32-bit length header, patched once the length is known and shrunk to the
+/// one-byte form when it fits (the common case), so the output matches [`write_json`]'s.
+fn open_container(out: &mut Vec<u8>, marker32: u8) -> usize {
+    let at = out.len();
+    out.extend_from_slice(&[marker32, 0, 0, 0, 0]);
+    at
+}
+
+fn close_container(out: &mut Vec<u8>, at: usize, n: u32, fix_marker: u8) {
+    if n < 16 {
+        out[at] = fix_marker | n as u8;
+        out.copy_within(at + 5.., at + 1);
+        out.truncate(out.len() - 4);
+    } else {
+        out[at + 1..at + 5].copy_from_slice(&n.to_be_bytes());
+    }
+}
+
+impl<'de> Visitor<'de> for Transcode<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_unit<E>(self) -> Result<(), E> {
+        rmp::encode::write_nil(self.out).expect("vec");
+        Ok(())
+    }
+    fn visit_bool<E>(self, b: bool) -> Result<(), E> {
+        rmp::encode::write_bool(self.out, b).expect("vec");
+        Ok(())
+    }
+    fn visit_u64<E>(self, u: u64) -> Result<(), E> {
+        rmp::encode::write_uint(self.out, u).expect("vec");
+        Ok(())
+    }
+    fn visit_i64<E>(self, i: i64) -> Result<(), E> {
+        if i >= 0 {
+            rmp::encode::write_uint(self.out, i as u64).expect("vec");
+        } else {
+            rmp::encode::write_sint(self.out, i).expect("vec");
+        }
+        Ok(())
+    }
+    fn visit_f64<E>(self, f: f64) -> Result<(), E> {
+        rmp::encode::write_f64(self.out, f).expect("vec");
+        Ok(())
+    }
+    fn visit_str<E>(self, s: &str) -> Result<(), E> {
+        rmp::encode::write_str(self.out, s).expect("vec");
+        Ok(())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let at = open_container(self.out, 0xdd);
+        let mut n = 0u32;
+        while seq.next_element_seed(Transcode::inner(&mut *self.out))?.is_some() {
+            n += 1;
+        }
+        close_container(self.out, at, n, 0x90);
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let at = match self.header {
+            Header::Patched => Some(open_container(self.out, 0xdf)),
+            Header::Written(_) => None,
+        };
+        let mut n = 0u32;
+        while map.next_key_seed(Transcode::inner(&mut *self.out))?.is_some() {
+            map.next_value_seed(Transcode::inner(&mut *self.out))?;
+            n += 1;
+        }
+        match (at, self.header) {
+            (Some(at), _) => close_container(self.out, at, n + self.extra, 0x80),
+            (None, Header::Written(pairs)) if pairs != n => {
+                return Err(serde::de::Error::custom(format!("the object holds {n} pairs, not the {pairs} announced")))
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn via_tree(json: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        write_json(&mut out, &serde_json::from_str(json).unwrap());
+        out
+    }
+
+    fn decoded(bytes: &[u8]) -> Value {
+        crate::json::to_json(&rmpv::decode::read_value(&mut &bytes[..]).unwrap())
+    }
+
+    #[test]
+    fn text_and_tree_give_the_same_record() {
+        let long: String = (0..20).map(|i| format!("\"k{i}\":{i},")).collect();
+        for json in [
+            r#"{"a":1,"b":-2,"c":1.5,"d":"x\"y\u00e9","e":null,"f":true,"g":[1,[2,{}],[]],"h":{"i":{"j":"k"}}}"#,
+            r#"{}"#,
+            r#" { "big" : 18446744073709551615 , "neg" : -9223372036854775808, "e": 1e400 } "#,
+            &format!("{{{long}\"arr\":[{}]}}", (0..40).map(|i| i.to_string()).collect::<Vec<_>>().join(",")),
+        ] {
+            if json.contains("1e400") {
+                // Out of f64 range: an error both ways, not a silent value.
+                assert!(write_json_object_text(&mut Vec::new(), json.as_bytes(), 0).is_err());
+                continue;
+            }
+            let mut out = Vec::new();
+            write_json_object_text(&mut out, json.as_bytes(), 0).unwrap();
+            assert_eq!(decoded(&out), decoded(&via_tree(json)), "{json}");
+        }
+    }
+
+    #[test]
+    fn small_containers_use_the_one_byte_header() {
+        let mut out = Vec::new();
+        write_json_object_text(&mut out, br#"{"a":[1,2]}"#, 0).unwrap();
+        assert_eq!(out, via_tree(r#"{"a":[1,2]}"#));
+    }
+
+    #[test]
+    fn extra_pairs_are_counted_in_the_outer_map_only() {
+        let mut out = Vec::new();
+        write_json_object_text(&mut out, br#"{"a":{"b":1}}"#, 1).unwrap();
+        rmp::encode::write_str(&mut out, "host").unwrap();
+        rmp::encode::write_str(&mut out, "h").unwrap();
+        assert_eq!(decoded(&out), serde_json::json!({"a": {"b": 1}, "host": "h"}));
+    }
+
+    #[test]
+    fn a_known_length_gives_the_same_bytes() {
+        let json = br#"{"a":1,"b":{"c":[true,null]},"d":"e"}"#;
+        let (mut patched, mut counted) = (Vec::new(), Vec::new());
+        write_json_object_text(&mut patched, json, 1).unwrap();
+        write_json_object_text_of_len(&mut counted, json, 3, 1).unwrap();
+        assert_eq!(patched, counted);
+        assert!(write_json_object_text_of_len(&mut Vec::new(), json, 2, 0).is_err());
+    }
+
+    #[test]
+    fn what_is_not_one_object_is_an_error() {
+        for bad in [&b"[1]"[..], b"\"s\"", b"{\"a\":1} x", b"{\"a\":", b"{\"a\":\"\xff\"}"] {
+            assert!(write_json_object_text(&mut Vec::new(), bad, 0).is_err(), "{bad:?}");
+        }
     }
 }

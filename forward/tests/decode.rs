@@ -105,6 +105,25 @@ fn chunk_builder_round_trips_through_the_decoder() {
 }
 
 #[test]
+fn an_uncompressed_chunk_is_packed_forward_with_its_positions() {
+    let mut b = ChunkBuilder::uncompressed();
+    for i in 0..100u64 {
+        b.push_encoded_at(10 * i, EventTime::new(1, 0), |out| {
+            forward::msgpack::write_json_object_text(out, format!("{{\"i\":{i}}}").as_bytes(), 0).unwrap()
+        });
+    }
+    let wire = b.finish_from("app", "c-9", "web-1/00000000000000aa", 1_000);
+    let frames = decode_all(&wire, Limits::default(), 4096).unwrap();
+    let Frame::Events(batch) = &frames[0] else { panic!("not events") };
+    assert_eq!(batch.mode, forward::Mode::PackedForward);
+    assert_eq!((batch.options.size, batch.options.compressed.as_deref()), (Some(100), None));
+    let decoded = batch.decode(&Limits::default()).unwrap();
+    let last: Value = serde_json::from_slice(decoded.get(99)).unwrap();
+    assert_eq!(last, json!({"i": 99}));
+    assert_eq!(decoded.origin.expect("origin").range(99), (990, 1_000));
+}
+
+#[test]
 fn gzip_bomb_is_refused_at_the_decompressed_limit() {
     let mut b = ChunkBuilder::new(9);
     let big = "x".repeat(100_000);

@@ -46,7 +46,7 @@ pub fn load_argv(cfg: &SinkConfig, topic: &str, hour: &str, schema_file: &Path) 
     argv.push("--time_partitioning_type=HOUR".into());
     // Partitioned by the event time column when there is one (the hour's rows all fall in the
     // decorated partition); otherwise by load time, where the decorator alone picks the hour.
-    if let Some(time_column) = cfg.output.columns.iter().find(|c| c.source == "@time") {
+    if let Some(time_column) = cfg.output.columns.iter().find(|c| c.source == crate::config::ColumnSource::Time) {
         argv.push(format!("--time_partitioning_field={}", time_column.name));
     }
     // Hive partition columns only exist when the path has the `dt=…/hr=…` shape.

@@ -103,13 +103,41 @@ impl Format {
     }
 }
 
+/// Where a column's cells come from, decided once at load rather than by name on every row.
+#[derive(Debug, Deserialize, Clone, PartialEq, Eq)]
+#[serde(from = "String")]
+pub enum ColumnSource {
+    Time,
+    Tag,
+    Topic,
+    Partition,
+    Offset,
+    Record,
+    /// A record field: the key as written, or else a dotted path into nested objects.
+    Field(String),
+}
+
+impl From<String> for ColumnSource {
+    fn from(s: String) -> Self {
+        match s.as_str() {
+            "@time" => ColumnSource::Time,
+            "@tag" => ColumnSource::Tag,
+            "@topic" => ColumnSource::Topic,
+            "@partition" => ColumnSource::Partition,
+            "@offset" => ColumnSource::Offset,
+            "@record" => ColumnSource::Record,
+            _ => ColumnSource::Field(s),
+        }
+    }
+}
+
 #[derive(Debug, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct Column {
     pub name: String,
     /// A record field (`a.b` for nested), or `@time`, `@tag`, `@topic`, `@partition`, `@offset`,
     /// `@record` (the whole record as JSON).
-    pub source: String,
+    pub source: ColumnSource,
     /// BigQuery type: STRING, INTEGER, FLOAT, BOOLEAN, TIMESTAMP, JSON.
     #[serde(rename = "type", default = "default_type")]
     pub kind: String,
@@ -229,9 +257,9 @@ fn default_type() -> String {
 }
 fn default_columns() -> Vec<Column> {
     vec![
-        Column { name: "time".into(), source: "@time".into(), kind: "TIMESTAMP".into() },
-        Column { name: "tag".into(), source: "@tag".into(), kind: "STRING".into() },
-        Column { name: "record".into(), source: "@record".into(), kind: "JSON".into() },
+        Column { name: "time".into(), source: ColumnSource::Time, kind: "TIMESTAMP".into() },
+        Column { name: "tag".into(), source: ColumnSource::Tag, kind: "STRING".into() },
+        Column { name: "record".into(), source: ColumnSource::Record, kind: "JSON".into() },
     ]
 }
 

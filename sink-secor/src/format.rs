@@ -1,9 +1,11 @@
 //! Rows: a Kafka record becomes one CSV/TSV line (configured columns, RFC 4180 quoting) or one
 //! NDJSON line, written straight into a gzip staging file.
 
-use crate::config::{Column, Format};
+use crate::config::{Column, ColumnSource, Format};
 use flate2::write::GzEncoder;
+use serde_json::value::RawValue;
 use serde_json::Value;
+use std::borrow::Cow;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::Path;
@@ -17,15 +19,13 @@ pub struct RowSource<'a> {
     pub time_ns: i64,
     /// The record as sent (JSON text).
     pub raw: &'a [u8],
-    /// The parsed record; `Value::Null` when the payload was not JSON.
-    pub record: &'a Value,
 }
 
 type Gz = GzEncoder<BufWriter<File>>;
 
 pub enum RowSink {
     Delimited(Box<csv::Writer<Gz>>),
-    Lines(Gz),
+    Lines(Box<Gz>),
 }
 
 impl RowSink {
@@ -33,7 +33,7 @@ impl RowSink {
         let gz =
             GzEncoder::new(BufWriter::with_capacity(256 * 1024, File::create(path)?), flate2::Compression::new(level));
         Ok(match format {
-            Format::Ndjson => RowSink::Lines(gz),
+            Format::Ndjson => RowSink::Lines(Box::new(gz)),
             Format::Csv | Format::Tsv => RowSink::Delimited(Box::new(
                 csv::WriterBuilder::new()
                     .delimiter(if format == Format::Tsv { b'\t' } else { b',' })
@@ -54,9 +54,17 @@ impl RowSink {
                 Ok(src.raw.len() + 1)
             }
             RowSink::Delimited(w) => {
-                let cells: Vec<String> = columns.iter().map(|c| cell(c, src)).collect();
-                let size = cells.iter().map(|c| c.len() + 1).sum();
-                w.write_record(&cells).map_err(std::io::Error::other)?;
+                // The record's top level is parsed only when a column reads a field, and then
+                // as slices of its text: no tree of values per row.
+                let needs_fields = columns.iter().any(|c| matches!(c.source, ColumnSource::Field(_)));
+                let fields = if needs_fields { TopLevel::parse(src.raw) } else { TopLevel::default() };
+                let mut size = 0;
+                for column in columns {
+                    let cell = cell(&column.source, src, &fields);
+                    size += cell.len() + 1;
+                    w.write_field(cell.as_bytes()).map_err(std::io::Error::other)?;
+                }
+                w.write_record(None::<&[u8]>).map_err(std::io::Error::other)?;
                 Ok(size)
             }
         }
@@ -64,7 +72,7 @@ impl RowSink {
 
     pub fn finish(self) -> std::io::Result<()> {
         let gz = match self {
-            RowSink::Lines(gz) => gz,
+            RowSink::Lines(gz) => *gz,
             RowSink::Delimited(w) => w.into_inner().map_err(|e| std::io::Error::other(e.to_string()))?,
         };
         let mut buf = gz.finish()?;
@@ -78,27 +86,113 @@ pub fn rfc3339_micros(time_ns: i64) -> String {
     chrono::DateTime::from_timestamp_nanos(time_ns).to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
-fn cell(column: &Column, src: &RowSource) -> String {
-    match column.source.as_str() {
-        "@time" => rfc3339_micros(src.time_ns),
-        "@tag" => src.tag.to_string(),
-        "@topic" => src.topic.to_string(),
-        "@partition" => src.partition.to_string(),
-        "@offset" => src.offset.to_string(),
-        "@record" => String::from_utf8_lossy(src.raw).into_owned(),
-        path => match lookup(src.record, path) {
-            None | Some(Value::Null) => String::new(),
-            Some(Value::String(s)) => s.clone(),
-            Some(other) => other.to_string(),
-        },
+fn cell<'a>(source: &ColumnSource, src: &RowSource<'a>, fields: &TopLevel<'a>) -> Cow<'a, str> {
+    match source {
+        ColumnSource::Time => rfc3339_micros(src.time_ns).into(),
+        ColumnSource::Tag => src.tag.into(),
+        ColumnSource::Topic => src.topic.into(),
+        ColumnSource::Partition => src.partition.to_string().into(),
+        ColumnSource::Offset => src.offset.to_string().into(),
+        ColumnSource::Record => String::from_utf8_lossy(src.raw),
+        ColumnSource::Field(path) => fields.cell(path),
     }
 }
 
-fn lookup<'a>(record: &'a Value, path: &str) -> Option<&'a Value> {
-    if let Some(v) = record.get(path) {
-        return Some(v);
+/// A record's top-level fields as slices of its JSON text (empty when it is not an object).
+#[derive(Default)]
+struct TopLevel<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'a> TopLevel<'a> {
+    fn parse(raw: &'a [u8]) -> Self {
+        serde_json::from_slice::<Fields<'a>>(raw).map(|f| TopLevel(f.0)).unwrap_or_default()
     }
-    path.split('.').try_fold(record, |v, part| v.get(part))
+
+    /// The last value under `key`, as a tree would keep it.
+    fn get(&self, key: &str) -> Option<&'a RawValue> {
+        self.0.iter().rev().find(|(k, _)| k == key).map(|(_, v)| *v)
+    }
+
+    /// A cell: strings as their text, null or missing as empty, anything else as compact JSON.
+    fn cell(&self, path: &str) -> Cow<'a, str> {
+        if let Some(raw) = self.get(path) {
+            return text_of(raw);
+        }
+        // A dotted path into nested objects (rare): those values are parsed.
+        let mut parts = path.split('.');
+        let Some(first) = parts.next().and_then(|p| self.get(p)) else { return Cow::Borrowed("") };
+        let Ok(mut value) = serde_json::from_str::<Value>(first.get()) else { return Cow::Borrowed("") };
+        for part in parts {
+            match value.get_mut(part).map(Value::take) {
+                Some(v) => value = v,
+                None => return Cow::Borrowed(""),
+            }
+        }
+        match value {
+            Value::Null => Cow::Borrowed(""),
+            Value::String(s) => s.into(),
+            other => other.to_string().into(),
+        }
+    }
+}
+
+fn text_of(raw: &RawValue) -> Cow<'_, str> {
+    let text = raw.get();
+    match text.as_bytes().first() {
+        Some(b'"') => match serde_json::from_str::<&str>(text) {
+            Ok(s) => Cow::Borrowed(s),
+            // Escapes: decoded into a new string.
+            Err(_) => serde_json::from_str::<String>(text).map(Cow::Owned).unwrap_or_default(),
+        },
+        Some(b'n') => Cow::Borrowed(""),
+        // Numbers, booleans, objects, arrays: as a parsed value prints them, so the cell does
+        // not depend on how the record's JSON was spaced.
+        _ => serde_json::from_str::<Value>(text).map(|v| v.to_string()).unwrap_or_default().into(),
+    }
+}
+
+/// Deserializes an object's pairs in order, each value as its text.
+struct Fields<'a>(Vec<(Cow<'a, str>, &'a RawValue)>);
+
+impl<'de> serde::Deserialize<'de> for Fields<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Fields<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Fields<'de>, A::Error> {
+                let mut pairs = Vec::with_capacity(map.size_hint().unwrap_or(16));
+                while let Some(key) = map.next_key::<Key<'de>>()? {
+                    pairs.push((key.0, map.next_value::<&'de RawValue>()?));
+                }
+                Ok(Fields(pairs))
+            }
+        }
+        d.deserialize_map(V)
+    }
+}
+
+/// An object key, borrowed from the text unless it has escapes.
+struct Key<'a>(Cow<'a, str>);
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(s)))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(s.to_owned())))
+            }
+        }
+        d.deserialize_str(V)
+    }
 }
 
 #[cfg(test)]
@@ -107,7 +201,7 @@ mod tests {
     use std::io::Read;
 
     fn col(name: &str, source: &str) -> Column {
-        Column { name: name.into(), source: source.into(), kind: "STRING".into() }
+        Column { name: name.into(), source: source.to_string().into(), kind: "STRING".into() }
     }
 
     #[test]
@@ -115,17 +209,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.csv.gz");
         let mut sink = RowSink::create(&path, Format::Csv, 6).unwrap();
-        let record = serde_json::json!({"msg": "a,\"b\"\nc", "n": 5, "o": {"k": [1]}, "u": "é\tx"});
-        let raw = serde_json::to_vec(&record).unwrap();
-        let src = RowSource {
-            topic: "t",
-            partition: 3,
-            offset: 9,
-            tag: "app",
-            time_ns: 1_500_000_000_123_456_789,
-            raw: &raw,
-            record: &record,
-        };
+        let raw = br#"{"msg": "a,\"b\"\nc", "n": 5.0e0, "o": {"k": [ 1 ]}, "u": "\u00e9\tx", "nul": null, "n": 7}"#;
+        let src =
+            RowSource { topic: "t", partition: 3, offset: 9, tag: "app", time_ns: 1_500_000_000_123_456_789, raw };
         let cols = [
             col("time", "@time"),
             col("msg", "msg"),
@@ -134,11 +220,14 @@ mod tests {
             col("missing", "nope"),
             col("u", "u"),
             col("k", "o.k"),
+            col("nul", "nul"),
+            col("deep", "o.k.z"),
         ];
         sink.write(&cols, &src).unwrap();
         sink.finish().unwrap();
         let mut text = String::new();
         flate2::read::GzDecoder::new(File::open(&path).unwrap()).read_to_string(&mut text).unwrap();
-        assert_eq!(text, "2017-07-14T02:40:00.123456Z,\"a,\"\"b\"\"\nc\",5,\"{\"\"k\"\":[1]}\",,é\tx,[1]\n");
+        // A key given twice counts as its last value, as in a parsed object.
+        assert_eq!(text, "2017-07-14T02:40:00.123456Z,\"a,\"\"b\"\"\nc\",7,\"{\"\"k\"\":[1]}\",,é\tx,[1],,\n");
     }
 }

@@ -326,7 +326,6 @@ impl Partition {
             self.staged.insert(bucket, Staged { sink, file });
         }
         let Staged { sink, file: staged } = self.staged.get_mut(&bucket).expect("inserted above");
-        let record: serde_json::Value = serde_json::from_slice(msg.raw).unwrap_or(serde_json::Value::Null);
         let src = RowSource {
             topic: &self.topic,
             partition: self.partition,
@@ -334,7 +333,6 @@ impl Partition {
             tag: msg.tag,
             time_ns,
             raw: msg.raw,
-            record: &record,
         };
         let size = sink
             .write(out.columns, &src)

@@ -1,5 +1,5 @@
 """Memory stays bounded however many files are active. Every file with unsent lines has an open
-batch holding a gzip encoder (344 KiB); with a long S3 max_age and 1,200 active files that alone
+batch holding a gzip encoder (404 KiB); with a long S3 max_age and 1,200 active files that alone
 would be ~400 MiB. The agent charges it to max_buffer_bytes and sends the oldest batches early, so
 peak RSS stays near the budget; after SIGTERM (which sends what is open) every line is archived."""
 import gzip
@@ -55,7 +55,7 @@ def test_thousands_of_active_files_keep_memory_within_the_buffer_budget(workroot
     got = archived(s3_dir)
     print("%d active files, S3 max_age 60s, max_buffer_bytes %d MiB: agent peak RSS %.1f MiB (open encoders "
           "unbounded would be %.0f MiB), %d batches sent early, %d of %d lines archived"
-          % (FILES, budget_mib, rss, FILES * 344 / 1024, early, len(got & expected), len(expected)))
+          % (FILES, budget_mib, rss, FILES * 404 / 1024, early, len(got & expected), len(expected)))
     assert got == expected
     assert early > 0
     assert rss < budget_mib + 64, "agent peak RSS %.1f MiB with a %d MiB budget" % (rss, budget_mib)

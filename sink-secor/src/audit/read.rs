@@ -4,7 +4,7 @@
 //! the ids and times go into the tally.
 
 use super::tally::{Side, Tally};
-use crate::config::{Column, Format, OutputConfig};
+use crate::config::{Column, ColumnSource, Format, OutputConfig};
 use crate::store::Store;
 use anyhow::Context as _;
 use futures::StreamExt as _;
@@ -149,13 +149,13 @@ pub struct RowLayout {
 
 impl RowLayout {
     pub fn new(output: &OutputConfig, id_field: &str) -> anyhow::Result<Self> {
-        let find = |source: &str| output.columns.iter().position(|c: &Column| c.source == source);
+        let find = |source: ColumnSource| output.columns.iter().position(|c: &Column| c.source == source);
         let layout = RowLayout {
             format: output.format,
             id_field: id_field.to_string(),
-            id_column: find(id_field),
-            record_column: find("@record"),
-            time_column: find("@time"),
+            id_column: find(ColumnSource::Field(id_field.to_string())),
+            record_column: find(ColumnSource::Record),
+            time_column: find(ColumnSource::Time),
         };
         if layout.format != Format::Ndjson && layout.id_column.is_none() && layout.record_column.is_none() {
             anyhow::bail!(

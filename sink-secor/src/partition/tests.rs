@@ -1,7 +1,7 @@
 //! Cut boundaries, replays, quarantine, pacing and the fence, against a directory store.
 
 use super::*;
-use crate::config::{Column, Format, QuarantineConfig, RollConfig};
+use crate::config::{Column, ColumnSource, Format, QuarantineConfig, RollConfig};
 use crate::dedupe::Position;
 use crate::layout::{Layout, DEFAULT_TEMPLATE};
 use crate::store::{Fenced, Store};
@@ -31,7 +31,11 @@ impl Fixture {
             store,
             layout: Layout::new("", DEFAULT_TEMPLATE, &Default::default()),
             staging,
-            columns: vec![Column { name: "seq".into(), source: "seq".into(), kind: "INTEGER".into() }],
+            columns: vec![Column {
+                name: "seq".into(),
+                source: ColumnSource::Field("seq".into()),
+                kind: "INTEGER".into(),
+            }],
             quarantine: QuarantineConfig::default(),
             dedupe: Default::default(),
             _dir: dir,
