@@ -81,7 +81,7 @@ def bench_agent(svc, certs, work, n):
     agent.start()
     elapsed = wait_metric(relay, "tron_relay_records_delivered_total", n, 600)
     elapsed = time.time() - start
-    acked = wait_metric(agent, "tron_agent_records_sent_total", n, 60)
+    wait_metric(agent, "tron_agent_records_sent_total", n, 60)
     print("agent → relay (acked, into Kafka): %d lines (%.1f MB) in %.1fs = %.0f lines/s, %.1f MB/s; "
           "agent peak RSS %.1f MiB, relay peak RSS %.1f MiB"
           % (n, size / 1e6, elapsed, n / elapsed, size / 1e6 / elapsed, agent.peak_rss_mib(), relay.peak_rss_mib()))
@@ -294,20 +294,9 @@ def bench_relay_peer(work, n, clients=4):
     if not os.path.exists(FLUENT_BIT):
         print("relay peer: skipped (no Fluent Bit at %s)" % FLUENT_BIT)
         return
-    port = servers.free_port()
-    conf = os.path.join(work, "fluent-bit.conf")
-    with open(conf, "w") as f:
-        f.write("[SERVICE]\n    Flush 1\n    Log_Level warn\n[INPUT]\n    Name forward\n    Listen 127.0.0.1\n"
-                "    Port %d\n[OUTPUT]\n    Name null\n    Match *\n" % port)
-    peer = subprocess.Popen([FLUENT_BIT, "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peer = ForwardReceiver(work)
+    port = peer.port
     try:
-        deadline = time.time() + 10
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.1)
         per = n // clients
         frames = [chunk_frames(c, per, 1000) for c in range(clients)]
         start = time.time()
@@ -317,13 +306,12 @@ def bench_relay_peer(work, n, clients=4):
         for t in threads:
             t.join()
         elapsed = time.time() - start
-        cpu, hwm = tron.cpu_seconds(peer.pid), tron.peak_rss_mib(peer.pid)
+        cpu, hwm = tron.cpu_seconds(peer.proc.pid), tron.peak_rss_mib(peer.proc.pid)
         print("relay peer: Fluent Bit 5.1.1 in_forward -> null, same %d records from %d clients, acked, in %.1fs; "
               "%.2f CPU-s (%.2f per million records); peak RSS %.1f MiB"
               % (per * clients, clients, elapsed, cpu, cpu * 1e6 / (per * clients), hwm))
     finally:
-        peer.terminate()
-        peer.wait()
+        peer.stop()
 
 
 def bench_relay_from_fluent_bit(svc, work, n):

@@ -286,9 +286,9 @@ fn scan_object(line: &str, time_field: Option<&str>, added: &Added) -> Result<Sc
         }
         fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Scan, A::Error> {
             let mut scan = Scan { time: None, names_added: false, pairs: 0 };
-            while let Some(key) = map.next_key::<KeyText<'de>>()? {
+            while let Some(key) = map.next_key::<tron_service::json_key::JsonKey<'de>>()? {
                 scan.pairs += 1;
-                let key = key.as_str();
+                let key = &*key.0;
                 scan.names_added |= self.added.names().any(|n| n == key);
                 if Some(key) == self.time_field {
                     scan.time = Some(map.next_value::<Value>()?);
@@ -303,40 +303,6 @@ fn scan_object(line: &str, time_field: Option<&str>, added: &Added) -> Result<Sc
     let scan = de.deserialize_map(ScanVisitor { time_field, added })?;
     de.end()?;
     Ok(scan)
-}
-
-/// An object key, borrowed from the line unless it has escapes.
-enum KeyText<'de> {
-    Borrowed(&'de str),
-    Owned(String),
-}
-
-impl KeyText<'_> {
-    fn as_str(&self) -> &str {
-        match self {
-            KeyText::Borrowed(s) => s,
-            KeyText::Owned(s) => s,
-        }
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for KeyText<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = KeyText<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<KeyText<'de>, E> {
-                Ok(KeyText::Borrowed(s))
-            }
-            fn visit_str<E>(self, s: &str) -> Result<KeyText<'de>, E> {
-                Ok(KeyText::Owned(s.to_owned()))
-            }
-        }
-        d.deserialize_str(V)
-    }
 }
 
 /// Deterministic 128-bit id of (host, file identity, byte offset): the same line re-sent after a

@@ -74,14 +74,6 @@ impl ChunkBuilder {
         self.entries += 1;
     }
 
-    /// Bytes the body holds so far (compressed bytes for a gzip chunk).
-    pub fn body_len(&self) -> usize {
-        match &self.body {
-            Body::Gzip(gz) => gz.get_ref().len(),
-            Body::Plain(body) => body.len(),
-        }
-    }
-
     pub fn entries(&self) -> u64 {
         self.entries
     }

@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod fs;
 pub mod headers;
 pub mod http;
+pub mod json_key;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod shutdown;
