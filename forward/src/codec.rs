@@ -36,6 +36,11 @@ impl ServerCodec {
         ServerCodec { limits, need: 0, awaiting_ping: true }
     }
 
+    /// Bytes the buffer must hold before the next decode can find a whole frame (0: unknown).
+    pub fn need(&self) -> usize {
+        self.need
+    }
+
     pub fn authenticated(&mut self) {
         self.awaiting_ping = false;
     }
@@ -59,8 +64,9 @@ fn next_value(src: &mut BytesMut, need: &mut usize, limits: &Limits) -> Result<O
     }
     match value_len(src, limits)? {
         Scan::Incomplete(n) => {
+            // No reserve here: the relay's reader charges a buffer's growth to its receive pool
+            // before allocating (relay/src/receive.rs).
             *need = n;
-            src.reserve(n.saturating_sub(src.len()));
             Ok(None)
         }
         Scan::Complete(n) => {

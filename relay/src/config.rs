@@ -89,6 +89,10 @@ pub struct LimitsConfig {
     /// Unset: a quarter of `max_inflight_bytes` (64 MiB at the defaults), so lowering the
     /// budget alone keeps the share in proportion.
     pub max_inflight_bytes_per_connection: Option<usize>,
+    /// Frames being received, or complete and waiting to be decoded, across all connections
+    /// (beyond 16 KiB per connection). A connection that cannot get room for its frame within
+    /// `handshake_timeout` is closed and its client re-sends.
+    pub max_receiving_bytes: usize,
     pub max_connections: usize,
     /// Connections from one source address. At either cap the oldest connection that has not
     /// sent a complete frame yet is closed to admit a new one.
@@ -97,6 +101,10 @@ pub struct LimitsConfig {
     /// complete within this; a connection that says nothing does not keep its slot for long.
     #[serde(with = "duration")]
     pub handshake_timeout: Duration,
+    /// A frame, once its first byte has arrived, must arrive whole within this, so peers that
+    /// trickle large frames cannot hold `max_receiving_bytes` (a 16 MiB frame needs 2.3 Mbit/s).
+    #[serde(with = "duration")]
+    pub frame_timeout: Duration,
     #[serde(with = "duration")]
     pub idle_timeout: Duration,
 }
@@ -118,9 +126,11 @@ impl Default for LimitsConfig {
             max_decoded_bytes: 32 << 20,
             max_inflight_bytes: 256 << 20,
             max_inflight_bytes_per_connection: None,
+            max_receiving_bytes: 64 << 20,
             max_connections: 1024,
             max_connections_per_address: 256,
             handshake_timeout: Duration::from_secs(10),
+            frame_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(300),
         }
     }
@@ -201,6 +211,14 @@ impl RelayConfig {
             return bad(
                 "limits.max_inflight_bytes",
                 "must be at least the frame limit, or a single chunk could never pass",
+            );
+        }
+        if self.limits.max_receiving_bytes < self.limits.max_frame_bytes
+            || self.limits.max_receiving_bytes > u32::MAX as usize
+        {
+            return bad(
+                "limits.max_receiving_bytes",
+                "must be at least limits.max_frame_bytes (or a frame of that size could never arrive) and below 4 GiB",
             );
         }
         let share = self.limits.inflight_bytes_per_connection();

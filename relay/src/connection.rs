@@ -6,20 +6,19 @@
 
 use crate::dead_letter::DeadLetter;
 use crate::kafka::Kafka;
+use crate::receive::{Closed, FrameReader, ReceivePool, Received};
 use crate::route::Router;
 use crate::slots::Slot;
 use crate::watermarks::{Watermarks, WATERMARK_TAG};
 use forward::handshake::{Helo, Pong};
 use forward::{Frame, Limits, Records, ServerCodec};
-use futures::{SinkExt, StreamExt};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio::task::JoinSet;
-use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
 use tron_service::Shutdown;
 
@@ -30,11 +29,14 @@ pub struct Context {
     pub router: Router,
     pub limits: Limits,
     pub budget: Arc<Semaphore>,
+    /// Frames being received or waiting to be decoded (`receive.rs`).
+    pub receive_pool: ReceivePool,
     /// Chunks being inflated and transcoded at once (see `serve`).
     pub decode_slots: Semaphore,
     pub max_inflight_bytes: usize,
     pub max_inflight_bytes_per_connection: usize,
     pub handshake_timeout: Duration,
+    pub frame_timeout: Duration,
     pub idle_timeout: Duration,
     pub security: Option<Security>,
 }
@@ -53,10 +55,12 @@ where
         Some(_) => ServerCodec::awaiting_ping(ctx.limits),
         None => ServerCodec::new(ctx.limits),
     };
-    let mut framed = Framed::new(stream, codec);
+    let (read_half, mut write_half) = tokio::io::split(stream);
+    let mut frames =
+        FrameReader::new(read_half, codec, ctx.receive_pool.clone(), ctx.handshake_timeout, ctx.frame_timeout);
     if let Some(security) = &ctx.security {
         let outcome = tokio::select! {
-            outcome = handshake(&mut framed, security, ctx.handshake_timeout) => outcome,
+            outcome = handshake(&mut frames, &mut write_half, security, ctx.handshake_timeout) => outcome,
             _ = slot.evicted.cancelled() => Err(("evicted_silent", "closed for a newer connection before its handshake".into())),
         };
         if let Err((label, reason)) = outcome {
@@ -67,18 +71,17 @@ where
             }
             return;
         }
-        framed.codec_mut().authenticated();
+        frames.codec_mut().authenticated();
         slot.prove();
     }
-    let (mut sink, mut frames) = framed.split();
     let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let writer = tokio::spawn(async move {
         while let Some(ack) = ack_rx.recv().await {
-            if sink.send(ack).await.is_err() {
+            if write_half.write_all(&ack).await.is_err() {
                 break;
             }
         }
-        let _ = sink.close().await;
+        let _ = write_half.shutdown().await;
     });
     // A failed delivery closes the connection: the client then re-sends its unacked chunks
     // instead of waiting for an ack time-out.
@@ -100,7 +103,7 @@ where
             Some(_) = deliveries.join_next(), if !deliveries.is_empty() => continue,
             next = tokio::time::timeout(quiet_limit, frames.next()) => next,
         };
-        let frame = match next {
+        let Received { frame, charge: receiving } = match next {
             Err(_) if !slot.is_proven() => {
                 tracing::debug!(%peer, "no frame within handshake_timeout; closing");
                 metrics::counter!("tron_relay_connections_closed_total", "reason" => "no_first_frame").increment(1);
@@ -110,15 +113,25 @@ where
                 tracing::debug!(%peer, "idle time-out; closing");
                 break;
             }
-            Ok(None) => break,
-            Ok(Some(Err(e))) => {
+            Ok(Ok(None)) => break,
+            Ok(Err(Closed::Decode(e))) => {
                 tracing::warn!(%peer, error = %e, "malformed frame; closing connection");
                 metrics::counter!("tron_relay_frames_rejected_total", "reason" => e.reason()).increment(1);
                 break;
             }
-            Ok(Some(Ok(frame))) => {
+            Ok(Err(Closed::Starved)) => {
+                tracing::warn!(%peer, "limits.max_receiving_bytes stayed spent for handshake_timeout while this connection's frame arrived; closing it (the client re-sends)");
+                metrics::counter!("tron_relay_connections_closed_total", "reason" => "receive_budget").increment(1);
+                break;
+            }
+            Ok(Err(Closed::SlowFrame)) => {
+                tracing::warn!(%peer, "a frame did not arrive whole within limits.frame_timeout; closing connection");
+                metrics::counter!("tron_relay_connections_closed_total", "reason" => "slow_frame").increment(1);
+                break;
+            }
+            Ok(Ok(Some(received))) => {
                 slot.prove();
-                frame
+                received
             }
         };
         let batch = match frame {
@@ -155,7 +168,11 @@ where
                 break;
             }
         };
-        if batch.tag == WATERMARK_TAG {
+        // The frame's bytes go (and their charge with them) before this chunk waits for the budget.
+        let (tag, ack) = (batch.tag.clone(), batch.ack());
+        drop(batch);
+        drop(receiving);
+        if tag == WATERMARK_TAG {
             // An agent's low watermark: kept, written to Kafka by the watermark task, acked now.
             drop(decoding);
             if let Err(e) = ctx.watermarks.report(&records, &ctx.router) {
@@ -163,7 +180,7 @@ where
                 metrics::counter!("tron_relay_frames_rejected_total", "reason" => "bad_watermark").increment(1);
                 break;
             }
-            if let Some(ack) = batch.ack() {
+            if let Some(ack) = ack {
                 let _ = ack_tx.send(ack);
             }
             continue;
@@ -177,8 +194,7 @@ where
         drop(decoding);
         mine.charge(cost as usize);
         metrics::gauge!("tron_relay_inflight_bytes").increment(cost as f64);
-        let ack = batch.ack();
-        let chunk = Chunk { tag: batch.tag, ack, records };
+        let chunk = Chunk { tag, ack, records };
         let ctx = ctx.clone();
         let ack_tx = ack_tx.clone();
         let failed = failed.clone();
@@ -302,13 +318,15 @@ fn dead_letter(
 }
 
 /// Err: a metrics label and the reason to log.
-async fn handshake<S>(
-    framed: &mut Framed<S, ServerCodec>,
+async fn handshake<R, W>(
+    frames: &mut FrameReader<R>,
+    writer: &mut W,
     security: &Security,
     timeout: Duration,
 ) -> Result<(), (&'static str, String)>
 where
-    S: AsyncRead + AsyncWrite + Unpin,
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
 {
     let helo = Helo {
         nonce: hex_nonce(),
@@ -316,20 +334,21 @@ where
         keepalive: true,
     };
     let io = |what: &str, e: std::io::Error| ("handshake", format!("{what}: {e}"));
-    framed.send(helo.encode()).await.map_err(|e| io("sending HELO", e))?;
+    writer.write_all(&helo.encode()).await.map_err(|e| io("sending HELO", e))?;
     let deadline = tokio::time::Instant::now() + timeout;
     let ping = loop {
-        match tokio::time::timeout_at(deadline, framed.next()).await {
+        match tokio::time::timeout_at(deadline, frames.next()).await {
             Err(_) => return Err(("handshake", format!("no PING within {timeout:?}"))),
-            Ok(None) => return Err(("handshake", "closed during handshake".into())),
+            Ok(Ok(None)) => return Err(("handshake", "closed during handshake".into())),
             // Refused from the frame's first bytes: nothing was decompressed or decoded.
-            Ok(Some(Err(e @ forward::DecodeError::BeforeHandshake))) => {
+            Ok(Err(Closed::Decode(e @ forward::DecodeError::BeforeHandshake))) => {
                 return Err(("before_handshake", e.to_string()))
             }
-            Ok(Some(Err(e))) => return Err(("handshake", format!("bad PING: {e}"))),
-            Ok(Some(Ok(Frame::Ping(ping)))) => break ping,
-            Ok(Some(Ok(Frame::Heartbeat))) => continue,
-            Ok(Some(Ok(Frame::Events(_)))) => {
+            Ok(Err(Closed::Decode(e))) => return Err(("handshake", format!("bad PING: {e}"))),
+            Ok(Err(Closed::Starved | Closed::SlowFrame)) => return Err(("handshake", "PING too slow".into())),
+            Ok(Ok(Some(Received { frame: Frame::Ping(ping), .. }))) => break ping,
+            Ok(Ok(Some(Received { frame: Frame::Heartbeat, .. }))) => continue,
+            Ok(Ok(Some(Received { frame: Frame::Events(_), .. }))) => {
                 return Err(("before_handshake", "sent events before completing the handshake".into()))
             }
         }
@@ -337,10 +356,10 @@ where
     match ping.verify(&helo, &security.shared_key, &security.users) {
         Ok(()) => {
             let pong = Pong::accept(&ping, &helo, &security.hostname, &security.shared_key);
-            framed.send(pong.encode()).await.map_err(|e| io("sending PONG", e))
+            writer.write_all(&pong.encode()).await.map_err(|e| io("sending PONG", e))
         }
         Err(reason) => {
-            let _ = framed.send(Pong::reject(&reason).encode()).await;
+            let _ = writer.write_all(&Pong::reject(&reason).encode()).await;
             Err(("handshake", format!("{reason} (client hostname {:?})", ping.hostname)))
         }
     }

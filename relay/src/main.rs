@@ -4,6 +4,7 @@ mod config;
 mod connection;
 mod dead_letter;
 mod kafka;
+mod receive;
 mod route;
 mod server;
 mod slots;
@@ -78,9 +79,11 @@ async fn run(cfg: RelayConfig, config_path: PathBuf, daemon: Daemon) -> anyhow::
         },
         decode_slots: tokio::sync::Semaphore::new(DECODE_SLOTS),
         budget: Arc::new(tokio::sync::Semaphore::new(cfg.limits.max_inflight_bytes)),
+        receive_pool: receive::ReceivePool::new(cfg.limits.max_receiving_bytes),
         max_inflight_bytes: cfg.limits.max_inflight_bytes,
         max_inflight_bytes_per_connection: cfg.limits.inflight_bytes_per_connection(),
         handshake_timeout: cfg.limits.handshake_timeout,
+        frame_timeout: cfg.limits.frame_timeout,
         idle_timeout: cfg.limits.idle_timeout,
         security: cfg.security.as_ref().map(|s| Security {
             hostname: cfg.hostname.clone(),

@@ -167,3 +167,71 @@ def test_one_connection_holds_at_most_its_share_of_the_budget(services, certs, w
     print("per-connection share: one client holds %.1f MiB unacked (share 64 MiB), with a second one %.1f MiB"
           % (one / (1 << 20), both / (1 << 20)))
     assert (32 << 20) < one <= (64 << 20) + (1 << 20), one
+
+
+def packed_forward_frame(tag, chunk_id, size):
+    """An uncompressed PackedForward frame of about `size` bytes of ~1 KB records."""
+    entry = msgpack.packb([1795300000, {"pad": "p" * 1000}])
+    body = entry * (size // len(entry))
+    return msgpack.packb([tag, body, {"chunk": chunk_id}], use_bin_type=True)
+
+
+def test_slow_senders_of_large_frames_cannot_hold_memory_or_the_door(services, certs, workroot, procs):
+    """At default limits, 48 connections each send a small chunk (acked), then all but the last
+    100 bytes of a 15 MiB frame, and then stall (a slow-loris on the read buffers: 720 MiB if the relay held each frame as it
+    arrived). Frames being received are charged to `max_receiving_bytes` (64 MiB): relay RSS stays
+    under 256 MiB, connections that cannot get room within `handshake_timeout` are closed
+    (`receive_budget`), and those holding room are closed when their frame has not arrived whole
+    within `frame_timeout` (`slow_frame`). A client sending small chunks is acked throughout, and
+    a client sending 2 MiB chunks is acked once the stalled frames are gone."""
+    relay, host, port = plaintext_relay(services, certs, os.path.join(workroot, "slow-frames"), "slow-frames")
+    procs.append(relay)
+    relay.start()
+    good = socket.create_connection((host, port), timeout=10)
+    assert send_and_wait_ack(good, "g0") == {"ack": "g0"}
+    sender = KeepSending(good, "g", 0.2)
+    partial = packed_forward_frame("slow", "stalled", 15 << 20)[:-100]
+    slow = [socket.create_connection((host, port), timeout=10) for _ in range(48)]
+    for n, s in enumerate(slow):
+        # A first frame proves the connection (no handshake_timeout for its next one).
+        assert send_and_wait_ack(s, "first-%d" % n) == {"ack": "first-%d" % n}
+
+    def send_partial(s):
+        s.settimeout(120)  # the relay stops reading a connection waiting for room: the send blocks
+        try:
+            s.sendall(partial)
+        except OSError:
+            pass  # closed by the relay while sending
+
+    threads = [threading.Thread(target=send_partial, args=(s,), daemon=True) for s in slow]
+    peak = 0.0
+    try:
+        for t in threads:
+            t.start()
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            peak = max(peak, relay.peak_rss_mib())
+            time.sleep(0.5)
+        for s in slow:
+            assert closed_by_peer(s, timeout=120), "a stalled frame kept its connection open"
+        peak = max(peak, relay.peak_rss_mib())
+        big = socket.create_connection((host, port), timeout=10)
+        big.settimeout(30)
+        big.sendall(packed_forward_frame("big.client", "big-1", 2 << 20))
+        reply = msgpack.Unpacker(raw=False)
+        reply.feed(big.recv(4096))
+        assert next(reply) == {"ack": "big-1"}
+        big.close()
+    finally:
+        sender.stop()
+        for s in slow:
+            s.close()
+    starved = counter(relay, "tron_relay_connections_closed_total", "receive_budget")
+    trickled = counter(relay, "tron_relay_connections_closed_total", "slow_frame")
+    print("slow senders: 48 x 15 MiB partial frames; relay peak RSS %.0f MiB; closed for want of room %d, "
+          "for a frame past frame_timeout %d; good client acks meanwhile %d"
+          % (peak, starved, trickled, len(sender.acked)))
+    assert peak <= 256, "relay peak RSS %.0f MiB" % peak
+    assert starved >= 1 and trickled >= 1, (starved, trickled)
+    assert starved + trickled >= 48
+    assert not sender.failures and len(sender.acked) >= 20, (len(sender.acked), sender.failures)
