@@ -1,4 +1,5 @@
-use serde::Deserialize;
+pub use crate::parse::TimeFormat;
+use serde::{Deserialize, Deserializer};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -25,9 +26,9 @@ pub struct AgentConfig {
 #[serde(deny_unknown_fields)]
 pub struct SourceConfig {
     pub name: String,
-    pub include: Vec<String>,
+    pub include: Vec<Glob>,
     #[serde(default)]
-    pub exclude: Vec<String>,
+    pub exclude: Vec<Glob>,
     pub tag: String,
     /// For files already present at start that have no checkpoint. Files that appear later are
     /// always read from the beginning.
@@ -41,8 +42,8 @@ pub struct SourceConfig {
     /// JSON field holding the event time; without it (or when absent/unparsable) the read time is used.
     pub time_field: Option<String>,
     /// `rfc3339`, `unix`, `unix_ms`, `unix_us`, `unix_ns`, or a strftime pattern.
-    #[serde(default = "default_time_format")]
-    pub time_format: String,
+    #[serde(default)]
+    pub time_format: TimeFormat,
     /// Records that span lines (stack traces): a line matching `start` begins a record, others
     /// continue the previous one.
     pub multiline: Option<MultilineConfig>,
@@ -52,7 +53,7 @@ pub struct SourceConfig {
 #[serde(deny_unknown_fields)]
 pub struct MultilineConfig {
     /// Regular expression a record's first line matches.
-    pub start: String,
+    pub start: StartPattern,
     /// A record whose file has not grown for this long is complete even without a next start.
     #[serde(default = "default_multiline_flush", with = "duration")]
     pub flush_timeout: Duration,
@@ -298,9 +299,6 @@ fn default_metrics_listen() -> SocketAddr {
 fn default_max_line_bytes() -> usize {
     1 << 20
 }
-fn default_time_format() -> String {
-    "rfc3339".into()
-}
 /// The archive is kept for months and paid for by the byte: zlib's default trade-off.
 fn default_gzip_level() -> u32 {
     6
@@ -313,6 +311,42 @@ fn default_ack_timeout() -> Duration {
     Duration::from_secs(30)
 }
 
+/// A glob, checked as the configuration is read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Glob(glob::Pattern);
+
+impl Glob {
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+
+    pub fn matches_path(&self, path: &std::path::Path) -> bool {
+        self.0.matches_path(path)
+    }
+}
+
+impl<'de> Deserialize<'de> for Glob {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        glob::Pattern::new(&text).map(Glob).map_err(|e| serde::de::Error::custom(format!("invalid glob {text:?}: {e}")))
+    }
+}
+
+/// A multiline start pattern, compiled as the configuration is read.
+#[derive(Debug, Clone)]
+pub struct StartPattern(pub regex::bytes::Regex);
+
+impl<'de> Deserialize<'de> for StartPattern {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        regex::bytes::Regex::new(&text).map(StartPattern).map_err(|e| {
+            // The regex crate's message spans lines (pattern, caret, error): keep the error.
+            let first = e.to_string().lines().last().unwrap_or_default().trim().to_string();
+            serde::de::Error::custom(format!("invalid regex {text:?}: {first}"))
+        })
+    }
+}
+
 impl AgentConfig {
     pub fn validate(&self) -> Result<(), (String, String)> {
         let err = |k: String, m: &str| Err((k, m.to_string()));
@@ -323,25 +357,8 @@ impl AgentConfig {
             if s.include.is_empty() {
                 return err(format!("sources[{i}].include"), "at least one glob is required");
             }
-            for (j, g) in s.include.iter().chain(&s.exclude).enumerate() {
-                if let Err(e) = glob::Pattern::new(g) {
-                    return Err((format!("sources[{i}].include/exclude[{j}]"), format!("invalid glob {g:?}: {e}")));
-                }
-            }
             if s.max_line_bytes < 64 {
                 return err(format!("sources[{i}].max_line_bytes"), "must be at least 64");
-            }
-            if let Err(m) = crate::parse::TimeFormat::parse(&s.time_format) {
-                return Err((format!("sources[{i}].time_format"), m));
-            }
-            if let Some(ml) = &s.multiline {
-                if let Err(e) = regex::bytes::Regex::new(&ml.start) {
-                    let first = e.to_string().lines().last().unwrap_or_default().trim().to_string();
-                    return Err((
-                        format!("sources[{i}].multiline.start"),
-                        format!("invalid regex {:?}: {first}", ml.start),
-                    ));
-                }
             }
         }
         if self.destinations.s3.is_none() && self.destinations.relay.is_none() {

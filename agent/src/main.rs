@@ -3,6 +3,8 @@
 
 mod checkpoint;
 mod config;
+mod cursor;
+mod destination;
 mod discover;
 mod fingerprint;
 mod multiline;
@@ -15,9 +17,10 @@ mod ship;
 use anyhow::Context as _;
 use clap::Parser;
 use config::AgentConfig;
+use destination::Destination;
 use discover::Registry;
 use notify::Watcher;
-use ship::{Destination, Shipper};
+use ship::Shipper;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};

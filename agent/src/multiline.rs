@@ -4,6 +4,7 @@
 //! follows, the file is finished, or the flush time-out passes.
 
 use regex::bytes::Regex;
+use std::time::{Duration, Instant};
 
 /// A line, or a joined record: its bytes and the offsets it spans in the file.
 pub struct Span {
@@ -35,12 +36,51 @@ pub fn group(lines: Vec<Span>, start: &Regex, max_bytes: usize) -> (Vec<Span>, O
 pub struct Held {
     pub offset: u64,
     pub end: u64,
-    pub since: std::time::Instant,
+    pub since: Instant,
+}
+
+/// What becomes of a read's open last record.
+pub enum Decision {
+    Complete(Span),
+    /// Not read yet: the cursor stays at its offset until a later read settles it.
+    Hold(Held),
+}
+
+/// The open record is complete when nothing more can follow (`finished`), when it alone fills the
+/// read window (`fills_window`: waiting cannot make it longer), or when it has been held,
+/// unchanged, for `flush`. `held`: what the previous read held back.
+pub fn settle(open: Span, held: Option<Held>, finished: bool, fills_window: bool, flush: Duration) -> Decision {
+    let held = match held {
+        Some(h) if h.offset == open.offset && h.end == open.end => h,
+        _ => Held { offset: open.offset, end: open.end, since: Instant::now() },
+    };
+    if finished || fills_window || held.since.elapsed() >= flush {
+        Decision::Complete(open)
+    } else {
+        Decision::Hold(held)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_open_record_is_held_until_it_stops_growing_for_the_flush_time() {
+        let span = |end| Span { offset: 10, text: b"x".to_vec(), end };
+        let flush = Duration::from_secs(3600);
+        let Decision::Hold(first) = settle(span(20), None, false, false, flush) else { panic!("held") };
+        // Grown since: held anew, its clock restarted.
+        let long_ago = Held { since: Instant::now() - Duration::from_secs(7200), ..first };
+        assert!(
+            matches!(settle(span(30), Some(long_ago), false, false, flush), Decision::Hold(h) if h.end == 30 && h.since > long_ago.since)
+        );
+        // Unchanged for the flush time: complete.
+        assert!(matches!(settle(span(20), Some(long_ago), false, false, flush), Decision::Complete(_)));
+        // The file is finished, or the record fills the window: complete at once.
+        assert!(matches!(settle(span(20), None, true, false, flush), Decision::Complete(_)));
+        assert!(matches!(settle(span(20), None, false, true, flush), Decision::Complete(_)));
+    }
 
     fn spans(text: &str) -> Vec<Span> {
         let mut offset = 0;

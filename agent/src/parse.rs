@@ -4,12 +4,22 @@ use crate::config::{FieldsConfig, Parser, SourceConfig};
 use forward::EventTime;
 use serde_json::{Map, Value};
 
-#[derive(Debug, Clone)]
+/// How a time field is read; parsed from the configuration's `time_format`.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(try_from = "String")]
 pub enum TimeFormat {
+    #[default]
     Rfc3339,
     /// Epoch in units of 10^-scale seconds: 0 = s, 3 = ms, 6 = µs, 9 = ns.
     Epoch(u32),
     Strftime(String),
+}
+
+impl TryFrom<String> for TimeFormat {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        TimeFormat::parse(&s)
+    }
 }
 
 impl TimeFormat {
@@ -75,11 +85,8 @@ impl SourceSettings {
             parser: cfg.parser,
             max_line_bytes: cfg.max_line_bytes,
             time_field: cfg.time_field.clone(),
-            time_format: TimeFormat::parse(&cfg.time_format).expect("validated at load"),
-            multiline: cfg
-                .multiline
-                .as_ref()
-                .map(|m| (regex::bytes::Regex::new(&m.start).expect("validated at load"), m.flush_timeout)),
+            time_format: cfg.time_format.clone(),
+            multiline: cfg.multiline.as_ref().map(|m| (m.start.0.clone(), m.flush_timeout)),
         }
     }
 }

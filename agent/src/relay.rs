@@ -5,8 +5,8 @@
 //! chunk (the shipper re-sends them) and the task moves to the next address with back-off.
 
 use crate::config::{BatchConfig, LinkCompression, RelayConfig};
+use crate::destination::{BatchMeta, Destination};
 use crate::parse::{Added, Record};
-use crate::ship::{BatchMeta, Destination};
 use forward::handshake::Ping;
 use forward::{ChunkBuilder, ClientCodec, ServerMessage};
 use futures::{SinkExt, StreamExt};
@@ -129,7 +129,7 @@ impl Destination for RelayForwarder {
     }
 
     fn open_batch_bytes(&self) -> usize {
-        self.gzip_level.map_or(0, |_| crate::ship::GZIP_ENCODER_BYTES)
+        self.gzip_level.map_or(0, |_| crate::destination::GZIP_ENCODER_BYTES)
     }
 
     fn push(&self, builder: &mut ChunkBuilder, record: &Record, added: &Added, position: u64) {

@@ -2,8 +2,8 @@
 //! data it holds so a retried upload overwrites instead of duplicating.
 
 use crate::config::{BatchConfig, Checksums, S3Config, Sse};
+use crate::destination::{BatchMeta, Destination};
 use crate::parse::{Added, Record};
-use crate::ship::{BatchMeta, Destination};
 use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation, SharedCredentialsProvider};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{ServerSideEncryption, StorageClass};

@@ -8,13 +8,13 @@
 
 use crate::checkpoint::Checkpointer;
 use crate::config::{BatchConfig, FieldsConfig};
-use crate::discover::{Registry, TrackedFile};
-use crate::multiline::{self, Held, Span};
+use crate::cursor::{Cursor, OpenBatch};
+use crate::destination::{send_until_delivered, BatchMeta, Destination};
+use crate::discover::Registry;
+use crate::multiline::{self, Decision, Span};
 use crate::parse::{parse_line, Added, Origin, Record};
 use crate::reader::read_lines;
-use std::collections::{BTreeMap, HashMap};
-use std::future::Future;
-use std::sync::atomic::Ordering;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -22,90 +22,6 @@ use tron_service::systemd::Heartbeat;
 use tron_service::{Health, Shutdown};
 
 const HOUR_NS: i64 = 3_600_000_000_000;
-
-/// What a gzip encoder holds from its first byte: deflate window, hash chains and LZ buffer,
-/// 412,820 bytes at every level with flate2 1.1 on zlib-rs (the unit test below counts them).
-pub const GZIP_ENCODER_BYTES: usize = 404 << 10;
-
-/// What a batch covers; destinations name objects and chunks from it.
-#[derive(Debug, Clone)]
-pub struct BatchMeta {
-    pub fingerprint: u64,
-    pub path: String,
-    pub tag: String,
-    pub first_offset: u64,
-    pub end_offset: u64,
-    /// Hours since the epoch of the batch's records (when the destination splits by hour).
-    pub hour: i64,
-    pub records: u64,
-    pub raw_bytes: usize,
-    /// Earliest event time (ns) among the records; i64::MAX while there are none.
-    pub min_time_ns: i64,
-}
-
-/// A place records are shipped to.
-pub trait Destination: Send + Sync + 'static {
-    type Builder: Send + 'static;
-    type Sealed: Send + Sync + 'static;
-
-    fn name(&self) -> &'static str;
-    fn batch_config(&self) -> &BatchConfig;
-    /// Whether a batch must hold records of a single event hour.
-    fn split_by_hour(&self) -> bool;
-    fn builder(&self) -> Self::Builder;
-    /// Memory an open batch holds before its first record. Both destinations compress records as
-    /// they arrive; with thousands of files that state, not the records, would fill memory, so
-    /// it is charged to `max_buffer_bytes`.
-    fn open_batch_bytes(&self) -> usize {
-        GZIP_ENCODER_BYTES
-    }
-    /// `position`: where the record's range in the file starts. Ranges tile the file: a record
-    /// covers the empty lines before it, a batch's last record ends at the batch's end offset.
-    /// `added`: the fields the agent adds to the records of this batch's file.
-    fn push(&self, builder: &mut Self::Builder, record: &Record, added: &Added, position: u64);
-    fn seal(&self, builder: Self::Builder, meta: &BatchMeta) -> Self::Sealed;
-    /// Delivers one sealed batch. Called again with the same batch until it succeeds, so it must
-    /// be idempotent where the destination allows (same object key, same chunk id).
-    fn send(
-        self: Arc<Self>,
-        sealed: Arc<Self::Sealed>,
-        meta: Arc<BatchMeta>,
-    ) -> impl Future<Output = Result<(), String>> + Send;
-    /// How often this destination wants the agent's low watermark, if at all.
-    fn watermark_interval(&self) -> Option<Duration> {
-        None
-    }
-    /// Reports "every line with an event time before `watermark_ms` is delivered".
-    fn send_watermark(self: Arc<Self>, _watermark_ms: i64) -> impl Future<Output = ()> + Send {
-        async {}
-    }
-}
-
-struct OpenBatch<B> {
-    builder: B,
-    meta: BatchMeta,
-    started: Instant,
-}
-
-struct Cursor<B> {
-    file: Arc<TrackedFile>,
-    /// Next byte to read.
-    read: u64,
-    /// Delivered up to here.
-    acked: u64,
-    /// Sealed batches by first offset.
-    sealed: BTreeMap<u64, SealedRange>,
-    open: Option<OpenBatch<B>>,
-    /// A multiline record read but held back until it is known to be complete.
-    held: Option<Held>,
-}
-
-struct SealedRange {
-    end: u64,
-    delivered: bool,
-    /// Earliest event time (ns) of its records, for the low watermark.
-    min_time_ns: i64,
-}
 
 struct Done {
     fingerprint: u64,
@@ -231,28 +147,18 @@ impl<D: Destination> Shipper<D> {
         self.inflight -= 1;
         self.buffered -= done.cost;
         if let Some(c) = self.cursors.get_mut(&done.fingerprint) {
-            if let Some(entry) = c.sealed.get_mut(&done.first_offset) {
-                entry.delivered = true;
-            }
+            c.ranges.delivered(done.first_offset);
         }
     }
 
     fn advance_all(&mut self) {
         for (fp, c) in self.cursors.iter_mut() {
-            let before = c.acked;
-            while let Some(entry) = c.sealed.first_entry() {
-                if !entry.get().delivered {
-                    break;
-                }
-                c.acked = entry.get().end;
-                entry.remove();
-            }
-            if c.acked != before || self.checkpoints.get(*fp).is_none() {
-                c.file.acked[self.index].store(c.acked, Ordering::SeqCst);
-                self.checkpoints.set(*fp, c.acked, &c.file.path());
+            if c.ranges.advance() || self.checkpoints.get(*fp).is_none() {
+                c.file.set_acked(self.index, c.ranges.acked());
+                self.checkpoints.set(*fp, c.ranges.acked(), &c.file.path());
             }
         }
-        let lag: u64 = self.cursors.values().map(|c| c.file.size().saturating_sub(c.acked)).sum();
+        let lag: u64 = self.cursors.values().map(|c| c.file.size().saturating_sub(c.ranges.acked())).sum();
         metrics::gauge!("tron_agent_destination_lag_bytes", "destination" => self.dest.name()).set(lag as f64);
     }
 
@@ -269,17 +175,14 @@ impl<D: Destination> Shipper<D> {
                 Some(_) => 0,
                 None => tf.start_offset,
             };
-            tf.acked[self.index].store(start, Ordering::SeqCst);
+            tf.set_acked(self.index, start);
             self.checkpoints.set(tf.fingerprint, start, &tf.path());
-            self.cursors.insert(
-                tf.fingerprint,
-                Cursor { file: tf, read: start, acked: start, sealed: BTreeMap::new(), open: None, held: None },
-            );
+            self.cursors.insert(tf.fingerprint, Cursor::new(tf, start));
         }
         let registry = &self.registry;
         let checkpoints = &mut self.checkpoints;
         self.cursors.retain(|fp, c| {
-            let keep = registry.contains(*fp) || !c.sealed.is_empty() || c.open.is_some();
+            let keep = registry.contains(*fp) || !c.is_settled();
             if !keep {
                 checkpoints.remove(*fp);
             }
@@ -300,11 +203,7 @@ impl<D: Destination> Shipper<D> {
                     break;
                 }
             }
-            let due = match &self.cursors[&fp].open {
-                Some(open) => open.started.elapsed() >= cfg.max_age,
-                None => false,
-            };
-            if due {
+            if self.cursors[&fp].open_for(cfg.max_age) {
                 self.seal(fp);
             }
         }
@@ -325,7 +224,7 @@ impl<D: Destination> Shipper<D> {
     fn read_some(&mut self, fp: u64, cfg: &BatchConfig) -> usize {
         let cursor = self.cursors.get_mut(&fp).expect("cursor exists");
         let file = cursor.file.clone();
-        if file.gone.load(Ordering::SeqCst) {
+        if file.is_gone() {
             return 0;
         }
         let open_bytes = cursor.open.as_ref().map_or(0, |o| o.meta.raw_bytes);
@@ -354,7 +253,7 @@ impl<D: Destination> Shipper<D> {
             cursor.read,
             budget,
             src.max_line_bytes,
-            file.finished.load(Ordering::SeqCst),
+            file.is_finished(),
             &mut self.buf,
             |offset, line, end| {
                 if src.multiline.is_some() {
@@ -386,20 +285,15 @@ impl<D: Destination> Shipper<D> {
         if let Some((start, flush)) = &src.multiline {
             let (mut records, open) = multiline::group(raw, start, src.max_line_bytes);
             if let Some(open) = open {
+                let fills_window = records.is_empty() && outcome.bytes_read >= budget;
+                let finished = file.is_finished();
                 let cursor = self.cursors.get_mut(&fp).expect("cursor exists");
-                let held = match cursor.held {
-                    Some(h) if h.offset == open.offset && h.end == open.end => h,
-                    _ => Held { offset: open.offset, end: open.end, since: Instant::now() },
-                };
-                // Complete when nothing more can follow, when it alone fills the read window, or
-                // when the file has not grown for the flush time-out.
-                let window_full = records.is_empty() && outcome.bytes_read >= budget;
-                if file.finished.load(Ordering::SeqCst) || window_full || held.since.elapsed() >= *flush {
-                    cursor.held = None;
-                    records.push(open);
-                } else {
-                    cursor.held = Some(held);
-                    consumed_end = open.offset;
+                match multiline::settle(open, cursor.held.take(), finished, fills_window, *flush) {
+                    Decision::Complete(open) => records.push(open),
+                    Decision::Hold(held) => {
+                        consumed_end = held.offset;
+                        cursor.held = Some(held);
+                    }
                 }
             }
             for r in records {
@@ -417,48 +311,25 @@ impl<D: Destination> Shipper<D> {
         let split_hours = self.dest.split_by_hour();
         for (record, end, len) in lines {
             let hour = record.as_ref().map_or(0, |r| r.time.unix_nanos().div_euclid(HOUR_NS));
-            let cursor = self.cursors.get_mut(&fp).expect("cursor exists");
-            let needs_new = match &cursor.open {
-                Some(open) => split_hours && record.is_some() && open.meta.records > 0 && open.meta.hour != hour,
-                None => false,
-            };
-            if needs_new {
+            if record.is_some() && self.cursors[&fp].needs_new_batch(hour, split_hours) {
                 self.seal(fp);
             }
             let cursor = self.cursors.get_mut(&fp).expect("cursor exists");
-            let start = cursor.read;
-            if cursor.open.is_none() {
+            let (open, opened) = cursor.open_batch(|start| {
+                OpenBatch::new(self.dest.builder(), BatchMeta::starting_at(fp, &path, &src.tag, start, hour))
+            });
+            if opened {
                 self.buffered += self.dest.open_batch_bytes();
-                cursor.open = Some(OpenBatch {
-                    builder: self.dest.builder(),
-                    meta: BatchMeta {
-                        fingerprint: fp,
-                        path: path.clone(),
-                        tag: src.tag.clone(),
-                        first_offset: start,
-                        end_offset: start,
-                        hour,
-                        records: 0,
-                        raw_bytes: 0,
-                        min_time_ns: i64::MAX,
-                    },
-                    started: Instant::now(),
-                });
             }
-            let open = cursor.open.as_mut().expect("opened above");
             if let Some(record) = record {
-                if open.meta.records == 0 {
-                    open.meta.hour = hour;
-                }
                 self.dest.push(&mut open.builder, &record, &added, open.meta.end_offset);
-                open.meta.records += 1;
-                open.meta.raw_bytes += len + 1;
-                open.meta.min_time_ns = open.meta.min_time_ns.min(record.time.unix_nanos());
+                open.meta.add_record(hour, record.time.unix_nanos(), len + 1);
                 self.buffered += len + 1;
             }
             open.meta.end_offset = end;
+            let full = open.meta.raw_bytes >= cfg.max_bytes;
             cursor.read = end;
-            if open.meta.raw_bytes >= cfg.max_bytes {
+            if full {
                 self.seal(fp);
             }
         }
@@ -477,16 +348,10 @@ impl<D: Destination> Shipper<D> {
         // Sealing frees the compressor; the records stay charged until the batch is delivered.
         self.buffered -= self.dest.open_batch_bytes();
         let meta = open.meta;
+        cursor.ranges.sealed(&meta);
         if meta.records == 0 {
-            // Only empty lines: nothing to send, but the range is done.
-            cursor.sealed.insert(
-                meta.first_offset,
-                SealedRange { end: meta.end_offset, delivered: true, min_time_ns: i64::MAX },
-            );
-            return;
+            return; // only empty lines: nothing to send, but the range is done
         }
-        let range = SealedRange { end: meta.end_offset, delivered: false, min_time_ns: meta.min_time_ns };
-        cursor.sealed.insert(meta.first_offset, range);
         let sealed = Arc::new(self.dest.seal(open.builder, &meta));
         let meta = Arc::new(meta);
         self.inflight += 1;
@@ -494,38 +359,12 @@ impl<D: Destination> Shipper<D> {
         let done = self.done_tx.clone();
         let health = self.health.clone();
         tokio::spawn(async move {
-            let mut backoff = Duration::from_millis(100);
-            let mut failures = 0u32;
-            loop {
-                match dest.clone().send(sealed.clone(), meta.clone()).await {
-                    Ok(()) => {
-                        metrics::counter!("tron_agent_records_sent_total", "destination" => dest.name())
-                            .increment(meta.records);
-                        metrics::counter!("tron_agent_batches_sent_total", "destination" => dest.name()).increment(1);
-                        if failures > 0 {
-                            health.up(dest.name());
-                        }
-                        let _ = done.send(Done {
-                            fingerprint: meta.fingerprint,
-                            first_offset: meta.first_offset,
-                            cost: meta.raw_bytes,
-                        });
-                        return;
-                    }
-                    Err(e) => {
-                        failures += 1;
-                        metrics::counter!("tron_agent_send_retries_total", "destination" => dest.name()).increment(1);
-                        if failures == 1 || failures.is_power_of_two() {
-                            tracing::warn!(destination = dest.name(), path = %meta.path, first_offset = meta.first_offset, attempt = failures, error = %e, "send failed; will retry");
-                        }
-                        health.down(dest.name(), e);
-                        if done.is_closed() {
-                            return;
-                        }
-                        tokio::time::sleep(backoff).await;
-                        backoff = (backoff * 2).min(Duration::from_secs(30));
-                    }
-                }
+            if send_until_delivered(&dest, sealed, meta.clone(), &health, &done).await {
+                let _ = done.send(Done {
+                    fingerprint: meta.fingerprint,
+                    first_offset: meta.first_offset,
+                    cost: meta.raw_bytes,
+                });
             }
         });
     }
@@ -537,13 +376,8 @@ impl<D: Destination> Shipper<D> {
     fn low_watermark_ms(&self) -> Option<i64> {
         let mut low = tron_service::clock::now_ns();
         for (fp, c) in &self.cursors {
-            for range in c.sealed.values().filter(|r| !r.delivered) {
-                low = low.min(range.min_time_ns);
-            }
-            if let Some(open) = &c.open {
-                low = low.min(open.meta.min_time_ns);
-            }
-            if !c.file.gone.load(Ordering::SeqCst) && c.file.size() > c.read {
+            low = low.min(c.undelivered_min_time_ns());
+            if !c.file.is_gone() && c.file.size() > c.read {
                 low = low.min(self.next_line_time(*fp, c)?.unwrap_or(i64::MAX));
             }
         }
@@ -573,46 +407,6 @@ impl<D: Destination> Shipper<D> {
         if let Err(e) = self.checkpoints.save_if_dirty() {
             tracing::error!(destination = self.dest.name(), error = %e, "cannot save checkpoint");
             metrics::counter!("tron_agent_checkpoint_errors_total").increment(1);
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::GZIP_ENCODER_BYTES;
-    use std::alloc::{GlobalAlloc, Layout, System};
-    use std::cell::Cell;
-    use std::io::Write;
-
-    /// Counts the bytes this thread holds, so the test sees only its own encoder's.
-    struct Counting;
-    thread_local! {
-        static HELD: Cell<isize> = const { Cell::new(0) };
-    }
-    unsafe impl GlobalAlloc for Counting {
-        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-            let _ = HELD.try_with(|h| h.set(h.get() + layout.size() as isize));
-            System.alloc(layout)
-        }
-        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-            let _ = HELD.try_with(|h| h.set(h.get() - layout.size() as isize));
-            System.dealloc(ptr, layout)
-        }
-    }
-    #[global_allocator]
-    static COUNTING: Counting = Counting;
-
-    #[test]
-    fn the_charge_for_an_open_batch_covers_what_its_encoder_holds() {
-        for level in 0..=9 {
-            let before = HELD.with(Cell::get);
-            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(level));
-            gz.write_all(b"{}").unwrap();
-            let held = (HELD.with(Cell::get) - before) as usize;
-            assert!(held <= GZIP_ENCODER_BYTES, "level {level}: {held} bytes over the {GZIP_ENCODER_BYTES} charged");
-            // Not a wild over-charge either: it decides how many files fit in max_buffer_bytes.
-            assert!(held > GZIP_ENCODER_BYTES / 2, "level {level}: {held} bytes, the charge is {GZIP_ENCODER_BYTES}");
-            drop(gz);
         }
     }
 }

@@ -1,0 +1,118 @@
+//! A followed file: its identity, the descriptor kept open so it can be read to its end after a
+//! rotation or deletion, and the state the registry and the shippers share about it.
+
+use crate::parse::SourceSettings;
+use std::fs::File;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+pub struct TrackedFile {
+    pub fingerprint: u64,
+    pub source: Arc<SourceSettings>,
+    /// Where a destination with no checkpoint for this file starts.
+    pub start_offset: u64,
+    /// Per destination: offset confirmed delivered.
+    acked: Vec<AtomicU64>,
+    /// Rotated away and idle: a trailing line without newline is complete.
+    finished: AtomicBool,
+    /// The content behind this identity is gone (truncated with no copy found).
+    gone: AtomicBool,
+    pub(super) handle: RwLock<Arc<File>>,
+    pub(super) inner: Mutex<Lifecycle>,
+}
+
+pub(super) struct Lifecycle {
+    pub(super) path: String,
+    pub(super) dev_ino: (u64, u64),
+    pub(super) at_path: bool,
+    pub(super) rotated_since: Option<Instant>,
+    pub(super) size: u64,
+    pub(super) last_growth: Instant,
+}
+
+impl TrackedFile {
+    pub fn handle(&self) -> Arc<File> {
+        self.handle.read().expect("handle lock").clone()
+    }
+
+    pub fn path(&self) -> String {
+        self.inner.lock().expect("lifecycle lock").path.clone()
+    }
+
+    pub fn size(&self) -> u64 {
+        self.handle().metadata().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Its content is gone (truncated with no copy found): nothing more can be read.
+    pub fn is_gone(&self) -> bool {
+        self.gone.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn mark_gone(&self) {
+        self.gone.store(true, Ordering::SeqCst);
+    }
+
+    /// Rotated away and idle: a trailing line without newline is complete.
+    pub fn is_finished(&self) -> bool {
+        self.finished.load(Ordering::SeqCst)
+    }
+
+    pub(super) fn set_finished(&self, finished: bool) {
+        self.finished.store(finished, Ordering::SeqCst);
+    }
+
+    /// Records that destination `index` has everything before `offset`.
+    pub fn set_acked(&self, index: usize, offset: u64) {
+        self.acked[index].store(offset, Ordering::SeqCst);
+    }
+
+    /// What each destination has, in the registry's destination order.
+    pub(super) fn acked(&self) -> impl Iterator<Item = u64> + '_ {
+        self.acked.iter().map(|a| a.load(Ordering::SeqCst))
+    }
+}
+
+impl TrackedFile {
+    pub(super) fn new(
+        fingerprint: u64,
+        source: Arc<SourceSettings>,
+        start_offset: u64,
+        destinations: usize,
+        handle: File,
+        life: Lifecycle,
+    ) -> Self {
+        TrackedFile {
+            fingerprint,
+            source,
+            start_offset,
+            acked: (0..destinations).map(|_| AtomicU64::new(0)).collect(),
+            finished: AtomicBool::new(false),
+            gone: AtomicBool::new(false),
+            handle: RwLock::new(Arc::new(handle)),
+            inner: Mutex::new(life),
+        }
+    }
+}
+
+/// Where an open file is now (`… (deleted)` once unlinked), from the descriptor we hold, so logs
+/// and checkpoints name a rotated file by its new name rather than the path a new file now has.
+pub(super) fn current_path(file: &File) -> Option<String> {
+    use std::os::fd::AsRawFd;
+    std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).ok().map(|p| p.to_string_lossy().into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_open_file_is_found_under_its_new_name_after_a_rename() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new) = (dir.path().join("app.log"), dir.path().join("app.log.1"));
+        std::fs::write(&old, b"x\n").unwrap();
+        let file = File::open(&old).unwrap();
+        std::fs::rename(&old, &new).unwrap();
+        assert_eq!(current_path(&file).as_deref(), Some(new.to_str().unwrap()));
+    }
+}
