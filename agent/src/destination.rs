@@ -56,6 +56,34 @@ impl BatchMeta {
     }
 }
 
+/// Why a batch was not delivered this time (it is sent again); `reason()` labels
+/// `tron_agent_send_retries_total`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SendError {
+    /// No connection: refused, timed out, TLS or the shared-key handshake failed.
+    #[error("{0}")]
+    Unreachable(String),
+    /// The connection broke, or the peer answered nonsense, before the ack.
+    #[error("{0}")]
+    ConnectionLost(String),
+    #[error("no ack within {0:?}")]
+    AckTimeout(Duration),
+    /// The object store (S3, or the local directory) refused or failed the write.
+    #[error("{0}")]
+    Store(String),
+}
+
+impl SendError {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SendError::Unreachable(_) => "unreachable",
+            SendError::ConnectionLost(_) => "connection_lost",
+            SendError::AckTimeout(_) => "ack_timeout",
+            SendError::Store(_) => "store",
+        }
+    }
+}
+
 /// A place records are shipped to.
 pub trait Destination: Send + Sync + 'static {
     type Builder: Send + 'static;
@@ -83,7 +111,7 @@ pub trait Destination: Send + Sync + 'static {
         self: Arc<Self>,
         sealed: Arc<Self::Sealed>,
         meta: Arc<BatchMeta>,
-    ) -> impl Future<Output = Result<(), String>> + Send;
+    ) -> impl Future<Output = Result<(), SendError>> + Send;
     /// How often this destination wants the agent's low watermark, if at all.
     fn watermark_interval(&self) -> Option<Duration> {
         None
@@ -119,11 +147,12 @@ pub async fn send_until_delivered<D: Destination, T>(
             }
             Err(e) => {
                 failures += 1;
-                metrics::counter!("tron_agent_send_retries_total", "destination" => dest.name()).increment(1);
+                metrics::counter!("tron_agent_send_retries_total", "destination" => dest.name(), "reason" => e.reason())
+                    .increment(1);
                 if failures == 1 || failures.is_power_of_two() {
                     tracing::warn!(destination = dest.name(), path = %meta.path, first_offset = meta.first_offset, attempt = failures, error = %e, "send failed; will retry");
                 }
-                health.down(dest.name(), e);
+                health.down(dest.name(), e.to_string());
                 if done.is_closed() {
                     return false;
                 }

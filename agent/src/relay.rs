@@ -5,7 +5,7 @@
 //! chunk (the shipper re-sends them) and the task moves to the next address with back-off.
 
 use crate::config::{BatchConfig, LinkCompression, RelayConfig};
-use crate::destination::{BatchMeta, Destination};
+use crate::destination::{BatchMeta, Destination, SendError};
 use crate::parse::{Added, Record};
 use forward::handshake::Ping;
 use forward::{ChunkBuilder, ClientCodec, ServerMessage};
@@ -18,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::Framed;
+use tron_service::backoff::Backoff;
 use tron_service::Health;
 
 trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
@@ -26,7 +27,7 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
 struct Request {
     frame: Arc<Vec<u8>>,
     chunk: Vec<u8>,
-    reply: oneshot::Sender<Result<(), String>>,
+    reply: oneshot::Sender<Result<(), SendError>>,
 }
 
 pub struct RelayForwarder {
@@ -170,27 +171,27 @@ impl Destination for RelayForwarder {
         }
     }
 
-    async fn send(self: Arc<Self>, sealed: Arc<SealedChunk>, _meta: Arc<BatchMeta>) -> Result<(), String> {
+    async fn send(self: Arc<Self>, sealed: Arc<SealedChunk>, _meta: Arc<BatchMeta>) -> Result<(), SendError> {
         self.send_frame(&sealed).await
     }
 }
 
 impl RelayForwarder {
-    async fn send_frame(&self, sealed: &SealedChunk) -> Result<(), String> {
+    async fn send_frame(&self, sealed: &SealedChunk) -> Result<(), SendError> {
         let (reply, wait) = oneshot::channel();
         let req = Request { frame: sealed.frame.clone(), chunk: sealed.chunk.clone(), reply };
-        self.requests.send(req).await.map_err(|_| "relay connection task stopped".to_string())?;
+        self.requests.send(req).await.map_err(|_| SendError::Unreachable("relay connection task stopped".into()))?;
         match tokio::time::timeout(self.ack_timeout, wait).await {
             Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err("connection closed before the ack".into()),
-            Err(_) => Err(format!("no ack within {:?}", self.ack_timeout)),
+            Ok(Err(_)) => Err(SendError::ConnectionLost("connection closed before the ack".into())),
+            Err(_) => Err(SendError::AckTimeout(self.ack_timeout)),
         }
     }
 }
 
 async fn connection_task(connector: Connector, mut requests: mpsc::Receiver<Request>, health: Health) {
     let mut next = 0usize;
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
         let address = connector.addresses[next % connector.addresses.len()].clone();
         next += 1;
@@ -203,27 +204,26 @@ async fn connection_task(connector: Connector, mut requests: mpsc::Receiver<Requ
                 loop {
                     match requests.try_recv() {
                         Ok(r) => {
-                            let _ = r.reply.send(Err(format!("relay {address} unreachable: {e}")));
+                            let _ = r.reply.send(Err(SendError::Unreachable(format!("relay {address}: {e}"))));
                         }
                         Err(mpsc::error::TryRecvError::Empty) => break,
                         Err(mpsc::error::TryRecvError::Disconnected) => return,
                     }
                 }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+                tokio::time::sleep(backoff.next_delay()).await;
                 continue;
             }
         };
         tracing::info!(relay = %address, "connected to relay");
         health.up("relay");
-        backoff = Duration::from_millis(200);
-        let mut waiting: HashMap<Vec<u8>, oneshot::Sender<Result<(), String>>> = HashMap::new();
+        backoff.reset();
+        let mut waiting: HashMap<Vec<u8>, oneshot::Sender<Result<(), SendError>>> = HashMap::new();
         let error = loop {
             tokio::select! {
                 req = requests.recv() => {
                     let Some(req) = req else { return };
                     if let Err(e) = framed.send(req.frame.as_slice()).await {
-                        let _ = req.reply.send(Err(format!("write to {address}: {e}")));
+                        let _ = req.reply.send(Err(SendError::ConnectionLost(format!("write to {address}: {e}"))));
                         break format!("write failed: {e}");
                     }
                     waiting.insert(req.chunk, req.reply);
@@ -242,7 +242,7 @@ async fn connection_task(connector: Connector, mut requests: mpsc::Receiver<Requ
         };
         tracing::warn!(relay = %address, error = %error, pending = waiting.len(), "relay connection lost; pending chunks will be re-sent");
         for (_, reply) in waiting.drain() {
-            let _ = reply.send(Err(error.clone()));
+            let _ = reply.send(Err(SendError::ConnectionLost(error.clone())));
         }
     }
 }

@@ -2,7 +2,7 @@
 //! data it holds so a retried upload overwrites instead of duplicating.
 
 use crate::config::{BatchConfig, Checksums, S3Config, Sse};
-use crate::destination::{BatchMeta, Destination};
+use crate::destination::{BatchMeta, Destination, SendError};
 use crate::parse::{Added, Record};
 use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation, SharedCredentialsProvider};
 use aws_sdk_s3::primitives::ByteStream;
@@ -162,7 +162,13 @@ impl Destination for S3Archive {
         SealedObject { key: self.key(meta), body: gz.finish().expect("writing to a Vec cannot fail").into() }
     }
 
-    async fn send(self: Arc<Self>, sealed: Arc<SealedObject>, _meta: Arc<BatchMeta>) -> Result<(), String> {
+    async fn send(self: Arc<Self>, sealed: Arc<SealedObject>, _meta: Arc<BatchMeta>) -> Result<(), SendError> {
+        self.put(&sealed).await.map_err(SendError::Store)
+    }
+}
+
+impl S3Archive {
+    async fn put(&self, sealed: &Arc<SealedObject>) -> Result<(), String> {
         match &self.store {
             Store::S3 { client, bucket, put } if sealed.body.len() > self.multipart_threshold => {
                 multipart_put(client, bucket, put, &sealed.key, &sealed.body, self.part_size).await

@@ -410,3 +410,118 @@ impl<D: Destination> Shipper<D> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{FilesConfig, SourceConfig};
+    use crate::destination::SendError;
+    use std::collections::HashSet;
+    use std::sync::Mutex;
+
+    /// Delivers every batch, but the first attempt of every second batch fails, so batches
+    /// complete out of file order.
+    struct Flaky {
+        cfg: BatchConfig,
+        /// First offsets in the order of their first attempt.
+        attempted: Mutex<Vec<u64>>,
+        delivered: Mutex<Vec<(u64, u64)>>,
+        retries: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Flaky {
+        /// The end of the file prefix covered by delivered batches.
+        fn delivered_prefix(&self) -> u64 {
+            let mut ranges = self.delivered.lock().unwrap().clone();
+            ranges.sort();
+            ranges.iter().fold(0, |covered, &(first, end)| if first == covered { end } else { covered })
+        }
+    }
+
+    impl Destination for Flaky {
+        type Builder = ();
+        type Sealed = ();
+        fn name(&self) -> &'static str {
+            "flaky"
+        }
+        fn batch_config(&self) -> &BatchConfig {
+            &self.cfg
+        }
+        fn split_by_hour(&self) -> bool {
+            false
+        }
+        fn builder(&self) {}
+        fn open_batch_bytes(&self) -> usize {
+            1000
+        }
+        fn push(&self, _: &mut (), _: &Record, _: &Added, _: u64) {}
+        fn seal(&self, _: (), _: &BatchMeta) {}
+        async fn send(self: Arc<Self>, _: Arc<()>, meta: Arc<BatchMeta>) -> Result<(), SendError> {
+            let first_attempt_of_odd = {
+                let mut attempted = self.attempted.lock().unwrap();
+                let first = !attempted.contains(&meta.first_offset);
+                if first {
+                    attempted.push(meta.first_offset);
+                }
+                first && attempted.len().is_multiple_of(2)
+            };
+            if first_attempt_of_odd {
+                self.retries.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                return Err(SendError::Unreachable("refused once".into()));
+            }
+            self.delivered.lock().unwrap().push((meta.first_offset, meta.end_offset));
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn the_checkpoint_moves_only_over_delivered_batches_and_the_memory_charge_returns_to_zero() {
+        let logs = tempfile::tempdir().unwrap();
+        let text: String = (0..2000).map(|i| format!("{{\"seq\":{i},\"msg\":\"{}\"}}\n", "x".repeat(50))).collect();
+        std::fs::write(logs.path().join("app.log"), &text).unwrap();
+        let source: SourceConfig = serde_json::from_value(serde_json::json!({
+            "name": "app", "tag": "app", "include": [format!("{}/*.log", logs.path().display())]
+        }))
+        .unwrap();
+        let registry = Registry::new(&[source], FilesConfig::default(), vec!["flaky"], HashSet::new(), None);
+        registry.scan();
+        let state = tempfile::tempdir().unwrap();
+        let checkpoints = Checkpointer::open(state.path(), "flaky").unwrap();
+        let cfg =
+            BatchConfig { max_bytes: 8 << 10, max_age: Duration::ZERO, max_inflight: 4, max_buffer_bytes: 1 << 20 };
+        let dest = Arc::new(Flaky {
+            cfg,
+            attempted: Mutex::default(),
+            delivered: Mutex::default(),
+            retries: Default::default(),
+        });
+        let mut shipper = Shipper::new(
+            dest.clone(),
+            0,
+            registry,
+            checkpoints,
+            FieldsConfig::default(),
+            "host".into(),
+            Health::new(),
+            Duration::from_secs(1),
+        );
+        shipper.sync_files();
+        let fp = *shipper.cursors.keys().next().expect("the file is tracked");
+        let size = text.len() as u64;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while shipper.checkpoints.get(fp) != Some(size) {
+            assert!(Instant::now() < deadline, "not everything delivered");
+            shipper.read_all();
+            if let Ok(Some(done)) = tokio::time::timeout(Duration::from_millis(100), shipper.done_rx.recv()).await {
+                shipper.complete(done);
+            }
+            shipper.advance_all();
+            let acked = shipper.checkpoints.get(fp).unwrap();
+            assert!(acked <= dest.delivered_prefix(), "checkpoint {acked} past the delivered prefix");
+        }
+        shipper.drain(Duration::from_secs(5)).await;
+        assert_eq!((shipper.buffered, shipper.inflight), (0, 0), "every charge given back");
+        assert!(dest.retries.load(std::sync::atomic::Ordering::SeqCst) > 0, "no batch completed out of order");
+        assert!(dest.delivered.lock().unwrap().len() > 10);
+    }
+}

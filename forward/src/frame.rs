@@ -47,8 +47,6 @@ pub struct EventBatch {
     pub tag: String,
     pub mode: Mode,
     pub options: Options,
-    /// Bytes the frame occupied on the wire.
-    pub wire_bytes: usize,
     entries: Vec<u8>,
     /// Entries the frame header announced (Forward and Message modes; packed streams say nothing).
     announced: Option<usize>,
@@ -162,7 +160,7 @@ pub(crate) fn parse_frame(bytes: &[u8], limits: &Limits) -> Result<Frame, Decode
         (Mode::PackedForward, Some(other)) => return Err(DecodeError::UnsupportedCompression(other.to_owned())),
         (mode, _) => mode,
     };
-    Ok(Frame::Events(EventBatch { tag, mode, options, wire_bytes: bytes.len(), entries, announced }))
+    Ok(Frame::Events(EventBatch { tag, mode, options, entries, announced }))
 }
 
 /// PING frames and options maps are decoded into values; they are never larger than this.

@@ -176,16 +176,12 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 
 /// Serde adapter for duration fields: `#[serde(with = "tron_service::config::duration")]`.
 pub mod duration {
-    use serde::{Deserialize, Deserializer, Serializer};
+    use serde::{Deserialize, Deserializer};
     use std::time::Duration;
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let s = String::deserialize(d)?;
         super::parse_duration(&s).map_err(serde::de::Error::custom)
-    }
-
-    pub fn serialize<S: Serializer>(v: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format!("{}ms", v.as_millis()))
     }
 }
 

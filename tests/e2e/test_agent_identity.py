@@ -7,7 +7,6 @@ import os
 import time
 
 import tron
-from test_outage import s3_seqs
 
 
 def gated_s3_agent(services, certs, workroot, name):
@@ -55,9 +54,9 @@ def test_deleted_file_is_finished_and_a_reused_path_is_a_new_file(services, cert
     with open(partial, "a") as f:
         f.write('"}\n')
     tron.wait_until("every line of the deleted file, the new file and the late first line",
-                    lambda: s3_seqs(services, "identity") >= set(range(70_001)), timeout=120, interval=2,
+                    lambda: tron.s3_seqs(services, "identity") >= set(range(70_001)), timeout=120, interval=2,
                     on_timeout=agent.tail)
-    assert s3_seqs(services, "identity") == set(range(70_001))
+    assert tron.s3_seqs(services, "identity") == set(range(70_001))
     print("identity: deleted file shipped to its end; new file at the same path (inode reused: %s) shipped in full; "
           "a first line completed later shipped once" % reused)
     assert agent.stop() == 0
@@ -87,7 +86,7 @@ def test_rotated_file_is_given_up_after_max_rotated_keep_logged_and_counted(serv
             if line.startswith("tron_agent_lost_bytes_total{") and 'reason="rotated_given_up"' in line]
     assert lost and 'destination="s3"' in lost[0] and float(lost[0].rsplit(" ", 1)[1]) > 0, agent.metrics()
     gate.open()
-    tron.wait_until("the new file shipped", lambda: s3_seqs(services, "given-up") >= set(range(1000, 1100)),
+    tron.wait_until("the new file shipped", lambda: tron.s3_seqs(services, "given-up") >= set(range(1000, 1100)),
                     timeout=60, interval=1, on_timeout=agent.tail)
     assert agent.stop() == 0
     gate.close()
@@ -114,7 +113,7 @@ def test_read_from_end_skips_only_what_existed_at_the_first_start(services, cert
                     timeout=20, interval=0.2, on_timeout=agent.tail)
     assert agent.metric("tron_agent_bytes_skipped_total", reason="read_from_end") == skipped_bytes
     write(path, range(100, 110))
-    tron.wait_until("lines written after the start", lambda: s3_seqs(services, "from-end") >= set(range(100, 110)),
+    tron.wait_until("lines written after the start", lambda: tron.s3_seqs(services, "from-end") >= set(range(100, 110)),
                     timeout=60, interval=1, on_timeout=agent.tail)
     assert agent.stop() == 0
 
@@ -123,9 +122,9 @@ def test_read_from_end_skips_only_what_existed_at_the_first_start(services, cert
     write(path, range(113, 120))  # the 7 lines of the issue, in the new app.log
     write(os.path.join(logs, "other.log"), range(120, 125))  # a file that did not exist before
     agent.start()
-    tron.wait_until("every line written during the downtime", lambda: s3_seqs(services, "from-end") >= set(range(100, 125)),
+    tron.wait_until("every line written during the downtime", lambda: tron.s3_seqs(services, "from-end") >= set(range(100, 125)),
                     timeout=60, interval=1, on_timeout=agent.tail)
-    assert s3_seqs(services, "from-end") == set(range(100, 125))
+    assert tron.s3_seqs(services, "from-end") == set(range(100, 125))
     assert agent.metric("tron_agent_bytes_skipped_total", reason="read_from_end") in (None, 0)
     assert agent.stop() == 0
     gate.close()

@@ -8,7 +8,6 @@ import threading
 import time
 
 import tron
-from test_crash import gcs_rows
 from test_outage import write_steadily
 
 
@@ -47,11 +46,11 @@ def test_agent_fails_over_between_relays_and_loses_nothing(services, certs, work
     tron.wait_until("the agent back on relay A", lambda: connected()[-1] == relay_a.config["listen"], timeout=30,
                     interval=0.2, on_timeout=agent.tail)
     writer.join()
-    tron.wait_until("every line in GCS", lambda: len({int(r[0]) for r in gcs_rows(
+    tron.wait_until("every line in GCS", lambda: len({int(r[0]) for r in tron.gcs_csv_rows(
         services, "failover", "w/failover/")}) >= total, timeout=120, interval=2, on_timeout=agent.tail)
     log = agent.tail(1 << 20)
     assert "cannot connect to relay relay=%s" % dead in log
-    assert {int(r[0]) for r in gcs_rows(services, "failover", "w/failover/")} == set(range(total))
+    assert {int(r[0]) for r in tron.gcs_csv_rows(services, "failover", "w/failover/")} == set(range(total))
     print("failover: A → B → (dead skipped) → A, connections in order: %s; %d lines, none lost"
           % (connected(), total))
     assert agent.stop() == 0
@@ -63,7 +62,7 @@ def write_seqs(path, first, n):
 
 
 def gcs_seqs(services, bucket, topic):
-    return {int(r[0]) for r in gcs_rows(services, bucket, "w/%s/" % topic)}
+    return {int(r[0]) for r in tron.gcs_csv_rows(services, bucket, "w/%s/" % topic)}
 
 
 def test_agent_with_client_certificate_shared_key_and_user_is_acked_and_a_wrong_key_is_refused(

@@ -3,9 +3,7 @@ nothing is lost (agent: at-least-once) and nothing is doubled (sink: exactly-onc
 record, and every line once: the copies an agent re-sends after a crash are dropped). Set
 TRON_CRASH_KILLS to kill more often and TRON_CRASH_LINES / TRON_CRASH_AGENT_LINES for a longer run
 (the issues' soak: 10 kills, 500,000 lines)."""
-import csv
 import datetime
-import io
 import json
 import os
 import random
@@ -54,16 +52,6 @@ def write_files(logs, total, per_second, files):
     return threads
 
 
-def gcs_rows(services, bucket, prefix):
-    rows = []
-    for obj in services.gcs_list(bucket, prefix):
-        if obj["name"].rsplit("/", 1)[1].startswith("_"):
-            continue
-        text = tron.read_gz_lines(services.gcs_get(bucket, obj["name"]))
-        rows.extend(csv.reader(io.StringIO("\n".join(text) + "\n")))
-    return rows
-
-
 def columns():
     return [
         {"name": "time", "source": "@time", "type": "TIMESTAMP"},
@@ -106,12 +94,12 @@ def test_sink_killed_at_random_moments_writes_every_kafka_record_exactly_once(se
         w.join()
 
     def all_in():
-        return len({int(r[1]) for r in gcs_rows(services, "crash-sink", "w/crash-sink/")}) >= total
+        return len({int(r[1]) for r in tron.gcs_csv_rows(services, "crash-sink", "w/crash-sink/")}) >= total
 
     tron.wait_until("every line in GCS after %d sink kills" % KILLS, all_in, timeout=240 + LINES // 1000, interval=3,
                     on_timeout=lambda: sink.tail())
     time.sleep(4)
-    rows = gcs_rows(services, "crash-sink", "w/crash-sink/")
+    rows = tron.gcs_csv_rows(services, "crash-sink", "w/crash-sink/")
     per_record = assert_each_offset_in_exactly_one_object(
         rows, tron.watermark_offsets(services.kafka_brokers, "crash-sink"))
     seqs = {int(r[1]) for r in rows}
@@ -157,12 +145,12 @@ def test_scale_out_two_sinks_a_third_joins_then_one_is_killed_still_exactly_once
         w.join()
 
     def all_in():
-        return len({int(r[1]) for r in gcs_rows(services, "scale", "w/scale/")}) >= total
+        return len({int(r[1]) for r in tron.gcs_csv_rows(services, "scale", "w/scale/")}) >= total
 
     tron.wait_until("every line in GCS after a join and a kill", all_in, timeout=240 + LINES // 1000, interval=3,
                     on_timeout=lambda: sink_b.tail() + sink_c.tail())
     time.sleep(4)
-    rows = gcs_rows(services, "scale", "w/scale/")
+    rows = tron.gcs_csv_rows(services, "scale", "w/scale/")
     per_record = assert_each_offset_in_exactly_one_object(rows, tron.watermark_offsets(services.kafka_brokers, "scale"))
     assert {int(r[1]) for r in rows} == set(range(total))
     uploaded = {p.name: tron.Proc.metrics(p).count("tron_sink_objects_uploaded_total") for p in (sink_b, sink_c)}
@@ -191,7 +179,7 @@ def test_agent_killed_at_random_moments_loses_no_line_and_doubles_none(services,
     writer.join()
 
     def all_in():
-        return len({int(r[1]) for r in gcs_rows(services, "crash-agent", "w/crash-agent/")}) >= total
+        return len({int(r[1]) for r in tron.gcs_csv_rows(services, "crash-agent", "w/crash-agent/")}) >= total
 
     tron.wait_until("every line through the relay after %d agent kills" % KILLS, all_in, timeout=240 + total // 1000, interval=3,
                     on_timeout=lambda: agent.tail())
@@ -208,7 +196,7 @@ def test_agent_killed_at_random_moments_loses_no_line_and_doubles_none(services,
         on_timeout=lambda: "relay delivered %s, sink uploaded %s, dropped %s" % (
             relay.metric("tron_relay_records_delivered_total"), sink.metric("tron_sink_records_uploaded_total"),
             sink.metric("tron_sink_duplicates_dropped_total")))
-    rows = gcs_rows(services, "crash-agent", "w/crash-agent/")
+    rows = tron.gcs_csv_rows(services, "crash-agent", "w/crash-agent/")
     via_relay = Counter(int(r[1]) for r in rows)
     assert set(via_relay) == set(range(total))
     doubled = {seq: n for seq, n in via_relay.items() if n > 1}
@@ -217,16 +205,7 @@ def test_agent_killed_at_random_moments_loses_no_line_and_doubles_none(services,
     # Each kill leaves chunks delivered but not checkpointed; they came again and were dropped.
     assert dropped > 0, "no agent kill caused a re-send: the test did not exercise the filter"
 
-    s3 = services.s3_client()
-
-    def s3_seqs():
-        seen = Counter()
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket="crash-archive"):
-            for obj in page.get("Contents", []):
-                for text in tron.read_gz_lines(s3.get_object(Bucket="crash-archive", Key=obj["Key"])["Body"].read()):
-                    seen[json.loads(text)["seq"]] += 1
-        return seen
-
-    tron.wait_until("every line in S3", lambda: set(s3_seqs()) >= set(range(total)), timeout=60, interval=2)
+    tron.wait_until("every line in S3", lambda: tron.s3_seqs(services, "crash-archive") >= set(range(total)),
+                    timeout=60, interval=2)
     print("agent crash test: %d kills, %d lines; Kafka records %d = %d uploaded + %d duplicates dropped "
           "(%.0f per kill); GCS: 0 lost, 0 doubled" % (KILLS, total, delivered, uploaded, dropped, dropped / max(KILLS, 1)))

@@ -47,7 +47,7 @@ def test_sigterm_under_load_drains_every_component_and_loses_nothing(services, c
     writer.join()
 
     def seqs():
-        return Counter(int(r[1]) for r in test_crash.gcs_rows(services, "drain", "w/drain/"))
+        return Counter(int(r[1]) for r in tron.gcs_csv_rows(services, "drain", "w/drain/"))
 
     tron.wait_until("every line in GCS after SIGTERM of each component under load",
                     lambda: set(seqs()) >= set(range(total)), timeout=180, interval=3,

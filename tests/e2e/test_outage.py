@@ -7,7 +7,6 @@ import threading
 import time
 
 import tron
-from test_crash import gcs_rows
 
 OUTAGE = int(os.environ.get("TRON_OUTAGE_SECONDS", "10"))
 
@@ -58,23 +57,13 @@ def test_relay_down_pauses_only_the_relay_destination_and_loses_nothing(services
     relay.start()
     w.join()
     tron.wait_until("every line through the relay after a %ds outage" % OUTAGE,
-                    lambda: len({int(r[0]) for r in gcs_rows(services, "outage", "w/outage/")}) >= total,
+                    lambda: len({int(r[0]) for r in tron.gcs_csv_rows(services, "outage", "w/outage/")}) >= total,
                     timeout=120, interval=2, on_timeout=lambda: agent.tail())
     rss = agent.peak_rss_mib()
     print("relay down %ds: s3 lag %.0f bytes, relay lag %.0f bytes mid-outage; agent peak RSS %.1f MiB; no loss"
           % (OUTAGE, s3_lag, relay_lag, rss))
     assert relay_lag > s3_lag
     assert rss < 150, "agent peak RSS %.1f MiB" % rss
-
-
-def s3_seqs(services, bucket):
-    s3 = services.s3_client()
-    seen = set()
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
-        for obj in page.get("Contents", []):
-            for text in tron.read_gz_lines(s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()):
-                seen.add(json.loads(text)["seq"])
-    return seen
 
 
 def run_s3_outage(services, certs, workroot, procs, name, relay_too):
@@ -113,9 +102,9 @@ def run_s3_outage(services, certs, workroot, procs, name, relay_too):
     if relay_too:
         relay.start()
     w.join()
-    tron.wait_until("every line in S3 after the outage", lambda: s3_seqs(services, name) >= set(range(total)),
+    tron.wait_until("every line in S3 after the outage", lambda: tron.s3_seqs(services, name) >= set(range(total)),
                     timeout=180, interval=3, on_timeout=agent.tail)
-    tron.wait_until("every line through the relay", lambda: len({int(r[0]) for r in gcs_rows(
+    tron.wait_until("every line through the relay", lambda: len({int(r[0]) for r in tron.gcs_csv_rows(
         services, name, "w/%s/" % name)}) >= total, timeout=180, interval=3, on_timeout=agent.tail)
     rss = agent.peak_rss_mib()
     print("%s down %ds: %d lines, none lost in S3 or via the relay; agent peak RSS %.1f MiB"

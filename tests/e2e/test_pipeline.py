@@ -65,15 +65,7 @@ def test_every_line_lands_once_in_its_hour_in_gcs_and_at_least_once_in_s3(servic
         f.close()
 
     def gcs_rows():
-        rows = []
-        for obj in services.gcs_list(GCS_BUCKET, "warehouse/logs/"):
-            name = obj["name"]
-            if name.rsplit("/", 1)[1].startswith("_"):
-                continue
-            text = tron.read_gz_lines(services.gcs_get(GCS_BUCKET, name))
-            for row in csv.reader(io.StringIO("\n".join(text) + "\n")):
-                rows.append((name, row))
-        return rows
+        return list(tron.gcs_csv_rows_by_object(services, GCS_BUCKET, "warehouse/logs/"))
 
     def diagnose():
         return "\n".join("--- %s\n%s" % (p.name, p.tail()) for p in procs)
@@ -111,17 +103,12 @@ def test_every_line_lands_once_in_its_hour_in_gcs_and_at_least_once_in_s3(servic
     assert manifest_rows == LINES
 
     # The S3 archive has every line at least once, in hourly gzip NDJSON objects.
-    s3 = services.s3_client()
     seen = Counter()
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=S3_BUCKET, Prefix="archive/app.log/"):
-        for obj in page.get("Contents", []):
-            key = obj["Key"]
-            assert key.endswith(".ndjson.gz") and "/dt=" in key and "/hr=" in key, key
-            body = s3.get_object(Bucket=S3_BUCKET, Key=key)["Body"].read()
-            for text in tron.read_gz_lines(body):
-                rec = json.loads(text)
-                seen[rec["seq"]] += 1
-                assert "/%s/" % hour_prefix(event_time(rec["seq"], base)) in key
+    for key, text in tron.s3_lines_by_object(services, S3_BUCKET, "archive/app.log/"):
+        assert key.endswith(".ndjson.gz") and "/dt=" in key and "/hr=" in key, key
+        rec = json.loads(text)
+        seen[rec["seq"]] += 1
+        assert "/%s/" % hour_prefix(event_time(rec["seq"], base)) in key
     missing_s3 = [s for s in range(LINES) if seen[s] == 0]
     assert not missing_s3, "S3 is missing %d lines, e.g. %s" % (len(missing_s3), missing_s3[:10])
 

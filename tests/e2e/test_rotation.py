@@ -2,9 +2,7 @@
 `create`: rename + new file (the writer reopens by path, as an app does on SIGHUP).
 `copytruncate`: copy then truncate in place (the writer keeps its O_APPEND descriptor).
 TRON_ROTATION_LINES raises the line count (the issue's soak: 200000)."""
-import csv
 import datetime
-import io
 import json
 import os
 import subprocess
@@ -84,26 +82,20 @@ def test_logrotate_storm_loses_nothing(mode, services, certs, workroot, procs):
 
     def gcs_seqs():
         seqs, fragments["gcs"] = [], 0
-        for obj in services.gcs_list(topic, "w/%s/" % topic):
-            if not obj["name"].rsplit("/", 1)[1].startswith("_"):
-                for r in csv.reader(io.StringIO("\n".join(
-                        tron.read_gz_lines(services.gcs_get(topic, obj["name"]))) + "\n")):
-                    if r and r[0]:
-                        seqs.append(int(r[0]))
-                    else:
-                        fragments["gcs"] += 1
+        for r in tron.gcs_csv_rows(services, topic, "w/%s/" % topic):
+            if r and r[0]:
+                seqs.append(int(r[0]))
+            else:
+                fragments["gcs"] += 1
         return set(seqs)
 
     def s3_seqs():
-        s3, seen = services.s3_client(), set()
-        fragments["s3"] = 0
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=topic):
-            for obj in page.get("Contents", []):
-                for t in tron.read_gz_lines(s3.get_object(Bucket=topic, Key=obj["Key"])["Body"].read()):
-                    try:
-                        seen.add(json.loads(t)["seq"])
-                    except (ValueError, KeyError, TypeError):
-                        fragments["s3"] += 1
+        seen, fragments["s3"] = set(), 0
+        for _, t in tron.s3_lines_by_object(services, topic):
+            try:
+                seen.add(json.loads(t)["seq"])
+            except (ValueError, KeyError, TypeError):
+                fragments["s3"] += 1
         return seen
 
     want = set(range(LINES))

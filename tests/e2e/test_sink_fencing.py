@@ -14,7 +14,7 @@ import pytest
 from confluent_kafka import Producer
 
 import tron
-from test_crash import assert_each_offset_in_exactly_one_object, gcs_rows
+from test_crash import assert_each_offset_in_exactly_one_object
 
 RESTARTS = int(os.environ.get("TRON_SINK_RESTARTS", "10"))
 RESTART_EVERY = float(os.environ.get("TRON_SINK_RESTART_EVERY", "20"))
@@ -79,12 +79,12 @@ def setup(services, workroot, topic, partitions):
 
 def wait_for_every_record(services, topic, total, sinks, timeout=240):
     def all_in():
-        return len({int(r[1]) for r in gcs_rows(services, topic, "w/%s/" % topic)}) >= total
+        return len({int(r[1]) for r in tron.gcs_csv_rows(services, topic, "w/%s/" % topic)}) >= total
 
     tron.wait_until("all %d records in GCS" % total, all_in, timeout=timeout, interval=3,
                     on_timeout=lambda: "".join(s.tail(60) for s in sinks))
     time.sleep(3)  # anything uploaded twice would land now
-    rows = gcs_rows(services, topic, "w/%s/" % topic)
+    rows = tron.gcs_csv_rows(services, topic, "w/%s/" % topic)
     per_record = assert_each_offset_in_exactly_one_object(rows)
     assert {int(r[1]) for r in rows} == set(range(total))
     assert len(rows) == total, "%d rows for %d records" % (len(rows), total)

@@ -9,7 +9,6 @@ import os
 from confluent_kafka import Producer
 
 import tron
-from test_crash import gcs_rows
 
 
 def test_transactional_topic_gaps_and_aborts(services, certs, workroot, procs):
@@ -50,7 +49,7 @@ def test_transactional_topic_gaps_and_aborts(services, certs, workroot, procs):
     tron.wait_until("_SUCCESS for the hour of a transactional topic",
                     lambda: prefix + "_SUCCESS" in {o["name"] for o in services.gcs_list("txn", prefix)},
                     timeout=60, interval=0.5, on_timeout=sink.tail)
-    rows = gcs_rows(services, "txn", "w/txn/")
+    rows = tron.gcs_csv_rows(services, "txn", "w/txn/")
     seqs = sorted(int(r[0]) for r in rows)
     assert seqs == sorted(committed), "aborted in GCS: %s; missing: %s" % (
         sorted(set(seqs) & set(aborted))[:5], sorted(set(committed) - set(seqs))[:5])

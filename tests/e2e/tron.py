@@ -249,14 +249,33 @@ def read_gz_lines(data):
     return gzip.decompress(data).decode("utf-8").splitlines()
 
 
-def gcs_csv_rows(services, bucket, prefix):
-    """Every CSV row of every data object (not `_SUCCESS`/`_manifest.json`) under `prefix`."""
-    out = []
+def gcs_csv_rows_by_object(services, bucket, prefix):
+    """(object name, CSV row) for every row of every data object (not `_SUCCESS` or
+    `_manifest.json`) under `prefix`."""
     for obj in services.gcs_list(bucket, prefix):
         if not obj["name"].rsplit("/", 1)[1].startswith("_"):
             text = read_gz_lines(services.gcs_get(bucket, obj["name"]))
-            out.extend(csv.reader(io.StringIO("\n".join(text) + "\n")))
-    return out
+            for row in csv.reader(io.StringIO("\n".join(text) + "\n")):
+                yield obj["name"], row
+
+
+def gcs_csv_rows(services, bucket, prefix):
+    """Every CSV row of every data object under `prefix`."""
+    return [row for _, row in gcs_csv_rows_by_object(services, bucket, prefix)]
+
+
+def s3_lines_by_object(services, bucket, prefix=""):
+    """(key, line) for every line of every gzip object in an S3 bucket (the agent's archive)."""
+    s3 = services.s3_client()
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            for text in read_gz_lines(s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()):
+                yield obj["Key"], text
+
+
+def s3_seqs(services, bucket):
+    """The `seq` field of every archived JSON line."""
+    return {json.loads(text)["seq"] for _, text in s3_lines_by_object(services, bucket)}
 
 
 def wait_until(what, check, timeout, interval=1.0, on_timeout=None):
