@@ -5,7 +5,7 @@
 //! not read the socket, so overload becomes TCP backpressure instead of memory growth.
 
 use crate::dead_letter::DeadLetter;
-use crate::kafka::Kafka;
+use crate::kafka::{Deliver, Kafka};
 use crate::receive::{Closed, FrameReader, ReceivePool, Received};
 use crate::route::Router;
 use crate::slots::Slot;
@@ -22,8 +22,9 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tron_service::Shutdown;
 
-pub struct Context {
-    pub kafka: Kafka,
+/// What every connection shares. `K`: Kafka, or an in-memory stand-in in unit tests.
+pub struct Context<K = Kafka> {
+    pub kafka: K,
     pub watermarks: Watermarks,
     pub dead_letter: DeadLetter,
     pub router: Router,
@@ -47,9 +48,10 @@ pub struct Security {
     pub users: Vec<(String, String)>,
 }
 
-pub async fn serve<S>(stream: S, peer: SocketAddr, ctx: Arc<Context>, slot: &Slot, shutdown: Shutdown)
+pub async fn serve<S, K>(stream: S, peer: SocketAddr, ctx: Arc<Context<K>>, slot: &Slot, shutdown: Shutdown)
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    K: Deliver,
 {
     let codec = match ctx.security {
         Some(_) => ServerCodec::awaiting_ping(ctx.limits),
@@ -261,8 +263,8 @@ struct Chunk {
     records: Records,
 }
 
-async fn deliver(
-    ctx: &Context,
+async fn deliver<K: Deliver>(
+    ctx: &Context<K>,
     batch: &Chunk,
     peer: SocketAddr,
     acks: &mpsc::UnboundedSender<Vec<u8>>,
@@ -298,8 +300,8 @@ async fn deliver(
 
 /// Records Kafka refused as too large go to the dead-letter file; once they are on disk the chunk
 /// counts as answered. Returns how many were dead-lettered.
-fn dead_letter(
-    ctx: &Context,
+fn dead_letter<K>(
+    ctx: &Context<K>,
     batch: &Chunk,
     peer: SocketAddr,
     topic: &str,
@@ -368,4 +370,104 @@ where
 fn hex_nonce() -> Vec<u8> {
     let bytes: [u8; 16] = rand::random();
     bytes.iter().map(|b| format!("{b:02x}")).collect::<String>().into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kafka::{DeliveryError, Refused};
+    use crate::receive::ReceivePool;
+    use crate::slots::Slots;
+    use forward::{ChunkBuilder, EventTime};
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Kafka that answers a chunk only when the test lets it, with success or a time-out.
+    struct Gated {
+        answers: Semaphore,
+        fail: bool,
+        delivered: AtomicUsize,
+    }
+
+    impl Deliver for Gated {
+        async fn deliver(&self, topic: &str, _tag: &str, records: &Records) -> Result<Vec<Refused>, DeliveryError> {
+            self.answers.acquire().await.expect("open").forget();
+            if self.fail {
+                let error = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
+                return Err(DeliveryError::Kafka { topic: topic.to_string(), error });
+            }
+            self.delivered.fetch_add(records.records.len(), Ordering::SeqCst);
+            Ok(Vec::new())
+        }
+    }
+
+    /// (Nothing here is too large for Kafka: the dead-letter file is never written.)
+    fn context(fail: bool, dir: &std::path::Path) -> Context<Gated> {
+        Context {
+            kafka: Gated { answers: Semaphore::new(0), fail, delivered: AtomicUsize::new(0) },
+            watermarks: Default::default(),
+            dead_letter: DeadLetter::new(dir.join("dead-letter.ndjson"), 1 << 20),
+            router: Router::new(Vec::new(), "logs".into()),
+            limits: Limits::default(),
+            budget: Arc::new(Semaphore::new(64 << 20)),
+            receive_pool: ReceivePool::new(16 << 20),
+            decode_slots: Semaphore::new(2),
+            max_inflight_bytes: 64 << 20,
+            max_inflight_bytes_per_connection: 16 << 20,
+            handshake_timeout: Duration::from_secs(10),
+            frame_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(60),
+            security: None,
+        }
+    }
+
+    /// Starts a connection on an in-memory stream; returns the client's end.
+    fn connect(ctx: &Arc<Context<Gated>>) -> (tokio::io::DuplexStream, tokio::task::JoinHandle<()>) {
+        let (client, server) = tokio::io::duplex(1 << 20);
+        let (slot, _) = Slots::new(4, 4).admit("127.0.0.1".parse().unwrap()).expect("a free slot");
+        let ctx = ctx.clone();
+        let task = tokio::spawn(async move {
+            serve(server, "127.0.0.1:24224".parse().unwrap(), ctx, &slot, Shutdown::new()).await;
+        });
+        (client, task)
+    }
+
+    fn chunk(id: &str) -> Vec<u8> {
+        let mut chunk = ChunkBuilder::uncompressed();
+        for seq in 0..3 {
+            let record = serde_json::json!({ "seq": seq });
+            chunk.push(EventTime::new(1_795_300_000, 0), record.as_object().unwrap());
+        }
+        chunk.finish("app", id)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_chunk_is_acked_only_once_kafka_has_every_record() {
+        let ctx = Arc::new(context(false, &std::env::temp_dir()));
+        let (mut client, task) = connect(&ctx);
+        client.write_all(&chunk("c1")).await.unwrap();
+        let mut reply = [0u8; 64];
+        let early = tokio::time::timeout(Duration::from_millis(300), client.read(&mut reply)).await;
+        assert!(early.is_err(), "acked before Kafka answered");
+        ctx.kafka.answers.add_permits(1);
+        let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut reply)).await.unwrap().unwrap();
+        let ack = rmpv::decode::read_value(&mut &reply[..n]).unwrap();
+        assert_eq!(ack, rmpv::Value::Map(vec![("ack".into(), "c1".into())]));
+        assert_eq!(ctx.kafka.delivered.load(Ordering::SeqCst), 3);
+        drop(client);
+        task.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_delivery_is_never_acked_and_closes_the_connection() {
+        let ctx = Arc::new(context(true, &std::env::temp_dir()));
+        let (mut client, task) = connect(&ctx);
+        client.write_all(&chunk("c1")).await.unwrap();
+        ctx.kafka.answers.add_permits(1);
+        let mut reply = Vec::new();
+        // The client re-sends on the close instead of waiting for its ack time-out.
+        tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut reply)).await.unwrap().unwrap();
+        assert!(reply.is_empty(), "a failed chunk was acked: {reply:?}");
+        task.await.unwrap();
+    }
 }

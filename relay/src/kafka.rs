@@ -97,6 +97,29 @@ pub struct Refused {
     pub error: DeliveryError,
 }
 
+/// What a connection needs from Kafka: a chunk's records delivered, answered once every one of
+/// them is acknowledged (records Kafka refuses as too large come back). A trait so the
+/// connection's ack rule can be tested without a broker.
+pub trait Deliver: Send + Sync + 'static {
+    fn deliver(
+        &self,
+        topic: &str,
+        tag: &str,
+        records: &Records,
+    ) -> impl std::future::Future<Output = Result<Vec<Refused>, DeliveryError>> + Send;
+}
+
+impl Deliver for Kafka {
+    async fn deliver(&self, topic: &str, tag: &str, records: &Records) -> Result<Vec<Refused>, DeliveryError> {
+        let producer = self.producer();
+        let result = self.produce_all(&producer, topic, tag, records).await;
+        if let Err(DeliveryError::Kafka { error, .. }) = &result {
+            self.recover(&producer, error);
+        }
+        result
+    }
+}
+
 pub struct Kafka {
     /// Replaced after a fatal error: librdkafka's idempotent producer refuses every later message
     /// once it has one (e.g. a broker that lost its producer-id state across a restart).
@@ -210,15 +233,6 @@ impl Kafka {
 
     /// Produces every record and waits for all acknowledgements. Records Kafka refuses as too
     /// large come back: no retry can deliver them. Any other failure fails the whole chunk.
-    pub async fn deliver(&self, topic: &str, tag: &str, records: &Records) -> Result<Vec<Refused>, DeliveryError> {
-        let producer = self.producer();
-        let result = self.produce_all(&producer, topic, tag, records).await;
-        if let Err(DeliveryError::Kafka { error, .. }) = &result {
-            self.recover(&producer, error);
-        }
-        result
-    }
-
     async fn produce_all(
         &self,
         producer: &KafkaProducer,
