@@ -131,8 +131,8 @@ def write_lines(path, n):
     return os.path.getsize(path)
 
 
-def run_fluent_bit_sender(work, log, receiver, tls_ca):
-    """Fluent Bit tail (JSON parser) -> forward with acks; returns (CPU-s, peak MiB, wall s)."""
+def start_fluent_bit_sender(work, log, receiver, tls_ca):
+    """Fluent Bit tail (JSON parser; `log` may be a glob) -> forward with acks."""
     parsers = os.path.join(work, "parsers.conf")
     with open(parsers, "w") as f:
         f.write("[PARSER]\n    Name json\n    Format json\n    Time_Key time\n"
@@ -145,9 +145,14 @@ def run_fluent_bit_sender(work, log, receiver, tls_ca):
                 "    File_Cache_Advise Off\n    DB %s\n    Tag bench\n"
                 "[OUTPUT]\n    Name forward\n    Match *\n    Host 127.0.0.1\n    Port %d\n"
                 "    Require_ack_response On\n%s" % (parsers, log, os.path.join(work, "tail.db"), receiver.port, tls))
+    return subprocess.Popen([FLUENT_BIT, "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def run_fluent_bit_sender(work, log, receiver, tls_ca):
+    """Fluent Bit on one file; returns (CPU-s, peak MiB, wall s) once the receiver has every line."""
     before = receiver.records() or 0
     start = time.time()
-    sender = subprocess.Popen([FLUENT_BIT, "-c", conf], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sender = start_fluent_bit_sender(work, log, receiver, tls_ca)
     try:
         try:
             receiver.wait_for(before + count_lines(log), timeout=180)
@@ -167,9 +172,8 @@ def count_lines(path):
         return sum(1 for _ in f)
 
 
-def run_agent_sender(svc, certs, work, log, n, receiver=None, tls=False, compression="gzip", s3=False):
-    """tron-agent at its default settings tailing `log` to the receiver and/or to S3 (moto);
-    returns (CPU-s, peak MiB, wall s) once every line is acknowledged by each destination."""
+def agent_sender(svc, certs, work, log, receiver=None, tls=False, compression="gzip", s3=False):
+    """tron-agent at its default settings tailing `log` (a glob) to the receiver and/or to S3 (moto)."""
     s3_url = "s3://bench-archive/%s" % os.path.basename(work) if s3 else None
     cfg = tron.agent_config(work, log, s3_url, "127.0.0.1:%d" % receiver.port if receiver else None, certs,
                             s3_endpoint=svc.s3_endpoint if s3 else None)
@@ -186,8 +190,14 @@ def run_agent_sender(svc, certs, work, log, n, receiver=None, tls=False, compres
         if not tls:
             relay["plaintext"] = True
             del relay["tls_ca"], relay["tls_server_name"]
-    destinations = len(cfg["destinations"])
-    agent = tron.Proc(os.path.basename(work), "tron-agent", cfg, work, env=servers.S3_CREDENTIALS if s3 else None)
+    return tron.Proc(os.path.basename(work), "tron-agent", cfg, work, env=servers.S3_CREDENTIALS if s3 else None)
+
+
+def run_agent_sender(svc, certs, work, log, n, receiver=None, tls=False, compression="gzip", s3=False):
+    """The agent on one file; returns (CPU-s, peak MiB, wall s) once every line is acknowledged by
+    each destination."""
+    agent = agent_sender(svc, certs, work, log, receiver, tls, compression, s3)
+    destinations = len(agent.config["destinations"])
     start = time.time()
     agent.start()
     try:
@@ -231,6 +241,75 @@ def bench_senders(svc, certs, work, n):
         finally:
             receiver.stop()
     return rows
+
+
+def write_rotating(logs, files, per_file, rate, every):
+    """Appends `per_file` lines to each of `files` files at `rate` lines/s in all, renaming every
+    `f.log` to `f.log.<k>` (a new `f.log` follows) every `every` seconds; returns lines written."""
+    handles = [open(os.path.join(logs, "f%03d.log" % i), "w") for i in range(files)]
+    total, rotations, started = 0, 0, time.time()
+    per_tick = max(1, rate // 10 // files)
+    while total < files * per_file:
+        now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+        for f in handles:
+            f.writelines(record_line(total + i, now) + "\n" for i in range(per_tick))
+            f.flush()
+            total += per_tick
+        if time.time() - started >= every * (rotations + 1):
+            rotations += 1
+            for i, f in enumerate(handles):
+                f.close()
+                path = os.path.join(logs, "f%03d.log" % i)
+                os.rename(path, "%s.%d" % (path, rotations))
+                handles[i] = open(path, "w")
+        time.sleep(max(0.0, started + total / rate - time.time()))
+    for f in handles:
+        f.close()
+    return total, rotations
+
+
+def bench_rotation(svc, certs, work, files=100, per_file=10_000, rate=20_000, every=5.0):
+    """`files` files × `per_file` lines written at `rate` lines/s in all, every file renamed away
+    every `every` s; Fluent Bit tail -> forward and tron-agent -> forward (plaintext, acks, gzip)
+    against the same receiver, each on its own copy of the workload. CPU-s is the sender's over
+    the whole run (writing included, so both idle alike)."""
+    if not os.path.exists(FLUENT_BIT):
+        print("rotation: skipped (no Fluent Bit at %s: it is the receiver and the peer)" % FLUENT_BIT)
+        return
+    receiver = ForwardReceiver(work, None)
+    try:
+        senders = ("tron-agent",) if os.environ.get("BENCH_SKIP_PEER") else ("Fluent Bit", "tron-agent")
+        for name in senders:
+            logs = mk(work, "logs-" + name.replace(" ", "-"))
+            glob_ = os.path.join(logs, "*.log")
+            before = receiver.records() or 0
+            start = time.time()
+            if name == "Fluent Bit":
+                proc = start_fluent_bit_sender(mk(work, "fb-rotation"), glob_, receiver, None)
+                pid = proc.pid
+            else:
+                proc = agent_sender(svc, certs, mk(work, "agent-rotation"), glob_, receiver).start()
+                pid = proc.proc.pid
+            try:
+                total, rotations = write_rotating(logs, files, per_file, rate, every)
+                written = time.time() - start
+                try:
+                    receiver.wait_for(before + total, timeout=120)
+                except RuntimeError as e:
+                    print("rotation: %s did not deliver everything: %s" % (name, e))
+                got = (receiver.records() or 0) - before
+                time.sleep(1.5)
+                cpu, hwm = tron.cpu_seconds(pid), tron.peak_rss_mib(pid)
+            finally:
+                proc.terminate() if name == "Fluent Bit" else proc.stop()
+                if name == "Fluent Bit":
+                    proc.wait()
+            print("rotation: %-10s %d files x %d lines at %d lines/s, %d renames each: %d of %d delivered, "
+                  "last %.1f s after the last write; %.2f CPU-s (%.2f per million lines), peak RSS %.1f MiB"
+                  % (name, files, per_file, rate, rotations, got, total, time.time() - start - written - 1.5,
+                     cpu, cpu * 1e6 / total, hwm), flush=True)
+    finally:
+        receiver.stop()
 
 
 def chunk_frames(client, n, per_chunk):
@@ -385,7 +464,7 @@ def bench_sink(svc, work, n, topic="bench-relay", fmt="csv"):
     sink.stop()
 
 
-def bench_latency(svc, certs, work, seconds=20, rate=2000):
+def bench_latency(svc, certs, work, seconds=60, rate=20_000):
     """Live lines at `rate`/s through the whole pipeline: event time → Kafka and → object."""
     svc.create_topic("bench-live", 3)
     svc.create_gcs_bucket("live")
@@ -518,7 +597,7 @@ def mk(work, name):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("which", nargs="*", default=["agent", "senders", "files", "relay", "sink", "latency"])
+    ap.add_argument("which", nargs="*", default=["agent", "senders", "rotation", "files", "relay", "sink", "latency"])
     ap.add_argument("--records", type=int, default=1_000_000)
     args = ap.parse_args()
     work = os.path.join(ROOT, ".run", "bench")
@@ -531,6 +610,8 @@ def main():
             bench_agent(svc, certs, mk(work, "agent"), args.records)
         if "senders" in args.which:
             bench_senders(svc, certs, mk(work, "senders"), args.records)
+        if "rotation" in args.which:
+            bench_rotation(svc, certs, mk(work, "rotation"))
         delivered = None
         if "relay" in args.which or "sink" in args.which:
             delivered = bench_relay(svc, certs, mk(work, "relay"), args.records)

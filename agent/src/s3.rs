@@ -7,7 +7,7 @@ use crate::parse::{Added, Record};
 use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation, SharedCredentialsProvider};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{ServerSideEncryption, StorageClass};
-use flate2::write::GzEncoder;
+use forward::gzip::GzipVec;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -133,7 +133,7 @@ pub struct SealedObject {
 }
 
 impl Destination for S3Archive {
-    type Builder = GzEncoder<Vec<u8>>;
+    type Builder = GzipVec;
     type Sealed = SealedObject;
 
     fn name(&self) -> &'static str {
@@ -149,7 +149,7 @@ impl Destination for S3Archive {
     }
 
     fn builder(&self) -> Self::Builder {
-        GzEncoder::new(Vec::new(), flate2::Compression::new(self.gzip_level))
+        GzipVec::new(self.gzip_level)
     }
 
     fn push(&self, gz: &mut Self::Builder, record: &Record, added: &Added, _position: u64) {
@@ -159,7 +159,7 @@ impl Destination for S3Archive {
     }
 
     fn seal(&self, gz: Self::Builder, meta: &BatchMeta) -> SealedObject {
-        SealedObject { key: self.key(meta), body: gz.finish().expect("writing to a Vec cannot fail").into() }
+        SealedObject { key: self.key(meta), body: gz.finish().into() }
     }
 
     async fn send(self: Arc<Self>, sealed: Arc<SealedObject>, _meta: Arc<BatchMeta>) -> Result<(), SendError> {

@@ -1,14 +1,14 @@
+use crate::gzip::GzipVec;
 use crate::msgpack::write_json_map;
 use crate::origin::{PositionWriter, POSITIONS_OPTION, SOURCE_OPTION};
 use crate::time::{EventTime, EVENT_TIME_EXT};
-use flate2::write::GzEncoder;
-use flate2::Compression;
 use std::io::Write;
 
 /// Packs entries into one CompressedPackedForward frame:
 /// `[tag, bin(gzip(entries…)), {"size": n, "chunk": id, "compressed": "gzip"}]`, or, built with
 /// [`ChunkBuilder::uncompressed`], one PackedForward frame without the `compressed` option.
-/// Entries are compressed as they are added, so a chunk costs its compressed size in memory.
+/// Entries are compressed as they are added, so a chunk costs its compressed size in memory (and
+/// a deflate state, taken from and given back to the pool in [`crate::gzip`]).
 /// Entries added with [`ChunkBuilder::push_at`] and a chunk closed with
 /// [`ChunkBuilder::finish_from`] also carry their source positions ([`crate::origin`]).
 pub struct ChunkBuilder {
@@ -19,14 +19,14 @@ pub struct ChunkBuilder {
 }
 
 enum Body {
-    Gzip(Box<GzEncoder<Vec<u8>>>),
+    Gzip(Box<GzipVec>),
     Plain(Vec<u8>),
 }
 
 impl ChunkBuilder {
     /// A CompressedPackedForward chunk, gzip at `level` (0-9).
     pub fn new(level: u32) -> Self {
-        Self::with_body(Body::Gzip(Box::new(GzEncoder::new(Vec::new(), Compression::new(level)))))
+        Self::with_body(Body::Gzip(Box::new(GzipVec::new(level))))
     }
 
     /// A PackedForward chunk: for links where bandwidth is cheaper than the CPU gzip costs.
@@ -97,7 +97,7 @@ impl ChunkBuilder {
             self.positions.push(end);
         }
         let (packed, compressed) = match self.body {
-            Body::Gzip(gz) => (gz.finish().expect("writing to a Vec cannot fail"), true),
+            Body::Gzip(gz) => (gz.finish(), true),
             Body::Plain(body) => (body, false),
         };
         let mut out = Vec::with_capacity(packed.len() + tag.len() + chunk_id.len() + 64 + self.positions.bytes.len());

@@ -9,6 +9,7 @@ mod chunk;
 mod codec;
 mod error;
 mod frame;
+pub mod gzip;
 pub mod handshake;
 pub mod json;
 pub mod msgpack;

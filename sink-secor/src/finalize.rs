@@ -85,24 +85,20 @@ impl Finalizer {
             return Ok(false);
         }
         let manifest_key = format!("{dir}_manifest.json");
-        let previous: Option<serde_json::Value> =
-            store.get(&manifest_key).await?.and_then(|b| serde_json::from_slice(&b).ok());
+        let previous: Option<Manifest> = store.get(&manifest_key).await?.and_then(|b| serde_json::from_slice(&b).ok());
         let names: Vec<&str> = objects.iter().map(|o| o.name.as_str()).collect();
-        let previous_names: Vec<String> = previous
-            .as_ref()
-            .and_then(|m| m["objects"].as_array())
-            .map(|a| a.iter().filter_map(|o| o["name"].as_str().map(str::to_owned)).collect())
-            .unwrap_or_default();
+        let previous_names: Vec<String> =
+            previous.as_ref().map(|m| m.objects.iter().map(|o| o.name.clone()).collect()).unwrap_or_default();
         if previous.is_some() && previous_names.iter().map(String::as_str).eq(names.iter().copied()) {
             return Ok(true);
         }
-        let revision = previous.as_ref().and_then(|m| m["revision"].as_u64()).unwrap_or(0) + 1;
+        let revision = previous.as_ref().map_or(0, |m| m.revision) + 1;
         let meta = |o: &crate::store::Listed, k: &str| o.metadata.get(k).cloned().unwrap_or_default();
         let mut rows = 0u64;
         let mut bytes = 0u64;
         let mut offsets: BTreeMap<String, (i64, i64)> = BTreeMap::new();
         let (mut min_t, mut max_t) = (String::new(), String::new());
-        let entries: Vec<serde_json::Value> = objects
+        let entries: Vec<ManifestObject> = objects
             .iter()
             .map(|o| {
                 let r: u64 = meta(o, meta_key::ROWS).parse().unwrap_or(0);
@@ -122,23 +118,37 @@ impl Finalizer {
                 if hi > max_t {
                     max_t = hi.clone();
                 }
-                json!({"name": o.name, "rows": r, "bytes": o.size, "partition": meta(o, meta_key::PARTITION),
-                       "first_offset": first, "last_offset": last, "min_event_time": lo, "max_event_time": hi})
+                ManifestObject {
+                    name: o.name.clone(),
+                    rows: r,
+                    bytes: o.size,
+                    partition: meta(o, meta_key::PARTITION),
+                    first_offset: first,
+                    last_offset: last,
+                    min_event_time: lo,
+                    max_event_time: hi,
+                }
             })
             .collect();
-        let manifest = json!({
-            "topic": topic,
-            "hour": chrono::DateTime::from_timestamp(hour * 3600, 0).unwrap_or_default().format("%Y-%m-%dT%H").to_string(),
-            "revision": revision,
-            "objects": entries,
-            "rows": rows,
-            "bytes": bytes,
-            "min_event_time": min_t,
-            "max_event_time": max_t,
-            "partitions": offsets.into_iter().map(|(p, (a, b))| (p, json!({"first_offset": a, "last_offset": b}))).collect::<serde_json::Map<_, _>>(),
-            "finalized_at": chrono::Utc::now().to_rfc3339(),
-            "completeness": decision,
-        });
+        let manifest = Manifest {
+            topic: topic.to_string(),
+            hour: chrono::DateTime::from_timestamp(hour * 3600, 0)
+                .unwrap_or_default()
+                .format("%Y-%m-%dT%H")
+                .to_string(),
+            revision,
+            objects: entries,
+            rows,
+            bytes,
+            min_event_time: min_t,
+            max_event_time: max_t,
+            partitions: offsets
+                .into_iter()
+                .map(|(p, (first_offset, last_offset))| (p, OffsetRange { first_offset, last_offset }))
+                .collect(),
+            finalized_at: chrono::Utc::now().to_rfc3339(),
+            completeness: decision,
+        };
         store
             .put(
                 &manifest_key,
@@ -155,11 +165,11 @@ impl Finalizer {
         if revision == 1 {
             metrics::counter!("tron_sink_hours_finalized_total", "topic" => topic.to_string()).increment(1);
             metrics::histogram!("tron_sink_hour_end_to_success_seconds").record(delay.max(0) as f64 / 1000.0);
-            tracing::info!(topic, hour = %manifest["hour"], rows, objects = names.len(), "hour complete: _SUCCESS written");
+            tracing::info!(topic, hour = %manifest.hour, rows, objects = names.len(), "hour complete: _SUCCESS written");
         } else {
             let late = names.len().saturating_sub(previous_names.len());
             metrics::counter!("tron_sink_late_objects_total", "topic" => topic.to_string()).increment(late as u64);
-            tracing::info!(topic, hour = %manifest["hour"], revision, late_objects = late, "late records: manifest revised");
+            tracing::info!(topic, hour = %manifest.hour, revision, late_objects = late, "late records: manifest revised");
         }
         Ok(true)
     }
@@ -217,6 +227,47 @@ impl Rules {
         };
         Some(json!({"rule": rule, "hosts_complete": self.fresh, "hosts_stale": self.stale}))
     }
+}
+
+/// `_manifest.json`: what an hour's directory holds, from the objects' metadata (docs/bigquery.md).
+/// Fields a manifest from an older version lacks read as empty, so its revision still counts.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+struct Manifest {
+    topic: String,
+    /// UTC, `YYYY-MM-DDTHH`.
+    hour: String,
+    /// 1 with `_SUCCESS`; each late object rewrites the manifest with the next revision.
+    revision: u64,
+    objects: Vec<ManifestObject>,
+    rows: u64,
+    bytes: u64,
+    min_event_time: String,
+    max_event_time: String,
+    /// Per partition, the offsets the hour's objects span.
+    partitions: BTreeMap<String, OffsetRange>,
+    finalized_at: String,
+    /// Which rule declared the hour complete, and its evidence.
+    completeness: serde_json::Value,
+}
+
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+struct ManifestObject {
+    name: String,
+    rows: u64,
+    bytes: u64,
+    partition: String,
+    first_offset: i64,
+    last_offset: i64,
+    min_event_time: String,
+    max_event_time: String,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct OffsetRange {
+    first_offset: i64,
+    last_offset: i64,
 }
 
 #[cfg(test)]
