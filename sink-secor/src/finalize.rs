@@ -329,4 +329,50 @@ mod tests {
             "watermarks+event_time"
         );
     }
+
+    /// An object of the hour as the sink uploads it: its rows and ranges in metadata.
+    async fn upload(store: &Store, dir: &str, name: &str, partition: &str, offsets: (i64, i64), rows: u64) {
+        let metadata = HashMap::from([
+            (meta_key::ROWS.to_string(), rows.to_string()),
+            (meta_key::PARTITION.to_string(), partition.to_string()),
+            (meta_key::FIRST_OFFSET.to_string(), offsets.0.to_string()),
+            (meta_key::LAST_OFFSET.to_string(), offsets.1.to_string()),
+            (meta_key::MIN_TIME.to_string(), "2026-05-18T03:00:00Z".to_string()),
+            (meta_key::MAX_TIME.to_string(), format!("2026-05-18T03:{:02}:00Z", offsets.1 % 60)),
+        ]);
+        store.put(&format!("{dir}{name}"), b"row\n".to_vec(), "text/csv", metadata).await.unwrap();
+    }
+
+    async fn manifest(store: &Store, dir: &str) -> Manifest {
+        serde_json::from_slice(&store.get(&format!("{dir}_manifest.json")).await.unwrap().expect("a manifest")).unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_manifest_is_built_from_the_objects_metadata_and_a_late_object_revises_it() {
+        let root = tempfile::tempdir().unwrap();
+        let store = Store::Dir(root.path().to_path_buf());
+        let layout = Layout::new("", crate::layout::DEFAULT_TEMPLATE, &Default::default());
+        let hour = 494_187; // 2026-05-18T03
+        let dir = layout.hour_dir("logs", hour);
+        upload(&store, &dir, "a.csv.gz", "0", (0, 9), 10).await;
+        upload(&store, &dir, "b.csv.gz", "1", (100, 119), 20).await;
+        let finalizer = Finalizer::default();
+        let decision = json!({"rule": "watermarks"});
+        assert!(finalizer.finalize_hour(&store, &layout, "logs", hour, 2, decision.clone()).await.unwrap());
+        let first = manifest(&store, &dir).await;
+        assert_eq!((first.revision, first.rows, first.objects.len()), (1, 30, 2));
+        assert_eq!(first.hour, "2026-05-18T03");
+        assert_eq!((first.partitions["1"].first_offset, first.partitions["1"].last_offset), (100, 119));
+        assert_eq!(first.completeness, decision);
+        assert!(store.get(&format!("{dir}_SUCCESS")).await.unwrap().is_some());
+        // Unchanged listing: nothing rewritten.
+        assert!(finalizer.finalize_hour(&store, &layout, "logs", hour, 2, decision.clone()).await.unwrap());
+        assert_eq!(manifest(&store, &dir).await.revision, 1);
+        // A late object: revision 2 with its rows and its partition's wider range.
+        upload(&store, &dir, "c.csv.gz", "0", (10, 14), 5).await;
+        assert!(finalizer.finalize_hour(&store, &layout, "logs", hour, 3, decision).await.unwrap());
+        let revised = manifest(&store, &dir).await;
+        assert_eq!((revised.revision, revised.rows, revised.objects.len()), (2, 35, 3));
+        assert_eq!((revised.partitions["0"].first_offset, revised.partitions["0"].last_offset), (0, 14));
+    }
 }
