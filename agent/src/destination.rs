@@ -2,7 +2,7 @@
 //! the retry loop that sends a sealed batch until it is delivered.
 
 use crate::config::BatchConfig;
-use crate::parse::{Added, Record};
+use crate::parse::{Added, Form, Record};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -93,6 +93,8 @@ pub trait Destination: Send + Sync + 'static {
     fn batch_config(&self) -> &BatchConfig;
     /// Whether a batch must hold records of a single event hour.
     fn split_by_hour(&self) -> bool;
+    /// The form this destination writes records in: lines are parsed straight into it.
+    fn record_form(&self) -> Form;
     fn builder(&self) -> Self::Builder;
     /// Memory an open batch holds before its first record. Both destinations compress records as
     /// they arrive; with thousands of files that state, not the records, would fill memory, so

@@ -135,6 +135,9 @@ pub enum Fields {
     /// A JSON object line that names none of the added fields, and its number of pairs; the
     /// added fields follow its own.
     Json(Vec<u8>, u32),
+    /// The same, already transcoded in the pass that checked it: the MessagePack of its pairs
+    /// (no map header) and their number.
+    Packed(Vec<u8>, u32),
     /// A line kept as text under "message" (raw parser, or a line that is not a JSON object).
     Message(String),
     /// A JSON object that names an added field, with the added values already in it: they win,
@@ -159,6 +162,10 @@ impl Record {
             Fields::Map(map) => return forward::msgpack::write_json_map(out, map),
             Fields::Json(text, pairs) => forward::msgpack::write_json_object_text_of_len(out, text, *pairs, extra)
                 .expect("the line was checked to be one JSON object"),
+            Fields::Packed(pairs_bytes, pairs) => {
+                rmp::encode::write_map_len(out, pairs + extra).expect("vec");
+                out.extend_from_slice(pairs_bytes);
+            }
             Fields::Message(text) => {
                 rmp::encode::write_map_len(out, 1 + extra).expect("vec");
                 rmp::encode::write_str(out, "message").expect("vec");
@@ -174,9 +181,8 @@ impl Record {
     /// The record as one JSON object, `_time` (RFC 3339, ns) first, then the line's fields in
     /// their order and as written, then the added ones; with the newline: the archive's form.
     pub fn write_json_line(&self, added: &Added, out: &mut Vec<u8>) {
-        let time = chrono::DateTime::from_timestamp_nanos(self.time.unix_nanos());
         out.extend_from_slice(b"{\"_time\":\"");
-        out.extend_from_slice(time.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true).as_bytes());
+        write_rfc3339_nanos(out, self.time.unix_nanos());
         out.push(b'"');
         let id = self.id.as_deref().unwrap_or_default();
         match &self.fields {
@@ -189,6 +195,7 @@ impl Record {
                 out.extend_from_slice(b"}\n");
                 return;
             }
+            Fields::Packed(..) => unreachable!("records for the archive are read as JSON text"),
             Fields::Json(text, _) => {
                 let inner = object_inner(text);
                 if !inner.is_empty() {
@@ -211,10 +218,49 @@ impl Record {
     }
 }
 
+/// `2026-11-22T03:04:05.123456789Z`, as chrono's `to_rfc3339_opts(Nanos, true)` writes it for
+/// years 0–9999, without building a string per record (the archive writes one per line).
+fn write_rfc3339_nanos(out: &mut Vec<u8>, unix_nanos: i64) {
+    use chrono::{Datelike, Timelike};
+    let t = chrono::DateTime::from_timestamp_nanos(unix_nanos);
+    if !(0..=9999).contains(&t.year()) {
+        out.extend_from_slice(t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true).as_bytes());
+        return;
+    }
+    push_digits(out, t.year() as u32, 4);
+    for (separator, n) in [(b'-', t.month()), (b'-', t.day()), (b'T', t.hour()), (b':', t.minute()), (b':', t.second())]
+    {
+        out.push(separator);
+        push_digits(out, n, 2);
+    }
+    out.push(b'.');
+    push_digits(out, t.nanosecond(), 9); // a timestamp is never a leap second
+    out.push(b'Z');
+}
+
+/// The last `width` (at most 9) decimal digits of `n`, zero-padded.
+fn push_digits(out: &mut Vec<u8>, mut n: u32, width: usize) {
+    let mut buf = [b'0'; 9];
+    for d in buf[..width].iter_mut().rev() {
+        *d = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    out.extend_from_slice(&buf[..width]);
+}
+
 /// What is between the braces of a checked JSON object, without the surrounding white space.
 fn object_inner(text: &[u8]) -> &[u8] {
     let trimmed = text.trim_ascii();
     trimmed[1..trimmed.len() - 1].trim_ascii()
+}
+
+/// The form a destination writes records in, so a JSON line is read once into it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Form {
+    /// MessagePack (Forward): a JSON line is transcoded in the pass that checks it.
+    MessagePack,
+    /// JSON text (the archive): a JSON line is checked and kept as written.
+    JsonText,
 }
 
 pub fn parse_line(
@@ -224,31 +270,46 @@ pub fn parse_line(
     added: &Added,
     origin: &Origin,
     now_ns: i64,
+    form: Form,
 ) -> Record {
     let mut time = None;
-    let fields = match src.parser {
-        // Checked as a whole first: skipping a value does not check its UTF-8.
-        Parser::Json => match std::str::from_utf8(line).map(|text| scan_object(text, src.time_field.as_deref(), added))
-        {
-            Ok(Ok(scan)) if !scan.names_added => {
-                time = scan.time;
-                Fields::Json(line.to_vec(), scan.pairs)
-            }
-            Ok(Ok(scan)) => {
-                // Rare: the line names a field the agent adds. Built as a map so the added
-                // value replaces the line's, as before.
-                time = scan.time;
-                match serde_json::from_slice::<Value>(line) {
-                    Ok(Value::Object(map)) => Fields::Map(map),
-                    _ => unreachable!("scanned as one JSON object"),
+    let fields = match (src.parser, form) {
+        (Parser::Json, Form::MessagePack) => {
+            let mut packed = Vec::with_capacity(line.len());
+            let reserved = |key: &str| added.names().any(|n| n == key);
+            match forward::msgpack::write_json_object_pairs(&mut packed, line, src.time_field.as_deref(), reserved) {
+                Ok(seen) if !seen.names_reserved => {
+                    time = seen.watched;
+                    Fields::Packed(packed, seen.pairs)
+                }
+                Ok(seen) => {
+                    time = seen.watched;
+                    with_added_values(line)
+                }
+                Err(_) => {
+                    metrics::counter!("tron_agent_json_parse_errors_total", "source" => src.name.clone()).increment(1);
+                    Fields::Message(text_of(line))
                 }
             }
-            Ok(Err(_)) | Err(_) => {
-                metrics::counter!("tron_agent_json_parse_errors_total", "source" => src.name.clone()).increment(1);
-                Fields::Message(text_of(line))
+        }
+        // Checked as a whole first: skipping a value does not check its UTF-8.
+        (Parser::Json, Form::JsonText) => {
+            match std::str::from_utf8(line).map(|text| scan_object(text, src.time_field.as_deref(), added)) {
+                Ok(Ok(scan)) if !scan.names_added => {
+                    time = scan.time;
+                    Fields::Json(line.to_vec(), scan.pairs)
+                }
+                Ok(Ok(scan)) => {
+                    time = scan.time;
+                    with_added_values(line)
+                }
+                Ok(Err(_)) | Err(_) => {
+                    metrics::counter!("tron_agent_json_parse_errors_total", "source" => src.name.clone()).increment(1);
+                    Fields::Message(text_of(line))
+                }
             }
-        },
-        Parser::Raw => Fields::Message(text_of(line)),
+        }
+        (Parser::Raw, _) => Fields::Message(text_of(line)),
     };
     let time_ns = time
         .and_then(|v| {
@@ -270,6 +331,15 @@ pub fn parse_line(
         other => other,
     };
     Record { time: EventTime::from_unix_nanos(time_ns), fields, id }
+}
+
+/// Rare: the line names a field the agent adds. Built as a map so the added value replaces the
+/// line's, as it always has.
+fn with_added_values(line: &[u8]) -> Fields {
+    match serde_json::from_slice::<Value>(line) {
+        Ok(Value::Object(map)) => Fields::Map(map),
+        _ => unreachable!("checked to be one JSON object"),
+    }
 }
 
 /// One pass over a JSON line: is it one object, what is its time field (the last one, if named
@@ -320,7 +390,9 @@ pub fn record_id(host: &str, fingerprint: u64, offset: u64) -> String {
     key.push(0);
     key.extend_from_slice(&fingerprint.to_be_bytes());
     key.extend_from_slice(&offset.to_be_bytes());
-    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&key))
+    let mut text = [0u8; 32];
+    hex::encode_to_slice(xxhash_rust::xxh3::xxh3_128(&key).to_be_bytes(), &mut text).expect("32 hex digits fit");
+    String::from_utf8(text.to_vec()).expect("hex digits are ASCII")
 }
 
 /// Lines are text; bytes that are not UTF-8 are kept as `\xNN` escapes (and counted) rather
@@ -371,14 +443,21 @@ mod tests {
     ) -> (Record, Value, Value) {
         let origin = origin();
         let added = Added::new(fields, &origin);
-        let record = parse_line(line, offset, src, &added, &origin, now_ns);
+        let record = parse_line(line, offset, src, &added, &origin, now_ns, Form::JsonText);
         let mut json = Vec::new();
         record.write_json_line(&added, &mut json);
         assert_eq!(json.pop(), Some(b'\n'));
         let archived: Value =
             serde_json::from_slice(&json).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&json)));
+        // Forward reads the line straight into MessagePack; the text form transcodes on writing:
+        // both give the same record, at the same time.
         let mut packed = Vec::new();
         record.write_msgpack(&added, &mut packed);
+        let transcoded = parse_line(line, offset, src, &added, &origin, now_ns, Form::MessagePack);
+        assert_eq!(transcoded.time, record.time);
+        let mut packed_once = Vec::new();
+        transcoded.write_msgpack(&added, &mut packed_once);
+        assert_eq!(packed_once, packed, "{}", String::from_utf8_lossy(line));
         let forwarded = forward::json::to_json(&rmpv::decode::read_value(&mut &packed[..]).unwrap());
         (record, archived, forwarded)
     }
@@ -407,8 +486,15 @@ mod tests {
         let origin = origin();
         let fields = FieldsConfig::default();
         let added = Added::new(&fields, &origin);
-        let r =
-            parse_line(br#" {"b":1.50, "a":"\u00e9"} "#, 0, &src(Parser::Json, None, "rfc3339"), &added, &origin, 0);
+        let r = parse_line(
+            br#" {"b":1.50, "a":"\u00e9"} "#,
+            0,
+            &src(Parser::Json, None, "rfc3339"),
+            &added,
+            &origin,
+            0,
+            Form::JsonText,
+        );
         let mut out = Vec::new();
         r.write_json_line(&added, &mut out);
         let expected = format!(
@@ -480,6 +566,27 @@ mod tests {
         assert_eq!(forwarded.as_object().unwrap().keys().collect::<Vec<_>>(), ["message", "path"]);
         assert_eq!(archived.as_object().unwrap().keys().collect::<Vec<_>>(), ["_time", "message", "path"]);
         assert_eq!(r.id, None);
+    }
+
+    #[test]
+    fn archive_times_are_written_as_chrono_writes_them() {
+        for ns in [
+            0,
+            1,
+            999_999_999,
+            1_795_316_645_123_456_789,
+            -1,
+            -86_400_000_000_001,
+            253_402_300_799_999_999,
+            i64::MAX,
+            i64::MIN,
+        ] {
+            let mut out = Vec::new();
+            write_rfc3339_nanos(&mut out, ns);
+            let expected =
+                chrono::DateTime::from_timestamp_nanos(ns).to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+            assert_eq!(String::from_utf8(out).unwrap(), expected, "{ns}");
+        }
     }
 
     #[test]

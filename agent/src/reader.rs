@@ -26,7 +26,9 @@ pub fn read_lines(
     mut on_line: impl FnMut(u64, &[u8], u64),
 ) -> std::io::Result<ReadOutcome> {
     let mut splits = 0;
-    let mut want = budget.clamp(64 * 1024, 4 << 20);
+    // At most 1 MiB a call: the lines read become records held until they are encoded, so the
+    // window, not the batch size (32 MiB for the archive), bounds that memory; the caller loops.
+    let mut want = budget.clamp(64 * 1024, 1 << 20);
     loop {
         buf.resize(want, 0);
         let filled = read_full(file, offset, buf)?;
@@ -35,7 +37,7 @@ pub fn read_lines(
         let mut pos = 0usize;
         while pos < data.len() && pos < budget {
             let rest = &data[pos..];
-            match rest.iter().position(|&b| b == b'\n') {
+            match memchr::memchr(b'\n', rest) {
                 Some(nl) if nl <= max_line => {
                     let line = rest[..nl].strip_suffix(b"\r").unwrap_or(&rest[..nl]);
                     on_line(offset + pos as u64, line, offset + (pos + nl + 1) as u64);

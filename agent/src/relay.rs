@@ -6,7 +6,7 @@
 
 use crate::config::{BatchConfig, LinkCompression, RelayConfig};
 use crate::destination::{BatchMeta, Destination, SendError};
-use crate::parse::{Added, Record};
+use crate::parse::{Added, Form, Record};
 use forward::handshake::Ping;
 use forward::{ChunkBuilder, ClientCodec, ServerMessage};
 use futures::{SinkExt, StreamExt};
@@ -123,6 +123,10 @@ impl Destination for RelayForwarder {
 
     fn split_by_hour(&self) -> bool {
         false
+    }
+
+    fn record_form(&self) -> Form {
+        Form::MessagePack
     }
 
     fn builder(&self) -> ChunkBuilder {

@@ -3,7 +3,7 @@
 
 use crate::config::{BatchConfig, Checksums, S3Config, Sse};
 use crate::destination::{BatchMeta, Destination, SendError};
-use crate::parse::{Added, Record};
+use crate::parse::{Added, Form, Record};
 use aws_sdk_s3::config::{RequestChecksumCalculation, ResponseChecksumValidation, SharedCredentialsProvider};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{ServerSideEncryption, StorageClass};
@@ -148,14 +148,26 @@ impl Destination for S3Archive {
         true
     }
 
+    fn record_form(&self) -> Form {
+        Form::JsonText
+    }
+
     fn builder(&self) -> Self::Builder {
         GzipVec::new(self.gzip_level)
     }
 
     fn push(&self, gz: &mut Self::Builder, record: &Record, added: &Added, _position: u64) {
-        let mut line = Vec::with_capacity(512);
-        record.write_json_line(added, &mut line);
-        gz.write_all(&line).expect("writing to a Vec cannot fail");
+        // One scratch line per thread: the encoder takes a line in one write, and the line's
+        // buffer is not allocated for every record.
+        thread_local!(static LINE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) });
+        LINE.with_borrow_mut(|line| {
+            line.clear();
+            record.write_json_line(added, line);
+            gz.write_all(line).expect("writing to a Vec cannot fail");
+            if line.capacity() > 64 << 10 {
+                *line = Vec::new(); // one huge line does not stay allocated
+            }
+        });
     }
 
     fn seal(&self, gz: Self::Builder, meta: &BatchMeta) -> SealedObject {

@@ -12,7 +12,7 @@ use crate::cursor::{Cursor, OpenBatch};
 use crate::destination::{send_until_delivered, BatchMeta, Destination};
 use crate::discover::Registry;
 use crate::multiline::{self, Decision, Span};
-use crate::parse::{parse_line, Added, Origin, Record};
+use crate::parse::{parse_line, Added, Form, Origin, Record};
 use crate::reader::read_lines;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -260,6 +260,7 @@ impl<D: Destination> Shipper<D> {
         let origin = Origin { host: &host, path: &path, fingerprint: fp };
         let added = Added::new(&fields, &origin);
         let now_ns = tron_service::clock::now_ns();
+        let form = self.dest.record_form();
         // (record, end offset, line length); None for an empty line, which only moves the offset.
         let mut lines: Vec<(Option<Record>, u64, usize)> = Vec::new();
         let mut raw: Vec<Span> = Vec::new();
@@ -284,7 +285,7 @@ impl<D: Destination> Shipper<D> {
                 if src.multiline.is_some() {
                     raw.push(Span { offset, text: line.to_vec(), end });
                 } else if !line.is_empty() {
-                    lines.push((Some(parse_line(line, offset, &src, &added, &origin, now_ns)), end, line.len()));
+                    lines.push((Some(parse_line(line, offset, &src, &added, &origin, now_ns, form)), end, line.len()));
                 } else {
                     lines.push((None, end, 0));
                 }
@@ -322,7 +323,7 @@ impl<D: Destination> Shipper<D> {
                 }
             }
             for r in records {
-                let record = parse_line(&r.text, r.offset, &src, &added, &origin, now_ns);
+                let record = parse_line(&r.text, r.offset, &src, &added, &origin, now_ns, form);
                 lines.push((Some(record), r.end, r.text.len()));
             }
             if consumed_end == read_from {
@@ -424,7 +425,7 @@ impl<D: Destination> Shipper<D> {
         let origin = Origin { host: &self.host, path: &path, fingerprint: fp };
         let now_ns = tron_service::clock::now_ns();
         let added = Added::new(&self.fields, &origin);
-        let record = parse_line(&head[..end], c.read, &c.file.source, &added, &origin, now_ns);
+        let record = parse_line(&head[..end], c.read, &c.file.source, &added, &origin, now_ns, Form::JsonText);
         Some(Some(record.time.unix_nanos()))
     }
 
@@ -480,6 +481,9 @@ mod tests {
             1000
         }
         fn push(&self, _: &mut (), _: &Record, _: &Added, _: u64) {}
+        fn record_form(&self) -> Form {
+            Form::JsonText
+        }
         fn seal(&self, _: (), _: &BatchMeta) {}
         async fn send(self: Arc<Self>, _: Arc<()>, meta: Arc<BatchMeta>) -> Result<(), SendError> {
             let first_attempt_of_odd = {

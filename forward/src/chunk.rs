@@ -96,14 +96,28 @@ impl ChunkBuilder {
             );
             self.positions.push(end);
         }
-        let (packed, compressed) = match self.body {
-            Body::Gzip(gz) => (gz.finish(), true),
-            Body::Plain(body) => (body, false),
+        let options_bytes = chunk_id.len() + 64 + self.positions.bytes.len() + origin.map_or(0, |(s, _)| s.len());
+        let (mut out, compressed) = match self.body {
+            Body::Gzip(gz) => {
+                let packed = gz.finish();
+                let mut out = Vec::with_capacity(packed.len() + tag.len() + 16 + options_bytes);
+                out.push(0x93);
+                rmp::encode::write_str(&mut out, tag).expect("vec");
+                rmp::encode::write_bin(&mut out, &packed).expect("vec");
+                (out, true)
+            }
+            Body::Plain(mut body) => {
+                // The frame is built around the entries where they are: shifting them along
+                // their own pages costs far less than copying a megabyte into fresh ones.
+                let mut head = Vec::with_capacity(tag.len() + 16);
+                head.push(0x93);
+                rmp::encode::write_str(&mut head, tag).expect("vec");
+                rmp::encode::write_bin_len(&mut head, body.len() as u32).expect("vec");
+                body.reserve_exact(head.len() + options_bytes);
+                body.splice(0..0, head);
+                (body, false)
+            }
         };
-        let mut out = Vec::with_capacity(packed.len() + tag.len() + chunk_id.len() + 64 + self.positions.bytes.len());
-        out.push(0x93);
-        rmp::encode::write_str(&mut out, tag).expect("vec");
-        rmp::encode::write_bin(&mut out, &packed).expect("vec");
         let options = 2 + u32::from(origin.is_some()) * 2 + u32::from(compressed);
         rmp::encode::write_map_len(&mut out, options).expect("vec");
         if let Some((source, _)) = origin {

@@ -62,6 +62,90 @@ pub fn write_json_object_text_of_len(
     de.end()
 }
 
+/// What [`write_json_object_pairs`] learned about the object on its way through.
+#[derive(Debug)]
+pub struct ObjectPairs {
+    /// Pairs written (a repeated key counts each time, as MessagePack keeps both).
+    pub pairs: u32,
+    /// The value of the watched key (the last one, if it is repeated).
+    pub watched: Option<Value>,
+    /// Whether any key is one the caller reserves.
+    pub names_reserved: bool,
+}
+
+/// One pass over a JSON object's text: its pairs are written as MessagePack (keys in their
+/// order, values as [`write_json`] writes them) with no map header, so the caller writes the
+/// header for these pairs plus its own; the watched key's value is kept and reserved keys are
+/// noticed on the way. Strings are checked to be UTF-8 as they are read, so a line that passes
+/// needs no other check. On error (the text is not one JSON object) `out` may hold partial pairs.
+pub fn write_json_object_pairs(
+    out: &mut Vec<u8>,
+    json: &[u8],
+    watch: Option<&str>,
+    reserved: impl Fn(&str) -> bool,
+) -> Result<ObjectPairs, serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_slice(json);
+    let pairs = serde::Deserializer::deserialize_map(&mut de, Pairs { out, watch, reserved })?;
+    de.end()?;
+    Ok(pairs)
+}
+
+/// The outermost object of [`write_json_object_pairs`].
+struct Pairs<'o, F> {
+    out: &'o mut Vec<u8>,
+    watch: Option<&'o str>,
+    reserved: F,
+}
+
+impl<'de, F: Fn(&str) -> bool> Visitor<'de> for Pairs<'_, F> {
+    type Value = ObjectPairs;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ObjectPairs, A::Error> {
+        let mut seen = ObjectPairs { pairs: 0, watched: None, names_reserved: false };
+        while let Some(key) = map.next_key_seed(Key(&mut *self.out))? {
+            seen.pairs += 1;
+            seen.names_reserved |= (self.reserved)(&key);
+            if Some(&*key) == self.watch {
+                let value: Value = map.next_value()?;
+                write_json(self.out, &value);
+                seen.watched = Some(value);
+            } else {
+                map.next_value_seed(Transcode::inner(&mut *self.out))?;
+            }
+        }
+        Ok(seen)
+    }
+}
+
+/// A key: written out, and handed back (borrowed from the text unless it has escapes).
+struct Key<'o>(&'o mut Vec<u8>);
+
+impl<'de> DeserializeSeed<'de> for Key<'_> {
+    type Value = std::borrow::Cow<'de, str>;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Key<'_> {
+    type Value = std::borrow::Cow<'de, str>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a string")
+    }
+    fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Self::Value, E> {
+        rmp::encode::write_str(self.0, s).expect("vec");
+        Ok(std::borrow::Cow::Borrowed(s))
+    }
+    fn visit_str<E>(self, s: &str) -> Result<Self::Value, E> {
+        rmp::encode::write_str(self.0, s).expect("vec");
+        Ok(std::borrow::Cow::Owned(s.to_owned()))
+    }
+}
+
 /// Writes each value it is handed; `extra` is added to the count of the outermost map only.
 struct Transcode<'a> {
     out: &'a mut Vec<u8>,
@@ -231,6 +315,25 @@ mod tests {
         write_json_object_text_of_len(&mut counted, json, 3, 1).unwrap();
         assert_eq!(patched, counted);
         assert!(write_json_object_text_of_len(&mut Vec::new(), json, 2, 0).is_err());
+    }
+
+    #[test]
+    fn pairs_in_one_pass_match_the_tree_and_report_what_they_saw() {
+        let json = br#" {"a":1,"t\u0069me":"x","b":{"c":[true,null,{"d":-1.5}]},"host":"h","time":"y"} "#;
+        let mut out = Vec::new();
+        rmp::encode::write_map_len(&mut out, 5).unwrap();
+        let seen = write_json_object_pairs(&mut out, json, Some("time"), |k| k == "host").unwrap();
+        assert_eq!(seen.pairs, 5);
+        assert_eq!(seen.watched, Some(Value::from("y")));
+        assert!(seen.names_reserved);
+        let mut tree = Vec::new();
+        write_json_object_text(&mut tree, json, 0).unwrap();
+        assert_eq!(out, tree);
+        let seen = write_json_object_pairs(&mut Vec::new(), br#"{"a":1}"#, None, |_| false).unwrap();
+        assert_eq!((seen.pairs, seen.watched, seen.names_reserved), (1, None, false));
+        for bad in [&b"[1]"[..], b"\"s\"", b"{\"a\":1} x", b"{\"a\":", b"{\"a\":\"\xff\"}", b"{\"\xff\":1}"] {
+            assert!(write_json_object_pairs(&mut Vec::new(), bad, None, |_| false).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
