@@ -213,6 +213,30 @@ struct Loop<'a> {
     /// removed by retention) is accepted the second time.
     rewound: HashMap<Tp, u64>,
     store_health: StoreHealth,
+    partition_counts: PartitionCounts,
+}
+
+/// Each topic's number of partitions, for the finalizer: asked of the broker once a minute, not on
+/// every pass (a metadata request waits behind the consumer's fetch, see `heartbeat`).
+#[derive(Default)]
+struct PartitionCounts(HashMap<String, (Instant, i32)>);
+
+impl PartitionCounts {
+    const MAX_AGE: Duration = Duration::from_secs(60);
+
+    fn get(&mut self, consumer: &GroupConsumer, topic: &str) -> Option<i32> {
+        if let Some((at, count)) = self.0.get(topic) {
+            if at.elapsed() < Self::MAX_AGE {
+                return Some(*count);
+            }
+        }
+        let count = tokio::task::block_in_place(|| consumer.fetch_metadata(Some(topic), Duration::from_secs(10)))
+            .ok()
+            .and_then(|m| m.topics().first().map(|t| t.partitions().len() as i32))
+            .filter(|c| *c > 0)?;
+        self.0.insert(topic.to_string(), (Instant::now(), count));
+        Some(count)
+    }
 }
 
 pub async fn run(
@@ -258,6 +282,7 @@ pub async fn run(
             last_logged: None,
             unhealthy_after: cfg.output.unhealthy_after,
         },
+        partition_counts: PartitionCounts::default(),
     };
     let mut finalizer = Finalizer::default();
     let mut last_finalize = Instant::now();
@@ -668,8 +693,15 @@ impl Loop<'_> {
         }
         let position = if p.position_trusted() { self.position(tp) } else { None };
         let read_to = position.unwrap_or(0).max(p.next_offset());
-        let end = tokio::task::block_in_place(|| self.consumer.fetch_watermarks(&tp.0, tp.1, Duration::from_secs(5)));
-        let at_end = matches!(end, Ok((_, high)) if read_to >= high);
+        // The broker is asked only when the answer can matter: each request waits behind the
+        // consumer's fetch on the same connection (up to fetch.wait.max.ms, 500 ms), and this loop
+        // reads no message meanwhile; asked on every heartbeat of every partition, that slowed a
+        // replay to a message a second.
+        let at_end = p.quiet(&self.cfg.roll) && {
+            let end =
+                tokio::task::block_in_place(|| self.consumer.fetch_watermarks(&tp.0, tp.1, Duration::from_secs(5)));
+            matches!(end, Ok((_, high)) if read_to >= high)
+        };
         let Some(p) = self.partitions.get_mut(tp) else { return };
         if let Err(e) = p.heartbeat(&self.out, &self.cfg.roll, at_end).await {
             if e.downcast_ref::<Fenced>().is_some() {
@@ -793,10 +825,7 @@ async fn finalize(l: &mut Loop<'_>, finalizer: &mut Finalizer) {
         if consumer.context().epoch_of(&(topic.clone(), 0)).is_none() {
             continue;
         }
-        let count = tokio::task::block_in_place(|| consumer.fetch_metadata(Some(topic), Duration::from_secs(10)))
-            .ok()
-            .and_then(|m| m.topics().first().map(|t| t.partitions().len() as i32));
-        let Some(count) = count.filter(|c| *c > 0) else {
+        let Some(count) = l.partition_counts.get(consumer, topic) else {
             continue;
         };
         let started = Instant::now();

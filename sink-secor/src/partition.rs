@@ -527,11 +527,14 @@ impl Partition {
     /// and no message came for `idle_after` (so nothing fetched is still on its way to us). The
     /// caller throttles it with [`Partition::heartbeat_due`].
     pub async fn heartbeat(&mut self, out: &Output<'_>, roll: &RollConfig, at_end: bool) -> anyhow::Result<()> {
-        let caught_up = at_end
-            && self.staged.is_empty()
-            && self.forced_cut.is_none()
-            && self.last_message_at.elapsed() >= roll.idle_after;
+        let caught_up = at_end && self.quiet(roll);
         self.write_progress(out, caught_up).await
+    }
+
+    /// Nothing staged, no replay ahead and nothing read for `roll.idle_after`: only then can the
+    /// partition be caught up, so only then is its end worth asking the broker for.
+    pub fn quiet(&self, roll: &RollConfig) -> bool {
+        self.staged.is_empty() && self.forced_cut.is_none() && self.last_message_at.elapsed() >= roll.idle_after
     }
 
     async fn write_progress(&mut self, out: &Output<'_>, caught_up: bool) -> anyhow::Result<()> {
