@@ -3,10 +3,11 @@ the sink consumes through a real TLS server (stunnel, OpenSSL) in front of Tansu
 both refuse to call Kafka healthy when the TLS handshake fails. Also: --check-config builds the
 librdkafka configuration and names the key librdkafka refuses.
 
-What is not covered against a real broker: SASL. Tansu 0.6's SCRAM users (`tansu user create`)
-were not found by its own `--authentication` listener in any way tried here (docs/kafka-security.md);
-SASL is compiled in and checked by unit tests (librdkafka accepts sasl_ssl + SCRAM/PLAIN
-configurations)."""
+SASL against a real broker, as far as Tansu 0.6 goes: its `--authentication` listener speaks
+SaslHandshake and SCRAM, but no user can be given to it here (docs/kafka-security.md lists what was
+tried), so what runs is the refusal: relay and sink negotiate SCRAM-SHA-256 with Tansu, are told
+`unknown-user`, and say so on /health. A successful SASL login is covered only by unit tests
+(librdkafka accepts sasl_ssl + SCRAM/PLAIN configurations)."""
 import json
 import os
 import subprocess
@@ -84,6 +85,48 @@ def test_kafka_that_refuses_our_tls_client_turns_health_503(services, tls_kafka,
         return status == 503 and "kafka" in json.dumps(body)
 
     tron.wait_until("relay /health 503 naming kafka", unhealthy, timeout=90, on_timeout=lambda: relay.tail())
+
+
+def test_sasl_scram_is_negotiated_with_a_real_broker_and_a_refused_login_turns_health_503(
+        services, certs, workroot, procs):
+    work = os.path.join(workroot, "kafka-sasl")
+    os.makedirs(work)
+    port = servers.free_port()
+    url = "tcp://127.0.0.1:%d" % port
+    broker = servers.Server("tansu-sasl", [servers.TANSU, "broker", "--listener-url", url, "--advertised-listener-url",
+                                           url, "--storage-engine", "memory://tansu/", "--authentication"],
+                            work, {"RUST_LOG": "warn"}).start()
+    try:
+        servers.wait_for("Tansu with --authentication", lambda: servers.tcp_open(port), proc=broker.proc,
+                         log=broker.log)
+        password = os.path.join(work, "kafka-password")
+        with open(password, "w") as f:
+            f.write("s3cret\n")
+        props = {"security.protocol": "sasl_plaintext", "sasl.mechanism": "SCRAM-SHA-256",
+                 "sasl.username": "tron", "sasl.password_file": password}
+        brokers = "127.0.0.1:%d" % port
+        kafka = dict(tron.relay_config(work, certs, brokers)["kafka"], default_topic="secure", properties=props)
+        relay = tron.Proc("relay", "tron-relay", tron.relay_config(work, certs, brokers, plaintext=True, kafka=kafka),
+                          work)
+        sink_cfg = tron.sink_config(work, brokers, "gs://secure-out/sasl", gcs_endpoint=services.gcs_endpoint,
+                                    topic="secure", group="sasl")
+        sink_cfg["kafka"]["properties"] = props
+        sink = tron.Proc("sink", "tron-sink-secor", sink_cfg, work)
+        procs.extend([relay, sink])
+        relay.start(), sink.start()
+
+        for proc in (relay, sink):
+            def refused():
+                status, body = proc.health()
+                return status == 503 and "kafka" in json.dumps(body)
+
+            tron.wait_until("%s /health 503 naming kafka" % proc.name, refused, timeout=90,
+                            on_timeout=lambda: proc.tail() + open(broker.log).read()[-2000:])
+            # The refusal came from the broker's SCRAM step, not from a connection that failed.
+            tron.wait_until("%s logs the broker's SCRAM refusal" % proc.name, lambda: "unknown-user" in proc.tail(20000),
+                            timeout=30, on_timeout=lambda: proc.tail())
+    finally:
+        broker.stop()
 
 
 def check_config(binary, cfg, work):
