@@ -140,10 +140,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if let Some(frame) = self.codec.decode(&mut self.buf)? {
                 return Ok(Some(self.hand_over(frame)));
             }
-            // Read what the codec says the frame needs, at least a chunk, and a quarter of what is
-            // held (the codec rescans a frame from its start, so growth must be geometric). A
-            // read may go past the frame's end by that much; `hand_over` keeps it charged.
-            let want = self.codec.need().saturating_sub(self.buf.len()).max(READ_CHUNK).max(self.buf.len() / 4);
+            // Read what the codec says the frame needs, and a quarter of what is held (the codec
+            // rescans a frame from its start, so growth must be geometric); at least what fills
+            // the allowance (no charge), or a chunk once past it. A read may go past the frame's
+            // end by that much; `hand_over` keeps it charged.
+            let held = self.buf.len();
+            let at_least = if held < ALLOWANCE { ALLOWANCE - held } else { READ_CHUNK };
+            let want = self.codec.need().saturating_sub(held).max(at_least).max(held / 4);
             if self.buf.capacity() - self.buf.len() < want {
                 self.grow(self.buf.len() + want).await?;
             }
@@ -171,7 +174,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// Makes the buffer hold at least `needed` bytes, charging the pool first.
     async fn grow(&mut self, needed: usize) -> Result<(), Closed> {
-        let capacity = needed.max(self.buf.capacity() + self.buf.capacity() / 2);
+        // Within the allowance a fresh buffer of the allowance: taking frames off the front
+        // (`split_to`) shrinks the capacity left, and growing that by half would charge a small
+        // frame to the pool, where it could wait behind large frames until its connection is
+        // closed as starved.
+        let capacity =
+            if needed <= ALLOWANCE { ALLOWANCE } else { needed.max(self.buf.capacity() + self.buf.capacity() / 2) };
         let owed = charged_part(capacity).min(self.pool.size).saturating_sub(self.charge.bytes());
         if owed > 0 {
             let more = self.pool.permits.clone().acquire_many_owned(owed as u32);
@@ -257,6 +265,30 @@ mod tests {
         drop(small);
         assert_eq!(free(&pool), 8 << 20, "everything given back");
         assert!(frames.buf.capacity() <= ALLOWANCE, "the buffer shrinks back: {}", frames.buf.capacity());
+        drop(writer.await.unwrap());
+        assert!(frames.next().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn small_frames_one_after_another_never_wait_for_the_pool() {
+        // A pool held whole by others (slow senders of large frames): any charge would wait
+        // `wait_limit` and close the connection, as it once did for a well-behaved client.
+        let pool = ReceivePool::new(8 << 20);
+        let _held_by_others = pool.permits.clone().acquire_many_owned(8 << 20).await.unwrap();
+        let (mut client, server) = tokio::io::duplex(64 << 10);
+        let mut frames = reader(server, &pool);
+        let writer = tokio::spawn(async move {
+            for n in 0..500 {
+                client.write_all(&frame_of(100 + n % 7 * 300, &format!("c{n}"))).await.unwrap();
+                // one frame at a time, as a client waiting for each ack sends them
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            client
+        });
+        for n in 0..500 {
+            let small = frames.next().await.unwrap_or_else(|e| panic!("frame {n}: {e:?}")).unwrap();
+            assert_eq!(small.charge.bytes(), 0);
+        }
         drop(writer.await.unwrap());
         assert!(frames.next().await.unwrap().is_none());
     }
