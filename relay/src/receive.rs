@@ -147,8 +147,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             let held = self.buf.len();
             let at_least = if held < ALLOWANCE { ALLOWANCE - held } else { READ_CHUNK };
             let want = self.codec.need().saturating_sub(held).max(at_least).max(held / 4);
-            if self.buf.capacity() - self.buf.len() < want {
-                self.grow(self.buf.len() + want).await?;
+            if self.buf.capacity() - held < want {
+                self.grow(held + want).await?;
             }
             let mut limited = (&mut self.io).take(want as u64);
             let read = limited.read_buf(&mut self.buf);
