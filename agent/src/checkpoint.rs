@@ -26,8 +26,8 @@ pub struct Checkpointer {
     dirty: bool,
 }
 
-pub fn key(fingerprint: u64) -> String {
-    format!("{fingerprint:016x}")
+pub fn key(file_id: u64) -> String {
+    format!("{file_id:016x}")
 }
 
 impl Checkpointer {
@@ -44,25 +44,32 @@ impl Checkpointer {
         Ok(Checkpointer { path, state, dirty: false })
     }
 
-    /// Every file identity with a saved position.
-    pub fn fingerprints(&self) -> impl Iterator<Item = u64> + '_ {
-        self.state.files.keys().filter_map(|k| u64::from_str_radix(k, 16).ok())
+    /// Every file id with its saved position.
+    pub fn positions(&self) -> impl Iterator<Item = (u64, &Position)> + '_ {
+        self.state.files.iter().filter_map(|(k, p)| u64::from_str_radix(k, 16).ok().map(|id| (id, p)))
     }
 
-    pub fn get(&self, fingerprint: u64) -> Option<u64> {
-        self.state.files.get(&key(fingerprint)).map(|p| p.offset)
+    /// Forgets every file id `keep` says no.
+    pub fn retain(&mut self, mut keep: impl FnMut(u64) -> bool) {
+        let before = self.state.files.len();
+        self.state.files.retain(|k, _| u64::from_str_radix(k, 16).is_ok_and(&mut keep));
+        self.dirty |= self.state.files.len() != before;
     }
 
-    pub fn set(&mut self, fingerprint: u64, offset: u64, path: &str) {
+    pub fn get(&self, file_id: u64) -> Option<u64> {
+        self.state.files.get(&key(file_id)).map(|p| p.offset)
+    }
+
+    pub fn set(&mut self, file_id: u64, offset: u64, path: &str) {
         let position = Position { offset, path: path.into() };
-        if self.state.files.get(&key(fingerprint)) != Some(&position) {
-            self.state.files.insert(key(fingerprint), position);
+        if self.state.files.get(&key(file_id)) != Some(&position) {
+            self.state.files.insert(key(file_id), position);
             self.dirty = true;
         }
     }
 
-    pub fn remove(&mut self, fingerprint: u64) {
-        self.dirty |= self.state.files.remove(&key(fingerprint)).is_some();
+    pub fn remove(&mut self, file_id: u64) {
+        self.dirty |= self.state.files.remove(&key(file_id)).is_some();
     }
 
     pub fn save_if_dirty(&mut self) -> std::io::Result<()> {

@@ -47,6 +47,9 @@ pub struct SourceConfig {
     /// Records that span lines (stack traces): a line matching `start` begins a record, others
     /// continue the previous one.
     pub multiline: Option<MultilineConfig>,
+    /// logrotate's `olddir`: where rotated files of this source are moved. Looked in for files
+    /// rotated before a scan saw them and, after a restart, for the unread rest of a followed file.
+    pub olddir: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize, Clone)]
@@ -100,14 +103,19 @@ pub struct FilesConfig {
     /// Safety-net rescan of the globs; inotify wakes the agent sooner.
     #[serde(with = "duration")]
     pub scan_interval: Duration,
-    /// A file's identity is a hash of its first line, or of this many bytes if the line is longer.
-    pub fingerprint_bytes: usize,
+    /// How many of a file's first bytes are compared to tell it from another file on the same
+    /// inode (reused, truncated and rewritten) and to find its copy (`fingerprint_bytes` before).
+    #[serde(alias = "fingerprint_bytes")]
+    pub head_bytes: usize,
     /// A rotated file that stopped growing is closed this long after every destination has it.
     #[serde(with = "duration")]
     pub rotate_wait: Duration,
     /// A rotated file is given up (logged, counted) after this long even if a destination lags.
     #[serde(with = "duration")]
     pub max_rotated_keep: Duration,
+    /// Bytes of rotated-away files a lagging destination may keep open (disk `du` does not
+    /// show); past it the oldest is given up for that destination (logged, counted).
+    pub max_rotated_bytes: u64,
     #[serde(with = "duration")]
     pub checkpoint_interval: Duration,
 }
@@ -116,9 +124,10 @@ impl Default for FilesConfig {
     fn default() -> Self {
         FilesConfig {
             scan_interval: Duration::from_secs(1),
-            fingerprint_bytes: 256,
+            head_bytes: 4096,
             rotate_wait: Duration::from_secs(5),
             max_rotated_keep: Duration::from_secs(24 * 3600),
+            max_rotated_bytes: 1 << 30,
             checkpoint_interval: Duration::from_secs(1),
         }
     }
@@ -360,6 +369,9 @@ impl AgentConfig {
             if s.max_line_bytes < 64 {
                 return err(format!("sources[{i}].max_line_bytes"), "must be at least 64");
             }
+        }
+        if !(64..=1 << 20).contains(&self.files.head_bytes) {
+            return err("files.head_bytes".into(), "must be between 64 and 1048576");
         }
         if self.destinations.s3.is_none() && self.destinations.relay.is_none() {
             return err("destinations".into(), "configure [destinations.s3], [destinations.relay], or both");

@@ -135,7 +135,7 @@ mod tests {
 
     fn batch(first_offset: u64, end_offset: u64, records: u64, min_time_ns: i64) -> BatchMeta {
         BatchMeta {
-            fingerprint: 1,
+            file_id: 1,
             path: "/var/log/app.log".into(),
             tag: "app".into(),
             first_offset,

@@ -16,7 +16,7 @@ pub const GZIP_ENCODER_BYTES: usize = 404 << 10;
 /// What a batch covers; destinations name objects and chunks from it.
 #[derive(Debug, Clone)]
 pub struct BatchMeta {
-    pub fingerprint: u64,
+    pub file_id: u64,
     pub path: String,
     pub tag: String,
     pub first_offset: u64,
@@ -31,9 +31,9 @@ pub struct BatchMeta {
 
 impl BatchMeta {
     /// A batch of no records yet, from `offset` of a file.
-    pub fn starting_at(fingerprint: u64, path: &str, tag: &str, offset: u64, hour: i64) -> Self {
+    pub fn starting_at(file_id: u64, path: &str, tag: &str, offset: u64, hour: i64) -> Self {
         BatchMeta {
-            fingerprint,
+            file_id,
             path: path.to_string(),
             tag: tag.to_string(),
             first_offset: offset,

@@ -6,7 +6,8 @@ mod config;
 mod cursor;
 mod destination;
 mod discover;
-mod fingerprint;
+mod file_table;
+mod identity;
 mod multiline;
 mod parse;
 mod reader;
@@ -41,6 +42,10 @@ struct Args {
     check_config: bool,
 }
 
+/// Why bytes of a file can be lost, each a `reason` of `tron_agent_lost_bytes_total` (exported at
+/// 0 from the start, so an alert on its increase works before the first loss).
+pub const LOST_REASONS: &[&str] = &["truncated", "gone_while_stopped", "rotated_given_up", "rotated_over_limit"];
+
 /// How long SIGTERM waits for outstanding batches before exiting (systemd's stop time-out is
 /// longer, so the process exits on its own).
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
@@ -64,12 +69,17 @@ async fn run(cfg: AgentConfig, config_path: PathBuf, daemon: Daemon) -> anyhow::
             .into_iter()
             .filter_map(|(name, on)| on.then_some(name))
             .collect();
-    let mut resume = std::collections::HashSet::new();
+    let table = file_table::FileTable::open(&cfg.state_dir)?;
+    let mut previous = discover::PreviousRun { legacy: !table.existed, ..Default::default() };
     for name in ["s3", "relay"] {
-        resume.extend(checkpoint::Checkpointer::open(&cfg.state_dir, name)?.fingerprints());
+        for (id, position) in checkpoint::Checkpointer::open(&cfg.state_dir, name)?.positions() {
+            previous.offsets.entry(id).or_default().push((name, position.offset));
+            previous.paths.insert(id, position.path.clone());
+        }
     }
     let previous_run = checkpoint::previous_run(&cfg.state_dir);
-    let registry = Registry::new(&cfg.sources, cfg.files.clone(), destinations, resume, previous_run);
+    let registry =
+        Registry::new(&cfg.sources, cfg.files.clone(), &cfg.state_dir, destinations, table, previous, previous_run);
     {
         let r = registry.clone();
         tokio::task::spawn_blocking(move || r.scan()).await?;

@@ -95,7 +95,7 @@ impl SourceSettings {
 pub struct Origin<'a> {
     pub host: &'a str,
     pub path: &'a str,
-    pub fingerprint: u64,
+    pub file_id: u64,
 }
 
 /// The fields the agent adds to every record of one file, by name: `None` when switched off.
@@ -320,7 +320,7 @@ pub fn parse_line(
             parsed
         })
         .unwrap_or(now_ns);
-    let id = added.id.map(|_| record_id(origin.host, origin.fingerprint, offset));
+    let id = added.id.map(|_| record_id(origin.host, origin.file_id, offset));
     let fields = match fields {
         Fields::Map(mut map) => {
             for (k, v) in added.pairs(id.as_deref().unwrap_or_default()) {
@@ -384,11 +384,11 @@ fn scan_object(line: &str, time_field: Option<&str>, added: &Added) -> Result<Sc
 
 /// Deterministic 128-bit id of (host, file identity, byte offset): the same line re-sent after a
 /// crash carries the same id, so downstream can recognise it.
-pub fn record_id(host: &str, fingerprint: u64, offset: u64) -> String {
+pub fn record_id(host: &str, file_id: u64, offset: u64) -> String {
     let mut key = Vec::with_capacity(host.len() + 17);
     key.extend_from_slice(host.as_bytes());
     key.push(0);
-    key.extend_from_slice(&fingerprint.to_be_bytes());
+    key.extend_from_slice(&file_id.to_be_bytes());
     key.extend_from_slice(&offset.to_be_bytes());
     let mut text = [0u8; 32];
     hex::encode_to_slice(xxhash_rust::xxh3::xxh3_128(&key).to_be_bytes(), &mut text).expect("32 hex digits fit");
@@ -429,7 +429,7 @@ mod tests {
     }
 
     fn origin() -> Origin<'static> {
-        Origin { host: "h1", path: "/var/log/a.log", fingerprint: 42 }
+        Origin { host: "h1", path: "/var/log/a.log", file_id: 42 }
     }
 
     /// Parses a line and returns what each destination would write of it, as JSON values: the

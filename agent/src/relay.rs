@@ -143,12 +143,12 @@ impl Destination for RelayForwarder {
 
     fn seal(&self, builder: ChunkBuilder, meta: &BatchMeta) -> SealedChunk {
         // Deterministic: a re-sent chunk carries the same id.
-        let id = format!("{:016x}-{:020}", meta.fingerprint, meta.first_offset);
+        let id = format!("{:016x}-{:020}", meta.file_id, meta.first_offset);
         let mut chunk = Vec::new();
         rmp::encode::write_str(&mut chunk, &id).expect("vec");
         // The source positions let the sink drop a record it already wrote when this chunk is
         // re-sent (after a crash or an ack time-out), whatever chunk boundaries it had before.
-        let source = format!("{}/{:016x}", self.host, meta.fingerprint);
+        let source = format!("{}/{:016x}", self.host, meta.file_id);
         SealedChunk { frame: Arc::new(builder.finish_from(&meta.tag, &id, &source, meta.end_offset)), chunk }
     }
 

@@ -107,7 +107,7 @@ impl S3Archive {
         })
     }
 
-    /// `{prefix}/{tag}/dt=YYYY-MM-DD/hr=HH/{host}-{fingerprint}-{first_offset:020}.ndjson.gz`
+    /// `{prefix}/{tag}/dt=YYYY-MM-DD/hr=HH/{host}-{file_id}-{first_offset:020}.ndjson.gz`
     pub fn key(&self, meta: &BatchMeta) -> String {
         let hour = chrono::DateTime::from_timestamp(meta.hour * 3600, 0).unwrap_or_default();
         let name = format!(
@@ -116,7 +116,7 @@ impl S3Archive {
             hour.format("%Y-%m-%d"),
             hour.format("%H"),
             self.host,
-            meta.fingerprint,
+            meta.file_id,
             meta.first_offset
         );
         if self.prefix.is_empty() {

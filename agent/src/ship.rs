@@ -27,7 +27,7 @@ const HOUR_NS: i64 = 3_600_000_000_000;
 const MIN_PASS_INTERVAL: Duration = Duration::from_millis(50);
 
 struct Done {
-    fingerprint: u64,
+    file_id: u64,
     first_offset: u64,
     cost: usize,
 }
@@ -48,6 +48,7 @@ pub struct Shipper<D: Destination> {
     buf: Vec<u8>,
     checkpoint_interval: Duration,
     lag_measured: Instant,
+    checkpoints_pruned: bool,
 }
 
 impl<D: Destination> Shipper<D> {
@@ -79,6 +80,7 @@ impl<D: Destination> Shipper<D> {
             buf: Vec::new(),
             checkpoint_interval,
             lag_measured: Instant::now().checked_sub(Duration::from_secs(1)).unwrap_or_else(Instant::now),
+            checkpoints_pruned: false,
         }
     }
 
@@ -128,9 +130,9 @@ impl<D: Destination> Shipper<D> {
 
     /// On shutdown: send what is open, wait for outstanding batches, save the checkpoint.
     async fn drain(&mut self, timeout: Duration) {
-        let fps: Vec<u64> = self.cursors.keys().copied().collect();
-        for fp in fps {
-            self.seal(fp);
+        let ids: Vec<u64> = self.cursors.keys().copied().collect();
+        for id in ids {
+            self.seal(id);
         }
         let deadline = tokio::time::Instant::now() + timeout;
         while self.inflight > 0 {
@@ -161,16 +163,16 @@ impl<D: Destination> Shipper<D> {
     fn complete(&mut self, done: Done) {
         self.inflight -= 1;
         self.buffered -= done.cost;
-        if let Some(c) = self.cursors.get_mut(&done.fingerprint) {
+        if let Some(c) = self.cursors.get_mut(&done.file_id) {
             c.ranges.delivered(done.first_offset);
         }
     }
 
     fn advance_all(&mut self) {
-        for (fp, c) in self.cursors.iter_mut() {
+        for (id, c) in self.cursors.iter_mut() {
             if c.ranges.advance() {
                 c.file.set_acked(self.index, c.ranges.acked());
-                self.checkpoints.set(*fp, c.ranges.acked(), &c.file.path());
+                self.checkpoints.set(*id, c.ranges.acked(), &c.file.path());
             }
         }
         // One fstat per file: once a second is enough for a gauge (every pass, it was a tenth of
@@ -185,26 +187,33 @@ impl<D: Destination> Shipper<D> {
     /// Adds cursors for new files and forgets files the registry closed.
     fn sync_files(&mut self) {
         for tf in self.registry.snapshot() {
-            if self.cursors.contains_key(&tf.fingerprint) {
+            if self.cursors.contains_key(&tf.id) {
                 continue;
             }
             let size = tf.size();
-            let start = match self.checkpoints.get(tf.fingerprint) {
+            let start = match self.checkpoints.get(tf.id) {
                 // A checkpoint past the end means the file was truncated while we were down.
                 Some(offset) if offset <= size => offset,
                 Some(_) => 0,
                 None => tf.start_offset,
             };
             tf.set_acked(self.index, start);
-            self.checkpoints.set(tf.fingerprint, start, &tf.path());
-            self.cursors.insert(tf.fingerprint, Cursor::new(tf, start));
+            self.checkpoints.set(tf.id, start, &tf.path());
+            self.cursors.insert(tf.id, Cursor::new(tf, start));
+        }
+        if !self.checkpoints_pruned {
+            // The first scan found again every file of the previous run it could; checkpoints of
+            // the others (gone, counted as lost there) would otherwise stay for ever.
+            self.checkpoints_pruned = true;
+            let cursors = &self.cursors;
+            self.checkpoints.retain(|id| cursors.contains_key(&id));
         }
         let registry = &self.registry;
         let checkpoints = &mut self.checkpoints;
-        self.cursors.retain(|fp, c| {
-            let keep = registry.contains(*fp) || !c.is_settled();
+        self.cursors.retain(|id, c| {
+            let keep = registry.contains(*id) || !c.is_settled();
             if !keep {
-                checkpoints.remove(*fp);
+                checkpoints.remove(*id);
             }
             keep
         });
@@ -214,21 +223,21 @@ impl<D: Destination> Shipper<D> {
     /// in-flight limit (more may be waiting as soon as a batch is delivered).
     fn read_all(&mut self) -> bool {
         let cfg = self.dest.batch_config().clone();
-        let fps: Vec<u64> = self.cursors.keys().copied().collect();
+        let ids: Vec<u64> = self.cursors.keys().copied().collect();
         let mut held_back = false;
-        for fp in fps {
+        for id in ids {
             loop {
                 self.relieve_pressure(&cfg);
                 if self.buffered >= cfg.max_buffer_bytes || self.inflight >= cfg.max_inflight {
                     held_back = true;
                     break;
                 }
-                if self.read_some(fp, &cfg) == 0 {
+                if self.read_some(id, &cfg) == 0 {
                     break;
                 }
             }
-            if self.cursors[&fp].open_for(cfg.max_age) {
-                self.seal(fp);
+            if self.cursors[&id].open_for(cfg.max_age) {
+                self.seal(id);
             }
         }
         held_back
@@ -238,18 +247,18 @@ impl<D: Destination> Shipper<D> {
     /// send the oldest instead, so memory stays within the budget and files keep moving.
     fn relieve_pressure(&mut self, cfg: &BatchConfig) {
         while self.buffered >= cfg.max_buffer_bytes && self.inflight < cfg.max_inflight {
-            let oldest = self.cursors.iter().filter_map(|(fp, c)| c.open.as_ref().map(|o| (o.started, *fp))).min();
-            let Some((_, fp)) = oldest else { break };
-            self.seal(fp);
+            let oldest = self.cursors.iter().filter_map(|(id, c)| c.open.as_ref().map(|o| (o.started, *id))).min();
+            let Some((_, id)) = oldest else { break };
+            self.seal(id);
             metrics::counter!("tron_agent_batches_sealed_early_total", "destination" => self.dest.name()).increment(1);
         }
     }
 
     /// Reads up to one batch worth of lines from a file; returns bytes consumed.
-    fn read_some(&mut self, fp: u64, cfg: &BatchConfig) -> usize {
-        let cursor = self.cursors.get_mut(&fp).expect("cursor exists");
+    fn read_some(&mut self, id: u64, cfg: &BatchConfig) -> usize {
+        let cursor = self.cursors.get_mut(&id).expect("cursor exists");
         let file = cursor.file.clone();
-        if file.is_gone() {
+        if file.is_gone() || file.is_given_up(self.index) {
             return 0;
         }
         let open_bytes = cursor.open.as_ref().map_or(0, |o| o.meta.raw_bytes);
@@ -257,7 +266,7 @@ impl<D: Destination> Shipper<D> {
         let path = file.path();
         // Owned copies: the loop below seals batches, which needs `self` mutably.
         let (host, fields) = (self.host.clone(), self.fields.clone());
-        let origin = Origin { host: &host, path: &path, fingerprint: fp };
+        let origin = Origin { host: &host, path: &path, file_id: id };
         let added = Added::new(&fields, &origin);
         let now_ns = tron_service::clock::now_ns();
         let form = self.dest.record_form();
@@ -271,7 +280,7 @@ impl<D: Destination> Shipper<D> {
         if handle.metadata().is_ok_and(|m| m.len() <= read_from) {
             return 0;
         }
-        if !self.registry.is_intact(&file, &handle) {
+        if !file.is_intact(&handle) {
             return 0; // replaced under us (copytruncate); the next scan sorts out what it is now
         }
         let outcome = read_lines(
@@ -298,7 +307,7 @@ impl<D: Destination> Shipper<D> {
                 return 0;
             }
         };
-        if !self.registry.is_intact(&file, &handle) {
+        if !file.is_intact(&handle) {
             return 0; // truncated while we read: what we read may be new content; drop it
         }
         if outcome.splits > 0 {
@@ -313,7 +322,7 @@ impl<D: Destination> Shipper<D> {
             if let Some(open) = open {
                 let fills_window = records.is_empty() && outcome.bytes_read >= budget;
                 let finished = file.is_finished();
-                let cursor = self.cursors.get_mut(&fp).expect("cursor exists");
+                let cursor = self.cursors.get_mut(&id).expect("cursor exists");
                 match multiline::settle(open, cursor.held.take(), finished, fills_window, *flush) {
                     Decision::Complete(open) => records.push(open),
                     Decision::Hold(held) => {
@@ -337,12 +346,12 @@ impl<D: Destination> Shipper<D> {
         let split_hours = self.dest.split_by_hour();
         for (record, end, len) in lines {
             let hour = record.as_ref().map_or(0, |r| r.time.unix_nanos().div_euclid(HOUR_NS));
-            if record.is_some() && self.cursors[&fp].needs_new_batch(hour, split_hours) {
-                self.seal(fp);
+            if record.is_some() && self.cursors[&id].needs_new_batch(hour, split_hours) {
+                self.seal(id);
             }
-            let cursor = self.cursors.get_mut(&fp).expect("cursor exists");
+            let cursor = self.cursors.get_mut(&id).expect("cursor exists");
             let (open, opened) = cursor.open_batch(|start| {
-                OpenBatch::new(self.dest.builder(), BatchMeta::starting_at(fp, &path, &src.tag, start, hour))
+                OpenBatch::new(self.dest.builder(), BatchMeta::starting_at(id, &path, &src.tag, start, hour))
             });
             if opened {
                 self.buffered += self.dest.open_batch_bytes();
@@ -356,16 +365,16 @@ impl<D: Destination> Shipper<D> {
             let full = open.meta.raw_bytes >= cfg.max_bytes;
             cursor.read = end;
             if full {
-                self.seal(fp);
+                self.seal(id);
             }
         }
-        debug_assert_eq!(self.cursors[&fp].read, consumed_end);
+        debug_assert_eq!(self.cursors[&id].read, consumed_end);
         (consumed_end - read_from) as usize
     }
 
     /// Closes the open batch of a file and starts sending it.
-    fn seal(&mut self, fp: u64) {
-        let Some(cursor) = self.cursors.get_mut(&fp) else {
+    fn seal(&mut self, id: u64) {
+        let Some(cursor) = self.cursors.get_mut(&id) else {
             return;
         };
         let Some(open) = cursor.open.take() else {
@@ -386,11 +395,8 @@ impl<D: Destination> Shipper<D> {
         let health = self.health.clone();
         tokio::spawn(async move {
             if send_until_delivered(&dest, sealed, meta.clone(), &health, &done).await {
-                let _ = done.send(Done {
-                    fingerprint: meta.fingerprint,
-                    first_offset: meta.first_offset,
-                    cost: meta.raw_bytes,
-                });
+                let _ =
+                    done.send(Done { file_id: meta.file_id, first_offset: meta.first_offset, cost: meta.raw_bytes });
             }
         });
     }
@@ -401,10 +407,10 @@ impl<D: Destination> Shipper<D> {
     /// cannot be read: an unreadable file holds the watermark where it was.
     fn low_watermark_ms(&self) -> Option<i64> {
         let mut low = tron_service::clock::now_ns();
-        for (fp, c) in &self.cursors {
+        for (id, c) in &self.cursors {
             low = low.min(c.undelivered_min_time_ns());
             if !c.file.is_gone() && c.file.size() > c.read {
-                low = low.min(self.next_line_time(*fp, c)?.unwrap_or(i64::MAX));
+                low = low.min(self.next_line_time(*id, c)?.unwrap_or(i64::MAX));
             }
         }
         Some(low.div_euclid(1_000_000))
@@ -412,7 +418,7 @@ impl<D: Destination> Shipper<D> {
 
     /// The event time of the line at a cursor's read position: Some(None) while that line is not
     /// complete yet (it cannot hold the watermark back), None when it cannot be read.
-    fn next_line_time(&self, fp: u64, c: &Cursor<D::Builder>) -> Option<Option<i64>> {
+    fn next_line_time(&self, id: u64, c: &Cursor<D::Builder>) -> Option<Option<i64>> {
         use std::os::unix::fs::FileExt;
         let mut head = vec![0u8; 64 << 10];
         let n = c.file.handle().read_at(&mut head, c.read).ok()?;
@@ -422,7 +428,7 @@ impl<D: Destination> Shipper<D> {
             return if n == head.len() { None } else { Some(None) };
         };
         let path = c.file.path();
-        let origin = Origin { host: &self.host, path: &path, fingerprint: fp };
+        let origin = Origin { host: &self.host, path: &path, file_id: id };
         let now_ns = tron_service::clock::now_ns();
         let added = Added::new(&self.fields, &origin);
         let record = parse_line(&head[..end], c.read, &c.file.source, &added, &origin, now_ns, Form::JsonText);
@@ -442,7 +448,6 @@ mod tests {
     use super::*;
     use crate::config::{FilesConfig, SourceConfig};
     use crate::destination::SendError;
-    use std::collections::HashSet;
     use std::sync::Mutex;
 
     /// Delivers every batch, but the first attempt of every second batch fails, so batches
@@ -512,9 +517,18 @@ mod tests {
             "name": "app", "tag": "app", "include": [format!("{}/*.log", logs.path().display())]
         }))
         .unwrap();
-        let registry = Registry::new(&[source], FilesConfig::default(), vec!["flaky"], HashSet::new(), None);
-        registry.scan();
         let state = tempfile::tempdir().unwrap();
+        let table = crate::file_table::FileTable::open(state.path()).unwrap();
+        let registry = Registry::new(
+            &[source],
+            FilesConfig::default(),
+            state.path(),
+            vec!["flaky"],
+            table,
+            Default::default(),
+            None,
+        );
+        registry.scan();
         let checkpoints = Checkpointer::open(state.path(), "flaky").unwrap();
         let cfg =
             BatchConfig { max_bytes: 8 << 10, max_age: Duration::ZERO, max_inflight: 4, max_buffer_bytes: 1 << 20 };
@@ -535,17 +549,17 @@ mod tests {
             Duration::from_secs(1),
         );
         shipper.sync_files();
-        let fp = *shipper.cursors.keys().next().expect("the file is tracked");
+        let id = *shipper.cursors.keys().next().expect("the file is tracked");
         let size = text.len() as u64;
         let deadline = Instant::now() + Duration::from_secs(30);
-        while shipper.checkpoints.get(fp) != Some(size) {
+        while shipper.checkpoints.get(id) != Some(size) {
             assert!(Instant::now() < deadline, "not everything delivered");
             shipper.read_all();
             if let Ok(Some(done)) = tokio::time::timeout(Duration::from_millis(100), shipper.done_rx.recv()).await {
                 shipper.complete(done);
             }
             shipper.advance_all();
-            let acked = shipper.checkpoints.get(fp).unwrap();
+            let acked = shipper.checkpoints.get(id).unwrap();
             assert!(acked <= dest.delivered_prefix(), "checkpoint {acked} past the delivered prefix");
         }
         shipper.drain(Duration::from_secs(5)).await;

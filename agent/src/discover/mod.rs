@@ -1,22 +1,32 @@
-//! The set of files being tailed, keyed by content identity (fingerprint), kept open so that a
-//! renamed or deleted file can still be read to its end by every destination.
+//! The set of files being tailed, by identity (`identity.rs`), kept open so that a renamed or
+//! deleted file can still be read to its end by every destination.
 //!
-//! A scan (every `scan_interval`, sooner when inotify reports a change) expands the globs and
-//! notices: new files, files renamed away (rotation), files whose content was replaced under the
-//! same inode (copytruncate), and rotated files that every destination has finished.
+//! A scan (every `scan_interval`, sooner when inotify reports a change) lists what the globs
+//! match and the rotated files next to them, then decides for each what it is:
+//! 1. a file already followed (same device + inode): still intact, or truncated in place
+//!    (copytruncate: its copy is followed for the unread rest);
+//! 2. after a restart, a file of the previous run (`recover.rs`): by inode and head, by content
+//!    for a copy made while the agent was down, or inside a compressed rotation;
+//! 3. a new file: a new id, written to the file table before any destination reads it.
+//!
+//! Then files that left every matched path are marked rotated, and rotated files every
+//! destination has finished are closed (`rotation.rs`).
 
+mod found;
+mod gunzip;
+mod recover;
 mod rotation;
 mod scan_view;
 mod tracked;
 
 use crate::config::{FilesConfig, ReadFrom, SourceConfig};
-use crate::fingerprint;
+use crate::file_table::{Entry, FileTable};
+use crate::identity::{self, Head};
 use crate::parse::SourceSettings;
-use rotation::is_rotated_name;
-use scan_view::ScanView;
+use found::Found;
+pub use recover::PreviousRun;
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -50,15 +60,33 @@ impl Source {
             })
             .collect()
     }
+
+    fn expand(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for pattern in &self.cfg.include {
+            let Ok(paths) = glob::glob(pattern.as_str()) else {
+                continue;
+            };
+            for path in paths.flatten() {
+                if !self.exclude.iter().any(|p| p.matches_path(&path)) {
+                    out.push(path);
+                }
+            }
+        }
+        out
+    }
 }
 
 pub struct Registry {
     sources: RwLock<Arc<Vec<Arc<Source>>>>,
     cfg: FilesConfig,
+    state_dir: PathBuf,
     /// Destination names, indexed like `TrackedFile::acked`.
     destinations: Vec<&'static str>,
     files: RwLock<HashMap<u64, Arc<TrackedFile>>>,
-    by_path: Mutex<HashMap<PathBuf, u64>>,
+    /// Device + inode of every followed file → its id. An inode held open cannot be reused.
+    by_inode: Mutex<HashMap<(u64, u64), u64>>,
+    table: Mutex<FileTable>,
     /// Paths already reported as unreadable, so the log says it once, not every scan.
     complained: Mutex<HashSet<PathBuf>>,
     generation: watch::Sender<u64>,
@@ -67,34 +95,40 @@ pub struct Registry {
     /// on a first start; otherwise a file found in the first scan appeared while the agent was
     /// down and is read from its beginning.
     previous_run: Option<std::time::SystemTime>,
-    /// Identities some destination had not finished when the agent last stopped.
-    resume: HashSet<u64>,
-    /// Identities shipped and closed, so a rotated copy of them is not adopted again.
-    finished_ids: Mutex<HashMap<u64, Instant>>,
+    /// What the previous run left unfinished, taken by the first scan.
+    previous: Mutex<Option<PreviousRun>>,
 }
 
 impl Registry {
-    /// `resume`: fingerprints with a checkpoint, so rotated files still being read when the agent
-    /// stopped are found again under their new names.
     pub fn new(
         sources: &[SourceConfig],
         cfg: FilesConfig,
+        state_dir: &Path,
         destinations: Vec<&'static str>,
-        resume: HashSet<u64>,
+        table: FileTable,
+        previous: PreviousRun,
         previous_run: Option<std::time::SystemTime>,
     ) -> Arc<Self> {
+        for destination in &destinations {
+            for reason in crate::LOST_REASONS {
+                metrics::counter!("tron_agent_lost_bytes_total", "reason" => *reason, "destination" => *destination)
+                    .absolute(0);
+            }
+            metrics::gauge!("tron_agent_rotated_bytes_held", "destination" => *destination).set(0.0);
+        }
         Arc::new(Registry {
             sources: RwLock::new(Arc::new(Source::build(sources, &[]))),
             cfg,
+            state_dir: state_dir.to_path_buf(),
             destinations,
             files: RwLock::new(HashMap::new()),
-            by_path: Mutex::new(HashMap::new()),
+            by_inode: Mutex::new(HashMap::new()),
+            table: Mutex::new(table),
             complained: Mutex::new(HashSet::new()),
             generation: watch::channel(0).0,
             started: std::time::SystemTime::now(),
             previous_run,
-            resume,
-            finished_ids: Mutex::new(HashMap::new()),
+            previous: Mutex::new(Some(previous)),
         })
     }
 
@@ -120,18 +154,19 @@ impl Registry {
         self.generation.send_modify(|g| *g += 1);
     }
 
+    /// The followed files whose id is in the file table (only those may be read).
     pub fn snapshot(&self) -> Vec<Arc<TrackedFile>> {
+        let files = self.files.read().expect("files lock");
+        files.values().filter(|tf| tf.published.load(Ordering::SeqCst)).cloned().collect()
+    }
+
+    /// Every followed file, published or not.
+    fn all_files(&self) -> Vec<Arc<TrackedFile>> {
         self.files.read().expect("files lock").values().cloned().collect()
     }
 
-    /// Whether `handle` still starts with the tracked file's first line. Readers check before and
-    /// after a read, so a copytruncate that lands mid-read never passes new content off as old.
-    pub fn is_intact(&self, tf: &TrackedFile, handle: &File) -> bool {
-        fingerprint::of_file(handle, self.cfg.fingerprint_bytes).ok().flatten() == Some(tf.fingerprint)
-    }
-
-    pub fn contains(&self, fingerprint: u64) -> bool {
-        self.files.read().expect("files lock").contains_key(&fingerprint)
+    pub fn contains(&self, id: u64) -> bool {
+        self.files.read().expect("files lock").get(&id).is_some_and(|tf| tf.published.load(Ordering::SeqCst))
     }
 
     /// Directories to watch with inotify: the fixed prefix of every include glob.
@@ -159,154 +194,199 @@ impl Registry {
     }
 
     pub fn scan(&self) {
-        let mut seen: HashSet<u64> = HashSet::new();
-        let mut seen_paths: HashSet<PathBuf> = HashSet::new();
-        let mut view = ScanView::default();
         let sources = self.sources.read().expect("sources lock").clone();
-        for source in sources.iter() {
-            let first = !source.scanned.swap(true, Ordering::SeqCst);
-            for path in self.expand(source) {
-                if seen_paths.insert(path.clone()) {
-                    if let Some(fp) = self.examine(&path, source, first) {
-                        seen.insert(fp);
-                    }
-                    self.adopt_rotated_siblings(&path, source, first, &seen_paths, &mut view);
-                }
-            }
+        let mut found = found::gather(&sources, |path, what| self.complain(path, what));
+        let mut seen: HashSet<u64> = HashSet::new();
+        self.match_followed(&mut found, &mut seen);
+        let previous = self.previous.lock().expect("previous lock").take();
+        if let Some(previous) = previous {
+            self.recover(previous, &mut found, &mut seen);
         }
+        self.follow_new(&mut found, &mut seen);
         self.retire(&seen);
+        self.publish();
         metrics::gauge!("tron_agent_files_tracked").set(self.files.read().expect("files lock").len() as f64);
         self.poke();
     }
 
-    fn expand(&self, source: &Source) -> Vec<PathBuf> {
-        let mut out = Vec::new();
-        for pattern in &source.cfg.include {
-            let Ok(paths) = glob::glob(pattern.as_str()) else {
+    /// Step 1: paths that hold a followed file (same device + inode).
+    fn match_followed(&self, found: &mut [Found], seen: &mut HashSet<u64>) {
+        for i in 0..found.len() {
+            let id = self.by_inode.lock().expect("by_inode lock").get(&found[i].dev_ino).copied();
+            let Some(id) = id else { continue };
+            let Some(tf) = self.files.read().expect("files lock").get(&id).cloned() else { continue };
+            found[i].claimed = true;
+            if !found[i].at_path {
+                continue; // a followed file under its rotated name
+            }
+            if self.check_truncation(&tf, i, found) {
+                seen.insert(id);
+            } else {
+                // The inode holds other content now: a new file in step 3.
+                found[i].claimed = false;
+            }
+        }
+    }
+
+    /// Step 3: what is left at matched paths is new; rotated siblings left are files rotated
+    /// away before a scan saw them (changed since this process started, or since the previous
+    /// run in the first scan), unless they are a copy of a followed file or one already shipped.
+    fn follow_new(&self, found: &mut [Found], seen: &mut HashSet<u64>) {
+        for f in found.iter_mut() {
+            if f.claimed || f.is_compressed() {
+                continue;
+            }
+            if !f.at_path {
+                let since = if f.first { self.previous_run } else { Some(self.started) };
+                if !f.modified_since(since) {
+                    continue;
+                }
+            }
+            let Some(bytes) = f.head_bytes(self.cfg.head_bytes).map(<[u8]>::to_vec) else {
+                if f.at_path {
+                    self.complain(&f.path, "cannot open or read; will retry");
+                }
                 continue;
             };
-            for path in paths.flatten() {
-                if !source.exclude.iter().any(|p| p.matches_path(&path)) {
-                    out.push(path);
-                }
+            self.complained.lock().expect("complained lock").remove(&f.path);
+            if self.is_shipped_before(f.dev_ino, &bytes) {
+                f.claimed = true;
+                continue;
             }
+            if !f.at_path && self.is_copy_of_followed(&f.path, &bytes, f.size) {
+                continue; // a copytruncate's copy before the truncate: claimed when it happens
+            }
+            let start_offset =
+                if f.at_path && f.first && self.previous_run.is_none() && f.source.cfg.read_from == ReadFrom::End {
+                    f.size
+                } else {
+                    0
+                };
+            let path_str = f.path.to_string_lossy().into_owned();
+            if start_offset > 0 {
+                // Logged and counted: nothing the agent decides not to ship goes unnoticed.
+                tracing::info!(path = %path_str, bytes = start_offset, "read_from = \"end\" on first start: existing content not shipped");
+                metrics::counter!("tron_agent_bytes_skipped_total", "reason" => "read_from_end")
+                    .increment(start_offset);
+            }
+            let Some(file) = f.take_file() else { continue };
+            f.claimed = true;
+            let id = identity::new_id();
+            if f.at_path {
+                tracing::info!(path = %path_str, id = %identity::hex(id), start_offset, "following file");
+                seen.insert(id);
+            } else {
+                tracing::info!(path = %path_str, id = %identity::hex(id), "following a file rotated before it was seen");
+            }
+            let (source, at_path, dev_ino, size) = (f.source.clone(), f.at_path, f.dev_ino, f.size);
+            self.follow(id, &source, start_offset, file, path_str, dev_ino, Head::of(&bytes), size, at_path);
         }
-        out
     }
 
-    /// Looks at one path; returns the identity it holds, if it is (now) tracked.
-    fn examine(&self, path: &Path, source: &Source, first: bool) -> Option<u64> {
-        let meta = match std::fs::metadata(path) {
-            Ok(m) => m,
-            Err(_) => return None, // vanished between glob and stat; the next scan settles it
-        };
-        if !meta.is_file() {
-            self.complain(path, "not a regular file (a directory where a file was expected?); skipped");
-            return None;
-        }
-        let dev_ino = (meta.dev(), meta.ino());
-        let known = self.by_path.lock().expect("by_path lock").get(path).copied();
-        if let Some(fp) = known {
-            let tracked = self.files.read().expect("files lock").get(&fp).cloned();
-            if let Some(tf) = tracked {
-                if tf.inner.lock().expect("lifecycle lock").dev_ino == dev_ino {
-                    return self.check_truncation(&tf, path).then_some(fp);
-                }
+    /// A closed file (in the table as done) still on disk under a rotated name.
+    fn is_shipped_before(&self, dev_ino: (u64, u64), head: &[u8]) -> bool {
+        let table = self.table.lock().expect("table lock");
+        let shipped = table
+            .entries()
+            .any(|(_, e)| e.done_at.is_some() && (e.dev, e.ino) == dev_ino && e.head().is_prefix_of(head));
+        shipped
+    }
+
+    /// Whether a rotated sibling holds the beginning of a followed file of the same directory
+    /// (copytruncate copies before it truncates): its head bytes equal that file's first bytes.
+    fn is_copy_of_followed(&self, path: &Path, head: &[u8], size: u64) -> bool {
+        let dir = path.parent();
+        self.all_files().iter().any(|tf| {
+            let life = tf.inner.lock().expect("lifecycle lock");
+            if !life.at_path || Path::new(&life.path).parent() != dir || life.size < size {
+                return false;
             }
-        }
-        let file = match File::open(path) {
-            Ok(f) => f,
-            Err(e) => {
-                self.complain(path, &format!("cannot open: {e}"));
-                return None;
-            }
-        };
-        self.complained.lock().expect("complained lock").remove(path);
-        let fp = match fingerprint::of_file(&file, self.cfg.fingerprint_bytes) {
-            Ok(Some(fp)) => fp,
-            Ok(None) => return None, // no complete first line yet: wait for it
-            Err(e) => {
-                self.complain(path, &format!("cannot read: {e}"));
-                return None;
-            }
-        };
-        let path_str = path.to_string_lossy().into_owned();
-        let mut files = self.files.write().expect("files lock");
-        if let Some(tf) = files.get(&fp) {
-            let mut life = tf.inner.lock().expect("lifecycle lock");
-            if life.dev_ino == dev_ino {
-                // The same file under a new name (rename rotation into another matched path).
-                life.path = path_str;
-                drop(life);
-                self.by_path.lock().expect("by_path lock").insert(path.to_path_buf(), fp);
-                return Some(fp);
-            }
-            // Another inode with the same first line: a copy of content we already follow. Named
-            // like a rotated sibling it is one; elsewhere the files merely start alike, which a
-            // first-line identity cannot tell apart, so say so instead of skipping it silently.
-            let original = PathBuf::from(&life.path);
             drop(life);
-            if !is_rotated_name(path, &original) {
-                self.complain(
-                    path,
-                    &format!(
-                        "first line identical to that of {}, which is followed: treated as a copy and not read \
-                         (file identity is the first line; give the files distinct first lines)",
-                        original.display()
-                    ),
-                );
-            }
-            return None;
-        }
-        let start_offset =
-            if first && self.previous_run.is_none() && source.cfg.read_from == ReadFrom::End { meta.len() } else { 0 };
-        if start_offset > 0 {
-            // Logged and counted: nothing the agent decides not to ship goes unnoticed.
-            tracing::info!(path = %path_str, bytes = start_offset, "read_from = \"end\" on first start: existing content not shipped");
-            metrics::counter!("tron_agent_bytes_skipped_total", "reason" => "read_from_end").increment(start_offset);
-        }
-        tracing::info!(path = %path_str, fingerprint = %format!("{fp:016x}"), start_offset, "following file");
-        let tf = self.track(fp, source, start_offset, file, path_str, dev_ino, meta.len(), true);
-        files.insert(fp, tf);
-        self.by_path.lock().expect("by_path lock").insert(path.to_path_buf(), fp);
-        Some(fp)
+            let mut theirs = Vec::new();
+            Head::read(&tf.handle(), head.len(), &mut theirs).is_ok() && theirs == head
+        })
     }
 
-    /// A newly followed file; `at_path: false` means it is already rotated away.
+    /// Starts following a file under `id`: in the table (saved by [`Registry::publish`] before any
+    /// destination sees it) and in the followed set.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn track(
+    fn follow(
         &self,
-        fingerprint: u64,
+        id: u64,
         source: &Source,
         start_offset: u64,
         file: File,
         path: String,
         dev_ino: (u64, u64),
+        head: Head,
         size: u64,
         at_path: bool,
     ) -> Arc<TrackedFile> {
+        let entry = Entry {
+            dev: dev_ino.0,
+            ino: dev_ino.1,
+            head_len: head.len,
+            head_hash: head.hash,
+            path: path.clone(),
+            size,
+            done_at: None,
+        };
+        self.table.lock().expect("table lock").set(id, entry);
         let now = Instant::now();
-        let life =
-            Lifecycle { path, dev_ino, at_path, rotated_since: (!at_path).then_some(now), size, last_growth: now };
-        Arc::new(TrackedFile::new(
-            fingerprint,
-            source.settings.clone(),
-            start_offset,
-            self.destinations.len(),
-            file,
-            life,
-        ))
+        let life = Lifecycle {
+            path,
+            dev_ino,
+            head,
+            at_path,
+            rotated_since: (!at_path).then_some(now),
+            size,
+            last_growth: now,
+        };
+        let tf =
+            Arc::new(TrackedFile::new(id, source.settings.clone(), start_offset, self.destinations.len(), file, life));
+        self.by_inode.lock().expect("by_inode lock").insert(dev_ino, id);
+        self.files.write().expect("files lock").insert(id, tf.clone());
+        tf
+    }
+
+    /// Writes the file table, then lets the destinations read the files it now holds: an id is
+    /// never shipped under before it is on disk. A table that cannot be written holds new files
+    /// back (logged) until it can.
+    fn publish(&self) {
+        let mut table = self.table.lock().expect("table lock");
+        table.prune(crate::file_table::unix_now_secs());
+        if let Err(e) = table.save_if_dirty() {
+            tracing::error!(state_dir = %self.state_dir.display(), error = %e, "cannot write the file table; new files wait");
+            metrics::counter!("tron_agent_checkpoint_errors_total").increment(1);
+            return;
+        }
+        drop(table);
+        for tf in self.all_files() {
+            tf.published.store(true, Ordering::SeqCst);
+        }
     }
 
     /// Logs and counts, per destination, the bytes of a file it will never deliver.
     pub(super) fn count_lost(&self, tf: &TrackedFile, path: &str, size: u64, reason: &'static str, what: &str) {
         for (destination, acked) in self.destinations.iter().zip(tf.acked()) {
-            let lost = size.saturating_sub(acked);
-            if lost > 0 {
-                tracing::warn!(path, destination, lost_bytes = lost, "{what}");
-                metrics::counter!("tron_agent_lost_bytes_total", "reason" => reason, "destination" => *destination)
-                    .increment(lost);
-            }
+            self.count_lost_range(destination, path, acked, size, reason, what);
+        }
+    }
+
+    /// Logs and counts bytes `from..to` of a file that `destination` will never deliver.
+    pub(super) fn count_lost_range(
+        &self,
+        destination: &str,
+        path: &str,
+        from: u64,
+        to: u64,
+        reason: &'static str,
+        what: &str,
+    ) {
+        if to > from {
+            tracing::warn!(path, destination, from, to, lost_bytes = to - from, reason, "{what}");
+            metrics::counter!("tron_agent_lost_bytes_total", "reason" => reason, "destination" => destination.to_string())
+                .increment(to - from);
         }
     }
 
@@ -317,3 +397,6 @@ impl Registry {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

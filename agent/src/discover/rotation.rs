@@ -1,46 +1,68 @@
-//! Rotation: copytruncate detected and its copy found, files rotated away before a scan saw them
-//! adopted, rotated files closed once every destination has them.
+//! Rotation of followed files: copytruncate (and any truncation in place) detected and the copy
+//! followed, files that left every matched path marked rotated, rotated files closed once every
+//! destination has them, and the disk rotated files hold kept under `max_rotated_bytes`.
 
-use super::scan_view::ScanView;
+use super::found::Found;
 use super::tracked::{current_path, TrackedFile};
-use super::{Registry, Source};
-use crate::fingerprint;
+use super::Registry;
+use crate::identity::Head;
 use std::collections::HashSet;
-use std::fs::File;
-use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
 impl Registry {
-    /// Copytruncate shows as the same inode whose content now starts differently (or is shorter
-    /// than we saw). Returns whether the identity still lives at this path.
-    pub(super) fn check_truncation(&self, tf: &Arc<TrackedFile>, path: &Path) -> bool {
+    /// A followed file at a matched path: still the same content (its head intact, not shorter
+    /// than we saw), or truncated in place. Returns whether the file still lives at this path.
+    /// While intact, the head is extended as the file grows, up to `head_bytes`.
+    pub(super) fn check_truncation(&self, tf: &Arc<TrackedFile>, at: usize, found: &mut [Found]) -> bool {
         let handle = tf.handle();
-        let size = handle.metadata().map(|m| m.len()).unwrap_or(0);
-        let head = fingerprint::of_file(&handle, self.cfg.fingerprint_bytes).ok().flatten();
+        let size = found[at].size;
+        let mut bytes = Vec::new();
+        let read = Head::read(&handle, self.cfg.head_bytes, &mut bytes);
         let mut life = tf.inner.lock().expect("lifecycle lock");
-        if size >= life.size && head == Some(tf.fingerprint) {
+        if read.is_err() {
+            return true; // unreadable for now: decide nothing
+        }
+        if size >= life.size && life.head.is_prefix_of(&bytes) {
             if size > life.size {
                 life.size = size;
                 life.last_growth = Instant::now();
             }
+            if bytes.len() > life.head.len as usize {
+                life.head = Head::of(&bytes);
+                let head = life.head;
+                self.table
+                    .lock()
+                    .expect("table lock")
+                    .update(tf.id, |e| (e.head_len, e.head_hash) = (head.len, head.hash));
+            }
+            self.table.lock().expect("table lock").note_size(tf.id, size);
             return true;
         }
-        let old_size = life.size;
+        let (old_size, old_head, path) = (life.size, life.head, found[at].path.clone());
         drop(life);
-        self.by_path.lock().expect("by_path lock").remove(path);
-        // The rotation tool usually copied the file next to it first: follow the copy, so lines
-        // written before the copy are not lost for a destination that had not read them yet.
-        if let Some((copy, copy_path, dev_ino)) = self.find_copy(path, tf.fingerprint, old_size) {
-            tracing::info!(path = %path.display(), copy = %copy_path.display(), "truncated in place; following the copy for the unread rest");
-            *tf.handle.write().expect("handle lock") = Arc::new(copy);
-            let mut life = tf.inner.lock().expect("lifecycle lock");
-            life.path = copy_path.to_string_lossy().into_owned();
-            life.dev_ino = dev_ino;
-            life.at_path = false;
-            life.rotated_since.get_or_insert_with(Instant::now);
-            return false;
+        self.by_inode.lock().expect("by_inode lock").remove(&found[at].dev_ino);
+        // The rotation tool copied the file next to it first: follow the copy, so lines written
+        // before the copy are not lost for a destination that had not read them yet.
+        if let Some(copy) = self.find_copy(old_head, old_size, found) {
+            let c = &mut found[copy];
+            c.claimed = true;
+            let copy_path = c.path.to_string_lossy().into_owned();
+            if let Some(file) = c.take_file() {
+                tracing::info!(path = %path.display(), copy = %copy_path, "truncated in place; following the copy for the unread rest");
+                *tf.handle.write().expect("handle lock") = Arc::new(file);
+                let mut life = tf.inner.lock().expect("lifecycle lock");
+                life.path = copy_path.clone();
+                life.dev_ino = c.dev_ino;
+                life.at_path = false;
+                life.rotated_since.get_or_insert_with(Instant::now);
+                self.by_inode.lock().expect("by_inode lock").insert(c.dev_ino, tf.id);
+                let (dev, ino) = c.dev_ino;
+                self.table.lock().expect("table lock").update(tf.id, |e| {
+                    (e.dev, e.ino, e.path) = (dev, ino, copy_path);
+                });
+                return false;
+            }
         }
         tf.mark_gone();
         self.count_lost(
@@ -50,99 +72,46 @@ impl Registry {
             "truncated",
             "file truncated before this destination read it and no copy was found",
         );
-        self.files.write().expect("files lock").remove(&tf.fingerprint);
+        self.files.write().expect("files lock").remove(&tf.id);
+        self.table.lock().expect("table lock").remove(tf.id);
         false
     }
 
-    /// A sibling (`app.log.1`, `app.log-20261122`, …) with the same identity and at least the
-    /// bytes we had seen.
-    pub(super) fn find_copy(&self, path: &Path, fp: u64, min_size: u64) -> Option<(File, PathBuf, (u64, u64))> {
-        let dir = path.parent()?;
-        let name = path.file_name()?.to_string_lossy().into_owned();
-        for entry in std::fs::read_dir(dir).ok()?.flatten() {
-            let candidate = entry.path();
-            let cname = entry.file_name().to_string_lossy().into_owned();
-            if candidate == path || !cname.starts_with(&name) {
+    /// The copy of a truncated file among the rotated siblings nobody follows: it begins with the
+    /// file's head and holds at least the bytes we had seen; the newest if several do.
+    fn find_copy(&self, head: Head, min_size: u64, found: &mut [Found]) -> Option<usize> {
+        let mut best: Option<usize> = None;
+        for i in 0..found.len() {
+            let f = &mut found[i];
+            if f.claimed || f.at_path || f.is_compressed() || f.size < min_size {
                 continue;
             }
-            let Ok(meta) = entry.metadata() else { continue };
-            if !meta.is_file() || meta.len() < min_size {
+            if self.by_inode.lock().expect("by_inode lock").contains_key(&f.dev_ino) {
                 continue;
             }
-            let Ok(file) = File::open(&candidate) else {
+            if !f.head_bytes(self.cfg.head_bytes).is_some_and(|b| head.is_prefix_of(b)) {
                 continue;
-            };
-            if fingerprint::of_file(&file, self.cfg.fingerprint_bytes).ok().flatten() == Some(fp) {
-                return Some((file, candidate, (meta.dev(), meta.ino())));
+            }
+            if best.is_none_or(|b| found[b].modified < found[i].modified) {
+                best = Some(i);
             }
         }
-        None
-    }
-
-    /// A file rotated away before any scan saw it (`app.log` → `app.log.1` within one scan
-    /// interval) would otherwise be lost. Siblings named `{name}.…`/`{name}-…` whose identity is
-    /// unknown are followed to their end if they changed since the agent started, or if a
-    /// checkpoint says a destination had not finished them.
-    pub(super) fn adopt_rotated_siblings(
-        &self,
-        path: &Path,
-        source: &Source,
-        first: bool,
-        matched: &HashSet<PathBuf>,
-        view: &mut ScanView,
-    ) {
-        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return };
-        let name = name.to_string_lossy();
-        let candidates: Vec<PathBuf> = view.names_starting_with(dir, &name).map(|(_, p)| p.clone()).collect();
-        for candidate in candidates {
-            let cname = candidate.file_name().unwrap_or_default().to_string_lossy().into_owned();
-            let rest = &cname[name.len()..];
-            if !(rest.starts_with('.') || rest.starts_with('-'))
-                || [".gz", ".bz2", ".xz", ".zst", ".zip"].iter().any(|ext| cname.ends_with(ext))
-                || matched.contains(&candidate)
-                || source.exclude.iter().any(|p| p.matches_path(&candidate))
-            {
-                continue;
-            }
-            // Not following links, as a directory listing reports them.
-            let Ok(meta) = std::fs::symlink_metadata(&candidate) else { continue };
-            let dev_ino = (meta.dev(), meta.ino());
-            if !meta.is_file() || view.tracked(self).contains(&dev_ino) {
-                continue;
-            }
-            // Rotated since we last looked: since this process started, or, in the first scan,
-            // since the previous run (a file written and rotated while the agent was down).
-            let since = if first { self.previous_run } else { Some(self.started) };
-            let recent = since.is_some_and(|t| meta.modified().is_ok_and(|m| m >= t));
-            let Ok(file) = File::open(&candidate) else { continue };
-            let Ok(Some(fp)) = fingerprint::of_file(&file, self.cfg.fingerprint_bytes) else { continue };
-            if !(recent || self.resume.contains(&fp))
-                || self.contains(fp)
-                || self.finished_ids.lock().expect("finished lock").contains_key(&fp)
-            {
-                continue;
-            }
-            let path_str = candidate.to_string_lossy().into_owned();
-            tracing::info!(path = %path_str, fingerprint = %format!("{fp:016x}"), "following a file rotated before it was seen");
-            let tf = self.track(fp, source, 0, file, path_str, dev_ino, meta.len(), false);
-            self.files.write().expect("files lock").entry(fp).or_insert(tf);
-            view.tracked(self).insert(dev_ino);
-        }
+        best
     }
 
     /// Marks files that left every matched path as rotated; closes rotated files once every
-    /// destination has them (or gives up after `max_rotated_keep`).
+    /// destination has them (or gives up after `max_rotated_keep`, or past `max_rotated_bytes`).
     pub(super) fn retire(&self, seen: &HashSet<u64>) {
         let now = Instant::now();
         let mut drop_list = Vec::new();
-        for tf in self.snapshot() {
+        for tf in self.all_files() {
             let size = tf.size();
             let mut life = tf.inner.lock().expect("lifecycle lock");
             if size > life.size {
                 life.size = size;
                 life.last_growth = now;
             }
-            if seen.contains(&tf.fingerprint) {
+            if seen.contains(&tf.id) {
                 life.at_path = true;
                 life.rotated_since = None;
                 tf.set_finished(false);
@@ -154,6 +123,8 @@ impl Registry {
                 let moved_to = current_path(&tf.handle()).unwrap_or_else(|| life.path.clone());
                 tracing::info!(path = %life.path, now = %moved_to, "file rotated or removed; reading it to the end");
                 life.path = moved_to;
+                let path = life.path.clone();
+                self.table.lock().expect("table lock").update(tf.id, |e| e.path = path);
             }
             let rotated_for = now.duration_since(life.rotated_since.unwrap_or(now));
             let idle_for = now.duration_since(life.last_growth);
@@ -162,7 +133,7 @@ impl Registry {
             let all_done = tf.acked().all(|a| a >= size);
             if settled && all_done {
                 tracing::info!(path = %life.path, "rotated file fully shipped; closing");
-                drop_list.push(tf.fingerprint);
+                drop_list.push(tf.clone());
             } else if rotated_for >= self.cfg.max_rotated_keep {
                 self.count_lost(
                     &tf,
@@ -171,45 +142,63 @@ impl Registry {
                     "rotated_given_up",
                     "giving up on rotated file after max_rotated_keep; bytes this destination had not confirmed",
                 );
-                drop_list.push(tf.fingerprint);
+                drop_list.push(tf.clone());
             }
         }
+        self.bound_rotated_bytes();
         if !drop_list.is_empty() {
             let mut files = self.files.write().expect("files lock");
-            let mut finished = self.finished_ids.lock().expect("finished lock");
-            finished.retain(|_, at| at.elapsed() < std::time::Duration::from_secs(24 * 3600));
-            for fp in drop_list {
-                files.remove(&fp);
-                finished.insert(fp, Instant::now());
+            let mut by_inode = self.by_inode.lock().expect("by_inode lock");
+            let mut table = self.table.lock().expect("table lock");
+            let done_at = crate::file_table::unix_now_secs();
+            for tf in drop_list {
+                files.remove(&tf.id);
+                by_inode.retain(|_, id| *id != tf.id);
+                table.update(tf.id, |e| e.done_at = Some(done_at));
             }
-            self.by_path.lock().expect("by_path lock").retain(|_, fp| files.contains_key(fp));
         }
     }
-}
 
-/// `app.log.1`, `app.log-20261122`, `app.log.2.gz` next to `app.log`.
-pub(super) fn is_rotated_name(path: &Path, original: &Path) -> bool {
-    let (Some(name), Some(base)) = (path.file_name(), original.file_name()) else {
-        return false;
-    };
-    let (name, base) = (name.to_string_lossy(), base.to_string_lossy());
-    path.parent() == original.parent()
-        && name.len() > base.len()
-        && name.starts_with(base.as_ref())
-        && matches!(name.as_bytes()[base.len()], b'.' | b'-')
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rotated_names_are_siblings_with_a_suffix() {
-        let original = Path::new("/var/log/app.log");
-        assert!(is_rotated_name(Path::new("/var/log/app.log.1"), original));
-        assert!(is_rotated_name(Path::new("/var/log/app.log-20261122"), original));
-        assert!(!is_rotated_name(Path::new("/var/log/app.logger"), original));
-        assert!(!is_rotated_name(Path::new("/var/log/other.log"), original));
-        assert!(!is_rotated_name(Path::new("/srv/log/app.log.1"), original));
+    /// Per destination, the bytes of rotated-away files it has not finished (each holds its whole
+    /// file open, on disk but out of `du`'s sight): past `max_rotated_bytes`, the oldest rotated
+    /// files are given up for that destination, logged and counted.
+    fn bound_rotated_bytes(&self) {
+        let mut rotated: Vec<(Instant, Arc<TrackedFile>, u64, String)> = self
+            .all_files()
+            .into_iter()
+            .filter_map(|tf| {
+                let life = tf.inner.lock().expect("lifecycle lock");
+                let since = life.rotated_since.filter(|_| !life.at_path)?;
+                let path = life.path.clone();
+                drop(life);
+                let size = tf.size();
+                Some((since, tf, size, path))
+            })
+            .collect();
+        rotated.sort_by_key(|(since, ..)| *since);
+        for (index, destination) in self.destinations.iter().enumerate() {
+            let unfinished = |tf: &TrackedFile, size: u64| !tf.is_given_up(index) && tf.acked().nth(index) < Some(size);
+            let mut held: u64 = rotated.iter().filter(|(_, tf, size, _)| unfinished(tf, *size)).map(|r| r.2).sum();
+            for (_, tf, size, path) in &rotated {
+                if held <= self.cfg.max_rotated_bytes {
+                    break;
+                }
+                if !unfinished(tf, *size) {
+                    continue;
+                }
+                let acked = tf.acked().nth(index).unwrap_or(0);
+                tf.give_up(index);
+                held -= size;
+                self.count_lost_range(
+                    destination,
+                    path,
+                    acked,
+                    *size,
+                    "rotated_over_limit",
+                    "rotated files held open past files.max_rotated_bytes: giving up the oldest for this destination",
+                );
+            }
+            metrics::gauge!("tron_agent_rotated_bytes_held", "destination" => *destination).set(held as f64);
+        }
     }
 }

@@ -1,16 +1,14 @@
-//! What one scan has read of the directories and the tracked set.
+//! What one scan has read of the directories.
 
-use super::Registry;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-/// What one scan has read of the directories and the tracked set, each read once: listing a
-/// directory per file would make a scan of thousands of files in one directory quadratic.
+/// What one scan has read of the directories, each read once: listing a directory per file
+/// would make a scan of thousands of files in one directory quadratic.
 #[derive(Default)]
 pub(super) struct ScanView {
     /// Per directory: (name, path), sorted by name, so siblings sharing a prefix are one range.
     listings: HashMap<PathBuf, Vec<(String, PathBuf)>>,
-    tracked: Option<HashSet<(u64, u64)>>,
 }
 
 impl ScanView {
@@ -30,13 +28,6 @@ impl ScanView {
         });
         let from = listing.partition_point(|(n, _)| n.as_str() < prefix);
         listing[from..].iter().take_while(move |(n, _)| n.starts_with(prefix))
-    }
-
-    /// (device, inode) of every tracked file, including those adopted during this scan.
-    pub(super) fn tracked(&mut self, registry: &Registry) -> &mut HashSet<(u64, u64)> {
-        self.tracked.get_or_insert_with(|| {
-            registry.snapshot().iter().map(|tf| tf.inner.lock().expect("lifecycle lock").dev_ino).collect()
-        })
     }
 }
 

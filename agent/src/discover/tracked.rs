@@ -1,6 +1,7 @@
 //! A followed file: its identity, the descriptor kept open so it can be read to its end after a
 //! rotation or deletion, and the state the registry and the shippers share about it.
 
+use crate::identity::Head;
 use crate::parse::SourceSettings;
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -8,7 +9,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
 pub struct TrackedFile {
-    pub fingerprint: u64,
+    /// Its identity (`identity.rs`), in the file table before anything is read under it.
+    pub id: u64,
     pub source: Arc<SourceSettings>,
     /// Where a destination with no checkpoint for this file starts.
     pub start_offset: u64,
@@ -18,6 +20,10 @@ pub struct TrackedFile {
     finished: AtomicBool,
     /// The content behind this identity is gone (truncated with no copy found).
     gone: AtomicBool,
+    /// Per destination: given up (rotated bytes held past `max_rotated_bytes`); not read further.
+    given_up: Vec<AtomicBool>,
+    /// Written to the file table: only then may a destination read it (`Registry::snapshot`).
+    pub(super) published: AtomicBool,
     pub(super) handle: RwLock<Arc<File>>,
     pub(super) inner: Mutex<Lifecycle>,
 }
@@ -25,6 +31,8 @@ pub struct TrackedFile {
 pub(super) struct Lifecycle {
     pub(super) path: String,
     pub(super) dev_ino: (u64, u64),
+    /// What the file began with when last checked; grows with the file up to `head_bytes`.
+    pub(super) head: Head,
     pub(super) at_path: bool,
     pub(super) rotated_since: Option<Instant>,
     pub(super) size: u64,
@@ -62,20 +70,42 @@ impl TrackedFile {
         self.finished.store(finished, Ordering::SeqCst);
     }
 
+    /// Whether destination `index` gave this (rotated) file up: it reads no more of it.
+    pub fn is_given_up(&self, index: usize) -> bool {
+        self.given_up[index].load(Ordering::SeqCst)
+    }
+
+    pub(super) fn give_up(&self, index: usize) {
+        self.given_up[index].store(true, Ordering::SeqCst);
+    }
+
+    /// Whether `handle` still begins with what this file began with. Readers check before and
+    /// after a read, so a copytruncate that lands mid-read never passes new content off as old.
+    pub fn is_intact(&self, handle: &File) -> bool {
+        let head = self.inner.lock().expect("lifecycle lock").head;
+        head.matches(handle)
+    }
+
     /// Records that destination `index` has everything before `offset`.
     pub fn set_acked(&self, index: usize, offset: u64) {
         self.acked[index].store(offset, Ordering::SeqCst);
     }
 
-    /// What each destination has, in the registry's destination order.
+    /// What each destination has, in the registry's destination order (u64::MAX: given up).
     pub(super) fn acked(&self) -> impl Iterator<Item = u64> + '_ {
-        self.acked.iter().map(|a| a.load(Ordering::SeqCst))
+        self.acked.iter().zip(&self.given_up).map(|(a, g)| {
+            if g.load(Ordering::SeqCst) {
+                u64::MAX
+            } else {
+                a.load(Ordering::SeqCst)
+            }
+        })
     }
 }
 
 impl TrackedFile {
     pub(super) fn new(
-        fingerprint: u64,
+        id: u64,
         source: Arc<SourceSettings>,
         start_offset: u64,
         destinations: usize,
@@ -83,12 +113,14 @@ impl TrackedFile {
         life: Lifecycle,
     ) -> Self {
         TrackedFile {
-            fingerprint,
+            id,
             source,
             start_offset,
             acked: (0..destinations).map(|_| AtomicU64::new(0)).collect(),
             finished: AtomicBool::new(false),
             gone: AtomicBool::new(false),
+            given_up: (0..destinations).map(|_| AtomicBool::new(false)).collect(),
+            published: AtomicBool::new(false),
             handle: RwLock::new(Arc::new(handle)),
             inner: Mutex::new(life),
         }

@@ -1,0 +1,163 @@
+//! The identity rules on real files in a temporary directory: files that begin alike are never
+//! one file, rotation keeps a file's id, a restart finds files again wherever rotation put them.
+
+use super::*;
+use std::io::Write;
+
+const HEADER: &str = "time,level,msg\n";
+
+struct Setup {
+    logs: tempfile::TempDir,
+    state: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        Setup { logs: tempfile::tempdir().unwrap(), state: tempfile::tempdir().unwrap() }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.logs.path().join(name)
+    }
+
+    fn append(&self, name: &str, lines: std::ops::Range<u32>) {
+        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(self.path(name)).unwrap();
+        if f.metadata().unwrap().len() == 0 {
+            f.write_all(HEADER.as_bytes()).unwrap();
+        }
+        for i in lines {
+            writeln!(f, "2026-12-03T10:00:00Z,INFO,{name} line {i}").unwrap();
+        }
+    }
+
+    fn registry(&self, previous: PreviousRun, previous_run: Option<std::time::SystemTime>) -> Arc<Registry> {
+        let source: SourceConfig = serde_json::from_value(serde_json::json!({
+            "name": "app", "tag": "app", "include": [format!("{}/*.log", self.logs.path().display())]
+        }))
+        .unwrap();
+        let table = FileTable::open(self.state.path()).unwrap();
+        let previous = PreviousRun { legacy: !table.existed, ..previous };
+        Registry::new(&[source], FilesConfig::default(), self.state.path(), vec!["s3"], table, previous, previous_run)
+    }
+}
+
+/// Id → path of every followed file.
+fn followed(r: &Registry) -> HashMap<u64, String> {
+    r.snapshot().iter().map(|tf| (tf.id, tf.path())).collect()
+}
+
+fn id_at(r: &Registry, path: &Path) -> u64 {
+    let path = path.to_string_lossy();
+    let ids: Vec<u64> = followed(r).into_iter().filter(|(_, p)| *p == path).map(|(id, _)| id).collect();
+    assert_eq!(ids.len(), 1, "one file at {path}: {:?}", followed(r));
+    ids[0]
+}
+
+#[test]
+fn files_that_begin_with_the_same_line_are_different_files() {
+    let s = Setup::new();
+    for name in ["a.log", "b.log", "c.log"] {
+        s.append(name, 0..3);
+    }
+    std::fs::write(s.path("empty.log"), b"").unwrap();
+    std::fs::write(s.path("header-only.log"), HEADER).unwrap();
+    let r = s.registry(PreviousRun::default(), None);
+    r.scan();
+    let ids = followed(&r);
+    assert_eq!(ids.len(), 5, "{ids:?}");
+    r.scan();
+    assert_eq!(followed(&r), ids, "a second scan changes nothing");
+}
+
+#[test]
+fn rename_rotation_keeps_the_id_and_the_new_file_with_the_same_header_gets_its_own() {
+    let s = Setup::new();
+    s.append("app.log", 0..10);
+    let r = s.registry(PreviousRun::default(), None);
+    r.scan();
+    let old = id_at(&r, &s.path("app.log"));
+    std::fs::rename(s.path("app.log"), s.path("app.log.1")).unwrap();
+    s.append("app.log", 10..20);
+    r.scan();
+    assert_eq!(id_at(&r, &s.path("app.log.1")), old);
+    assert_ne!(id_at(&r, &s.path("app.log")), old);
+}
+
+#[test]
+fn copytruncate_follows_the_copy_even_when_the_file_starts_again_with_the_same_header() {
+    let s = Setup::new();
+    s.append("app.log", 0..10);
+    let r = s.registry(PreviousRun::default(), None);
+    r.scan();
+    let old = id_at(&r, &s.path("app.log"));
+    std::fs::copy(s.path("app.log"), s.path("app.log.1")).unwrap();
+    r.scan(); // a scan between the copy and the truncate: the copy is not a new file
+    assert_eq!(followed(&r).len(), 1, "{:?}", followed(&r));
+    std::fs::OpenOptions::new().write(true).open(s.path("app.log")).unwrap().set_len(0).unwrap();
+    s.append("app.log", 100..120); // longer than before: only the head tells
+    r.scan();
+    assert_eq!(id_at(&r, &s.path("app.log.1")), old);
+    assert_ne!(id_at(&r, &s.path("app.log")), old);
+}
+
+#[test]
+fn a_restart_finds_files_again_by_inode_by_content_and_inside_gzip() {
+    let s = Setup::new();
+    for name in ["kept.log", "renamed.log", "copied.log", "zipped.log", "deleted.log"] {
+        s.append(name, 0..200);
+    }
+    let r = s.registry(PreviousRun::default(), None);
+    r.scan();
+    let before: HashMap<String, u64> = ["kept", "renamed", "copied", "zipped", "deleted"]
+        .iter()
+        .map(|n| (n.to_string(), id_at(&r, &s.path(&format!("{n}.log")))))
+        .collect();
+    drop(r);
+    // While stopped: every destination has 100 bytes of each; then rotation of each kind.
+    let mut previous = PreviousRun::default();
+    for id in before.values() {
+        previous.offsets.insert(*id, vec![("s3", 100)]);
+    }
+    std::fs::rename(s.path("renamed.log"), s.path("renamed.log.1")).unwrap();
+    s.append("renamed.log", 0..5);
+    std::fs::copy(s.path("copied.log"), s.path("copied.log.1")).unwrap();
+    std::fs::write(s.path("copied.log"), b"").unwrap();
+    s.append("copied.log", 0..5);
+    let zipped = std::fs::read(s.path("zipped.log")).unwrap();
+    let mut enc = flate2::write::GzEncoder::new(
+        std::fs::File::create(s.path("zipped.log.1.gz")).unwrap(),
+        flate2::Compression::default(),
+    );
+    enc.write_all(&zipped).unwrap();
+    enc.finish().unwrap();
+    std::fs::remove_file(s.path("zipped.log")).unwrap();
+    std::fs::remove_file(s.path("deleted.log")).unwrap();
+    let r = s.registry(previous, Some(std::time::SystemTime::now() - std::time::Duration::from_secs(60)));
+    r.scan();
+    assert_eq!(id_at(&r, &s.path("kept.log")), before["kept"]);
+    assert_eq!(id_at(&r, &s.path("renamed.log.1")), before["renamed"]);
+    assert_ne!(id_at(&r, &s.path("renamed.log")), before["renamed"]);
+    assert_eq!(id_at(&r, &s.path("copied.log.1")), before["copied"]);
+    assert_ne!(id_at(&r, &s.path("copied.log")), before["copied"]);
+    assert_eq!(id_at(&r, &s.path("zipped.log.1.gz")), before["zipped"]);
+    let tf = r.snapshot().into_iter().find(|tf| tf.id == before["zipped"]).unwrap();
+    assert_eq!(tf.size(), zipped.len() as u64, "the decompressed content at its offsets");
+    assert!(!followed(&r).contains_key(&before["deleted"]));
+    assert_eq!(followed(&r).len(), 6);
+}
+
+#[test]
+fn an_older_agents_checkpoints_are_taken_over_by_path_and_first_line() {
+    let s = Setup::new();
+    s.append("a.log", 0..10);
+    s.append("b.log", 0..10); // same first line: the old agent followed only one of them
+    let fp = identity::legacy_fingerprint(HEADER.as_bytes()).unwrap();
+    let mut previous = PreviousRun::default();
+    previous.offsets.insert(fp, vec![("s3", 50)]);
+    previous.paths.insert(fp, s.path("b.log").to_string_lossy().into_owned());
+    let r = s.registry(previous, Some(std::time::SystemTime::now()));
+    r.scan();
+    assert_eq!(id_at(&r, &s.path("b.log")), fp, "the checkpoint's own file keeps the old id");
+    assert_ne!(id_at(&r, &s.path("a.log")), fp);
+    assert!(s.state.path().join("files.json").exists(), "ids are on disk before anything is shipped");
+}
