@@ -415,6 +415,37 @@ impl AgentConfig {
     }
 }
 
+/// Every setting a SIGHUP reload cannot apply, by key, as text: a reload whose file changes one
+/// is refused with that key named (the relay's TLS files and the sources are applied).
+pub fn fixed_settings(cfg: &AgentConfig) -> Vec<(String, String)> {
+    let mut fixed: Vec<(String, String)> = vec![
+        ("state_dir".into(), format!("{:?}", cfg.state_dir)),
+        ("host".into(), format!("{:?}", cfg.host)),
+        ("metrics_listen".into(), format!("{:?}", cfg.metrics_listen)),
+        ("fields".into(), format!("{:?}", cfg.fields)),
+        ("files".into(), format!("{:?}", cfg.files)),
+        ("destinations.s3".into(), format!("{:?}", cfg.destinations.s3)),
+        ("destinations.relay".into(), format!("{:?}", cfg.destinations.relay.is_some())),
+    ];
+    if let Some(r) = &cfg.destinations.relay {
+        let key = |k: &str| format!("destinations.relay.{k}");
+        fixed.extend([
+            (key("addresses"), format!("{:?}", r.addresses)),
+            (key("tls_server_name"), format!("{:?}", r.tls_server_name)),
+            (key("plaintext"), format!("{:?}", r.plaintext)),
+            (key("shared_key"), format!("{:?}", r.shared_key)),
+            (key("username"), format!("{:?}", r.username)),
+            (key("password"), format!("{:?}", r.password)),
+            (key("ack_timeout"), format!("{:?}", r.ack_timeout)),
+            (key("compression"), format!("{:?}", r.compression)),
+            (key("gzip_level"), format!("{:?}", r.gzip_level)),
+            (key("watermark_interval"), format!("{:?}", r.watermark_interval)),
+            (key("batch"), format!("{:?}", r.batch)),
+        ]);
+    }
+    fixed
+}
+
 fn check_gzip_level(key: &str, level: u32) -> Result<(), (String, String)> {
     if level > 9 {
         return Err((key.into(), format!("{level} is not a gzip level (0-9)")));

@@ -32,12 +32,15 @@ pub struct Cursor<B> {
     pub open: Option<OpenBatch<B>>,
     /// A multiline record read but held back until it is known to be complete.
     pub held: Option<Held>,
+    /// Event time (ns) of the last record read: while the file is being written, its next
+    /// lines are assumed no older than this, not "now" (`Shipper::low_watermark_ms`).
+    pub last_time_ns: Option<i64>,
 }
 
 impl<B> Cursor<B> {
     /// A cursor that reads, and counts as delivered, from `start`.
     pub fn new(file: Arc<TrackedFile>, start: u64) -> Self {
-        Cursor { file, read: start, ranges: Ranges::new(start), open: None, held: None }
+        Cursor { file, read: start, ranges: Ranges::new(start), open: None, held: None, last_time_ns: None }
     }
 
     /// The batch being filled, opened with `open` (given the offset it starts at, the read

@@ -103,7 +103,8 @@ async fn run(cfg: AgentConfig, config_path: PathBuf, daemon: Daemon) -> anyhow::
         relay = Some(dest.clone());
         shippers.push(ctx.spawn(dest)?);
     }
-    let reloader = Reloader { path: config_path, registry: registry.clone(), relay, watcher };
+    let reloader =
+        Reloader { path: config_path, registry: registry.clone(), relay, watcher, fixed: config::fixed_settings(&cfg) };
     tokio::spawn(reloader.run(shutdown.clone()));
     daemon.ready("tron-agent", cfg.metrics_listen).await?;
     tracing::info!(%host, files = registry.snapshot().len(), destinations = shippers.len(), "following files");
@@ -141,13 +142,16 @@ impl ShipperContext<'_> {
 }
 
 /// SIGHUP re-reads the configuration file and applies what can change without losing position:
-/// the sources (new globs are followed, dropped ones finish their files) and the relay's TLS
-/// material. A file that fails validation changes nothing; the error names the key.
+/// the sources (new globs are followed, dropped ones finish their files, the watermark reports
+/// speak for the new set of tags) and the relay's TLS material. A file that fails validation, or
+/// that changes a setting only a restart applies, changes nothing; the error names the key.
 struct Reloader {
     path: PathBuf,
     registry: Arc<Registry>,
     relay: Option<Arc<relay::RelayForwarder>>,
     watcher: Option<notify::RecommendedWatcher>,
+    /// The settings a reload cannot change, as running (`config::fixed_settings`).
+    fixed: Vec<(String, String)>,
 }
 
 impl Reloader {
@@ -175,8 +179,13 @@ impl Reloader {
 
     async fn reload(&mut self) -> anyhow::Result<usize> {
         let cfg: AgentConfig = tron_service::config::load(&self.path, AgentConfig::validate)?;
+        let fixed = config::fixed_settings(&cfg);
+        if let Some((key, _)) = fixed.iter().zip(&self.fixed).find(|(new, old)| new != old).map(|(new, _)| new) {
+            anyhow::bail!("{key} changed, which a reload cannot apply: restart the agent to change it");
+        }
         if let (Some(relay), Some(relay_cfg)) = (&self.relay, &cfg.destinations.relay) {
             relay.reload_tls(relay_cfg).context("reloading the relay TLS material")?;
+            relay.set_tags(source_tags(&cfg));
         }
         self.registry.set_sources(&cfg.sources);
         if let Some(w) = &mut self.watcher {

@@ -40,8 +40,8 @@ pub struct RelayForwarder {
     /// This agent's host name, the first half of every chunk's `tron_source`.
     host: String,
     /// The tags this agent's sources send with, so the relay knows which topics a watermark
-    /// report speaks for.
-    tags: Vec<String>,
+    /// report speaks for. Replaced on SIGHUP when sources change.
+    tags: std::sync::RwLock<Vec<String>>,
     watermark_interval: Duration,
 }
 
@@ -85,9 +85,14 @@ impl RelayForwarder {
             gzip_level: (cfg.compression == LinkCompression::Gzip).then_some(cfg.gzip_level),
             ack_timeout: cfg.ack_timeout,
             host: hostname.to_string(),
-            tags,
+            tags: std::sync::RwLock::new(tags),
             watermark_interval: cfg.watermark_interval,
         })
+    }
+
+    /// The tags the next watermark reports speak for (a reload added or removed a source).
+    pub fn set_tags(&self, tags: Vec<String>) {
+        *self.tags.write().expect("tags lock") = tags;
     }
 
     /// Re-reads the CA, client certificate and key; on error the old material stays in use.
@@ -162,7 +167,7 @@ impl Destination for RelayForwarder {
         let mut record = serde_json::Map::new();
         record.insert("host".into(), self.host.clone().into());
         record.insert("watermark_ms".into(), watermark_ms.into());
-        record.insert("tags".into(), self.tags.clone().into());
+        record.insert("tags".into(), self.tags.read().expect("tags lock").clone().into());
         let mut builder = ChunkBuilder::new(1);
         builder.push(forward::EventTime::from_unix_nanos(tron_service::clock::now_ns()), &record);
         let id = format!("wm-{}-{watermark_ms}", self.host);

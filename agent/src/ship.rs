@@ -23,6 +23,12 @@ use tron_service::{Health, Shutdown};
 
 const HOUR_NS: i64 = 3_600_000_000_000;
 
+/// A file that grew this recently is being written: its next line may carry an event time as
+/// old as its last one (a backlog, a lagging writer, an application clock behind ours), so the
+/// low watermark does not claim more than that line's time. Quiet for longer, its next line is
+/// assumed to be new (a late one is what `finalize.lateness` is for).
+const WRITING_WINDOW: Duration = Duration::from_secs(30);
+
 /// The shortest time between two reading passes over every file.
 const MIN_PASS_INTERVAL: Duration = Duration::from_millis(50);
 
@@ -350,6 +356,9 @@ impl<D: Destination> Shipper<D> {
                 self.seal(id);
             }
             let cursor = self.cursors.get_mut(&id).expect("cursor exists");
+            if let Some(record) = &record {
+                cursor.last_time_ns = Some(record.time.unix_nanos());
+            }
             let (open, opened) = cursor.open_batch(|start| {
                 OpenBatch::new(self.dest.builder(), BatchMeta::starting_at(id, &path, &src.tag, start, hour))
             });
@@ -403,12 +412,17 @@ impl<D: Destination> Shipper<D> {
 
     /// "Every line of mine with an event time before this is delivered": the earliest event time
     /// among records not yet delivered (in sealed or open batches) and the first line not yet
-    /// read of every file, or now when everything is delivered. None when a file's next line
-    /// cannot be read: an unreadable file holds the watermark where it was.
+    /// read of every file, and for a file still being written (grew in the last
+    /// [`WRITING_WINDOW`]) the time of the last line read from it; now when every file is
+    /// delivered and quiet. None when a file's next line cannot be read: an unreadable file
+    /// holds the watermark where it was.
     fn low_watermark_ms(&self) -> Option<i64> {
         let mut low = tron_service::clock::now_ns();
         for (id, c) in &self.cursors {
             low = low.min(c.undelivered_min_time_ns());
+            if let Some(last) = c.last_time_ns.filter(|_| c.file.quiet_for() < WRITING_WINDOW) {
+                low = low.min(last);
+            }
             if !c.file.is_gone() && c.file.size() > c.read {
                 low = low.min(self.next_line_time(*id, c)?.unwrap_or(i64::MAX));
             }

@@ -179,7 +179,6 @@ def test_agent_sighup_follows_new_sources_keeps_position_and_refuses_a_bad_file(
     agent.start()
 
     def write(path, start, n):
-        # Distinct first lines: a file's identity is its first line.
         with open(path, "a") as f:
             for i in range(start, start + n):
                 f.write('{"seq": %d, "msg": "%s"}\n' % (i, path))
@@ -228,9 +227,17 @@ def test_agent_sighup_follows_new_sources_keeps_position_and_refuses_a_bad_file(
                     on_timeout=agent.tail)
     seen = archived()
     assert max(seen.values()) == 1, "lines re-read after reload: %s" % [k for k, n in seen.items() if n > 1][:5]
+
+    # A change only a restart applies is refused with its key named, never reported as ok.
+    cfg["files"]["scan_interval"] = "5s"
+    with open(agent.config_path, "w") as f:
+        f.write(tron.to_toml(cfg))
+    agent.proc.send_signal(signal.SIGHUP)
+    tron.wait_until("a reload of files.* refused", lambda: "files changed, which a reload cannot apply" in agent.tail(),
+                    timeout=10, interval=0.3, on_timeout=agent.tail)
     m = agent.metrics()
     assert tron.metric(m, "tron_agent_reloads_total", result="ok") == 1
-    assert tron.metric(m, "tron_agent_reloads_total", result="refused") == 1
+    assert tron.metric(m, "tron_agent_reloads_total", result="refused") == 2
     assert agent.stop() == 0
 
 

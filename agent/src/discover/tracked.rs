@@ -70,6 +70,11 @@ impl TrackedFile {
         self.finished.store(finished, Ordering::SeqCst);
     }
 
+    /// How long since the file last grew (as the scans see it).
+    pub fn quiet_for(&self) -> std::time::Duration {
+        self.inner.lock().expect("lifecycle lock").last_growth.elapsed()
+    }
+
     /// Whether destination `index` gave this (rotated) file up: it reads no more of it.
     pub fn is_given_up(&self, index: usize) -> bool {
         self.given_up[index].load(Ordering::SeqCst)
