@@ -26,7 +26,7 @@ struct ChunkDelivery {
     done: tokio::sync::Notify,
     /// The first failure that fails the chunk.
     error: Mutex<Option<KafkaError>>,
-    /// Records the broker refused as too large: (payload, timestamp in ms, error).
+    /// Records the broker refused as too large: (payload, event time in ns, error).
     too_large: Mutex<Vec<(Vec<u8>, i64, KafkaError)>>,
 }
 
@@ -68,6 +68,14 @@ async fn enqueue<K: rdkafka::message::ToBytes + ?Sized>(
     }
 }
 
+/// The event time a record carries in its header (its Kafka timestamp is when the relay got it).
+fn event_time_ns(message: &rdkafka::message::BorrowedMessage<'_>) -> Option<i64> {
+    use rdkafka::message::Headers;
+    let headers = message.headers()?;
+    let header = headers.iter().find(|h| h.key == headers::EVENT_TIME_NS)?;
+    std::str::from_utf8(header.value?).ok()?.parse().ok()
+}
+
 struct DeliveryContext;
 
 impl ClientContext for DeliveryContext {}
@@ -79,8 +87,8 @@ impl ProducerContext for DeliveryContext {
         if let Err((error, message)) = result {
             if is_too_large(error) {
                 let payload = message.payload().unwrap_or_default().to_vec();
-                let ms = message.timestamp().to_millis().unwrap_or(0);
-                chunk.too_large.lock().expect("too_large lock").push((payload, ms, error.clone()));
+                let time_ns = event_time_ns(message).unwrap_or(0);
+                chunk.too_large.lock().expect("too_large lock").push((payload, time_ns, error.clone()));
             } else {
                 chunk.error.lock().expect("error lock").get_or_insert_with(|| error.clone());
             }
@@ -245,6 +253,11 @@ impl Kafka {
         let mut time_ns = String::new();
         let mut range = String::new();
         let mut sync_error = None;
+        // Kafka's timestamp is when the relay received the record, not its event time (which the
+        // record carries in a header): the sink's quarantine compares the two, time-based
+        // retention keeps back-filled records as long as any, and brokers that bound timestamps
+        // (log.message.timestamp.{before,after}.max.ms) never refuse an old or future line.
+        let received_ms = tron_service::clock::now_ms();
         for (index, entry) in records.records.iter().enumerate() {
             let payload = records.get(index);
             let key = self.key_field.as_ref().and_then(|f| key_of(payload, f));
@@ -265,7 +278,7 @@ impl Kafka {
             }
             let mut rec = BaseRecord::with_opaque_to(topic, chunk.clone())
                 .payload(payload)
-                .timestamp(entry.time.unix_millis())
+                .timestamp(received_ms)
                 .headers(headers);
             match (&key, &records.origin) {
                 (Some(k), _) => rec = rec.key(k.as_str()),
@@ -292,8 +305,8 @@ impl Kafka {
         if let Some(error) = chunk.error.lock().expect("error lock").take() {
             return Err(classify(topic, error));
         }
-        for (json, ms, error) in std::mem::take(&mut *chunk.too_large.lock().expect("too_large lock")) {
-            refused.push(Refused { json, time_ns: ms * 1_000_000, error: classify(topic, error) });
+        for (json, time_ns, error) in std::mem::take(&mut *chunk.too_large.lock().expect("too_large lock")) {
+            refused.push(Refused { json, time_ns, error: classify(topic, error) });
         }
         Ok(refused)
     }

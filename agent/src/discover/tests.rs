@@ -31,13 +31,22 @@ impl Setup {
     }
 
     fn registry(&self, previous: PreviousRun, previous_run: Option<std::time::SystemTime>) -> Arc<Registry> {
+        self.registry_with(FilesConfig::default(), previous, previous_run)
+    }
+
+    fn registry_with(
+        &self,
+        files: FilesConfig,
+        previous: PreviousRun,
+        previous_run: Option<std::time::SystemTime>,
+    ) -> Arc<Registry> {
         let source: SourceConfig = serde_json::from_value(serde_json::json!({
             "name": "app", "tag": "app", "include": [format!("{}/*.log", self.logs.path().display())]
         }))
         .unwrap();
         let table = FileTable::open(self.state.path()).unwrap();
         let previous = PreviousRun { legacy: !table.existed, ..previous };
-        Registry::new(&[source], FilesConfig::default(), self.state.path(), vec!["s3"], table, previous, previous_run)
+        Registry::new(&[source], files, self.state.path(), vec!["s3"], table, previous, previous_run)
     }
 }
 
@@ -160,4 +169,25 @@ fn an_older_agents_checkpoints_are_taken_over_by_path_and_first_line() {
     assert_eq!(id_at(&r, &s.path("b.log")), fp, "the checkpoint's own file keeps the old id");
     assert_ne!(id_at(&r, &s.path("a.log")), fp);
     assert!(s.state.path().join("files.json").exists(), "ids are on disk before anything is shipped");
+}
+
+#[test]
+fn rotated_files_a_lagging_destination_holds_are_bounded_in_bytes_oldest_given_up_first() {
+    let s = Setup::new();
+    s.append("app.log", 0..1000);
+    let size = std::fs::metadata(s.path("app.log")).unwrap().len();
+    let files = FilesConfig { max_rotated_bytes: size + size / 2, ..FilesConfig::default() };
+    let r = s.registry_with(files, PreviousRun::default(), None);
+    r.scan();
+    let first = id_at(&r, &s.path("app.log"));
+    std::fs::rename(s.path("app.log"), s.path("app.log.1")).unwrap();
+    s.append("app.log", 1000..2000);
+    r.scan();
+    let second = id_at(&r, &s.path("app.log"));
+    std::fs::rename(s.path("app.log"), s.path("app.log.2")).unwrap();
+    s.append("app.log", 2000..2010);
+    r.scan(); // two rotated files, nothing delivered: 2 x size held, over the bound
+    let by_id: HashMap<u64, Arc<TrackedFile>> = r.snapshot().into_iter().map(|tf| (tf.id, tf)).collect();
+    assert!(by_id[&first].is_given_up(0), "the oldest rotated file is given up");
+    assert!(!by_id[&second].is_given_up(0), "the newer one is kept: under the bound again");
 }
