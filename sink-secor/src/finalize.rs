@@ -26,6 +26,84 @@ use std::time::Duration;
 pub struct Finalizer {
     /// (topic, hour) → objects known when last finalized, to skip unchanged hours.
     done: HashMap<(String, i64), u64>,
+    /// Topics whose every agent is silent (logged when it starts and ends).
+    all_silent: BTreeSet<String>,
+}
+
+/// One hour as `tron-sink-secor hours` shows it.
+#[derive(Debug, serde::Serialize)]
+pub struct HourStatus {
+    pub hour: String,
+    /// Objects uploaded for the hour so far (from the partitions' states).
+    pub objects: u64,
+    /// Rows, from the manifest once the hour is finalized.
+    pub rows: Option<u64>,
+    pub finalized: bool,
+    /// The manifest's `completeness` when finalized, else what the rules say now.
+    pub decision: serde_json::Value,
+    /// Hosts holding the hour back: (host, its last watermark, when it last reported), RFC 3339.
+    pub holding: Vec<(String, String, String)>,
+}
+
+/// Every hour the partitions' states still count, finalized or not, oldest first.
+pub async fn hours(
+    store: &Store,
+    prefix: &str,
+    layout: &Layout,
+    topic: &str,
+    cfg: &FinalizeConfig,
+) -> anyhow::Result<Vec<HourStatus>> {
+    let mut states = Vec::new();
+    while let Some(s) = state::read(store, prefix, topic, states.len() as i32).await? {
+        states.push(s);
+    }
+    anyhow::ensure!(
+        !states.is_empty(),
+        "no partition state for topic {topic:?} under {prefix:?}: is the sink running?"
+    );
+    let mut hours: BTreeMap<i64, u64> = BTreeMap::new();
+    for s in &states {
+        for (h, n) in &s.hours {
+            *hours.entry(*h).or_default() += n;
+        }
+    }
+    let rules = Rules::of(&states, chrono::Utc::now().timestamp_millis(), cfg.host_timeout);
+    let time = |ms: i64| {
+        chrono::DateTime::from_timestamp_millis(ms)
+            .unwrap_or_default()
+            .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+    };
+    let mut out = Vec::new();
+    for (hour, objects) in hours {
+        let deadline = (hour + 1) * HOUR_MS + cfg.lateness.as_millis() as i64;
+        let dir = layout.hour_dir(topic, hour);
+        let manifest: Option<Manifest> =
+            store.get(&format!("{dir}_manifest.json")).await?.and_then(|b| serde_json::from_slice(&b).ok());
+        let finalized = store.get(&format!("{dir}_SUCCESS")).await?.is_some();
+        let decision = match (&manifest, rules.complete(&states, deadline)) {
+            (Some(m), _) if finalized => m.completeness.clone(),
+            (_, Some(d)) => d,
+            (_, None) => json!({"rule": "waiting", "all_hosts_silent": rules.all_silent}),
+        };
+        let holding = if finalized {
+            Vec::new()
+        } else {
+            rules
+                .holding(&states, deadline)
+                .into_iter()
+                .map(|h| {
+                    let marks = states.iter().filter_map(|s| s.hosts.get(&h));
+                    let w = marks.clone().map(|m| m.watermark_ms).min().unwrap_or(0);
+                    let r = marks.map(|m| m.reported_ms).max().unwrap_or(0);
+                    (h, time(w), time(r))
+                })
+                .collect()
+        };
+        let label = chrono::DateTime::from_timestamp(hour * 3600, 0).unwrap_or_default().format("%Y-%m-%dT%H");
+        let rows = manifest.as_ref().map(|m| m.rows);
+        out.push(HourStatus { hour: label.to_string(), objects, rows, finalized, decision, holding });
+    }
+    Ok(out)
 }
 
 impl Finalizer {
@@ -53,16 +131,35 @@ impl Finalizer {
         }
         let lateness_ms = cfg.lateness.as_millis() as i64;
         let rules = Rules::of(&states, chrono::Utc::now().timestamp_millis(), cfg.host_timeout);
+        let (mut waiting, mut holding) = (0u64, BTreeSet::new());
         for (hour, uploaded) in hours {
             if self.done.get(&(topic.to_string(), hour)) == Some(&uploaded) {
                 continue;
             }
             let deadline = (hour + 1) * HOUR_MS + lateness_ms;
             let Some(decision) = rules.complete(&states, deadline) else {
+                waiting += 1;
+                holding.extend(rules.holding(&states, deadline));
                 continue;
             };
             if self.finalize_hour(store, layout, topic, hour, uploaded, decision).await? {
                 self.done.insert((topic.to_string(), hour), uploaded);
+            }
+        }
+        metrics::gauge!("tron_sink_hours_waiting", "topic" => topic.to_string()).set(waiting as f64);
+        metrics::gauge!("tron_sink_hosts_holding_hours", "topic" => topic.to_string()).set(holding.len() as f64);
+        metrics::gauge!("tron_sink_all_hosts_silent", "topic" => topic.to_string()).set(if rules.all_silent {
+            1.0
+        } else {
+            0.0
+        });
+        if rules.all_silent != self.all_silent.contains(topic) {
+            if rules.all_silent {
+                self.all_silent.insert(topic.to_string());
+                tracing::warn!(topic, hosts = ?rules.required, "no agent has reported within finalize.host_timeout: hours wait for their last reports (relay or relay -> Kafka outage?)");
+            } else {
+                self.all_silent.remove(topic);
+                tracing::info!(topic, "agents report again");
             }
         }
         Ok(())
@@ -177,9 +274,14 @@ impl Finalizer {
 
 /// Which completeness rules apply to a topic now, from its partitions' states.
 struct Rules {
-    /// Agents that reported within `host_timeout`; each must be past the hour everywhere.
-    fresh: BTreeSet<String>,
+    /// Agents each of which must be past the hour everywhere: those that reported within
+    /// `host_timeout`, or, when none did, every agent known (`all_silent`).
+    required: BTreeSet<String>,
     stale: BTreeSet<String>,
+    /// No agent reported within `host_timeout` although agents are known: a silence of the
+    /// relays, of relay → Kafka or of the whole fleet. Hours wait for the agents' last reports
+    /// instead of falling back to event times: a silence is not a departure.
+    all_silent: bool,
     watermarks: bool,
     event_time: bool,
 }
@@ -187,31 +289,41 @@ struct Rules {
 impl Rules {
     fn of(states: &[PartitionState], now_ms: i64, host_timeout: Duration) -> Rules {
         let horizon = now_ms - host_timeout.as_millis() as i64;
-        let (mut fresh, mut stale) = (BTreeSet::new(), BTreeSet::new());
+        let mut fresh = BTreeSet::new();
         for (host, mark) in states.iter().flat_map(|s| &s.hosts) {
             if mark.reported_ms >= horizon {
                 fresh.insert(host.clone());
             }
         }
-        for host in states.iter().flat_map(|s| s.hosts.keys()) {
-            if !fresh.contains(host) {
-                stale.insert(host.clone());
-            }
-        }
-        let tracked = !fresh.is_empty() || states.iter().any(|s| s.tracked_seen_ms >= horizon);
+        let known: BTreeSet<String> = states.iter().flat_map(|s| s.hosts.keys().cloned()).collect();
+        let all_silent = fresh.is_empty() && !known.is_empty();
+        // A host silent while others report is retired after host_timeout (listed as stale);
+        // when every host is silent, none is.
+        let (required, stale) = if all_silent {
+            (known, BTreeSet::new())
+        } else {
+            let stale = known.difference(&fresh).cloned().collect();
+            (fresh, stale)
+        };
+        // Agent records (with source positions) seen within the day hosts are kept for: their
+        // hosts' reports decide, even when none has arrived yet or all have stopped.
+        let tracked = all_silent
+            || !required.is_empty()
+            || states.iter().any(|s| s.tracked_seen_ms >= now_ms - crate::partition::HOSTS_KEPT_MS);
         let untracked = states.iter().any(|s| s.untracked_seen_ms >= horizon);
         // Agent records seen but no report yet (just started): wait for the watermarks rather
-        // than guess; with no recent traffic at all, the event-time rule decides as before.
-        Rules { fresh, stale, watermarks: tracked, event_time: untracked || !tracked }
+        // than guess; with no agent known and no recent traffic at all, the event-time rule
+        // decides as before.
+        Rules { required, stale, all_silent, watermarks: tracked, event_time: untracked || !tracked }
     }
 
     /// How hour's `deadline` (its end plus lateness) was decided, or None while it is not done.
     fn complete(&self, states: &[PartitionState], deadline: i64) -> Option<serde_json::Value> {
         if self.watermarks {
             let past = |s: &PartitionState| {
-                self.fresh.iter().all(|h| s.hosts.get(h).is_some_and(|m| m.watermark_ms >= deadline))
+                self.required.iter().all(|h| s.hosts.get(h).is_some_and(|m| m.watermark_ms >= deadline))
             };
-            if self.fresh.is_empty() || !states.iter().all(past) {
+            if self.required.is_empty() || !states.iter().all(past) {
                 return None;
             }
         }
@@ -225,7 +337,20 @@ impl Rules {
             (true, false) => "watermarks",
             _ => "event_time",
         };
-        Some(json!({"rule": rule, "hosts_complete": self.fresh, "hosts_stale": self.stale}))
+        let mut decision = json!({"rule": rule, "hosts_complete": self.required, "hosts_stale": self.stale});
+        if self.all_silent {
+            decision["all_hosts_silent"] = json!(true);
+        }
+        Some(decision)
+    }
+
+    /// The hosts holding an hour back: required hosts not yet past its deadline everywhere.
+    fn holding(&self, states: &[PartitionState], deadline: i64) -> Vec<String> {
+        self.required
+            .iter()
+            .filter(|h| !states.iter().all(|s| s.hosts.get(*h).is_some_and(|m| m.watermark_ms >= deadline)))
+            .cloned()
+            .collect()
     }
 }
 
@@ -307,6 +432,30 @@ mod tests {
         ];
         let decision = Rules::of(&states, NOW, timeout).complete(&states, d).unwrap();
         assert_eq!(decision, json!({"rule": "watermarks", "hosts_complete": ["a"], "hosts_stale": ["b"]}));
+    }
+
+    #[test]
+    fn when_every_host_is_silent_hours_wait_for_their_last_reports_not_for_event_times() {
+        let timeout = Duration::from_secs(600);
+        let silent_since = NOW - 3_600_000; // an hour-long relay outage
+        let deadline = NOW - 1_800_000;
+        let mut p = partition(&[("a", deadline - 1, silent_since), ("b", NOW, silent_since)], false, false);
+        p.watermark_ms = NOW; // event times and "caught up" would say done
+        p.caught_up = true;
+        p.as_of_ms = NOW;
+        let rules = Rules::of(std::slice::from_ref(&p), NOW, timeout);
+        assert_eq!(
+            rules.complete(std::slice::from_ref(&p), deadline),
+            None,
+            "a's last report is before the hour's end"
+        );
+        assert_eq!(rules.holding(std::slice::from_ref(&p), deadline), ["a"]);
+        p.hosts.get_mut("a").unwrap().watermark_ms = deadline;
+        let decision = Rules::of(std::slice::from_ref(&p), NOW, timeout).complete(&[p], deadline).unwrap();
+        assert_eq!(
+            decision,
+            json!({"rule": "watermarks", "hosts_complete": ["a", "b"], "hosts_stale": [], "all_hosts_silent": true})
+        );
     }
 
     #[test]

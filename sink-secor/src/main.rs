@@ -60,6 +60,51 @@ enum Command {
     /// either side, duplicates, event → object latency. Exit 1 when anything is missing or
     /// doubled, 2 when the stores cannot be read. --watch exports the results as metrics.
     Audit(audit::AuditArgs),
+    /// List every recent hour of a topic: finalized or not, rows, how it was decided, and which
+    /// hosts hold it back with their last watermark and report (docs/completeness.md).
+    Hours {
+        #[arg(long)]
+        topic: String,
+        /// One JSON object per hour instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn print_hours(cfg: &SinkConfig, topic: &str, json: bool) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        tron_service::tls::install_default_provider();
+        let (bucket, prefix) = cfg.split_url();
+        let store = store::Store::open(&bucket, &cfg.output).await?;
+        let hours = finalize::hours(&store, &prefix, &cfg.layout(), topic, &cfg.finalize).await?;
+        if !json {
+            let columns = ("hour", "objects", "rows", "final", "rule");
+            println!(
+                "{:<14} {:>8} {:>10} {:<6} {:<24} holding (host: last watermark, last report)",
+                columns.0, columns.1, columns.2, columns.3, columns.4
+            );
+        }
+        for h in hours {
+            if json {
+                println!("{}", serde_json::to_string(&h).expect("json"));
+                continue;
+            }
+            let holding: Vec<String> = h.holding.iter().map(|(host, w, r)| format!("{host}: {w}, {r}")).collect();
+            let rule = h.decision["rule"].as_str().unwrap_or("?").to_string()
+                + if h.decision["all_hosts_silent"] == true { " (all silent)" } else { "" };
+            println!(
+                "{:<14} {:>8} {:>10} {:<6} {:<24} {}",
+                h.hour,
+                h.objects,
+                h.rows.map_or("-".to_string(), |r| r.to_string()),
+                if h.finalized { "yes" } else { "no" },
+                rule,
+                holding.join("; ")
+            );
+        }
+        anyhow::Ok(())
+    })
 }
 
 fn print_load_command(cfg: &SinkConfig, topic: &str, hour: &str, schema_file: &Path, json: bool) -> anyhow::Result<()> {
@@ -111,6 +156,15 @@ fn main() -> ExitCode {
             };
         }
         Some(Command::Audit(args)) => return audit::main(cfg, args),
+        Some(Command::Hours { topic, json }) => {
+            return match print_hours(&cfg, &topic, json) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("tron-sink-secor hours: {e:#}");
+                    ExitCode::from(2)
+                }
+            };
+        }
         None => {}
     }
     daemon::run(|d| run(cfg, d))

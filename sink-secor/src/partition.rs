@@ -80,6 +80,10 @@ impl Reason {
     }
 }
 
+/// How long a host that stopped reporting stays in a partition's state (and agent traffic counts
+/// as recent): within it, its last report still holds hours back when every host is silent.
+pub const HOSTS_KEPT_MS: i64 = 24 * HOUR_MS;
+
 /// Where a record is staged: its event hour, or quarantine (by reason and Kafka-timestamp hour).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Bucket {
@@ -479,7 +483,7 @@ impl Partition {
         for (host, mark) in std::mem::take(&mut self.hosts_read) {
             HostMark::merge(&mut self.state.hosts, &host, mark);
         }
-        self.state.hosts.retain(|_, m| m.reported_ms >= now_ms - 24 * HOUR_MS);
+        self.state.hosts.retain(|_, m| m.reported_ms >= now_ms - HOSTS_KEPT_MS);
         if std::mem::take(&mut self.tracked_read) {
             self.state.tracked_seen_ms = now_ms;
         }

@@ -1,0 +1,151 @@
+"""Time and outages (issue 24), through agent -> relay -> Kafka -> sink -> GCS: a relay outage
+longer than `finalize.host_timeout` (the relay stopped with SIGSTOP, or killed and started again)
+never yields `_SUCCESS` for an hour whose rows are not all there, judged the moment `_SUCCESS`
+first appears; and lines dated 2100 and 1970 are quarantined on the real path (the relay stamps
+Kafka records with their receive time), with no effect on the other hours."""
+import datetime
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+import tron
+
+HOST_TIMEOUT_S = 20  # short here; the shipped 10 min runs behind TRON_LONG_OUTAGE (below)
+
+
+def hour_start(hours_ago):
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return (now - datetime.timedelta(hours=hours_ago)).replace(minute=0, second=0, microsecond=0)
+
+
+def write(path, times, first_seq):
+    with open(path, "a") as f:
+        for i, t in enumerate(times):
+            f.write(json.dumps({"time": t.isoformat().replace("+00:00", "Z"), "seq": first_seq + i,
+                                "msg": "o" * 60}) + "\n")
+
+
+def pipeline(services, certs, workroot, procs, name, host_timeout):
+    work = os.path.join(workroot, name)
+    logs = os.path.join(work, "logs")
+    os.makedirs(logs)
+    services.create_topic(name, 3)
+    services.create_gcs_bucket(name)
+    relay = tron.Proc("relay", "tron-relay", tron.relay_config(work, certs, services.kafka_brokers, topic=name), work)
+    sink_cfg = tron.sink_config(work, services.kafka_brokers, "gs://%s/w" % name, gcs_endpoint=services.gcs_endpoint,
+                                topic=name, group=name)
+    sink_cfg["finalize"] = {"lateness": "5s", "interval": "1s", "host_timeout": host_timeout}
+    sink = tron.Proc("sink", "tron-sink-secor", sink_cfg, work)
+    cfg = tron.agent_config(work, os.path.join(logs, "*.log"), "file://" + os.path.join(work, "s3"),
+                            relay.config["listen"], certs, host=name + "-host")
+    del cfg["files"]  # the shipped defaults
+    for dest in cfg["destinations"].values():
+        del dest["batch"]
+    agent = tron.Proc("agent", "tron-agent", cfg, work)
+    procs.extend([relay, sink, agent])
+    relay.start(), sink.start(), agent.start()
+    return work, logs, relay, sink, agent
+
+
+class SuccessWatch:
+    """Reads each hour's manifest the moment its `_SUCCESS` is first listed."""
+
+    def __init__(self, services, bucket, topic):
+        self.services, self.bucket, self.prefix = services, bucket, "w/%s/" % topic
+        self.seen = {}
+
+    def look(self):
+        for o in self.services.gcs_list(self.bucket, self.prefix):
+            name = o["name"]
+            if name.endswith("/_SUCCESS"):
+                hour = name[len(self.prefix):-len("/_SUCCESS")]
+                if hour not in self.seen:
+                    m = json.loads(self.services.gcs_get(self.bucket, name[:-len("_SUCCESS")] + "_manifest.json"))
+                    self.seen[hour] = (m["rows"], m["revision"], m["completeness"])
+        return self.seen
+
+
+def hours_command(sink, topic):
+    r = subprocess.run([os.path.join(tron.BIN, "tron-sink-secor"), "--config", sink.config_path, "hours",
+                        "--topic", topic], capture_output=True, text=True, timeout=60)
+    return r.returncode, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("how", ["sigstop", "kill"])
+def test_a_relay_outage_longer_than_host_timeout_never_finalizes_an_incomplete_hour(how, services, certs, workroot,
+                                                                                      procs):
+    long_outage = os.environ.get("TRON_LONG_OUTAGE")  # "1": the shipped 10 min host_timeout, 20 min outage
+    host_timeout = 600 if long_outage else HOST_TIMEOUT_S
+    topic = "outage-" + how
+    work, logs, relay, sink, agent = pipeline(services, certs, workroot, procs, topic, "%ds" % host_timeout)
+    h = hour_start(2)
+    first = [h + datetime.timedelta(seconds=0.5 * i) for i in range(3000)]  # minutes 0-25
+    second = [h + datetime.timedelta(minutes=30, seconds=0.5 * i) for i in range(3000)]  # minutes 30-55
+    path = os.path.join(logs, "app.log")
+    write(path, first, 0)
+    tron.wait_until("the first half in Kafka", lambda: (agent.metric("tron_agent_records_sent_total",
+                                                                     destination="relay") or 0) >= 3000,
+                    timeout=60, interval=0.3, on_timeout=agent.tail)
+    # The sink knows the host from its reports (what `hours` shows) before the relay goes out.
+    tron.wait_until("the host's reports in the sink's state", lambda: topic + "-host" in hours_command(sink, topic)[1],
+                    timeout=60, interval=1, on_timeout=lambda: hours_command(sink, topic)[1])
+    if how == "sigstop":
+        relay.proc.send_signal(signal.SIGSTOP)
+    else:
+        relay.kill()
+    write(path, second, 3000)  # the rest of the hour, while the relay is out
+    watch = SuccessWatch(services, topic, topic)
+    outage = 2 * host_timeout + 5
+    started = time.time()
+    hours_output = None
+    while time.time() - started < outage:
+        watch.look()
+        if hours_output is None and time.time() - started > host_timeout + 5:
+            hours_output = hours_command(sink, topic)
+        time.sleep(0.5)
+    during = dict(watch.seen)
+    print("tron-sink-secor hours --topic %s during the outage (exit %d):\n%s" % (topic, hours_output[0],
+                                                                              hours_output[1]))
+    silent = tron.metric(sink.metrics(), "tron_sink_all_hosts_silent", topic=topic)
+    if how == "sigstop":
+        relay.proc.send_signal(signal.SIGCONT)
+    else:
+        relay.start()
+    hour = h.strftime("dt=%Y-%m-%d/hr=%H")
+    tron.wait_until("_SUCCESS after the outage", lambda: hour in watch.look(), timeout=180, interval=0.3,
+                    on_timeout=sink.tail)
+    rows, revision, completeness = watch.seen[hour]
+    print("%s: outage %ds with host_timeout %ds: _SUCCESS during it: %s; after it: %d rows of 6000, revision %d, %s"
+          % (how, outage, host_timeout, during, rows, revision, completeness))
+    assert not during, "an hour finalized while the relay was out: %s" % during
+    assert silent == 1, "the sink says every host is silent"
+    assert hours_output[0] == 0 and "no" in hours_output[1] and topic + "-host" in hours_output[1], hours_output
+    assert (rows, revision) == (6000, 1), watch.seen[hour]
+    assert agent.stop() == 0
+
+
+def test_lines_dated_2100_and_1970_are_quarantined_and_do_not_hold_or_move_other_hours(services, certs, workroot,
+                                                                                       procs):
+    topic = "odd-times"
+    work, logs, relay, sink, agent = pipeline(services, certs, workroot, procs, topic, "%ds" % HOST_TIMEOUT_S)
+    h = hour_start(2)
+    times = [h + datetime.timedelta(seconds=3 * i) for i in range(1000)]
+    times.insert(500, datetime.datetime(2100, 1, 1, tzinfo=datetime.timezone.utc))
+    times.insert(700, datetime.datetime(1970, 1, 1, 0, 0, 1, tzinfo=datetime.timezone.utc))
+    write(os.path.join(logs, "app.log"), times, 0)
+    watch = SuccessWatch(services, topic, topic)
+    hour = h.strftime("dt=%Y-%m-%d/hr=%H")
+    tron.wait_until("_SUCCESS of the real hour", lambda: hour in watch.look(), timeout=180, interval=0.3,
+                    on_timeout=sink.tail)
+    names = [o["name"] for o in services.gcs_list(topic)]
+    quarantined = sorted({n.split("/reason=")[1].split("/")[0] for n in names if "/reason=" in n})
+    print("odd times: _SUCCESS %s; quarantine reasons %s; hours %s"
+          % (watch.seen[hour], quarantined, sorted({n.split("/")[2] for n in names if "/dt=" in n})))
+    assert watch.seen[hour][0] == 1000, watch.seen
+    assert not any("dt=2100" in n or "dt=1970" in n for n in names), names
+    assert quarantined == ["too_new", "too_old"], names
+    assert agent.stop() == 0
