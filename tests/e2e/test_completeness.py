@@ -82,16 +82,12 @@ def test_success_appears_only_with_every_line_of_the_hour_after_a_backlog(servic
     gate.close()
     closed_at = time.time()
 
-    seen = {}  # hour dir → (seconds after start, manifest rows, revision) at first sight
+    watch = tron.SuccessWatch(services, bucket, topic)
+    seen = {}  # hour dir → (seconds after the cut-off, manifest rows, revision, completeness) at first sight
 
     def look():
-        for o in services.gcs_list(bucket, "w/%s/" % topic):
-            name = o["name"]
-            if name.endswith("/_SUCCESS"):
-                hour = name[len("w/%s/" % topic):-len("/_SUCCESS")]
-                if hour not in seen:
-                    m = json.loads(services.gcs_get(bucket, name[:-len("_SUCCESS")] + "_manifest.json"))
-                    seen[hour] = (time.time() - closed_at, m["rows"], m["revision"], m["completeness"])
+        for hour, (rows, revision, completeness) in watch.look().items():
+            seen.setdefault(hour, (watch.at[hour] - (closed_at - watch.started), rows, revision, completeness))
 
     while time.time() - closed_at < 60:
         look()

@@ -270,16 +270,11 @@ def test_files_that_begin_alike_lose_no_line_under_every_rotation(services, cert
     expected = Counter()
     for s, _ in scenarios:
         expected += s.hours()
-    seen = {}  # hour -> (rows, revision, completeness) of the manifest when _SUCCESS was first listed
+    watch = tron.SuccessWatch(services, bucket, topic)
+    seen = watch.seen
 
     def look():
-        for o in services.gcs_list(bucket, "w/%s/" % topic):
-            name = o["name"]
-            if name.endswith("/_SUCCESS"):
-                hour = name[len("w/%s/" % topic):-len("/_SUCCESS")]
-                if hour not in seen:
-                    m = json.loads(services.gcs_get(bucket, name[:-len("_SUCCESS")] + "_manifest.json"))
-                    seen[hour] = (m["rows"], m["revision"], m["completeness"])
+        watch.look()
         return all(h in seen for h in expected)
     while any(t.is_alive() for t in threads):
         look()

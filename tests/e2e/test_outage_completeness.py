@@ -51,24 +51,6 @@ def pipeline(services, certs, workroot, procs, name, host_timeout):
     return work, logs, relay, sink, agent
 
 
-class SuccessWatch:
-    """Reads each hour's manifest the moment its `_SUCCESS` is first listed."""
-
-    def __init__(self, services, bucket, topic):
-        self.services, self.bucket, self.prefix = services, bucket, "w/%s/" % topic
-        self.seen = {}
-
-    def look(self):
-        for o in self.services.gcs_list(self.bucket, self.prefix):
-            name = o["name"]
-            if name.endswith("/_SUCCESS"):
-                hour = name[len(self.prefix):-len("/_SUCCESS")]
-                if hour not in self.seen:
-                    m = json.loads(self.services.gcs_get(self.bucket, name[:-len("_SUCCESS")] + "_manifest.json"))
-                    self.seen[hour] = (m["rows"], m["revision"], m["completeness"])
-        return self.seen
-
-
 def hours_command(sink, topic):
     r = subprocess.run([os.path.join(tron.BIN, "tron-sink-secor"), "--config", sink.config_path, "hours",
                         "--topic", topic], capture_output=True, text=True, timeout=60)
@@ -98,7 +80,7 @@ def test_a_relay_outage_longer_than_host_timeout_never_finalizes_an_incomplete_h
     else:
         relay.kill()
     write(path, second, 3000)  # the rest of the hour, while the relay is out
-    watch = SuccessWatch(services, topic, topic)
+    watch = tron.SuccessWatch(services, topic, topic)
     outage = 2 * host_timeout + 5
     started = time.time()
     hours_output = None
@@ -137,7 +119,7 @@ def test_lines_dated_2100_and_1970_are_quarantined_and_do_not_hold_or_move_other
     times.insert(500, datetime.datetime(2100, 1, 1, tzinfo=datetime.timezone.utc))
     times.insert(700, datetime.datetime(1970, 1, 1, 0, 0, 1, tzinfo=datetime.timezone.utc))
     write(os.path.join(logs, "app.log"), times, 0)
-    watch = SuccessWatch(services, topic, topic)
+    watch = tron.SuccessWatch(services, topic, topic)
     hour = h.strftime("dt=%Y-%m-%d/hr=%H")
     tron.wait_until("_SUCCESS of the real hour", lambda: hour in watch.look(), timeout=180, interval=0.3,
                     on_timeout=sink.tail)

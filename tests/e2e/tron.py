@@ -408,3 +408,25 @@ def watermark_offsets(brokers, topic, quiet=3.0):
     finally:
         consumer.close()
     return found
+
+
+class SuccessWatch:
+    """Reads each hour's `_manifest.json` the moment its `_SUCCESS` is first listed: a claim of
+    completeness is judged when it is made, not after everything has settled."""
+
+    def __init__(self, services, bucket, topic, prefix="w"):
+        self.services, self.bucket, self.prefix = services, bucket, "%s/%s/" % (prefix, topic)
+        self.seen = {}  # hour dir -> (rows, revision, completeness)
+        self.started = time.time()
+        self.at = {}  # hour dir -> seconds after this watch started
+
+    def look(self):
+        for o in self.services.gcs_list(self.bucket, self.prefix):
+            name = o["name"]
+            if name.endswith("/_SUCCESS"):
+                hour = name[len(self.prefix):-len("/_SUCCESS")]
+                if hour not in self.seen:
+                    m = json.loads(self.services.gcs_get(self.bucket, name[:-len("_SUCCESS")] + "_manifest.json"))
+                    self.seen[hour] = (m["rows"], m["revision"], m["completeness"])
+                    self.at[hour] = time.time() - self.started
+        return self.seen
