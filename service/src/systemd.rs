@@ -55,6 +55,22 @@ impl Heartbeat {
     pub fn beat(&self) {
         self.last_ms.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
+
+    /// Awaits `f`, beating every second meanwhile. Only for a wait that is bounded elsewhere (a
+    /// store call under its request time-out): a dependency that is slow, or stalls for longer
+    /// than the watchdog period, is not a loop that stopped turning, and a restart would not
+    /// help (it would start into the same stall). A loop blocked anywhere else still stops
+    /// beating.
+    pub async fn while_waiting<T>(&self, f: impl std::future::Future<Output = T>) -> T {
+        tokio::pin!(f);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                out = &mut f => return out,
+                _ = tick.tick() => self.beat(),
+            }
+        }
+    }
 }
 
 impl Default for Liveness {

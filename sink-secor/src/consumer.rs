@@ -266,6 +266,7 @@ pub async fn run(
             dedupe: &cfg.dedupe,
             request_timeout: cfg.output.request_timeout,
             instance: &instance,
+            beat: Some(beat.clone()),
         },
         health,
         shutdown,
@@ -830,7 +831,7 @@ async fn finalize(l: &mut Loop<'_>, finalizer: &mut Finalizer) {
         };
         let started = Instant::now();
         let pass = finalizer.run_once(l.out.store, l.out.prefix, l.out.layout, topic, count, &cfg.finalize);
-        let result = match tokio::time::timeout(cfg.output.request_timeout, pass).await {
+        let result = match l.beat.while_waiting(tokio::time::timeout(cfg.output.request_timeout, pass)).await {
             Ok(result) => result,
             Err(_) => {
                 Err(anyhow::anyhow!("no answer within {:?} (output.request_timeout)", cfg.output.request_timeout))

@@ -49,11 +49,19 @@ pub struct Output<'a> {
     pub dedupe: &'a DedupeConfig,
     pub request_timeout: Duration,
     pub instance: &'a str,
+    /// The consume loop's heartbeat, kept beating while a store call waits (bounded by
+    /// `request_timeout`), so a GCS stall does not get the sink killed by the watchdog.
+    pub beat: Option<tron_service::systemd::Heartbeat>,
 }
 
 impl Output<'_> {
     async fn timed<T>(&self, what: &str, f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
-        tokio::time::timeout(self.request_timeout, f).await.map_err(|_| {
+        let call = tokio::time::timeout(self.request_timeout, f);
+        let answer = match &self.beat {
+            Some(beat) => beat.while_waiting(call).await,
+            None => call.await,
+        };
+        answer.map_err(|_| {
             anyhow::anyhow!("{what}: no answer within {:?} (output.request_timeout)", self.request_timeout)
         })?
     }

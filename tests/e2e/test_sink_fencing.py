@@ -15,6 +15,7 @@ from confluent_kafka import Producer
 
 import tron
 from test_crash import assert_each_offset_in_exactly_one_object
+from test_operations import NotifySocket
 
 RESTARTS = int(os.environ.get("TRON_SINK_RESTARTS", "10"))
 RESTART_EVERY = float(os.environ.get("TRON_SINK_RESTART_EVERY", "20"))
@@ -177,6 +178,54 @@ def test_a_stalled_store_and_a_frozen_owner_neither_lose_nor_duplicate(services,
           "rewritten differently; fenced: a=%s b=%s" % (GCS_STALL, len(per_record), len(contents),
                                                        a.metric("tron_sink_fenced_total"),
                                                        b.metric("tron_sink_fenced_total")))
+
+
+def test_a_store_stall_longer_than_the_watchdog_does_not_get_the_sink_killed(services, workroot, procs):
+    """The shipped unit has WatchdogSec=30s and output.request_timeout defaults to 120 s: a store call
+    that waits through a 70 s GCS stall must not read as a loop that stopped turning (systemd would
+    kill the sink, and it would restart into the same stall). sd_notify as systemd sets it up."""
+    topic = "watchdog-stall"
+    work = setup(services, workroot, topic, 2)
+    notify = NotifySocket(os.path.join(work, "notify.sock"))
+    s = sink(work, services, topic, "sink")  # output.request_timeout at its default
+    s.__init__(s.name, "tron-sink-secor", s.config, work,
+               env={"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "30000000"})
+    procs.append(s)
+    s.start()
+    producer = SteadyProducer(services.kafka_brokers, topic, rate=100)
+    producer.start()
+    pings, stop = [], threading.Event()
+
+    def collect():
+        while not stop.is_set():
+            before = len(notify.messages)
+            notify.drain()
+            pings.extend(time.time() for m in notify.messages[before:] if "WATCHDOG=1" in m.split("\n"))
+    collector = threading.Thread(target=collect, daemon=True)
+    collector.start()
+    time.sleep(8)
+    gcs = services.servers["gcs"].proc
+    stall = max(GCS_STALL, 70)
+    os.kill(gcs.pid, signal.SIGSTOP)
+    started = time.time()
+    try:
+        time.sleep(stall)
+    finally:
+        os.kill(gcs.pid, signal.SIGCONT)
+    ended = time.time()
+    time.sleep(5)
+    stop.set()
+    collector.join()
+    during = [t for t in pings if started <= t <= ended]
+    marks = [started] + during + [ended]
+    longest = max(b - a for a, b in zip(marks, marks[1:]))
+    total = producer.stop()
+    per_record = wait_for_every_record(services, topic, total, [s])
+    print("watchdog: GCS frozen %.0fs, request_timeout at its default; %d pings meanwhile, longest gap %.1fs "
+          "(systemd kills after 30s); %d records afterwards, each in one object" % (stall, len(during), longest,
+                                                                                 len(per_record)))
+    assert longest < 30, "the watchdog would have killed the sink during the stall: %s" % [m - started for m in marks]
+    assert s.running()
 
 
 def test_a_full_staging_directory_is_reported_and_loses_nothing(services, workroot, procs):

@@ -55,6 +55,7 @@ impl Fixture {
             dedupe: &self.dedupe,
             request_timeout: Duration::from_secs(10),
             instance,
+            beat: None,
         }
     }
 
