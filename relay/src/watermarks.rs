@@ -26,6 +26,10 @@ pub const WATERMARK_TAG: &str = "tron.watermark";
 /// A host not heard from for this long is no longer written (the sink has long stopped waiting).
 const FORGET_AFTER: Duration = Duration::from_secs(24 * 3600);
 
+/// Hosts in one watermark message: about 45 bytes each, so 5,000 make ~225 KB, a quarter of
+/// Kafka's default `message.max.bytes` even with 100-character host names.
+const HOSTS_PER_MESSAGE: usize = 5_000;
+
 #[derive(Default)]
 pub struct Watermarks {
     hosts: Mutex<HashMap<String, Mark>>,
@@ -60,24 +64,31 @@ impl Watermarks {
         Ok(())
     }
 
-    /// Topic → the message every partition of it gets now.
-    fn messages(&self) -> BTreeMap<String, Vec<u8>> {
+    /// (topic, message) for every message each partition of the topic gets now: the topic's
+    /// hosts in groups of at most [`HOSTS_PER_MESSAGE`], so a message stays far below Kafka's
+    /// `message.max.bytes` (1 MB) at any fleet size; the sink merges them host by host.
+    fn messages(&self) -> Vec<(String, Vec<u8>)> {
         let horizon = now_ms() - FORGET_AFTER.as_millis() as i64;
         let mut hosts = self.hosts.lock().expect("watermarks lock");
         hosts.retain(|_, m| m.reported_ms >= horizon);
-        let mut by_topic: BTreeMap<String, serde_json::Map<String, serde_json::Value>> = BTreeMap::new();
+        let mut by_topic: BTreeMap<String, Vec<serde_json::Map<String, serde_json::Value>>> = BTreeMap::new();
         for (host, mark) in hosts.iter() {
             for topic in &mark.topics {
-                by_topic
-                    .entry(topic.clone())
-                    .or_default()
-                    .insert(host.clone(), serde_json::json!([mark.watermark_ms, mark.reported_ms]));
+                let groups = by_topic.entry(topic.clone()).or_default();
+                if groups.last().is_none_or(|g| g.len() >= HOSTS_PER_MESSAGE) {
+                    groups.push(serde_json::Map::new());
+                }
+                let group = groups.last_mut().expect("pushed");
+                group.insert(host.clone(), serde_json::json!([mark.watermark_ms, mark.reported_ms]));
             }
         }
         by_topic
             .into_iter()
-            .map(|(topic, hosts)| {
-                (topic, serde_json::to_vec(&serde_json::json!({ "tron_watermarks": hosts })).expect("json"))
+            .flat_map(|(topic, groups)| {
+                groups.into_iter().map(move |hosts| {
+                    let body = serde_json::to_vec(&serde_json::json!({ "tron_watermarks": hosts })).expect("json");
+                    (topic.clone(), body)
+                })
             })
             .collect()
     }
@@ -100,5 +111,33 @@ impl Watermarks {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fleet_of_20000_hosts_is_written_in_messages_far_below_a_megabyte() {
+        let w = Watermarks::default();
+        {
+            let mut hosts = w.hosts.lock().unwrap();
+            for i in 0..20_000 {
+                let name = format!("app-server-{i:05}.eu-west-1.compute.internal.example.com");
+                let mark = Mark { watermark_ms: 1_779_000_000_000, reported_ms: now_ms(), topics: vec!["logs".into()] };
+                hosts.insert(name, mark);
+            }
+        }
+        let messages = w.messages();
+        assert_eq!(messages.len(), 4);
+        let mut seen = 0;
+        for (topic, body) in &messages {
+            assert_eq!(topic, "logs");
+            assert!(body.len() < 512 << 10, "{} bytes", body.len());
+            let v: serde_json::Value = serde_json::from_slice(body).unwrap();
+            seen += v["tron_watermarks"].as_object().unwrap().len();
+        }
+        assert_eq!(seen, 20_000, "every host in exactly one message");
     }
 }
