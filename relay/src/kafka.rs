@@ -85,7 +85,7 @@ impl ProducerContext for DeliveryContext {
 
     fn delivery(&self, result: &DeliveryResult<'_>, chunk: Arc<ChunkDelivery>) {
         if let Err((error, message)) = result {
-            if is_too_large(error) {
+            if is_refused_for_good(error) {
                 let payload = message.payload().unwrap_or_default().to_vec();
                 let time_ns = event_time_ns(message).unwrap_or(0);
                 chunk.too_large.lock().expect("too_large lock").push((payload, time_ns, error.clone()));
@@ -141,6 +141,11 @@ pub struct Kafka {
 pub enum DeliveryError {
     #[error("topic {topic}: record too large for Kafka: {error}")]
     TooLarge { topic: String, error: KafkaError },
+    /// The broker refuses this record for good (its timestamp outside the broker's bounds, a
+    /// record a topic policy rejects): re-sending cannot help, so it is dead-lettered like a
+    /// record too large, and the rest of its chunk is acknowledged.
+    #[error("topic {topic}: record refused by the broker: {error}")]
+    Refused { topic: String, error: KafkaError },
     #[error("topic {topic}: {error}")]
     Kafka { topic: String, error: KafkaError },
 }
@@ -149,6 +154,10 @@ impl DeliveryError {
     pub fn reason(&self) -> &'static str {
         match self {
             DeliveryError::TooLarge { .. } => "too_large",
+            DeliveryError::Refused { error, .. } => match error.rdkafka_error_code() {
+                Some(RDKafkaErrorCode::InvalidTimestamp) => "invalid_timestamp",
+                _ => "invalid_record",
+            },
             DeliveryError::Kafka { error, .. } => match error.rdkafka_error_code() {
                 Some(RDKafkaErrorCode::MessageTimedOut) => "timed_out",
                 Some(RDKafkaErrorCode::UnknownTopicOrPartition) | Some(RDKafkaErrorCode::UnknownTopic) => {
@@ -287,7 +296,7 @@ impl Kafka {
             }
             if let Err(error) = enqueue(producer, rec, &chunk).await {
                 match classify(topic, error) {
-                    error @ DeliveryError::TooLarge { .. } => {
+                    error @ (DeliveryError::TooLarge { .. } | DeliveryError::Refused { .. }) => {
                         refused.push(Refused { json: payload.to_vec(), time_ns: entry.time.unix_nanos(), error })
                     }
                     e => {
@@ -369,10 +378,49 @@ fn is_too_large(error: &KafkaError) -> bool {
     )
 }
 
+/// Errors about one record that no retry can change (KIP-937 timestamp bounds, record
+/// validation); everything else (time-outs, leadership, authorization) fails the chunk, which
+/// the client re-sends.
+fn is_refused_for_good(error: &KafkaError) -> bool {
+    is_too_large(error)
+        || matches!(
+            error.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::InvalidTimestamp) | Some(RDKafkaErrorCode::InvalidRecord)
+        )
+}
+
 fn classify(topic: &str, error: KafkaError) -> DeliveryError {
+    let topic = topic.to_string();
     if is_too_large(&error) {
-        DeliveryError::TooLarge { topic: topic.to_string(), error }
+        DeliveryError::TooLarge { topic, error }
+    } else if is_refused_for_good(&error) {
+        DeliveryError::Refused { topic, error }
     } else {
-        DeliveryError::Kafka { topic: topic.to_string(), error }
+        DeliveryError::Kafka { topic, error }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery(code: RDKafkaErrorCode) -> KafkaError {
+        KafkaError::MessageProduction(code)
+    }
+
+    #[test]
+    fn records_the_broker_refuses_for_good_are_dead_lettered_and_transient_errors_fail_the_chunk() {
+        let reason = |code| classify("logs", delivery(code)).reason();
+        assert_eq!(reason(RDKafkaErrorCode::MessageSizeTooLarge), "too_large");
+        assert_eq!(reason(RDKafkaErrorCode::InvalidTimestamp), "invalid_timestamp");
+        assert_eq!(reason(RDKafkaErrorCode::InvalidRecord), "invalid_record");
+        assert_eq!(reason(RDKafkaErrorCode::MessageTimedOut), "timed_out");
+        for code in [RDKafkaErrorCode::InvalidTimestamp, RDKafkaErrorCode::InvalidRecord] {
+            assert!(matches!(classify("logs", delivery(code)), DeliveryError::Refused { .. }));
+        }
+        assert!(matches!(
+            classify("logs", delivery(RDKafkaErrorCode::NotLeaderForPartition)),
+            DeliveryError::Kafka { .. }
+        ));
     }
 }
