@@ -64,7 +64,10 @@ class Client(threading.Thread):
     def chunk(self):
         base = self.next_seq
         self.next_seq += RECORDS_PER_CHUNK
-        entries = [[1795300000 + i, {"c": self.n, "seq": base + i, "pad": "p" * 160}] for i in range(RECORDS_PER_CHUNK)]
+        # Event times of the last minutes: the sink quarantines records further than 7 days
+        # before their Kafka timestamp, which the relay sets to when it received them.
+        now = int(time.time()) - 600
+        entries = [[now + i % 300, {"c": self.n, "seq": base + i, "pad": "p" * 160}] for i in range(RECORDS_PER_CHUNK)]
         cid = "c%02d-%08d" % (self.n, base)
         self.sent_records += RECORDS_PER_CHUNK
         return cid, msgpack.packb(["load.c%02d" % self.n, entries, {"chunk": cid, "size": RECORDS_PER_CHUNK}])

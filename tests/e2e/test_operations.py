@@ -241,6 +241,45 @@ def test_agent_sighup_follows_new_sources_keeps_position_and_refuses_a_bad_file(
     assert agent.stop() == 0
 
 
+def test_a_reload_that_adds_a_source_adds_its_tag_to_the_watermark_reports(services, certs, workroot, procs):
+    """A source added by SIGHUP holds hours of its topic back like the others: its tag is in the
+    agent's watermark reports, so the relay writes the host's watermark to that topic too."""
+    work = os.path.join(workroot, "reload-tags")
+    for d in ("a", "b"):
+        os.makedirs(os.path.join(work, d))
+    services.create_topic("reload-a", 1)
+    services.create_topic("reload-b", 1)
+    relay_cfg = tron.relay_config(work, certs, services.kafka_brokers, topic="reload-a")
+    relay_cfg["kafka"]["routes"] = [{"pattern": "b.**", "topic": "reload-b"}]
+    relay_cfg["kafka"]["watermark_interval"] = "1s"
+    relay = tron.Proc("relay", "tron-relay", relay_cfg, work)
+    cfg = tron.agent_config(work, os.path.join(work, "a", "*.log"), "file://" + os.path.join(work, "s3"),
+                            relay_cfg["listen"], certs, host="reload-host")
+    cfg["sources"][0]["tag"] = "a.log"
+    cfg["destinations"]["relay"]["watermark_interval"] = "1s"
+    agent = tron.Proc("agent", "tron-agent", cfg, work)
+    procs.extend([relay, agent])
+    relay.start(), agent.start()
+    with open(os.path.join(work, "a", "x.log"), "w") as f:
+        f.write('{"seq": 1}\n')
+
+    def hosts(topic):
+        return {h for _, _, v in tron.watermark_messages(services.kafka_brokers, topic, quiet=2)
+                for h in v["tron_watermarks"]}
+    tron.wait_until("reload-host's watermark in reload-a", lambda: "reload-host" in hosts("reload-a"), timeout=30,
+                    interval=1, on_timeout=agent.tail)
+    assert "reload-host" not in hosts("reload-b")
+    cfg["sources"].append({"name": "b", "include": [os.path.join(work, "b", "*.log")], "tag": "b.log",
+                           "parser": "json"})
+    with open(agent.config_path, "w") as f:
+        f.write(tron.to_toml(cfg))
+    agent.proc.send_signal(signal.SIGHUP)
+    tron.wait_until("reload-host's watermark in reload-b after the reload", lambda: "reload-host" in hosts("reload-b"),
+                    timeout=30, interval=1, on_timeout=agent.tail)
+    assert tron.metric(agent.metrics(), "tron_agent_reloads_total", result="ok") == 1
+    assert agent.stop() == 0
+
+
 def test_relay_sighup_reloads_the_certificate_for_new_connections(services, certs, workroot, procs):
     work = os.path.join(workroot, "cert-reload")
     os.makedirs(work)

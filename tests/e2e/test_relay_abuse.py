@@ -243,8 +243,11 @@ def test_records_kafka_can_never_take_are_dead_lettered_and_their_chunk_acked(se
         kafka={"brokers": services.kafka_brokers, "default_topic": "dead-letter", "linger": "5ms",
                "properties": {"message.max.bytes": "20000"}})
     s = tls_client(certs, host, port)
-    entries = [[1795300000, {"seq": 0, "msg": "small"}], [1795300001, {"seq": 1, "msg": "x" * 50000}],
-               [1795300002, {"seq": 2, "msg": "small"}]]
+    # Event times of a minute ago: the relay stamps Kafka records with their receive time, and the
+    # sink quarantines event times further than quarantine.max_past (7 days) before it.
+    now = int(time.time()) - 60
+    entries = [[now, {"seq": 0, "msg": "small"}], [now + 1, {"seq": 1, "msg": "x" * 50000}],
+               [now + 2, {"seq": 2, "msg": "small"}]]
     s.sendall(msgpack.packb(["big.one", entries, {"chunk": "dl-1"}]))
     unpacker = msgpack.Unpacker(raw=False)
     s.settimeout(20)

@@ -386,17 +386,17 @@ class Gate:
                     pass
 
 
-def watermark_offsets(brokers, topic, quiet=3.0):
-    """(partition, offset) of every relay watermark message in `topic` (header `tron_watermarks`):
-    offsets that are not records, so no object holds them. Reads the topic from the start until
-    nothing arrives for `quiet` seconds (Tansu's reported end offset is not the true end)."""
+def watermark_messages(brokers, topic, quiet=3.0):
+    """(partition, offset, value) of every relay watermark message in `topic` (header
+    `tron_watermarks`). Reads the topic from the start until nothing arrives for `quiet` seconds
+    (Tansu's reported end offset is not the true end)."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
     consumer = Consumer({"bootstrap.servers": brokers, "group.id": "watermark-reader-%d" % servers.free_port(),
                          "enable.auto.commit": False})
     # Assigned, not subscribed: no group join to wait for before the first message.
     partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
-    found, last = set(), time.time()
+    found, last = [], time.time()
     try:
         while time.time() - last < quiet:
             m = consumer.poll(0.5)
@@ -404,10 +404,16 @@ def watermark_offsets(brokers, topic, quiet=3.0):
                 continue
             last = time.time()
             if any(k == "tron_watermarks" for k, _ in (m.headers() or [])):
-                found.add((m.partition(), m.offset()))
+                found.append((m.partition(), m.offset(), json.loads(m.value())))
     finally:
         consumer.close()
     return found
+
+
+def watermark_offsets(brokers, topic, quiet=3.0):
+    """(partition, offset) of every relay watermark message in `topic`: offsets that are not
+    records, so no object holds them."""
+    return {(p, o) for p, o, _ in watermark_messages(brokers, topic, quiet)}
 
 
 class SuccessWatch:

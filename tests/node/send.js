@@ -14,8 +14,10 @@ let acked = 0;
 let failed = 0;
 sender.on('error', (e) => { failed++; console.error('sender error', e && e.message); });
 const n = Number(count);
+// Event times of ten minutes ago: records older than 7 days before their receive time are quarantined.
+const base = Math.floor(Date.now() / 1000) - 600;
 for (let i = 0; i < n; i++) {
-  const t = new logger.EventTime(1795300000 + i, 250000000);
+  const t = new logger.EventTime(base + i, 250000000);
   sender.emit('evt', { i, text: 'from npm, "quoted"' }, t, (err) => {
     if (err) { failed++; console.error('emit error', err.message); } else { acked++; }
     if (acked + failed === n) {
