@@ -264,7 +264,7 @@ def test_a_reload_that_adds_a_source_adds_its_tag_to_the_watermark_reports(servi
         f.write('{"seq": 1}\n')
 
     def hosts(topic):
-        return {h for _, _, v in tron.watermark_messages(services.kafka_brokers, topic, quiet=2)
+        return {h for _, _, v in tron.watermark_messages(services.kafka_brokers, topic, quiet=2, limit=8)
                 for h in v["tron_watermarks"]}
     tron.wait_until("reload-host's watermark in reload-a", lambda: "reload-host" in hosts("reload-a"), timeout=30,
                     interval=1, on_timeout=agent.tail)

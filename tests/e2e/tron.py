@@ -386,10 +386,11 @@ class Gate:
                     pass
 
 
-def watermark_messages(brokers, topic, quiet=3.0):
+def watermark_messages(brokers, topic, quiet=3.0, limit=None):
     """(partition, offset, value) of every relay watermark message in `topic` (header
     `tron_watermarks`). Reads the topic from the start until nothing arrives for `quiet` seconds
-    (Tansu's reported end offset is not the true end)."""
+    (Tansu's reported end offset is not the true end), or for at most `limit` seconds while a
+    relay is still writing them."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
     consumer = Consumer({"bootstrap.servers": brokers, "group.id": "watermark-reader-%d" % servers.free_port(),
                          "enable.auto.commit": False})
@@ -397,8 +398,9 @@ def watermark_messages(brokers, topic, quiet=3.0):
     partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
     consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
     found, last = [], time.time()
+    deadline = time.time() + limit if limit else float("inf")
     try:
-        while time.time() - last < quiet:
+        while time.time() - last < quiet and time.time() < deadline:
             m = consumer.poll(0.5)
             if m is None or m.error():
                 continue
