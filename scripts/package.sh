@@ -17,7 +17,9 @@ for want in ./usr/bin/tron-agent ./usr/bin/tron-relay ./usr/bin/tron-sink-secor 
   ./lib/systemd/system/tron-agent.service ./lib/systemd/system/tron-relay.service \
   ./lib/systemd/system/tron-sink-secor.service ./usr/share/doc/tron/examples/agent.toml \
   ./usr/share/doc/tron/examples/relay.toml ./usr/share/doc/tron/examples/sink-secor.toml \
-  ./usr/share/doc/tron/deployment.md ./etc/tron/agent.toml ./etc/tron/relay.toml ./etc/tron/sink-secor.toml; do
+  ./usr/share/doc/tron/deployment.md ./usr/share/doc/tron/operations.md \
+  ./usr/share/tron/prometheus/tron.rules.yml ./usr/share/tron/prometheus/tron.rules.test.yml \
+  ./usr/share/tron/grafana/tron.json ./etc/tron/agent.toml ./etc/tron/relay.toml ./etc/tron/sink-secor.toml; do
   grep -qxF "$want" <<<"$contents" || { echo "FAIL: $deb lacks $want"; exit 1; }
 done
 # Captured first, then searched: `dpkg-deb | grep -q` under pipefail fails whenever grep exits at the
@@ -36,6 +38,12 @@ echo "contents: ok ($(wc -l <<<"$contents") entries)"
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
 dpkg -x "$deb" "$root"
+# The rules as installed still load and pass their unit tests (the test file names the rules
+# file beside it).
+promtool check rules "$root/usr/share/tron/prometheus/tron.rules.yml" >/dev/null
+(cd "$root/usr/share/tron/prometheus" && promtool test rules tron.rules.test.yml >/dev/null)
+python3 -c 'import json, sys; json.load(open(sys.argv[1]))' "$root/usr/share/tron/grafana/tron.json"
+echo "prometheus rules and grafana dashboard: ok"
 for bin in agent relay sink-secor; do
   "$root/usr/bin/tron-$bin" --version >/dev/null
   "$root/usr/bin/tron-$bin" --config "$root/etc/tron/$bin.toml" --check-config

@@ -20,6 +20,10 @@ step "format and lint"
 cargo fmt --all -- --check
 cargo clippy --release --workspace --all-targets --locked -- -D warnings
 
+step "Prometheus rules: promtool check rules, promtool test rules"
+promtool check rules deploy/prometheus/tron.rules.yml
+(cd deploy/prometheus && promtool test rules tron.rules.test.yml)
+
 step ".deb package: contents, unpacked binaries check the example configs, systemd-analyze"
 bash scripts/package.sh
 

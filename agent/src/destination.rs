@@ -74,6 +74,10 @@ pub enum SendError {
 }
 
 impl SendError {
+    /// Every `reason()`, to export each at 0 from the start (a rate over a counter that does not
+    /// exist yet is no data, not 0, on a dashboard).
+    pub const REASONS: &'static [&'static str] = &["unreachable", "connection_lost", "ack_timeout", "store"];
+
     pub fn reason(&self) -> &'static str {
         match self {
             SendError::Unreachable(_) => "unreachable",

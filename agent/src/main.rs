@@ -40,6 +40,8 @@ struct Args {
     /// Validate the configuration and exit (0 valid, 1 invalid).
     #[arg(long)]
     check_config: bool,
+    #[command(flatten)]
+    log: tron_service::telemetry::LogArgs,
 }
 
 /// Why bytes of a file can be lost, each a `reason` of `tron_agent_lost_bytes_total` (exported at
@@ -52,7 +54,8 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(20);
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let cfg = match daemon::load_config("tron-agent", &args.config, args.check_config, AgentConfig::validate) {
+    let cfg = match daemon::load_config("tron-agent", &args.config, args.check_config, args.log, AgentConfig::validate)
+    {
         Ok(cfg) => cfg,
         Err(code) => return code,
     };
@@ -69,6 +72,12 @@ async fn run(cfg: AgentConfig, config_path: PathBuf, daemon: Daemon) -> anyhow::
             .into_iter()
             .filter_map(|(name, on)| on.then_some(name))
             .collect();
+    for (destination, reason) in
+        destinations.iter().flat_map(|d| destination::SendError::REASONS.iter().map(move |r| (*d, *r)))
+    {
+        metrics::counter!("tron_agent_send_retries_total", "destination" => destination, "reason" => reason)
+            .absolute(0);
+    }
     let table = file_table::FileTable::open(&cfg.state_dir)?;
     let mut previous = discover::PreviousRun { legacy: !table.existed, ..Default::default() };
     for name in ["s3", "relay"] {
@@ -171,7 +180,9 @@ impl Reloader {
             metrics::counter!("tron_agent_reloads_total", "result" => result).increment(1);
             match outcome {
                 Ok(files) => tracing::info!(path = %self.path.display(), files, "configuration reloaded"),
-                Err(e) => tracing::error!("reload refused; the running configuration stays: {e:#}"),
+                Err(e) => {
+                    tracing::error!(config = %self.path.display(), error = %format!("{e:#}"), "reload refused; the running configuration stays")
+                }
             }
             systemd::ready();
         }

@@ -34,11 +34,14 @@ struct Args {
     /// Validate the configuration and exit (0 valid, 1 invalid).
     #[arg(long)]
     check_config: bool,
+    #[command(flatten)]
+    log: tron_service::telemetry::LogArgs,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let cfg = match daemon::load_config("tron-relay", &args.config, args.check_config, RelayConfig::validate) {
+    let cfg = match daemon::load_config("tron-relay", &args.config, args.check_config, args.log, RelayConfig::validate)
+    {
         Ok(cfg) => cfg,
         Err(code) => return code,
     };
@@ -99,6 +102,8 @@ async fn run(cfg: RelayConfig, config_path: PathBuf, daemon: Daemon) -> anyhow::
         let (ctx, shutdown, every) = (ctx.clone(), shutdown.clone(), cfg.kafka.watermark_interval);
         tokio::spawn(async move { ctx.watermarks.run(&ctx.kafka, every, shutdown).await });
     }
+    export_limits(&cfg.limits);
+    export_zero_counters();
     daemon.ready("tron-relay", cfg.metrics_listen).await?;
     tracing::info!(listen = %cfg.listen, tls = cfg.tls.is_some(), "accepting Forward connections");
 
@@ -137,7 +142,7 @@ async fn reload_tls_on_hangup(path: PathBuf, tls: server::SharedAcceptor, shutdo
             }
             Err(e) => {
                 metrics::counter!("tron_relay_reloads_total", "result" => "refused").increment(1);
-                tracing::error!("reload refused; the running certificate stays: {e:#}");
+                tracing::error!(config = %path.display(), error = %format!("{e:#}"), "reload refused; the running certificate stays");
             }
         }
         tron_service::systemd::ready();
@@ -157,4 +162,26 @@ fn spawn_kafka_health(ctx: Arc<Context>, health: Health, shutdown: Shutdown) {
             tokio::time::sleep(Duration::from_secs(5)).await;
         }
     });
+}
+
+/// The bounds beside the gauges they bound, so alerts and dashboards read "how near the limit"
+/// from the running config instead of copying numbers that a config change would make wrong.
+fn export_limits(limits: &config::LimitsConfig) {
+    metrics::gauge!("tron_relay_limit", "kind" => "inflight_bytes").set(limits.max_inflight_bytes as f64);
+    metrics::gauge!("tron_relay_limit", "kind" => "receiving_bytes").set(limits.max_receiving_bytes as f64);
+    metrics::gauge!("tron_relay_limit", "kind" => "connections").set(limits.max_connections as f64);
+}
+
+/// Counters an alert or a dashboard reads, at 0 from the start: `increase()` of a counter that
+/// appears only at its first event misses that event, and a panel over it shows no data.
+fn export_zero_counters() {
+    for reason in ["timed_out", "unknown_topic", "too_large", "kafka_error", "canceled"] {
+        metrics::counter!("tron_relay_delivery_failures_total", "reason" => reason).absolute(0);
+    }
+    for reason in ["too_large", "invalid_timestamp", "invalid_record"] {
+        metrics::counter!("tron_relay_records_dead_lettered_total", "reason" => reason).absolute(0);
+    }
+    for reason in ["connection_limit", "address_limit", "tls", "handshake"] {
+        metrics::counter!("tron_relay_connections_refused_total", "reason" => reason).absolute(0);
+    }
 }

@@ -12,12 +12,13 @@ use std::process::ExitCode;
 /// Loads `path`. `Err` carries the exit code to return at once: 1 after printing
 /// `name: invalid configuration: …`, or 0 when `check_only` and the file is valid.
 pub fn load_config<C: DeserializeOwned>(
-    name: &str,
+    name: &'static str,
     path: &Path,
     check_only: bool,
+    log: telemetry::LogArgs,
     validate: fn(&C) -> Result<(), (String, String)>,
 ) -> Result<C, ExitCode> {
-    telemetry::init_logging();
+    telemetry::init_logging(name, log.log_format);
     match config::load(path, validate) {
         Err(e) => {
             eprintln!("{name}: invalid configuration: {e}");
@@ -77,7 +78,7 @@ where
             ExitCode::SUCCESS
         }
         Err(e) => {
-            tracing::error!("{e:#}");
+            tracing::error!(error = %format!("{e:#}"), "stopped by an error");
             ExitCode::FAILURE
         }
     }

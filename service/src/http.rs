@@ -19,10 +19,23 @@ impl Health {
 
     pub fn up(&self, part: &str) {
         self.0.lock().expect("health lock").insert(part.to_string(), None);
+        Self::export(part, true);
     }
 
     pub fn down(&self, part: &str, reason: impl Into<String>) {
         self.0.lock().expect("health lock").insert(part.to_string(), Some(reason.into()));
+        Self::export(part, false);
+    }
+
+    /// `/health` as a metric, so Prometheus (which scrapes `/metrics`, not `/health`) can alert on
+    /// the same verdict a load balancer or systemd sees.
+    fn export(part: &str, up: bool) {
+        let component = crate::telemetry::component();
+        metrics::gauge!("tron_health_up", "component" => component, "part" => part.to_string()).set(if up {
+            1.0
+        } else {
+            0.0
+        });
     }
 
     pub fn report(&self) -> (bool, serde_json::Value) {

@@ -68,7 +68,22 @@ impl GroupContext {
     }
 }
 
-impl ClientContext for GroupContext {}
+impl ClientContext for GroupContext {
+    /// librdkafka's statistics (every `statistics.interval.ms`): the consumer lag of each owned
+    /// partition, the figure an operator watches to see the sink falling behind. Partitions
+    /// whose lag librdkafka does not know yet (-1) are left out rather than shown as 0.
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        for (topic, t) in &statistics.topics {
+            for (partition, p) in &t.partitions {
+                if *partition < 0 || p.consumer_lag < 0 || self.epoch_of(&(topic.clone(), *partition)).is_none() {
+                    continue;
+                }
+                metrics::gauge!("tron_sink_consumer_lag_records", "topic" => topic.clone(), "partition" => partition.to_string())
+                    .set(p.consumer_lag as f64);
+            }
+        }
+    }
+}
 
 impl ConsumerContext for GroupContext {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -114,7 +129,9 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed")
         .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000");
+        .set("heartbeat.interval.ms", "1000")
+        // Feeds `tron_sink_consumer_lag_records` (GroupContext::stats).
+        .set("statistics.interval.ms", "15000");
     for (k, v) in &cfg.properties {
         client.set(k, v);
     }

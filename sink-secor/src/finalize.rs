@@ -22,6 +22,24 @@ use std::collections::BTreeSet;
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
+/// How late the oldest hour still waiting is, for the "hour not finalized on time" alert: its
+/// start (0 when none waits) and the seconds past its due time, hour end + `lateness` (0 when
+/// none is due yet).
+fn export_oldest_waiting(topic: &str, oldest: Option<i64>, lateness_ms: i64, now_ms: i64) {
+    let (start_s, overdue_s) = oldest_waiting(oldest, lateness_ms, now_ms);
+    metrics::gauge!("tron_sink_oldest_waiting_hour_timestamp_seconds", "topic" => topic.to_string())
+        .set(start_s as f64);
+    metrics::gauge!("tron_sink_hour_overdue_seconds", "topic" => topic.to_string()).set(overdue_s as f64);
+}
+
+/// (start of the oldest waiting hour, seconds it is past hour end + lateness), both in seconds.
+fn oldest_waiting(oldest: Option<i64>, lateness_ms: i64, now_ms: i64) -> (i64, i64) {
+    match oldest {
+        Some(hour) => (hour * HOUR_MS / 1000, (now_ms - (hour + 1) * HOUR_MS - lateness_ms).max(0) / 1000),
+        None => (0, 0),
+    }
+}
+
 #[derive(Default)]
 pub struct Finalizer {
     /// (topic, hour) → objects known when last finalized, to skip unchanged hours.
@@ -132,6 +150,7 @@ impl Finalizer {
         let lateness_ms = cfg.lateness.as_millis() as i64;
         let rules = Rules::of(&states, chrono::Utc::now().timestamp_millis(), cfg.host_timeout);
         let (mut waiting, mut holding) = (0u64, BTreeSet::new());
+        let mut oldest_waiting: Option<i64> = None;
         for (hour, uploaded) in hours {
             if self.done.get(&(topic.to_string(), hour)) == Some(&uploaded) {
                 continue;
@@ -139,6 +158,7 @@ impl Finalizer {
             let deadline = (hour + 1) * HOUR_MS + lateness_ms;
             let Some(decision) = rules.complete(&states, deadline) else {
                 waiting += 1;
+                oldest_waiting.get_or_insert(hour);
                 holding.extend(rules.holding(&states, deadline));
                 continue;
             };
@@ -147,6 +167,7 @@ impl Finalizer {
             }
         }
         metrics::gauge!("tron_sink_hours_waiting", "topic" => topic.to_string()).set(waiting as f64);
+        export_oldest_waiting(topic, oldest_waiting, lateness_ms, chrono::Utc::now().timestamp_millis());
         metrics::gauge!("tron_sink_hosts_holding_hours", "topic" => topic.to_string()).set(holding.len() as f64);
         metrics::gauge!("tron_sink_all_hosts_silent", "topic" => topic.to_string()).set(if rules.all_silent {
             1.0
@@ -523,5 +544,14 @@ mod tests {
         let revised = manifest(&store, &dir).await;
         assert_eq!((revised.revision, revised.rows, revised.objects.len()), (2, 35, 3));
         assert_eq!((revised.partitions["0"].first_offset, revised.partitions["0"].last_offset), (0, 14));
+    }
+
+    #[test]
+    fn the_oldest_waiting_hour_is_overdue_only_past_its_end_plus_lateness() {
+        let hour = 490_000; // hours since the epoch
+        let end_ms = (hour + 1) * HOUR_MS;
+        assert_eq!(oldest_waiting(None, 300_000, end_ms), (0, 0));
+        assert_eq!(oldest_waiting(Some(hour), 300_000, end_ms + 299_000), (hour * 3600, 0));
+        assert_eq!(oldest_waiting(Some(hour), 300_000, end_ms + 300_000 + 901_000), (hour * 3600, 901));
     }
 }

@@ -29,6 +29,8 @@ struct Args {
     /// Validate the configuration and exit (0 valid, 1 invalid).
     #[arg(long)]
     check_config: bool,
+    #[command(flatten)]
+    log: tron_service::telemetry::LogArgs,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -131,10 +133,11 @@ pub fn join_key(prefix: &str, name: &str) -> String {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let cfg = match daemon::load_config("tron-sink-secor", &args.config, args.check_config, SinkConfig::validate) {
-        Ok(cfg) => cfg,
-        Err(code) => return code,
-    };
+    let cfg =
+        match daemon::load_config("tron-sink-secor", &args.config, args.check_config, args.log, SinkConfig::validate) {
+            Ok(cfg) => cfg,
+            Err(code) => return code,
+        };
     match args.command {
         Some(Command::BqSchema { topic }) => {
             // Every topic is written with the same columns today; the topic is still checked, so
@@ -189,8 +192,26 @@ async fn run(cfg: SinkConfig, daemon: Daemon) -> anyhow::Result<()> {
     }
     let consumer = consumer::create(&cfg).context("creating the Kafka consumer")?;
     daemon.health.up("kafka");
+    export_zero_counters(&cfg.kafka.topics);
     daemon.ready("tron-sink-secor", cfg.metrics_listen).await?;
     tracing::info!(topics = ?cfg.kafka.topics, group = %cfg.kafka.group_id, output = %cfg.output.url, "consuming");
     let beat = daemon.liveness.register("consume loop");
     consumer::run(&cfg, consumer, store, daemon.health.clone(), daemon.shutdown.clone(), beat).await
+}
+
+/// Counters an alert or a dashboard reads, at 0 from the start: `increase()` of a counter that
+/// appears only at its first event misses that event, and a panel over it shows no data.
+fn export_zero_counters(topics: &[String]) {
+    metrics::counter!("tron_sink_fenced_total").absolute(0);
+    for topic in topics {
+        for reason in [partition::Reason::TooOld, partition::Reason::TooNew, partition::Reason::NoTime] {
+            metrics::counter!("tron_sink_records_quarantined_total", "topic" => topic.clone(), "reason" => reason.as_str())
+                .absolute(0);
+        }
+        for name in
+            ["tron_sink_duplicates_dropped_total", "tron_sink_hours_finalized_total", "tron_sink_late_objects_total"]
+        {
+            metrics::counter!(name, "topic" => topic.clone()).absolute(0);
+        }
+    }
 }

@@ -63,9 +63,10 @@ def metrics_port():
 class Proc:
     """One tron process with its config file and log."""
 
-    def __init__(self, name, binary, config, workdir, env=None, wrapper=()):
+    def __init__(self, name, binary, config, workdir, env=None, wrapper=(), args=()):
         self.name = name
         self.wrapper = list(wrapper)
+        self.args = list(args)
         self.binary = os.path.join(BIN, binary)
         self.config_path = os.path.join(workdir, name + ".toml")
         self.log = os.path.join(workdir, name + ".log")
@@ -76,7 +77,7 @@ class Proc:
             f.write(to_toml(config))
 
     def start(self):
-        self.proc = subprocess.Popen(self.wrapper + [self.binary, "--config", self.config_path], stdout=open(self.log, "ab"),
+        self.proc = subprocess.Popen(self.wrapper + [self.binary, "--config", self.config_path] + self.args, stdout=open(self.log, "ab"),
                                      stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
         port = int(self.config["metrics_listen"].rsplit(":", 1)[1])
         servers.wait_for(self.name, lambda: servers.http_ok("http://127.0.0.1:%d/metrics" % port),

@@ -19,6 +19,9 @@ command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
 [ -f /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
 command -v stunnel4 >/dev/null 2>&1 || missing+=(stunnel4)
 [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
+# Prometheus (server and promtool): the rules' unit tests and the dashboard's end-to-end test run
+# against the real thing. Without recommends: the exporters it suggests are not needed.
+command -v promtool >/dev/null 2>&1 || apt_install --no-install-recommends prometheus
 # cargo-deb builds the .deb (scripts/package.sh).
 if ! command -v cargo-deb >/dev/null 2>&1; then
   cargo install cargo-deb --locked --version 3.8.0 --quiet
