@@ -589,6 +589,99 @@ def bench_many_files(svc, certs, work, files=4000, lines_per_file=50):
     agent.stop(), relay.stop()
 
 
+def bench_fleet(svc, certs, work, conns=2000, seconds=60, every=5.0, per_chunk=10):
+    """A fleet against one relay, from a load generator: `conns` TLS connections (what every agent
+    keeps open to every relay), each sending a `per_chunk`-record gzip chunk and a watermark report
+    every `every` seconds and reading its acks, like an app server at per_chunk/every lines/s.
+    Measures the relay's memory per connection and CPU-s per million records."""
+    import asyncio
+    import ssl
+    svc.create_topic("bench-fleet", 3)
+    cfg = tron.relay_config(work, certs, svc.kafka_brokers, topic="bench-fleet")
+    # Every connection comes from 127.0.0.1: the NAT case, where the per-address cap is the knob.
+    cfg["limits"] = {"max_connections": conns + 100, "max_connections_per_address": conns + 100}
+    tron.allow_open_files(2 * conns + 1000)
+    relay = tron.Proc("relay", "tron-relay", cfg, work).start()
+    host, port = relay.config["listen"].rsplit(":", 1)
+    port = int(port)
+    ctx = ssl.create_default_context(cafile=certs["ca"])
+    ctx.check_hostname = False
+    time.sleep(2)
+    def current_rss():
+        with open("/proc/%d/status" % relay.proc.pid) as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    idle_rss = current_rss()
+    sent = [0]
+
+    def frame(conn, n, tag, record):
+        now = time.time()
+        entries = b"".join(msgpack.packb([msgpack.ExtType(0, int(now).to_bytes(4, "big") + b"\0\0\0\0"), record(i)])
+                           for i in range(n))
+        cid = "f%d-%d" % (conn, sent[0])
+        return msgpack.packb([tag, gzip.compress(entries, 1), {"chunk": cid, "size": n, "compressed": "gzip"}])
+
+    async def client(conn, connected, start, stop):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost")
+        connected.append(conn)
+        await start.wait()
+        unpacker = msgpack.Unpacker(raw=False)
+        await asyncio.sleep((conn % 100) * every / 100)  # spread the sends over the interval
+        while not stop.is_set():
+            now_iso = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            writer.write(frame(conn, per_chunk, "bench.fleet",
+                               lambda i: json.loads(record_line(conn * 1_000_000 + i, now_iso))))
+            writer.write(frame(conn, 1, "tron.watermark", lambda i: {
+                "host": "fleet-%d" % conn, "watermark_ms": int(time.time() * 1000) - 5000, "tags": ["bench.fleet"]}))
+            await writer.drain()
+            got = 0
+            while got < 2:
+                data = await reader.read(65536)
+                if not data:
+                    return
+                unpacker.feed(data)
+                got += sum(1 for _ in unpacker)
+            sent[0] += per_chunk
+            try:
+                await asyncio.wait_for(stop.wait(), every)
+            except asyncio.TimeoutError:
+                pass
+        writer.close()
+
+    async def run():
+        connected, start, stop = [], asyncio.Event(), asyncio.Event()
+        tasks = []
+        for c in range(conns):
+            tasks.append(asyncio.create_task(client(c, connected, start, stop)))
+            if c % 100 == 99:
+                await asyncio.sleep(0.2)
+        while len(connected) < conns:
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(3)
+        connected_rss = current_rss()
+        cpu0 = relay.cpu_seconds()
+        start.set()
+        await asyncio.sleep(seconds)
+        stop.set()
+        cpu = relay.cpu_seconds() - cpu0
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return connected_rss, cpu
+
+    connected_rss, cpu = asyncio.run(run())
+    records = sent[0]
+    wm_messages = relay.metric("tron_relay_watermark_messages_total") or 0
+    reports = relay.metric("tron_relay_watermark_reports_total") or 0
+    print("relay fleet: %d TLS connections (one per agent), each %d records + 1 watermark report every %.0f s "
+          "(%.0f records/s in all) for %d s: relay RSS %.1f MiB idle, %.1f MiB connected (%.1f KiB per "
+          "connection), peak %.1f MiB; %.2f CPU-s = %.1f%% of a core, %.2f CPU-s per million records "
+          "(incl. %d watermark reports -> %d watermark messages)"
+          % (conns, per_chunk, every, records / seconds, seconds, idle_rss, connected_rss,
+             (connected_rss - idle_rss) * 1024 / conns, relay.peak_rss_mib(), cpu, 100 * cpu / seconds,
+             cpu * 1e6 / max(records, 1), reports, wm_messages), flush=True)
+    relay.stop()
+
+
 def mk(work, name):
     path = os.path.join(work, name)
     os.makedirs(path, exist_ok=True)
@@ -625,6 +718,8 @@ def main():
             bench_many_files(svc, certs, mk(work, "files"))
         if "latency" in args.which:
             bench_latency(svc, certs, mk(work, "latency"))
+        if "fleet" in args.which:  # not in the default set: 2,000 connections from this machine
+            bench_fleet(svc, certs, mk(work, "fleet"))
         if "hour-end" in args.which:  # not in the default set: it waits for an hour boundary
             bench_hour_end(svc, certs, mk(work, "hour-end"))
     finally:

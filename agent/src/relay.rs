@@ -1,8 +1,12 @@
 //! The relay destination: CompressedPackedForward chunks over TLS, each waiting for its ack.
 //!
-//! One connection task owns the socket; senders hand it a chunk and wait for the ack matched by
-//! chunk id, so several chunks are in flight at once. A broken connection fails every waiting
-//! chunk (the shipper re-sends them) and the task moves to the next address with back-off.
+//! The agent keeps a connection to every relay it is given (every address `addresses` lists, and
+//! every address a name there resolves to), each owned by one task. A chunk goes to the connected
+//! relay with the fewest chunks waiting for an ack, so a relay that acks faster gets more and a
+//! fleet spreads over all relays whatever its size; a relay that stops acking stops getting new
+//! chunks at once. A chunk whose ack does not come within `ack_timeout` drops that connection:
+//! every chunk waiting on it fails and the shipper re-sends them, through the other relays, while
+//! the dropped one reconnects with back-off (docs/deployment.md, "Several relays").
 
 use crate::config::{BatchConfig, LinkCompression, RelayConfig};
 use crate::destination::{BatchMeta, Destination, SendError};
@@ -21,6 +25,8 @@ use tokio_util::codec::Framed;
 use tron_service::backoff::Backoff;
 use tron_service::Health;
 
+mod links;
+
 trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
 
@@ -32,7 +38,7 @@ struct Request {
 
 pub struct RelayForwarder {
     tls: Arc<std::sync::RwLock<TlsSettings>>,
-    requests: mpsc::Sender<Request>,
+    links: Arc<links::Links>,
     batch: BatchConfig,
     /// None: chunks go uncompressed.
     gzip_level: Option<u32>,
@@ -58,29 +64,28 @@ pub struct SealedChunk {
 type TlsSettings = Option<(tokio_rustls::TlsConnector, Option<String>)>;
 
 struct Connector {
-    addresses: Vec<String>,
     /// Replaced on SIGHUP; the next connection uses the new CA and client certificate.
     tls: Arc<std::sync::RwLock<TlsSettings>>,
     shared_key: Option<String>,
     user: Option<(String, String)>,
     hostname: String,
+    ack_timeout: Duration,
 }
 
 impl RelayForwarder {
     pub fn new(cfg: &RelayConfig, hostname: &str, tags: Vec<String>, health: Health) -> anyhow::Result<Self> {
         let tls = Arc::new(std::sync::RwLock::new(tls_settings(cfg)?));
-        let connector = Connector {
-            addresses: cfg.addresses.clone(),
+        let connector = Arc::new(Connector {
             tls: tls.clone(),
             shared_key: cfg.shared_key.clone(),
             user: cfg.username.clone().zip(cfg.password.clone()),
             hostname: hostname.to_string(),
-        };
-        let (tx, rx) = mpsc::channel(cfg.batch.max_inflight.max(1) * 2);
-        tokio::spawn(connection_task(connector, rx, health));
+            ack_timeout: cfg.ack_timeout,
+        });
+        let links = links::Links::start(&cfg.addresses, connector, cfg.batch.max_inflight.max(1) * 2, health);
         Ok(RelayForwarder {
             tls,
-            requests: tx,
+            links,
             batch: cfg.batch.clone(),
             gzip_level: (cfg.compression == LinkCompression::Gzip).then_some(cfg.gzip_level),
             ack_timeout: cfg.ack_timeout,
@@ -187,29 +192,49 @@ impl Destination for RelayForwarder {
 
 impl RelayForwarder {
     async fn send_frame(&self, sealed: &SealedChunk) -> Result<(), SendError> {
+        let link = self.links.pick(self.ack_timeout).await?;
+        let _outstanding = link.state.outstanding();
         let (reply, wait) = oneshot::channel();
         let req = Request { frame: sealed.frame.clone(), chunk: sealed.chunk.clone(), reply };
-        self.requests.send(req).await.map_err(|_| SendError::Unreachable("relay connection task stopped".into()))?;
+        link.requests.send(req).await.map_err(|_| SendError::Unreachable("relay connection task stopped".into()))?;
         match tokio::time::timeout(self.ack_timeout, wait).await {
-            Ok(Ok(result)) => result,
+            Ok(Ok(result)) => {
+                if result.is_ok() {
+                    metrics::counter!("tron_agent_relay_chunks_acked_total", "relay" => link.address.clone())
+                        .increment(1);
+                }
+                result
+            }
             Ok(Err(_)) => Err(SendError::ConnectionLost("connection closed before the ack".into())),
-            Err(_) => Err(SendError::AckTimeout(self.ack_timeout)),
+            Err(_) => {
+                // A relay that stops acking (stopped, stuck, its link black-holed) is left now:
+                // its connection is dropped, so every chunk waiting on it is re-sent elsewhere.
+                link.state.give_up(&link.address, self.ack_timeout);
+                Err(SendError::AckTimeout(self.ack_timeout))
+            }
         }
     }
 }
 
-async fn connection_task(connector: Connector, mut requests: mpsc::Receiver<Request>, health: Health) {
-    let mut next = 0usize;
+/// One relay connection's life: connect, send what it is handed, match acks, and on any failure
+/// (or an ack time-out reported by a sender) drop everything waiting and connect again.
+async fn connection_task(
+    connector: Arc<Connector>,
+    address: String,
+    name: String,
+    mut requests: mpsc::Receiver<Request>,
+    state: Arc<links::LinkState>,
+    pool: Arc<links::Links>,
+) {
     let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     loop {
-        let address = connector.addresses[next % connector.addresses.len()].clone();
-        next += 1;
-        let mut framed = match connector.connect(&address).await {
+        state.set(links::Status::Connecting, &pool);
+        let mut framed = match connector.connect(&address, &name).await {
             Ok(f) => f,
             Err(e) => {
                 tracing::warn!(relay = %address, error = %e, "cannot connect to relay");
-                health.down("relay", format!("{address}: {e}"));
-                // Fail what is queued so the shipper backs off instead of waiting for an ack.
+                state.set(links::Status::Down(format!("{address}: {e}")), &pool);
+                // Fail what is queued so those chunks go elsewhere instead of waiting for an ack.
                 loop {
                     match requests.try_recv() {
                         Ok(r) => {
@@ -224,7 +249,7 @@ async fn connection_task(connector: Connector, mut requests: mpsc::Receiver<Requ
             }
         };
         tracing::info!(relay = %address, "connected to relay");
-        health.up("relay");
+        state.set(links::Status::Connected, &pool);
         backoff.reset();
         let mut waiting: HashMap<Vec<u8>, oneshot::Sender<Result<(), SendError>>> = HashMap::new();
         let error = loop {
@@ -247,30 +272,43 @@ async fn connection_task(connector: Connector, mut requests: mpsc::Receiver<Requ
                     Some(Err(e)) => break format!("bad reply from relay: {e}"),
                     None => break "relay closed the connection".to_string(),
                 },
+                why = state.given_up() => break why,
             }
         };
         tracing::warn!(relay = %address, error = %error, pending = waiting.len(), "relay connection lost; pending chunks will be re-sent");
+        state.set(links::Status::Connecting, &pool);
         for (_, reply) in waiting.drain() {
             let _ = reply.send(Err(SendError::ConnectionLost(error.clone())));
         }
+        // Chunks handed over while the connection broke would wait for an ack that cannot come.
+        while let Ok(r) = requests.try_recv() {
+            let _ = r.reply.send(Err(SendError::ConnectionLost(error.clone())));
+        }
+        // Not straight back: a relay that accepts and then stalls would otherwise be re-tried in a
+        // tight loop while its chunks go elsewhere.
+        tokio::time::sleep(backoff.next_delay()).await;
     }
 }
 
 impl Connector {
-    async fn connect(&self, address: &str) -> Result<Framed<Pin<Box<dyn Stream>>, ClientCodec>, String> {
+    async fn connect(&self, address: &str, name: &str) -> Result<Framed<Pin<Box<dyn Stream>>, ClientCodec>, String> {
         let tcp = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(address))
             .await
             .map_err(|_| "connect timed out".to_string())?
             .map_err(|e| e.to_string())?;
         let _ = tcp.set_nodelay(true);
+        // A relay that vanished without a reset fails the connection within about `ack_timeout`
+        // (TCP_USER_TIMEOUT), not after TCP's ~15 minutes of retransmissions.
+        if let Err(e) = tron_service::net::detect_dead_peers(&tcp, Duration::from_secs(15), self.ack_timeout) {
+            tracing::debug!(relay = %address, error = %e, "cannot set keepalive / TCP_USER_TIMEOUT");
+        }
         let tls = self.tls.read().expect("tls lock").clone();
         let stream: Pin<Box<dyn Stream>> = match &tls {
-            Some((tls, name)) => {
-                let host =
-                    name.clone().unwrap_or_else(|| address.rsplit_once(':').map_or(address, |(h, _)| h).to_string());
-                let server_name = rustls::pki_types::ServerName::try_from(host.clone())
+            Some((tls, server_name)) => {
+                let host = server_name.clone().unwrap_or_else(|| name.to_string());
+                let sni = rustls::pki_types::ServerName::try_from(host.clone())
                     .map_err(|e| format!("server name {host:?}: {e}"))?;
-                let tls_stream = tokio::time::timeout(Duration::from_secs(10), tls.connect(server_name, tcp))
+                let tls_stream = tokio::time::timeout(Duration::from_secs(10), tls.connect(sni, tcp))
                     .await
                     .map_err(|_| "TLS handshake timed out".to_string())?
                     .map_err(|e| format!("TLS: {e}"))?;

@@ -191,8 +191,11 @@ fn default_batch_bytes() -> usize {
 fn default_compression() -> String {
     "lz4".into()
 }
+/// Below the agents' 30 s `ack_timeout`: when Kafka is slow the relay gives a chunk up (and
+/// closes the connection, so the agent re-sends at once) before the agent would give the relay
+/// up and send the same chunk elsewhere while this copy is still being retried.
 fn default_delivery_timeout() -> Duration {
-    Duration::from_secs(60)
+    Duration::from_secs(25)
 }
 
 impl RelayConfig {

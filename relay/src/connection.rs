@@ -76,7 +76,9 @@ where
         frames.codec_mut().authenticated();
         slot.prove();
     }
-    let (ack_tx, mut ack_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    // Bounded: a client that never reads its acks fills this, then the deliveries waiting to queue
+    // theirs keep their budget, and the connection stops being read at its per-connection cap.
+    let (ack_tx, mut ack_rx) = mpsc::channel::<Vec<u8>>(ACKS_QUEUED);
     let writer = tokio::spawn(async move {
         while let Some(ack) = ack_rx.recv().await {
             if write_half.write_all(&ack).await.is_err() {
@@ -88,6 +90,9 @@ where
     // A failed delivery closes the connection: the client then re-sends its unacked chunks
     // instead of waiting for an ack time-out.
     let failed = CancellationToken::new();
+    // Cancelled once this connection reads no more: deliveries still waiting to queue an ack
+    // (the queue full because the client does not read) stop waiting.
+    let closing = CancellationToken::new();
     let mut deliveries = JoinSet::new();
     let mine = Arc::new(Unacked::default());
     loop {
@@ -176,6 +181,13 @@ where
         drop(receiving);
         if tag == WATERMARK_TAG {
             // An agent's low watermark: kept, written to Kafka by the watermark task, acked now.
+            // Charged to the budget like any chunk while it is read into the table, so many
+            // reports at once wait for room instead of adding to what the budget bounds.
+            let cost = chunk_cost(&records).clamp(1, ctx.max_inflight_bytes) as u32;
+            let _permit = tokio::select! {
+                _ = shutdown.wait() => break,
+                permit = ctx.budget.clone().acquire_many_owned(cost) => permit.expect("budget semaphore is never closed"),
+            };
             drop(decoding);
             if let Err(e) = ctx.watermarks.report(&records, &ctx.router) {
                 tracing::warn!(%peer, error = %e, "bad watermark report; closing connection");
@@ -183,7 +195,11 @@ where
                 break;
             }
             if let Some(ack) = ack {
-                let _ = ack_tx.send(ack);
+                tokio::select! {
+                    biased;
+                    _ = ack_tx.send(ack) => {}
+                    _ = shutdown.wait() => break,
+                }
             }
             continue;
         }
@@ -200,19 +216,31 @@ where
         let ctx = ctx.clone();
         let ack_tx = ack_tx.clone();
         let failed = failed.clone();
+        let closing = closing.clone();
         let mine = mine.clone();
         deliveries.spawn(async move {
-            deliver(&ctx, &chunk, peer, &ack_tx, &failed).await;
+            deliver(&ctx, &chunk, peer, &ack_tx, &failed, &closing).await;
             mine.release(cost as usize);
             metrics::gauge!("tron_relay_inflight_bytes").decrement(cost as f64);
             drop(permit);
         });
     }
-    // Finish what was accepted: every chunk already read is delivered and, if it succeeds, acked.
+    // Finish what was accepted: every chunk already read is delivered and, if it succeeds, acked;
+    // acks that cannot be queued any more (a client that does not read them) are dropped then.
+    closing.cancel();
     while deliveries.join_next().await.is_some() {}
     drop(ack_tx);
-    let _ = writer.await;
+    // A client that does not read keeps the writer blocked; it gets a moment, not for ever.
+    let writer_abort = writer.abort_handle();
+    if tokio::time::timeout(ACK_WRITE_GRACE, writer).await.is_err() {
+        writer_abort.abort();
+    }
 }
+
+/// Acks a connection may have waiting to be written; each is a few dozen bytes.
+const ACKS_QUEUED: usize = 1024;
+/// How long the acks of a closing connection may take to be written.
+const ACK_WRITE_GRACE: Duration = Duration::from_secs(5);
 
 /// A connection's chunks charged to the budget and not answered by Kafka yet.
 #[derive(Default)]
@@ -267,8 +295,9 @@ async fn deliver<K: Deliver>(
     ctx: &Context<K>,
     batch: &Chunk,
     peer: SocketAddr,
-    acks: &mpsc::UnboundedSender<Vec<u8>>,
+    acks: &mpsc::Sender<Vec<u8>>,
     failed: &CancellationToken,
+    closing: &CancellationToken,
 ) {
     let topic = ctx.router.topic(&batch.tag);
     let outcome = match ctx.kafka.deliver(topic, &batch.tag, &batch.records).await {
@@ -287,7 +316,11 @@ async fn deliver<K: Deliver>(
             }
             if let Some(ack) = &batch.ack {
                 metrics::counter!("tron_relay_chunks_acked_total").increment(1);
-                let _ = acks.send(ack.clone());
+                tokio::select! {
+                    biased;
+                    _ = acks.send(ack.clone()) => {}
+                    _ = closing.cancelled() => {}
+                }
             }
         }
         Err((reason, error)) => {

@@ -52,6 +52,8 @@ pub async fn run(
             }
         };
         let _ = tcp.set_nodelay(true);
+        // An agent that vanished without a reset (its VM gone) frees its slot in about a minute.
+        let _ = tron_service::net::detect_dead_peers(&tcp, Duration::from_secs(30), Duration::from_secs(60));
         let ctx = ctx.clone();
         let tls = tls.read().expect("tls lock").clone();
         let shutdown = shutdown.clone();

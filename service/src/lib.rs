@@ -11,6 +11,7 @@ pub mod http;
 pub mod json_key;
 #[cfg(feature = "kafka")]
 pub mod kafka;
+pub mod net;
 pub mod shutdown;
 pub mod systemd;
 pub mod telemetry;
