@@ -456,7 +456,14 @@ mod tests {
 
     /// Starts a connection on an in-memory stream; returns the client's end.
     fn connect(ctx: &Arc<Context<Gated>>) -> (tokio::io::DuplexStream, tokio::task::JoinHandle<()>) {
-        let (client, server) = tokio::io::duplex(1 << 20);
+        connect_buffered(ctx, 1 << 20)
+    }
+
+    fn connect_buffered(
+        ctx: &Arc<Context<Gated>>,
+        buffer: usize,
+    ) -> (tokio::io::DuplexStream, tokio::task::JoinHandle<()>) {
+        let (client, server) = tokio::io::duplex(buffer);
         let (slot, _) = Slots::new(4, 4).admit("127.0.0.1".parse().unwrap()).expect("a free slot");
         let ctx = ctx.clone();
         let task = tokio::spawn(async move {
@@ -502,5 +509,31 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), client.read_to_end(&mut reply)).await.unwrap().unwrap();
         assert!(reply.is_empty(), "a failed chunk was acked: {reply:?}");
         task.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_that_never_reads_its_acks_stops_being_read() {
+        let ctx = Arc::new(context(false, &std::env::temp_dir()));
+        ctx.kafka.answers.add_permits(1 << 20);
+        let (client, task) = connect_buffered(&ctx, 4 << 10);
+        let (_unread_acks, mut write) = tokio::io::split(client);
+        const CHUNKS: usize = 20_000;
+        let writer = tokio::spawn(async move {
+            for i in 0..CHUNKS {
+                write.write_all(&chunk(&format!("c{i}"))).await.unwrap();
+            }
+            write
+        });
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        // Unbounded, the relay would read all 20,000 chunks and queue 20,000 acks. Bounded: 1,024
+        // acks wait to be written, then deliveries keep their charge and the connection's cap
+        // (16 MiB here, ~3.3 KiB per chunk) stops the reading.
+        let delivered = ctx.kafka.delivered.load(Ordering::SeqCst) / 3;
+        assert!(!writer.is_finished(), "the relay read every chunk although no ack was read");
+        assert!(delivered < CHUNKS / 2, "{delivered} chunks delivered while their acks could not be written");
+        // And the connection still ends when the client goes (no hang on the unwritable acks).
+        writer.abort();
+        drop(_unread_acks);
+        tokio::time::timeout(Duration::from_secs(30), task).await.expect("connection ended").unwrap();
     }
 }
