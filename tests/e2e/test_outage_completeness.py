@@ -131,3 +131,82 @@ def test_lines_dated_2100_and_1970_are_quarantined_and_do_not_hold_or_move_other
     assert not any("dt=2100" in n or "dt=1970" in n for n in names), names
     assert quarantined == ["too_new", "too_old"], names
     assert agent.stop() == 0
+
+
+def test_one_of_three_agents_cut_off_is_retired_after_host_timeout_and_its_late_rows_revise_the_hour(
+        services, certs, workroot, procs):
+    """Hosts a, b and c report; c's link to the relay is cut while c still writes lines of the
+    hour. While a and b keep reporting, c holds the hour for `host_timeout` and is then retired:
+    `_SUCCESS` comes with what arrived, the manifest names c as stale; once c is back its rows
+    revise the manifest and count as late."""
+    topic = "cut-off"
+    work, logs, relay, sink, agent_a = pipeline(services, certs, workroot, procs, topic, "%ds" % HOST_TIMEOUT_S)
+    agent_a.stop()  # the pipeline's own agent is replaced by three
+    gate = tron.Gate(int(relay.config["listen"].rsplit(":", 1)[1])).open()
+    agents = {}
+    for name in ("a", "b", "c"):
+        host_logs = os.path.join(work, "logs-" + name)
+        os.makedirs(host_logs)
+        address = "127.0.0.1:%d" % gate.port if name == "c" else relay.config["listen"]
+        cfg = tron.agent_config(work, os.path.join(host_logs, "*.log"), "file://" + os.path.join(work, "s3-" + name),
+                                address, certs, host=topic + "-" + name, state_dir=os.path.join(work, "state-" + name))
+        del cfg["files"]
+        for dest in cfg["destinations"].values():
+            del dest["batch"]
+        agents[name] = (tron.Proc("agent-" + name, "tron-agent", cfg, work), os.path.join(host_logs, "app.log"))
+        procs.append(agents[name][0])
+        agents[name][0].start()
+    h = hour_start(2)
+    for i, name in enumerate(("a", "b", "c")):
+        write(agents[name][1], [h + datetime.timedelta(seconds=2 * k) for k in range(1000)], i * 100_000)
+    # c keeps writing lines of that hour (a replay), so its watermark stays inside it.
+    keep = {"on": True}
+
+    def c_writes():
+        k = 1000
+        while keep["on"]:
+            write(agents["c"][1], [h + datetime.timedelta(seconds=2000 + k % 1500)], 200_000 + k)
+            k += 1
+            time.sleep(0.5)
+        return k
+    import threading
+    result = {}
+    writer = threading.Thread(target=lambda: result.setdefault("k", c_writes()), daemon=True)
+    writer.start()
+    try:
+        tron.wait_until("c holding the hour", lambda: topic + "-c" in hours_command(sink, topic)[1], timeout=90,
+                        interval=1, on_timeout=lambda: hours_command(sink, topic)[1])
+        gate.close()
+        cut = time.time()
+        watch = tron.SuccessWatch(services, topic, topic)
+        hour = h.strftime("dt=%Y-%m-%d/hr=%H")
+        tron.wait_until("_SUCCESS once c is retired", lambda: hour in watch.look(), timeout=HOST_TIMEOUT_S + 120,
+                        interval=0.3, on_timeout=sink.tail)
+        after_s = time.time() - cut
+        rows, revision, completeness = watch.seen[hour]
+        print("c cut off: _SUCCESS %.0f s later (host_timeout %d s): %d rows, revision %d, %s"
+              % (after_s, HOST_TIMEOUT_S, rows, revision, completeness))
+        assert after_s >= HOST_TIMEOUT_S - 2, "the hour did not wait for c"
+        assert completeness["rule"] == "watermarks", completeness
+        assert topic + "-c" in completeness["hosts_stale"], completeness
+        assert {topic + "-a", topic + "-b"} <= set(completeness["hosts_complete"]), completeness
+        assert rows >= 3000 and revision == 1, watch.seen[hour]
+    finally:
+        keep["on"] = False
+        writer.join(10)
+        gate.open()
+    # c back: its rows land, the manifest is revised, counted as late.
+    total = 3000 + (result["k"] - 1000)
+    prefix = "%s/%s/" % (topic, h.strftime("dt=%Y-%m-%d/hr=%H"))
+
+    def revised():
+        m = json.loads(services.gcs_get(topic, "w/" + prefix + "_manifest.json"))
+        return m if m["rows"] == total else None
+    m = tron.wait_until("the manifest revised with c's rows", revised, timeout=180, interval=1,
+                        on_timeout=lambda: services.gcs_get(topic, "w/" + prefix + "_manifest.json")[:400])
+    late = sink.metric("tron_sink_late_objects_total", topic=topic)
+    print("after c is back: revision %d, %d rows of %d, %s; late objects %s"
+          % (m["revision"], m["rows"], total, m["completeness"], late))
+    assert m["revision"] >= 2 and late >= 1
+    for agent, _ in agents.values():
+        assert agent.stop() == 0

@@ -231,3 +231,65 @@ def test_a_black_holed_relay_is_left_within_the_documented_bound(certs, workroot
     assert result["moved_after_s"] <= 2 * ACK_TIMEOUT_S, result
     assert result["ack_timeouts"] > 0, result  # chunks were stuck on r1 and moved, not only new ones
     assert result["missing_at_end"] == 0, result
+
+
+def test_watermarks_of_20000_hosts_through_one_relay_reach_the_sink_in_bounded_messages(services, certs, workroot,
+                                                                                        procs):
+    """20,000 simulated hosts report through one relay (a Forward client sending `tron.watermark`
+    chunks of 1,000 reports): every watermark message the relay writes holds at most 5,000 hosts
+    and stays far below Kafka's 1 MB `message.max.bytes`, and the sink knows all 20,000 hosts:
+    each of them holds back the hour their watermark is in."""
+    import datetime
+    import socket
+
+    import msgpack
+    topic = "fleet-20k"
+    work = os.path.join(workroot, topic)
+    relay, sink, host, port = tron.relay_to_gcs(services, certs, work, procs, topic, topic, 2, plaintext=True)
+    hour = datetime.datetime.now(datetime.timezone.utc).replace(minute=0, second=0, microsecond=0) - \
+        datetime.timedelta(hours=2)
+    inside = int((hour + datetime.timedelta(minutes=10)).timestamp() * 1000)
+    def event_time(seconds):
+        return msgpack.ExtType(0, int(seconds).to_bytes(4, "big") + b"\0\0\0\0")
+
+    def frame(tag, records, chunk, at=None):
+        ts = event_time(at or time.time())
+        entries = b"".join(msgpack.packb([ts, r]) for r in records)
+        return msgpack.packb([tag, entries, {"chunk": chunk, "size": len(records)}])
+    s = socket.create_connection((host, port))
+    unpacker = msgpack.Unpacker(raw=False)
+    # One data record in the hour, so the hour exists in the sink.
+    frames = [frame("app.log", [{"seq": 1, "msg": "one"}], "data", at=inside / 1000)]
+    frames += [frame("tron.watermark", [{"host": "sim-%05d" % (c * 1000 + i), "watermark_ms": inside,
+                                          "tags": ["app.log"]} for i in range(1000)], "wm-%d" % c) for c in range(20)]
+    for f in frames:
+        s.sendall(f)
+    acks = 0
+    while acks < len(frames):
+        data = s.recv(65536)
+        assert data, "relay closed the connection after %d acks" % acks
+        unpacker.feed(data)
+        acks += sum(1 for _ in unpacker)
+    s.close()
+    assert relay.metric("tron_relay_watermark_reports_total") == 20_000
+    # One interval's worth (4 messages of 5,000 hosts for each of 2 partitions) written first.
+    tron.wait_until("the relay's watermark messages", lambda: (relay.metric("tron_relay_watermark_messages_total")
+                                                              or 0) >= 8, timeout=60, interval=1)
+    messages = tron.watermark_messages(services.kafka_brokers, topic, quiet=6, limit=20)
+    sizes = [len(json.dumps(v)) for _, _, v in messages]
+    per_message = [len(v["tron_watermarks"]) for _, _, v in messages]
+    hosts_p0 = set().union(*[v["tron_watermarks"].keys() for p, _, v in messages if p == 0])
+    print("\n20,000 hosts: %d watermark messages, at most %d hosts and %d bytes each; partition 0 carries %d hosts"
+          % (len(messages), max(per_message), max(sizes), len(hosts_p0)))
+    assert max(per_message) <= 5000 and max(sizes) < 500_000, (max(per_message), max(sizes))
+    assert len({h for h in hosts_p0 if h.startswith("sim-")}) == 20_000
+    holding = tron.wait_until("the sink to count 20,000 hosts holding the hour", lambda: (
+        lambda v: v if v and v >= 20_000 else None)(sink.metric("tron_sink_hosts_holding_hours", topic=topic)),
+        timeout=120, interval=2, on_timeout=sink.tail)
+    r = subprocess.run([os.path.join(tron.BIN, "tron-sink-secor"), "--config", sink.config_path, "hours", "--topic",
+                        topic, "--json"], capture_output=True, text=True, timeout=60)
+    hours = [json.loads(line) for line in r.stdout.splitlines()]
+    waiting = [h for h in hours if h["hour"] == hour.strftime("%Y-%m-%dT%H")]
+    print("sink: %d hosts hold the hour back (gauge); `hours --json` lists %d for %s"
+          % (holding, len(waiting[0]["holding"]) if waiting else -1, hour.strftime("%Y-%m-%dT%H")))
+    assert waiting and not waiting[0]["finalized"] and len(waiting[0]["holding"]) == 20_000, r.stdout[:2000]
