@@ -392,7 +392,15 @@ impl Loop<'_> {
             stale.discard();
         }
         if !self.partitions.contains_key(&tp) {
-            let committed = self.committed(&tp, epoch).unwrap_or(m.offset());
+            let committed = match self.committed(&tp, epoch) {
+                Ok(committed) => committed.unwrap_or(m.offset()),
+                Err(e) => {
+                    tracing::warn!(topic = %tp.0, partition = tp.1, error = %e, "cannot fetch the committed offset; not reading the partition until it can be fetched");
+                    metrics::counter!("tron_sink_offset_fetch_errors_total").increment(1);
+                    self.hold_off(&tp, epoch, m.offset());
+                    return;
+                }
+            };
             if m.offset() > committed && self.rewound.insert(tp.clone(), epoch) != Some(epoch) {
                 // librdkafka may go on from its own fetch position when a rebalance gives a
                 // partition back to this instance (librdkafka#1802), and a message held from
@@ -566,18 +574,21 @@ impl Loop<'_> {
                 let mut tpl = TopicPartitionList::new();
                 tpl.add_partition(&tp.0, tp.1);
                 let _ = self.consumer.resume(&tpl);
-                let committed = committed_offset(self.consumer, &tp.0, tp.1).unwrap_or(held.committed);
+                // Only where to fetch from: the partition is opened (and its committed offset
+                // asked again) at its next message.
+                let committed = committed_offset(self.consumer, &tp.0, tp.1).ok().flatten().unwrap_or(held.committed);
                 self.seek(&tp, committed);
                 tracing::info!(topic = %tp.0, partition = tp.1, committed, "re-reading a partition that was given up");
             }
         }
     }
 
-    /// The group's committed offset for a partition about to be opened under `epoch`.
-    fn committed(&mut self, tp: &Tp, epoch: u64) -> Option<i64> {
+    /// The group's committed offset for a partition about to be opened under `epoch` (`Ok(None)`:
+    /// none; `Err`: the broker could not be asked).
+    fn committed(&mut self, tp: &Tp, epoch: u64) -> Result<Option<i64>, String> {
         if let Some((cached_epoch, offset)) = self.committed_cache.remove(tp) {
             if cached_epoch == epoch {
-                return offset;
+                return Ok(offset);
             }
         }
         let unopened: Vec<(Tp, u64)> = self
@@ -596,14 +607,18 @@ impl Loop<'_> {
             return committed_offset(self.consumer, &tp.0, tp.1);
         };
         for (t, e) in unopened {
-            let offset = committed.find_partition(&t.0, t.1).and_then(|e| match e.offset() {
+            // A partition the answer lacks, or answers with an error, is asked again on its own.
+            let Some(entry) = committed.find_partition(&t.0, t.1).filter(|e| e.error().is_ok()) else {
+                continue;
+            };
+            let offset = match entry.offset() {
                 Offset::Offset(o) => Some(o),
                 _ => None,
-            });
+            };
             self.committed_cache.insert(t, (e, offset));
         }
         match self.committed_cache.remove(tp) {
-            Some((e, offset)) if e == epoch => offset,
+            Some((e, offset)) if e == epoch => Ok(offset),
             _ => committed_offset(self.consumer, &tp.0, tp.1),
         }
     }
@@ -671,11 +686,18 @@ impl Loop<'_> {
             .collect();
         for (tp, epoch) in idle {
             let committed = match self.committed(&tp, epoch) {
-                Some(o) => o,
-                None => {
+                Ok(Some(o)) => o,
+                Ok(None) => {
                     tokio::task::block_in_place(|| self.consumer.fetch_watermarks(&tp.0, tp.1, Duration::from_secs(10)))
                         .map(|(low, _)| low)
                         .unwrap_or(0)
+                }
+                Err(e) => {
+                    // Not "nothing committed": opened at the low offset it would re-read (and
+                    // count) what is already written. Tried again at the next idle check.
+                    tracing::warn!(topic = %tp.0, partition = tp.1, error = %e, "cannot fetch the committed offset of an idle partition; trying later");
+                    metrics::counter!("tron_sink_offset_fetch_errors_total").increment(1);
+                    continue;
                 }
             };
             // Reading starts where the objects end, whatever position librdkafka kept from an
@@ -824,14 +846,22 @@ fn lost_membership(e: &anyhow::Error) -> bool {
     })
 }
 
-fn committed_offset(consumer: &GroupConsumer, topic: &str, partition: i32) -> Option<i64> {
+/// The group's committed offset: `Ok(None)` when the group has none for the partition, `Err`
+/// when the broker could not be asked (an OffsetFetch that failed is not "nothing committed":
+/// read that way, the partition would start wherever librdkafka's fetch happens to be).
+fn committed_offset(consumer: &GroupConsumer, topic: &str, partition: i32) -> Result<Option<i64>, String> {
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(topic, partition);
-    let committed = tokio::task::block_in_place(|| consumer.committed_offsets(tpl, Duration::from_secs(10))).ok()?;
-    match committed.find_partition(topic, partition)?.offset() {
+    let committed = tokio::task::block_in_place(|| consumer.committed_offsets(tpl, Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let entry = committed.find_partition(topic, partition).ok_or("the broker's answer names no such partition")?;
+    if let Err(e) = entry.error() {
+        return Err(e.to_string());
+    }
+    Ok(match entry.offset() {
         Offset::Offset(o) => Some(o),
         _ => None,
-    }
+    })
 }
 
 /// The owner of a topic's partition 0 finalizes that topic's hours, so one instance does it. A

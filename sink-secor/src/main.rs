@@ -203,6 +203,7 @@ async fn run(cfg: SinkConfig, daemon: Daemon) -> anyhow::Result<()> {
 /// appears only at its first event misses that event, and a panel over it shows no data.
 fn export_zero_counters(topics: &[String]) {
     metrics::counter!("tron_sink_fenced_total").absolute(0);
+    metrics::counter!("tron_sink_offset_fetch_errors_total").absolute(0);
     for topic in topics {
         for reason in [partition::Reason::TooOld, partition::Reason::TooNew, partition::Reason::NoTime] {
             metrics::counter!("tron_sink_records_quarantined_total", "topic" => topic.clone(), "reason" => reason.as_str())
