@@ -411,6 +411,16 @@ impl Loop<'_> {
                 self.seek(&tp, committed);
                 return;
             }
+            if m.offset() > committed {
+                // Re-read from the committed offset and still past it: those offsets hold nothing
+                // this consumer can read (removed by retention and reset past, a failed seek, or a
+                // transaction marker from a transactional producer). Never silent.
+                let skipped = m.offset() - committed;
+                tracing::warn!(topic = %tp.0, partition = tp.1, committed, first = m.offset(), skipped, "offset gap: reading resumes past the committed offset; records there, if any, were never written (retention shorter than an outage?)");
+                metrics::counter!("tron_sink_offset_gaps_total", "topic" => tp.0.clone()).increment(1);
+                metrics::counter!("tron_sink_offset_gap_offsets_total", "topic" => tp.0.clone())
+                    .increment(skipped as u64);
+            }
             match Partition::open(&self.out, &tp.0, tp.1, committed, epoch).await {
                 Ok(p) => {
                     self.partitions.insert(tp.clone(), p);
