@@ -38,12 +38,15 @@ def test_idle_partitions_do_not_block_and_late_records_revise_the_manifest(servi
 
     send(2, 100)  # late: the hour is already complete
 
+    # Each late object revises the manifest: the two records may land in two partitions and be
+    # uploaded by two cuts, so two revisions (2 and 3) are as right as one.
     def revised():
         m = json.loads(services.gcs_get("fin", prefix + "_manifest.json"))
-        return m if m["revision"] == 2 else None
+        return m if m["rows"] == 5 else None
 
-    m = tron.wait_until("a second manifest revision", revised, timeout=60, interval=0.5, on_timeout=lambda: sink.tail())
-    assert m["rows"] == 5, m
+    m = tron.wait_until("a manifest revision with the late rows", revised, timeout=60, interval=0.5,
+                        on_timeout=lambda: sink.tail())
+    assert 2 <= m["revision"] <= 3, m
     assert "tron_sink_late_objects_total" in sink.metrics()
 
 
