@@ -53,6 +53,11 @@ pub struct TlsConfig {
     pub key: PathBuf,
     /// When set, clients must present a certificate signed by this CA (mutual TLS).
     pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: a client's watermark reports are accepted only for host names its
+    /// certificate carries (subjectAltName DNS names), so one agent cannot hold back, or release,
+    /// hours for another. Off by default: a certificate shared by a fleet names no host.
+    #[serde(default)]
+    pub reports_only_for_certificate_names: bool,
 }
 
 /// The Forward handshake: fluentd `<security>` / fluent-bit `Shared_Key`.
@@ -206,6 +211,12 @@ impl RelayConfig {
         }
         if self.tls.is_some() && self.plaintext {
             return bad("plaintext", "cannot be true when [tls] is set");
+        }
+        if self.tls.as_ref().is_some_and(|t| t.reports_only_for_certificate_names && t.client_ca.is_none()) {
+            return bad(
+                "tls.reports_only_for_certificate_names",
+                "needs tls.client_ca: without client certificates there are no names to check",
+            );
         }
         if !["none", "gzip", "snappy", "lz4", "zstd"].contains(&self.kafka.compression.as_str()) {
             return bad("kafka.compression", "must be one of none, gzip, snappy, lz4, zstd");

@@ -6,6 +6,7 @@
 
 use crate::dead_letter::DeadLetter;
 use crate::kafka::{Deliver, Kafka};
+use crate::peer_names::ReportHosts;
 use crate::receive::{Closed, FrameReader, ReceivePool, Received};
 use crate::route::Router;
 use crate::slots::Slot;
@@ -40,6 +41,8 @@ pub struct Context<K = Kafka> {
     pub frame_timeout: Duration,
     pub idle_timeout: Duration,
     pub security: Option<Security>,
+    /// `tls.reports_only_for_certificate_names`.
+    pub reports_only_for_certificate_names: bool,
 }
 
 pub struct Security {
@@ -48,8 +51,14 @@ pub struct Security {
     pub users: Vec<(String, String)>,
 }
 
-pub async fn serve<S, K>(stream: S, peer: SocketAddr, ctx: Arc<Context<K>>, slot: &Slot, shutdown: Shutdown)
-where
+pub async fn serve<S, K>(
+    stream: S,
+    peer: SocketAddr,
+    ctx: Arc<Context<K>>,
+    slot: &Slot,
+    shutdown: Shutdown,
+    report_hosts: ReportHosts,
+) where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     K: Deliver,
 {
@@ -189,7 +198,7 @@ where
                 permit = ctx.budget.clone().acquire_many_owned(cost) => permit.expect("budget semaphore is never closed"),
             };
             drop(decoding);
-            if let Err(e) = ctx.watermarks.report(&records, &ctx.router) {
+            if let Err(e) = ctx.watermarks.report(&records, &ctx.router, &report_hosts) {
                 tracing::warn!(%peer, error = %e, "bad watermark report; closing connection");
                 metrics::counter!("tron_relay_frames_rejected_total", "reason" => "bad_watermark").increment(1);
                 break;
@@ -451,6 +460,7 @@ mod tests {
             frame_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(60),
             security: None,
+            reports_only_for_certificate_names: false,
         }
     }
 
@@ -467,7 +477,7 @@ mod tests {
         let (slot, _) = Slots::new(4, 4).admit("127.0.0.1".parse().unwrap()).expect("a free slot");
         let ctx = ctx.clone();
         let task = tokio::spawn(async move {
-            serve(server, "127.0.0.1:24224".parse().unwrap(), ctx, &slot, Shutdown::new()).await;
+            serve(server, "127.0.0.1:24224".parse().unwrap(), ctx, &slot, Shutdown::new(), ReportHosts::Any).await;
         });
         (client, task)
     }

@@ -4,6 +4,7 @@ mod config;
 mod connection;
 mod dead_letter;
 mod kafka;
+mod peer_names;
 mod receive;
 mod route;
 mod server;
@@ -88,6 +89,7 @@ async fn run(cfg: RelayConfig, config_path: PathBuf, daemon: Daemon) -> anyhow::
         handshake_timeout: cfg.limits.handshake_timeout,
         frame_timeout: cfg.limits.frame_timeout,
         idle_timeout: cfg.limits.idle_timeout,
+        reports_only_for_certificate_names: cfg.tls.as_ref().is_some_and(|t| t.reports_only_for_certificate_names),
         security: cfg.security.as_ref().map(|s| Security {
             hostname: cfg.hostname.clone(),
             shared_key: s.shared_key.clone(),
@@ -175,6 +177,7 @@ fn export_limits(limits: &config::LimitsConfig) {
 /// Counters an alert or a dashboard reads, at 0 from the start: `increase()` of a counter that
 /// appears only at its first event misses that event, and a panel over it shows no data.
 fn export_zero_counters() {
+    metrics::counter!("tron_relay_watermark_reports_refused_total").absolute(0);
     for reason in ["timed_out", "unknown_topic", "too_large", "kafka_error", "canceled"] {
         metrics::counter!("tron_relay_delivery_failures_total", "reason" => reason).absolute(0);
     }

@@ -2,6 +2,7 @@
 //! drains them on shutdown.
 
 use crate::connection::{self, Context};
+use crate::peer_names::ReportHosts;
 use crate::slots::Slots;
 use std::sync::Arc;
 use std::time::Duration;
@@ -66,7 +67,15 @@ pub async fn run(
                         _ = slot.evicted.cancelled() => return metrics::gauge!("tron_relay_connections").decrement(1.0),
                     };
                     match handshake {
-                        Ok(Ok(stream)) => connection::serve(stream, peer, ctx, &slot, shutdown).await,
+                        Ok(Ok(stream)) => {
+                            let hosts = if ctx.reports_only_for_certificate_names {
+                                let certs = stream.get_ref().1.peer_certificates();
+                                ReportHosts::of_certificate(certs.and_then(|c| c.first()))
+                            } else {
+                                ReportHosts::Any
+                            };
+                            connection::serve(stream, peer, ctx, &slot, shutdown, hosts).await
+                        }
                         Ok(Err(e)) => {
                             tracing::warn!(%peer, error = %e, "TLS handshake failed");
                             metrics::counter!("tron_relay_connections_refused_total", "reason" => "tls").increment(1);
@@ -78,7 +87,7 @@ pub async fn run(
                         }
                     }
                 }
-                None => connection::serve(tcp, peer, ctx, &slot, shutdown).await,
+                None => connection::serve(tcp, peer, ctx, &slot, shutdown, ReportHosts::Any).await,
             }
             metrics::gauge!("tron_relay_connections").decrement(1.0);
             drop(slot);

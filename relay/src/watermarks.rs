@@ -12,6 +12,7 @@
 //! for a host that stopped reporting.
 
 use crate::kafka::Kafka;
+use crate::peer_names::ReportHosts;
 use crate::route::Router;
 use forward::Records;
 use std::collections::{BTreeMap, HashMap};
@@ -50,10 +51,23 @@ struct Report {
 
 impl Watermarks {
     /// Takes the reports of one chunk on [`WATERMARK_TAG`]; errors name what was wrong.
-    pub fn report(&self, records: &Records, router: &Router) -> Result<(), String> {
+    /// Err (nothing of the chunk kept): a record that is not a report, or a report for a host
+    /// the connection may not speak for (`tls.reports_only_for_certificate_names`).
+    pub fn report(&self, records: &Records, router: &Router, allowed: &ReportHosts) -> Result<(), String> {
+        let mut reports = Vec::with_capacity(records.records.len());
         for i in 0..records.records.len() {
             let report: Report = serde_json::from_slice(records.get(i))
                 .map_err(|e| format!("a {WATERMARK_TAG} record must be {{host, watermark_ms, tags}}: {e}"))?;
+            if !allowed.allows(&report.host) {
+                metrics::counter!("tron_relay_watermark_reports_refused_total").increment(1);
+                return Err(format!(
+                    "a report for host {:?}, which the client certificate does not name (its names: {allowed:?})",
+                    report.host
+                ));
+            }
+            reports.push(report);
+        }
+        for report in reports {
             let mut topics: Vec<String> = report.tags.iter().map(|t| router.topic(t).to_string()).collect();
             topics.sort();
             topics.dedup();

@@ -135,3 +135,43 @@ def test_relay_that_cannot_ack_makes_the_agent_resend_after_its_ack_timeout_and_
           "chunks re-sent on the same connection; all 3000 lines in GCS after Kafka came back" % resends)
     assert agent.stop() == 0
     gate.close()
+
+
+def test_with_certificate_names_bound_a_client_reports_only_for_its_own_host(services, certs, workroot, procs):
+    """`tls.reports_only_for_certificate_names`: host-a's certificate names host-a. An agent
+    calling itself host-a with it is heard; one calling itself host-b with the same certificate has
+    its reports refused (so it cannot hold back or release hours of a host it is not), while
+    its lines still arrive."""
+    work = os.path.join(workroot, "report-names")
+    tls = {"cert": certs["server_cert"], "key": certs["server_key"], "client_ca": certs["ca"],
+           "reports_only_for_certificate_names": True}
+    relay, _sink, _, _ = tron.relay_to_gcs(services, certs, work, procs, "report-names", "report-names", 2,
+                                           columns=[{"name": "seq", "source": "seq", "type": "INTEGER"}], tls=tls)
+
+    def agent(host):
+        d = os.path.join(work, host)
+        os.makedirs(os.path.join(d, "logs"))
+        cfg = tron.agent_config(d, os.path.join(d, "logs", "*.log"), "file://" + os.path.join(d, "s3"),
+                                relay.config["listen"], certs, host=host)
+        cfg["destinations"]["relay"].update(client_cert=certs["host_a_cert"], client_key=certs["host_a_key"])
+        p = tron.Proc(host, "tron-agent", cfg, d)
+        procs.append(p)
+        return p.start(), os.path.join(d, "logs", "app.log")
+
+    a, a_log = agent("host-a")
+    b, b_log = agent("host-b")
+    write_seqs(a_log, 0, 1000)
+    write_seqs(b_log, 100_000, 1000)
+    want = set(range(1000)) | set(range(100_000, 101_000))
+    tron.wait_until("both agents' lines in GCS", lambda: gcs_seqs(services, "report-names", "report-names") >= want,
+                    timeout=90, interval=1, on_timeout=lambda: relay.tail())
+    tron.wait_until("host-b's reports refused", lambda: (relay.metric("tron_relay_watermark_reports_refused_total")
+                                                         or 0) > 0, timeout=30, interval=1, on_timeout=relay.tail)
+    hosts = set()
+    for _, _, v in tron.watermark_messages(services.kafka_brokers, "report-names", limit=15):
+        hosts |= set(v["tron_watermarks"])
+    print("\nhosts in the relay's watermark messages: %s; refused reports: %s" % (
+        sorted(hosts), relay.metric("tron_relay_watermark_reports_refused_total")))
+    assert "host-a" in hosts and "host-b" not in hosts, hosts
+    assert "which the client certificate does not name" in relay.tail(1 << 20)
+    assert a.stop() == 0 and b.stop() == 0

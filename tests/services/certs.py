@@ -24,7 +24,7 @@ def _pem_key(key):
                              serialization.NoEncryption())
 
 
-def _cert(subject_cn, key, issuer_name, issuer_key, ca=False, server=False):
+def _cert(subject_cn, key, issuer_name, issuer_key, ca=False, server=False, names=()):
     now = datetime.datetime.now(datetime.timezone.utc)
     b = (x509.CertificateBuilder()
          .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)]))
@@ -45,11 +45,15 @@ def _cert(subject_cn, key, issuer_name, issuer_key, ca=False, server=False):
         if server:
             b = b.add_extension(x509.SubjectAlternativeName([
                 x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        elif names:
+            b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), critical=False)
     return b.sign(issuer_key, hashes.SHA256())
 
 
 def make(directory, name="tron"):
-    """Writes ca.pem, server.pem, server.key, client.pem, client.key; returns their paths."""
+    """Writes ca.pem, server.pem, server.key, client.pem, client.key (no host name: a certificate
+    a fleet shares), host-a.pem, host-a.key (a client certificate naming host `host-a`); returns
+    their paths."""
     os.makedirs(directory, exist_ok=True)
     ca_key = _key()
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name + " test CA")])
@@ -57,14 +61,19 @@ def make(directory, name="tron"):
     server_key, client_key = _key(), _key()
     server = _cert("localhost", server_key, ca_name, ca_key, server=True)
     client = _cert(name + "-agent", client_key, ca_name, ca_key)
+    host_a_key = _key()
+    host_a = _cert("host-a", host_a_key, ca_name, ca_key, names=["host-a"])
     paths = {k: os.path.join(directory, v) for k, v in {
         "ca": "ca.pem", "server_cert": "server.pem", "server_key": "server.key",
-        "client_cert": "client.pem", "client_key": "client.key"}.items()}
+        "client_cert": "client.pem", "client_key": "client.key",
+        "host_a_cert": "host-a.pem", "host_a_key": "host-a.key"}.items()}
     _write(paths["ca"], ca.public_bytes(serialization.Encoding.PEM))
     _write(paths["server_cert"], server.public_bytes(serialization.Encoding.PEM))
     _write(paths["server_key"], _pem_key(server_key))
     _write(paths["client_cert"], client.public_bytes(serialization.Encoding.PEM))
     _write(paths["client_key"], _pem_key(client_key))
+    _write(paths["host_a_cert"], host_a.public_bytes(serialization.Encoding.PEM))
+    _write(paths["host_a_key"], _pem_key(host_a_key))
     return paths
 
 
