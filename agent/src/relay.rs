@@ -235,14 +235,8 @@ async fn connection_task(
                 tracing::warn!(relay = %address, error = %e, "cannot connect to relay");
                 state.set(links::Status::Down(format!("{address}: {e}")), &pool);
                 // Fail what is queued so those chunks go elsewhere instead of waiting for an ack.
-                loop {
-                    match requests.try_recv() {
-                        Ok(r) => {
-                            let _ = r.reply.send(Err(SendError::Unreachable(format!("relay {address}: {e}"))));
-                        }
-                        Err(mpsc::error::TryRecvError::Empty) => break,
-                        Err(mpsc::error::TryRecvError::Disconnected) => return,
-                    }
+                if fail_queued(&mut requests, || SendError::Unreachable(format!("relay {address}: {e}"))) {
+                    return;
                 }
                 tokio::time::sleep(backoff.next_delay()).await;
                 continue;
@@ -281,12 +275,26 @@ async fn connection_task(
             let _ = reply.send(Err(SendError::ConnectionLost(error.clone())));
         }
         // Chunks handed over while the connection broke would wait for an ack that cannot come.
-        while let Ok(r) = requests.try_recv() {
-            let _ = r.reply.send(Err(SendError::ConnectionLost(error.clone())));
+        if fail_queued(&mut requests, || SendError::ConnectionLost(error.clone())) {
+            return;
         }
         // Not straight back: a relay that accepts and then stalls would otherwise be re-tried in a
         // tight loop while its chunks go elsewhere.
         tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+/// Answers every request waiting in the queue with `error()`. True when the forwarder is gone
+/// (the queue is closed): the connection task then ends.
+fn fail_queued(requests: &mut mpsc::Receiver<Request>, error: impl Fn() -> SendError) -> bool {
+    loop {
+        match requests.try_recv() {
+            Ok(r) => {
+                let _ = r.reply.send(Err(error()));
+            }
+            Err(mpsc::error::TryRecvError::Empty) => return false,
+            Err(mpsc::error::TryRecvError::Disconnected) => return true,
+        }
     }
 }
 

@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "services"))
 
 import servers  # noqa: E402
 import tron  # noqa: E402
-from test_relay_fleet import Writer, kafka_seqs  # noqa: E402
+from test_relay_fleet import fleet_agents, fleet_relays, kafka_seqs  # noqa: E402
 
 
 def sh(*args):
@@ -46,26 +46,8 @@ def main(work, certs):
     try:
         services.start_kafka()
         services.create_topic("blackhole", 4)
-        relays = []
-        for i in range(2):
-            cfg = tron.relay_config(work, certs, services.kafka_brokers, topic="blackhole")
-            del cfg["kafka"]["delivery_timeout"]
-            cfg["dead_letter"]["path"] = os.path.join(work, "dead-letter-%d.ndjson" % i)
-            relays.append(tron.Proc("relay%d" % (i + 1), "tron-relay", cfg, work))
-        agents, writers = [], []
-        for i in range(2):
-            logs = os.path.join(work, "logs%d" % i)
-            os.makedirs(logs)
-            cfg = tron.agent_config(work, os.path.join(logs, "*.log"), "file://" + os.path.join(work, "s3-%d" % i),
-                                    relays[0].config["listen"], certs, host="bh-%d" % i,
-                                    state_dir=os.path.join(work, "state%d" % i))
-            del cfg["files"]
-            dest = cfg["destinations"]["relay"]
-            dest["addresses"] = [r.config["listen"] for r in relays]
-            del dest["ack_timeout"], dest["batch"]
-            del cfg["destinations"]["s3"]["batch"]
-            agents.append(tron.Proc("agent%d" % i, "tron-agent", cfg, work))
-            writers.append(Writer(os.path.join(logs, "app.log"), i))
+        relays = fleet_relays(work, certs, services.kafka_brokers, "blackhole")
+        agents, writers = fleet_agents(work, certs, relays, 2, "bh")
         procs = relays + agents
         for p in procs:
             p.start()

@@ -62,35 +62,49 @@ class Writer(threading.Thread):
         return out
 
 
-def fleet(services, certs, workroot, procs, name):
-    work = os.path.join(workroot, name)
-    os.makedirs(work)
-    topic = name
-    services.create_topic(topic, 4)
-    services.create_gcs_bucket(topic)
+def fleet_relays(work, certs, brokers, topic, count=2):
+    """`count` relays at the shipped limits and delivery timeout (25 s, below the agents' 30 s
+    ack_timeout), each with its own dead-letter file."""
     relays = []
-    for i in range(2):
-        cfg = tron.relay_config(work, certs, services.kafka_brokers, topic=topic)
-        del cfg["kafka"]["delivery_timeout"]  # the shipped 25 s, below the agents' 30 s ack_timeout
+    for i in range(count):
+        cfg = tron.relay_config(work, certs, brokers, topic=topic)
+        del cfg["kafka"]["delivery_timeout"]
         cfg["dead_letter"]["path"] = os.path.join(work, "dead-letter-%d.ndjson" % i)
         relays.append(tron.Proc("relay%d" % (i + 1), "tron-relay", cfg, work))
-    sink = tron.Proc("sink", "tron-sink-secor", tron.sink_config(
-        work, services.kafka_brokers, "gs://%s/w" % topic, gcs_endpoint=services.gcs_endpoint, topic=topic,
-        group=topic), work)
+    return relays
+
+
+def fleet_agents(work, certs, relays, count, host_prefix):
+    """`count` agents at the shipped file, batch and ack settings, each given every relay, each
+    with its own file and a Writer for it (not started)."""
     agents, writers = [], []
-    for i in range(AGENTS):
+    for i in range(count):
         logs = os.path.join(work, "logs%d" % i)
         os.makedirs(logs)
         cfg = tron.agent_config(work, os.path.join(logs, "*.log"), "file://" + os.path.join(work, "s3-%d" % i),
-                                relays[0].config["listen"], certs, host="%s-%d" % (name, i),
+                                relays[0].config["listen"], certs, host="%s-%d" % (host_prefix, i),
                                 state_dir=os.path.join(work, "state%d" % i))
-        del cfg["files"]  # the shipped defaults
+        del cfg["files"]
         relay_dest = cfg["destinations"]["relay"]
         relay_dest["addresses"] = [r.config["listen"] for r in relays]
         del relay_dest["ack_timeout"], relay_dest["batch"]
         del cfg["destinations"]["s3"]["batch"]
         agents.append(tron.Proc("agent%d" % i, "tron-agent", cfg, work))
         writers.append(Writer(os.path.join(logs, "app.log"), i))
+    return agents, writers
+
+
+def fleet(services, certs, workroot, procs, name):
+    work = os.path.join(workroot, name)
+    os.makedirs(work)
+    topic = name
+    services.create_topic(topic, 4)
+    services.create_gcs_bucket(topic)
+    relays = fleet_relays(work, certs, services.kafka_brokers, topic)
+    sink = tron.Proc("sink", "tron-sink-secor", tron.sink_config(
+        work, services.kafka_brokers, "gs://%s/w" % topic, gcs_endpoint=services.gcs_endpoint, topic=topic,
+        group=topic), work)
+    agents, writers = fleet_agents(work, certs, relays, AGENTS, name)
     procs.extend(relays + [sink] + agents)
     for p in relays + [sink] + agents:
         p.start()
