@@ -14,8 +14,8 @@ use crate::partition::{Incoming, Output, Partition, StagingError};
 use crate::store::{Fenced, Store};
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::error::RDKafkaErrorCode;
-use rdkafka::message::{Headers, Message, OwnedMessage};
+use rdkafka::error::{KafkaResult, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Headers, Message, OwnedMessage};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,6 +35,9 @@ const HELD_BYTES_LIMIT: usize = 16 << 20;
 const HOLD_OFF: Duration = Duration::from_secs(15);
 /// SIGTERM: the last cuts may take this long in all.
 const DRAIN_LIMIT: Duration = Duration::from_secs(60);
+/// Most messages handled between two rounds of per-partition checks (cuts by age, heartbeats,
+/// idle partitions): at 100,000 records/s a round still comes every few milliseconds.
+const BURST: usize = 512;
 
 /// A partition given up and left alone for a while.
 struct HeldOff {
@@ -131,7 +134,14 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000")
         // Feeds `tron_sink_consumer_lag_records` (GroupContext::stats).
-        .set("statistics.interval.ms", "15000");
+        .set("statistics.interval.ms", "15000")
+        // Memory: librdkafka's defaults let one fetch response bring 50 MiB of compressed
+        // batches, each decompressed into its own buffer (the relay's LZ4 batches of log lines
+        // decompress 5-10x): 230 MiB resident in the bench. A 2 MiB fetch and a 16 MiB queue
+        // hold it near 110 MiB for 85,000 records/s; docs/capacity.md has the trade-off.
+        // Either can be changed in `kafka.properties`.
+        .set("fetch.max.bytes", "2097152")
+        .set("queued.max.messages.kbytes", "16384");
     for (k, v) in &cfg.properties {
         client.set(k, v);
     }
@@ -310,18 +320,24 @@ pub async fn run(
         l.handle_held().await;
         tokio::select! {
             _ = l.shutdown.wait() => break,
-            msg = consumer.recv() => match msg {
-                Ok(m) => {
-                    l.health.up("kafka");
-                    let epoch = consumer.context().epoch_of(&(m.topic().to_string(), m.partition()));
-                    l.handle(&m, epoch).await;
+            msg = consumer.recv() => {
+                l.received(msg).await;
+                // Messages librdkafka has already fetched are handled in one go: the checks
+                // below (revocations, idle partitions, cuts and heartbeats of every partition)
+                // cost more than a record, and once per message they were a third of the CPU.
+                // A cut during the burst holds newer messages back (`held`): the burst ends so
+                // they are handled first, in order.
+                for _ in 1..BURST {
+                    if !l.held.is_empty() || l.paused || l.shutdown.is_triggered() {
+                        break;
+                    }
+                    // A zero time-out polls the receive once: a message already queued, or none.
+                    match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
+                        Ok(msg) => l.received(msg).await,
+                        Err(_) => break,
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "consume error");
-                    l.health.down("kafka", e.to_string());
-                    metrics::counter!("tron_sink_consume_errors_total").increment(1);
-                }
-            },
+            }
             _ = tick.tick() => {},
         }
         l.apply_revocations();
@@ -373,6 +389,22 @@ impl Loop<'_> {
             let resume = self.owned_tpl(|tp| !self.held_off.contains_key(tp));
             if let Err(e) = self.consumer.resume(&resume) {
                 tracing::warn!(error = %e, "resuming partitions after a cut");
+            }
+        }
+    }
+
+    /// A message (or error) just taken from the consumer.
+    async fn received(&mut self, msg: KafkaResult<BorrowedMessage<'_>>) {
+        match msg {
+            Ok(m) => {
+                self.health.up("kafka");
+                let epoch = self.context().epoch_of(&(m.topic().to_string(), m.partition()));
+                self.handle(&m, epoch).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "consume error");
+                self.health.down("kafka", e.to_string());
+                metrics::counter!("tron_sink_consume_errors_total").increment(1);
             }
         }
     }
@@ -447,7 +479,7 @@ impl Loop<'_> {
             self.discard_and_hold_off(&tp, p);
             return;
         }
-        metrics::counter!("tron_sink_records_consumed_total", "topic" => tp.0.clone()).increment(1);
+        p.consumed.increment(1);
         // Size, hour-passed and replayed cuts are due as soon as the record that triggers them lands.
         self.cut_if_due(&tp).await;
     }

