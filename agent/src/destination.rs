@@ -118,6 +118,8 @@ pub trait Destination: Send + Sync + 'static {
         sealed: Arc<Self::Sealed>,
         meta: Arc<BatchMeta>,
     ) -> impl Future<Output = Result<(), SendError>> + Send;
+    /// A delivered batch nobody else holds, for the destination to reuse its memory.
+    fn recycle(&self, _sealed: Self::Sealed) {}
     /// How often this destination wants the agent's low watermark, if at all.
     fn watermark_interval(&self) -> Option<Duration> {
         None
@@ -148,6 +150,9 @@ pub async fn send_until_delivered<D: Destination, T>(
                 metrics::counter!("tron_agent_batches_sent_total", "destination" => dest.name()).increment(1);
                 if failures > 0 {
                     health.up(dest.name());
+                }
+                if let Ok(sealed) = Arc::try_unwrap(sealed) {
+                    dest.recycle(sealed);
                 }
                 return true;
             }

@@ -34,6 +34,13 @@ impl ChunkBuilder {
         Self::with_body(Body::Plain(Vec::new()))
     }
 
+    /// [`ChunkBuilder::uncompressed`] built in `buffer` (cleared first): the frame of an
+    /// acknowledged chunk, given back so the next chunk is written in pages already mapped.
+    pub fn uncompressed_in(mut buffer: Vec<u8>) -> Self {
+        buffer.clear();
+        Self::with_body(Body::Plain(buffer))
+    }
+
     fn with_body(body: Body) -> Self {
         ChunkBuilder { body, scratch: Vec::with_capacity(512), entries: 0, positions: PositionWriter::default() }
     }

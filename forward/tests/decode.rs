@@ -124,6 +124,21 @@ fn an_uncompressed_chunk_is_packed_forward_with_its_positions() {
 }
 
 #[test]
+fn a_chunk_built_in_a_reused_frame_is_the_chunk_built_fresh() {
+    let build = |mut b: ChunkBuilder, n: u64| {
+        for i in 0..n {
+            b.push_encoded_at(10 * i, EventTime::new(1, 0), |out| {
+                forward::msgpack::write_json_object_text(out, format!("{{\"i\":{i}}}").as_bytes(), 0).unwrap()
+            });
+        }
+        b.finish_from("app", "c-9", "web-1/00000000000000aa", 10 * n)
+    };
+    // The previous frame was longer: nothing of it may survive into the next one.
+    let used = build(ChunkBuilder::uncompressed(), 500);
+    assert_eq!(build(ChunkBuilder::uncompressed_in(used), 100), build(ChunkBuilder::uncompressed(), 100));
+}
+
+#[test]
 fn gzip_bomb_is_refused_at_the_decompressed_limit() {
     let mut b = ChunkBuilder::new(9);
     let big = "x".repeat(100_000);
