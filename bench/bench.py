@@ -174,7 +174,7 @@ def count_lines(path):
         return sum(1 for _ in f)
 
 
-def agent_sender(svc, certs, work, log, receiver=None, tls=False, compression="gzip", s3=False):
+def agent_sender(svc, certs, work, log, receiver=None, tls=False, compression="gzip", s3=False, s3_level=None):
     """tron-agent at its default settings tailing `log` (a glob) to the receiver and/or to S3 (moto)."""
     s3_url = "s3://bench-archive/%s" % os.path.basename(work) if s3 else None
     cfg = tron.agent_config(work, log, s3_url, "127.0.0.1:%d" % receiver.port if receiver else None, certs,
@@ -184,6 +184,8 @@ def agent_sender(svc, certs, work, log, receiver=None, tls=False, compression="g
         del cfg["destinations"]["s3"]
     else:
         del cfg["destinations"]["s3"]["batch"]
+        if s3_level is not None:
+            cfg["destinations"]["s3"]["gzip_level"] = s3_level
     if receiver:
         relay = cfg["destinations"]["relay"]
         del relay["batch"]
@@ -196,12 +198,22 @@ def agent_sender(svc, certs, work, log, receiver=None, tls=False, compression="g
 
 
 def stop_with_rusage(proc):
-    """SIGTERM (the agent drains: seals and sends what is open) and the exit's resource usage:
-    (exit code, CPU-s, peak RSS MiB) of the whole life of the process."""
+    """SIGTERM (the agent drains: seals and sends what is open) and the figures of the whole life
+    of the process: (exit code, CPU-s from wait4, peak RSS MiB from VmHWM sampled until the exit;
+    wait4's ru_maxrss is no use here, it counts the forked Python before the exec)."""
+    peak = proc.peak_rss_mib()
     proc.proc.send_signal(signal.SIGTERM)
-    _, status, usage = os.wait4(proc.proc.pid, 0)
+    while True:
+        pid, status, usage = os.wait4(proc.proc.pid, os.WNOHANG)
+        if pid:
+            break
+        try:
+            peak = max(peak, proc.peak_rss_mib())
+        except OSError:
+            pass
+        time.sleep(0.005)
     proc.proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.proc.returncode, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024.0
+    return proc.proc.returncode, usage.ru_utime + usage.ru_stime, peak
 
 
 def run_agent_sender(svc, certs, work, log, n, receiver=None, tls=False, compression="gzip", s3=False):
@@ -482,6 +494,112 @@ def bench_relay_from_fluent_bit(svc, work, n):
         sender.terminate()
         sender.wait()
         relay.stop()
+
+
+def bench_senders_live(svc, certs, work, rate=50_000, seconds=20):
+    """The agent tailing a file as it is written (rate lines/s), the case a fleet runs all day:
+    one destination, the other, and both. With both, the destinations read in step and one read
+    and parse of each line serves both (agent/src/shared_reads.rs); a backlog (`senders`) is read
+    by each at its own pace instead."""
+    if not os.path.exists(FLUENT_BIT):
+        print("senders-live: skipped (no Fluent Bit at %s: it is the receiver)" % FLUENT_BIT)
+        return
+    svc.create_s3_bucket("bench-archive")
+    receiver = ForwardReceiver(work, certs)
+    n = rate * seconds
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    lines = [(record_line(i, now) + "\n").encode() for i in range(n)]
+    results = {}
+    try:
+        for name, kw in (("forward (TLS, gzip)", dict(receiver=receiver, tls=True)), ("S3", dict(s3=True)),
+                         ("forward (TLS, gzip) + S3", dict(receiver=receiver, tls=True, s3=True))):
+            run = mk(work, "live-%d" % len(results))
+            log = os.path.join(mk(run, "logs"), "app.log")
+            open(log, "wb").close()
+            agent = agent_sender(svc, certs, run, log, **kw)
+            destinations = len(agent.config["destinations"])
+            agent.start()
+            with open(log, "ab", buffering=0) as f:
+                start = time.time()
+                step = rate // 100
+                for i in range(0, n, step):
+                    f.write(b"".join(lines[i:i + step]))
+                    pause = start + (i + step) / rate - time.time()
+                    if pause > 0:
+                        time.sleep(pause)
+            wait_metric(agent, "tron_agent_lines_read_total", n * destinations, 600)
+            if "receiver" in kw:
+                wait_metric(agent, "tron_agent_records_sent_total", n, 600, labels={"destination": "relay"})
+            shared = agent.metric("tron_agent_shared_reads_total", result="taken") or 0
+            code, cpu, hwm = stop_with_rusage(agent)
+            results[name] = cpu
+            print("senders-live: tron-agent -> %-26s %d lines at %d/s: %.2f CPU-s per million lines, peak RSS %.1f MiB, "
+                  "%d blocks read once for both, exit %d" % (name, n, rate, cpu * 1e6 / n, hwm, shared, code), flush=True)
+    finally:
+        receiver.stop()
+    both = results["forward (TLS, gzip) + S3"]
+    print("senders-live: both destinations / the more expensive one alone = %.2f (target <= 1.3)"
+          % (both / max(results["forward (TLS, gzip)"], results["S3"])))
+
+
+def write_realistic_lines(path, n, seed=5):
+    """Access-log JSON lines that compress like real ones: fields drawn from realistic value sets
+    and a random request id, not the padding of `record_line` (which gzip shrinks 26:1)."""
+    import random
+    rnd = random.Random(seed)
+    paths = ["/api/v1/%s/%d" % (kind, rnd.randrange(100000)) for kind in ("items", "users", "orders") for _ in range(300)]
+    agents = ["Mozilla/5.0 (X11; Linux x86_64; rv:%d.0) Gecko/20100101 Firefox/%d.0" % (v, v) for v in range(100, 130)] + \
+             ["curl/8.%d.0" % v for v in range(10)] + ["okhttp/4.%d.1" % v for v in range(12)]
+    start = datetime.datetime.now(datetime.timezone.utc)
+    with open(path, "w") as f:
+        for i in range(n):
+            t = start + datetime.timedelta(microseconds=i * 50)
+            f.write(json.dumps({
+                "time": t.strftime("%Y-%m-%dT%H:%M:%S.%fZ"), "remote": "10.%d.%d.%d" % (rnd.randrange(4), rnd.randrange(256), rnd.randrange(256)),
+                "method": rnd.choice(("GET", "GET", "GET", "POST", "PUT", "DELETE")), "path": rnd.choice(paths),
+                "status": rnd.choice((200, 200, 200, 200, 201, 204, 304, 400, 404, 500)), "bytes": rnd.randrange(0, 200000),
+                "duration_ms": round(rnd.lognormvariate(3, 1), 3), "ua": rnd.choice(agents),
+                "request_id": "%032x" % rnd.getrandbits(128)}, separators=(",", ":")) + "\n")
+    return os.path.getsize(path)
+
+
+def bench_archive_levels(svc, certs, work, n=500_000):
+    """What the archive's gzip level buys: the agent alone to S3 at levels 1, 3 and 6 on realistic
+    lines (CPU-s per million, stored bytes per line), and zstd -1/-3/-6 (the CLI) on the same
+    archived text as an estimate of what zstd would store."""
+    svc.create_s3_bucket("bench-archive")
+    log = os.path.join(mk(work, "logs"), "real.log")
+    size = write_realistic_lines(log, n)
+    print("archive: %d realistic lines, %.0f bytes per line on disk" % (n, size / n))
+    text_path = os.path.join(work, "archived.ndjson")
+    for level in (1, 3, 6):
+        agent = agent_sender(svc, certs, mk(work, "level-%d" % level), log, s3=True, s3_level=level)
+        agent.start()
+        wait_metric(agent, "tron_agent_lines_read_total", n, 600)
+        code, cpu, hwm = stop_with_rusage(agent)
+        prefix = "level-%d/" % level
+        s3 = svc.s3_client()
+        stored, raw = 0, 0
+        with open(text_path, "wb") as f:
+            for page in s3.get_paginator("list_objects_v2").paginate(Bucket="bench-archive", Prefix=prefix):
+                for obj in page.get("Contents", []):
+                    body = s3.get_object(Bucket="bench-archive", Key=obj["Key"])["Body"].read()
+                    stored += len(body)
+                    text = gzip.decompress(body)
+                    raw += len(text)
+                    f.write(text)
+        print("archive: agent -> S3, gzip level %d: %.2f CPU-s per million lines, %.1f stored bytes per line "
+              "(%.1f:1 of %.0f archived bytes per line), exit %d" % (level, cpu * 1e6 / n, stored / n, raw / stored, raw / n, code),
+              flush=True)
+    if shutil.which("zstd"):
+        for level in (1, 3, 6):
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            out = subprocess.run(["zstd", "-%d" % level, "-c", text_path], stdout=subprocess.PIPE, check=True).stdout
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+            print("archive: zstd -%d CLI on the same archived text: %.2f CPU-s per million lines, %.1f bytes per line"
+                  % (level, cpu * 1e6 / n, len(out) / n), flush=True)
+    os.remove(text_path)
 
 
 def bench_sink(svc, work, n, topic="bench-relay", fmt="csv"):
@@ -779,6 +897,10 @@ def main():
             bench_many_files(svc, certs, mk(work, "files"))
         if "latency" in args.which:
             bench_latency(svc, certs, mk(work, "latency"))
+        if "senders-live" in args.which:
+            bench_senders_live(svc, certs, mk(work, "senders-live"))
+        if "archive" in args.which:  # not in the default set: the archive's gzip level trade-off
+            bench_archive_levels(svc, certs, mk(work, "archive"))
         if "fleet" in args.which:  # not in the default set: 2,000 connections from this machine
             bench_fleet(svc, certs, mk(work, "fleet"))
         if "hour-end" in args.which:  # not in the default set: it waits for an hour boundary

@@ -13,6 +13,7 @@ mod parse;
 mod reader;
 mod relay;
 mod s3;
+mod shared_reads;
 mod ship;
 
 use anyhow::Context as _;
@@ -100,7 +101,9 @@ async fn run(cfg: AgentConfig, config_path: PathBuf, daemon: Daemon) -> anyhow::
     spawn_scanner(registry.clone(), scan_requested, cfg.files.scan_interval, shutdown.clone(), beat);
 
     let mut shippers = Vec::new();
-    let ctx = ShipperContext { cfg: &cfg, registry: &registry, host: &host, daemon: &daemon };
+    let destinations = usize::from(cfg.destinations.s3.is_some()) + usize::from(cfg.destinations.relay.is_some());
+    let shared = shared_reads::SharedReads::for_destinations(destinations);
+    let ctx = ShipperContext { cfg: &cfg, registry: &registry, host: &host, daemon: &daemon, shared: &shared };
     if let Some(s3cfg) = &cfg.destinations.s3 {
         let dest = Arc::new(s3::S3Archive::new(s3cfg, &host).await?);
         shippers.push(ctx.spawn(dest)?);
@@ -128,6 +131,7 @@ struct ShipperContext<'a> {
     registry: &'a Arc<Registry>,
     host: &'a str,
     daemon: &'a Daemon,
+    shared: &'a Option<Arc<shared_reads::SharedReads>>,
 }
 
 impl ShipperContext<'_> {
@@ -145,6 +149,7 @@ impl ShipperContext<'_> {
             self.host.to_string(),
             self.daemon.health.clone(),
             self.cfg.files.checkpoint_interval,
+            self.shared.clone(),
         );
         Ok(tokio::spawn(shipper.run(self.daemon.shutdown.clone(), DRAIN_TIMEOUT, beat)))
     }

@@ -138,6 +138,9 @@ pub enum Fields {
     /// The same, already transcoded in the pass that checked it: the MessagePack of its pairs
     /// (no map header) and their number.
     Packed(Vec<u8>, u32),
+    /// Both of the above for one line ([`Form::Both`]): its text, the MessagePack of its pairs,
+    /// and their number.
+    Both(Vec<u8>, Vec<u8>, u32),
     /// A line kept as text under "message" (raw parser, or a line that is not a JSON object).
     Message(String),
     /// A JSON object that names an added field, with the added values already in it: they win,
@@ -162,7 +165,7 @@ impl Record {
             Fields::Map(map) => return forward::msgpack::write_json_map(out, map),
             Fields::Json(text, pairs) => forward::msgpack::write_json_object_text_of_len(out, text, *pairs, extra)
                 .expect("the line was checked to be one JSON object"),
-            Fields::Packed(pairs_bytes, pairs) => {
+            Fields::Packed(pairs_bytes, pairs) | Fields::Both(_, pairs_bytes, pairs) => {
                 rmp::encode::write_map_len(out, pairs + extra).expect("vec");
                 out.extend_from_slice(pairs_bytes);
             }
@@ -196,7 +199,7 @@ impl Record {
                 return;
             }
             Fields::Packed(..) => unreachable!("records for the archive are read as JSON text"),
-            Fields::Json(text, _) => {
+            Fields::Json(text, _) | Fields::Both(text, _, _) => {
                 let inner = object_inner(text);
                 if !inner.is_empty() {
                     out.push(b',');
@@ -261,6 +264,9 @@ pub enum Form {
     MessagePack,
     /// JSON text (the archive): a JSON line is checked and kept as written.
     JsonText,
+    /// Both, for lines read once for every destination ([`crate::shared_reads`]): a JSON line is
+    /// transcoded in the pass that checks it and also kept as written.
+    Both,
 }
 
 pub fn parse_line(
@@ -274,13 +280,17 @@ pub fn parse_line(
 ) -> Record {
     let mut time = None;
     let fields = match (src.parser, form) {
-        (Parser::Json, Form::MessagePack) => {
+        (Parser::Json, Form::MessagePack | Form::Both) => {
             let mut packed = Vec::with_capacity(line.len());
             let reserved = |key: &str| added.names().any(|n| n == key);
             match forward::msgpack::write_json_object_pairs(&mut packed, line, src.time_field.as_deref(), reserved) {
                 Ok(seen) if !seen.names_reserved => {
                     time = seen.watched;
-                    Fields::Packed(packed, seen.pairs)
+                    if form == Form::Both {
+                        Fields::Both(line.to_vec(), packed, seen.pairs)
+                    } else {
+                        Fields::Packed(packed, seen.pairs)
+                    }
                 }
                 Ok(seen) => {
                     time = seen.watched;
@@ -458,6 +468,14 @@ mod tests {
         let mut packed_once = Vec::new();
         transcoded.write_msgpack(&added, &mut packed_once);
         assert_eq!(packed_once, packed, "{}", String::from_utf8_lossy(line));
+        // Read once for both destinations, the line gives each exactly what it gives alone.
+        let both = parse_line(line, offset, src, &added, &origin, now_ns, Form::Both);
+        assert_eq!(both.time, record.time);
+        let (mut both_packed, mut both_json) = (Vec::new(), Vec::new());
+        both.write_msgpack(&added, &mut both_packed);
+        both.write_json_line(&added, &mut both_json);
+        assert_eq!(both_packed, packed, "{}", String::from_utf8_lossy(line));
+        assert_eq!(both_json.strip_suffix(b"\n"), Some(&json[..]), "{}", String::from_utf8_lossy(line));
         let forwarded = forward::json::to_json(&rmpv::decode::read_value(&mut &packed[..]).unwrap());
         (record, archived, forwarded)
     }

@@ -10,10 +10,11 @@ use crate::checkpoint::Checkpointer;
 use crate::config::{BatchConfig, FieldsConfig};
 use crate::cursor::{Cursor, OpenBatch};
 use crate::destination::{send_until_delivered, BatchMeta, Destination};
-use crate::discover::Registry;
+use crate::discover::{Registry, TrackedFile};
 use crate::multiline::{self, Decision, Span};
-use crate::parse::{parse_line, Added, Form, Origin, Record};
+use crate::parse::{parse_line, Added, Form, Origin};
 use crate::reader::read_lines;
+use crate::shared_reads::{Block, Claim, Line, SharedReads};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -55,6 +56,8 @@ pub struct Shipper<D: Destination> {
     checkpoint_interval: Duration,
     lag_measured: Instant,
     checkpoints_pruned: bool,
+    /// Lines read by another destination, and ours for them (None: the only destination).
+    shared: Option<Arc<SharedReads>>,
 }
 
 impl<D: Destination> Shipper<D> {
@@ -68,6 +71,7 @@ impl<D: Destination> Shipper<D> {
         host: String,
         health: Health,
         checkpoint_interval: Duration,
+        shared: Option<Arc<SharedReads>>,
     ) -> Self {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         Shipper {
@@ -87,6 +91,7 @@ impl<D: Destination> Shipper<D> {
             checkpoint_interval,
             lag_measured: Instant::now().checked_sub(Duration::from_secs(1)).unwrap_or_else(Instant::now),
             checkpoints_pruned: false,
+            shared,
         }
     }
 
@@ -274,24 +279,103 @@ impl<D: Destination> Shipper<D> {
         let (host, fields) = (self.host.clone(), self.fields.clone());
         let origin = Origin { host: &host, path: &path, file_id: id };
         let added = Added::new(&fields, &origin);
-        let now_ns = tron_service::clock::now_ns();
-        let form = self.dest.record_form();
-        // (record, end offset, line length); None for an empty line, which only moves the offset.
-        let mut lines: Vec<(Option<Record>, u64, usize)> = Vec::new();
-        let mut raw: Vec<Span> = Vec::new();
         let read_from = cursor.read;
         let src = file.source.clone();
-        let handle = file.handle();
-        // Most files have nothing new on most passes: one fstat instead of reading their head.
-        if handle.metadata().is_ok_and(|m| m.len() <= read_from) {
+        // Multiline records may be held back across reads (their end is not known yet), so those
+        // sources are read by each destination itself.
+        // Most files have nothing new on most passes: one fstat instead of reading their head
+        // (or asking the other destinations).
+        if file.handle().metadata().is_ok_and(|m| m.len() <= read_from) {
             return 0;
         }
+        let shared = self.shared.clone().filter(|_| src.multiline.is_none());
+        let claim = shared.as_ref().map_or(Claim::Read, |s| s.claim(id, read_from));
+        let (lines, consumed_end, bytes_read) = match claim {
+            Claim::Take(Block { lines, end, bytes_read }) => (lines, end, bytes_read),
+            Claim::Read => {
+                // Read in the blocks every destination reads in (batches still seal at their own
+                // size as the lines are added below), parsed for all of them when the block can
+                // be kept for the others.
+                let (form, budget, offering) = match &shared {
+                    Some(s) if s.has_room() => (Form::Both, SharedReads::read_budget(read_from), true),
+                    Some(_) => (self.dest.record_form(), SharedReads::read_budget(read_from), false),
+                    None => (self.dest.record_form(), budget, false),
+                };
+                let read = self.read_and_parse(id, &file, form, budget, &added, &origin);
+                let read = read.map(|(lines, end, bytes_read)| Block { lines: Arc::new(lines), end, bytes_read });
+                if let Some(shared) = &shared {
+                    let copy = read.as_ref().filter(|_| offering).map(|b| Block {
+                        lines: b.lines.clone(),
+                        end: b.end,
+                        bytes_read: b.bytes_read,
+                    });
+                    shared.offer(id, read_from, copy);
+                }
+                let Some(Block { lines, end, bytes_read }) = read else { return 0 };
+                (lines, end, bytes_read)
+            }
+        };
+        metrics::counter!("tron_agent_lines_read_total", "destination" => self.dest.name())
+            .increment(lines.len() as u64);
+        metrics::counter!("tron_agent_bytes_read_total", "destination" => self.dest.name())
+            .increment(bytes_read as u64);
+        let split_hours = self.dest.split_by_hour();
+        for (record, end, len) in lines.iter() {
+            let (end, len) = (*end, *len);
+            let hour = record.as_ref().map_or(0, |r| r.time.unix_nanos().div_euclid(HOUR_NS));
+            if record.is_some() && self.cursors[&id].needs_new_batch(hour, split_hours) {
+                self.seal(id);
+            }
+            let cursor = self.cursors.get_mut(&id).expect("cursor exists");
+            if let Some(record) = record {
+                cursor.last_time_ns = Some(record.time.unix_nanos());
+            }
+            let (open, opened) = cursor.open_batch(|start| {
+                OpenBatch::new(self.dest.builder(), BatchMeta::starting_at(id, &path, &src.tag, start, hour))
+            });
+            if opened {
+                self.buffered += self.dest.open_batch_bytes();
+            }
+            if let Some(record) = record {
+                self.dest.push(&mut open.builder, record, &added, open.meta.end_offset);
+                open.meta.add_record(hour, record.time.unix_nanos(), len + 1);
+                self.buffered += len + 1;
+            }
+            open.meta.end_offset = end;
+            let full = open.meta.raw_bytes >= cfg.max_bytes;
+            cursor.read = end;
+            if full {
+                self.seal(id);
+            }
+        }
+        debug_assert_eq!(self.cursors[&id].read, consumed_end);
+        (consumed_end - read_from) as usize
+    }
+
+    /// Reads up to `budget` bytes of lines of a file from its cursor and parses them into `form`:
+    /// (lines, where the read ends, bytes read); None when there is nothing to take (no new
+    /// complete line, a read error, the file replaced or truncated under us).
+    fn read_and_parse(
+        &mut self,
+        id: u64,
+        file: &TrackedFile,
+        form: Form,
+        budget: usize,
+        added: &Added,
+        origin: &Origin,
+    ) -> Option<(Vec<Line>, u64, usize)> {
+        let now_ns = tron_service::clock::now_ns();
+        let mut lines: Vec<Line> = Vec::new();
+        let mut raw: Vec<Span> = Vec::new();
+        let read_from = self.cursors[&id].read;
+        let src = file.source.clone();
+        let handle = file.handle();
         if !file.is_intact(&handle) {
-            return 0; // replaced under us (copytruncate); the next scan sorts out what it is now
+            return None; // replaced under us (copytruncate); the next scan sorts out what it is now
         }
         let outcome = read_lines(
             &handle,
-            cursor.read,
+            read_from,
             budget,
             src.max_line_bytes,
             file.is_finished(),
@@ -300,7 +384,7 @@ impl<D: Destination> Shipper<D> {
                 if src.multiline.is_some() {
                     raw.push(Span { offset, text: line.to_vec(), end });
                 } else if !line.is_empty() {
-                    lines.push((Some(parse_line(line, offset, &src, &added, &origin, now_ns, form)), end, line.len()));
+                    lines.push((Some(parse_line(line, offset, &src, added, origin, now_ns, form)), end, line.len()));
                 } else {
                     lines.push((None, end, 0));
                 }
@@ -309,18 +393,18 @@ impl<D: Destination> Shipper<D> {
         let outcome = match outcome {
             Ok(o) => o,
             Err(e) => {
-                tracing::warn!(path = %path, error = %e, "read failed");
-                return 0;
+                tracing::warn!(path = %origin.path, error = %e, "read failed");
+                return None;
             }
         };
         if !file.is_intact(&handle) {
-            return 0; // truncated while we read: what we read may be new content; drop it
+            return None; // truncated while we read: what we read may be new content; drop it
         }
         if outcome.splits > 0 {
             metrics::counter!("tron_agent_lines_split_total", "source" => src.name.clone()).increment(outcome.splits);
         }
         if outcome.bytes_read == 0 {
-            return 0;
+            return None;
         }
         let mut consumed_end = outcome.next_offset;
         if let Some((start, flush)) = &src.multiline {
@@ -338,47 +422,14 @@ impl<D: Destination> Shipper<D> {
                 }
             }
             for r in records {
-                let record = parse_line(&r.text, r.offset, &src, &added, &origin, now_ns, form);
+                let record = parse_line(&r.text, r.offset, &src, added, origin, now_ns, form);
                 lines.push((Some(record), r.end, r.text.len()));
             }
             if consumed_end == read_from {
-                return 0;
+                return None;
             }
         }
-        metrics::counter!("tron_agent_lines_read_total", "destination" => self.dest.name())
-            .increment(lines.len() as u64);
-        metrics::counter!("tron_agent_bytes_read_total", "destination" => self.dest.name())
-            .increment(outcome.bytes_read as u64);
-        let split_hours = self.dest.split_by_hour();
-        for (record, end, len) in lines {
-            let hour = record.as_ref().map_or(0, |r| r.time.unix_nanos().div_euclid(HOUR_NS));
-            if record.is_some() && self.cursors[&id].needs_new_batch(hour, split_hours) {
-                self.seal(id);
-            }
-            let cursor = self.cursors.get_mut(&id).expect("cursor exists");
-            if let Some(record) = &record {
-                cursor.last_time_ns = Some(record.time.unix_nanos());
-            }
-            let (open, opened) = cursor.open_batch(|start| {
-                OpenBatch::new(self.dest.builder(), BatchMeta::starting_at(id, &path, &src.tag, start, hour))
-            });
-            if opened {
-                self.buffered += self.dest.open_batch_bytes();
-            }
-            if let Some(record) = record {
-                self.dest.push(&mut open.builder, &record, &added, open.meta.end_offset);
-                open.meta.add_record(hour, record.time.unix_nanos(), len + 1);
-                self.buffered += len + 1;
-            }
-            open.meta.end_offset = end;
-            let full = open.meta.raw_bytes >= cfg.max_bytes;
-            cursor.read = end;
-            if full {
-                self.seal(id);
-            }
-        }
-        debug_assert_eq!(self.cursors[&id].read, consumed_end);
-        (consumed_end - read_from) as usize
+        Some((lines, consumed_end, outcome.bytes_read))
     }
 
     /// Closes the open batch of a file and starts sending it.
@@ -462,6 +513,7 @@ mod tests {
     use super::*;
     use crate::config::{FilesConfig, SourceConfig};
     use crate::destination::SendError;
+    use crate::parse::Record;
     use std::sync::Mutex;
 
     /// Delivers every batch, but the first attempt of every second batch fails, so batches
@@ -561,6 +613,7 @@ mod tests {
             "host".into(),
             Health::new(),
             Duration::from_secs(1),
+            None,
         );
         shipper.sync_files();
         let id = *shipper.cursors.keys().next().expect("the file is tracked");
