@@ -630,7 +630,7 @@ def bench_sink(svc, work, n, topic="bench-relay", fmt="csv"):
     rows_path = os.path.join(work, "rows." + fmt)
     with open(rows_path, "wb") as f:
         for obj in svc.gcs_list("bench", fmt + "/"):
-            if not obj["name"].rsplit("/", 1)[1].startswith("_"):
+            if obj["name"].endswith(".gz"):  # data objects, not _SUCCESS, manifests or the sink's state
                 f.write(gzip.decompress(svc.gcs_get("bench", obj["name"])))
     yardstick = gzip_cost(rows_path, 6)
     print("sink: gzip -6 of the same %s rows (%.0f MB): %.2f CPU-s; sink / gzip -6 = %.2f (target <= 1.5)"
