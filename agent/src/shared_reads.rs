@@ -33,7 +33,8 @@ const WAIT_FOR_READER: Duration = Duration::from_millis(50);
 /// A block not taken by then is not going to be: its taker is behind and reads for itself.
 const MAX_AGE: Duration = Duration::from_secs(10);
 
-/// A range of a file as read and parsed by one destination.
+/// A range of a file as read and parsed by one destination (cloned cheaply: the lines are shared).
+#[derive(Clone)]
 pub struct Block {
     pub lines: Arc<Vec<Line>>,
     /// Where the range ends: the next read of this file starts there.
@@ -147,8 +148,7 @@ impl Inner {
         match self.blocks.get_mut(&key) {
             Some(stored) if stored.takers_left > 1 => {
                 stored.takers_left -= 1;
-                let b = &stored.block;
-                Some(Block { lines: b.lines.clone(), end: b.end, bytes_read: b.bytes_read })
+                Some(stored.block.clone())
             }
             Some(_) => {
                 let stored = self.blocks.remove(&key).expect("present");

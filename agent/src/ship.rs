@@ -304,12 +304,7 @@ impl<D: Destination> Shipper<D> {
                 let read = self.read_and_parse(id, &file, form, budget, &added, &origin);
                 let read = read.map(|(lines, end, bytes_read)| Block { lines: Arc::new(lines), end, bytes_read });
                 if let Some(shared) = &shared {
-                    let copy = read.as_ref().filter(|_| offering).map(|b| Block {
-                        lines: b.lines.clone(),
-                        end: b.end,
-                        bytes_read: b.bytes_read,
-                    });
-                    shared.offer(id, read_from, copy);
+                    shared.offer(id, read_from, read.clone().filter(|_| offering));
                 }
                 let Some(Block { lines, end, bytes_read }) = read else { return 0 };
                 (lines, end, bytes_read)
