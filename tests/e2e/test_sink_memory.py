@@ -47,15 +47,10 @@ def test_sink_catching_up_a_backlog_stays_within_its_memory_bound_at_defaults(se
     hour = datetime.datetime.now(datetime.timezone.utc).replace(minute=0, second=0, microsecond=0) - datetime.timedelta(hours=3)
     produce_backlog(services.kafka_brokers, "backlog", RECORDS, hour)
 
-    cfg = tron.sink_config(work, services.kafka_brokers, "gs://backlog/w", gcs_endpoint=services.gcs_endpoint,
-                           topic="backlog", group="backlog")
-    del cfg["roll"], cfg["finalize"]  # the shipped defaults
-    cfg["output"]["columns"] = [{"name": "time", "source": "@time", "type": "TIMESTAMP"},
-                                {"name": "seq", "source": "seq", "type": "INTEGER"},
-                                {"name": "record", "source": "@record", "type": "JSON"}]
-    sink = tron.Proc("sink", "tron-sink-secor", cfg, work)
-    procs.append(sink)
-    sink.start()
+    sink = tron.start_sink(procs, services, work, "gs://backlog/w", "backlog", shipped_timing=True, columns=[
+        {"name": "time", "source": "@time", "type": "TIMESTAMP"},
+        {"name": "seq", "source": "seq", "type": "INTEGER"},
+        {"name": "record", "source": "@record", "type": "JSON"}])
     tron.wait_until("every backlog record uploaded",
                     lambda: (sink.metric("tron_sink_records_uploaded_total") or 0) >= RECORDS,
                     timeout=300, interval=1.0, on_timeout=sink.tail)

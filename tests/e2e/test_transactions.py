@@ -37,14 +37,10 @@ def test_transactional_topic_gaps_and_aborts(services, certs, workroot, procs):
             producer.commit_transaction(30)
             committed.extend(batch)
 
-    sink_cfg = tron.sink_config(work, services.kafka_brokers, "gs://txn/w", gcs_endpoint=services.gcs_endpoint,
-                                topic="txn", group="txn")
-    sink_cfg["output"]["columns"] = [{"name": "seq", "source": "seq", "type": "INTEGER"},
-                                     {"name": "p", "source": "@partition", "type": "INTEGER"},
-                                     {"name": "o", "source": "@offset", "type": "INTEGER"}]
-    sink = tron.Proc("sink", "tron-sink-secor", sink_cfg, work)
-    procs.append(sink)
-    sink.start()
+    sink = tron.start_sink(procs, services, work, "gs://txn/w", "txn", columns=[
+        {"name": "seq", "source": "seq", "type": "INTEGER"},
+        {"name": "p", "source": "@partition", "type": "INTEGER"},
+        {"name": "o", "source": "@offset", "type": "INTEGER"}])
     prefix = "w/txn/dt=%s/hr=%s/" % (hour.strftime("%Y-%m-%d"), hour.strftime("%H"))
     tron.wait_until("_SUCCESS for the hour of a transactional topic",
                     lambda: prefix + "_SUCCESS" in {o["name"] for o in services.gcs_list("txn", prefix)},

@@ -239,6 +239,20 @@ def sink_config(workdir, brokers, url, gcs_endpoint=None, topic="logs", group="t
     return cfg
 
 
+def start_sink(procs, services, work, url, topic, columns, shipped_timing=False):
+    """A sink on one topic (its own group) writing `columns` to `url` in fake-gcs-server, started
+    and registered in `procs`. `shipped_timing`: the shipped roll and finalize settings instead
+    of the tests' short ones."""
+    cfg = sink_config(work, services.kafka_brokers, url, gcs_endpoint=services.gcs_endpoint, topic=topic, group=topic)
+    if shipped_timing:
+        del cfg["roll"], cfg["finalize"]
+    cfg["output"]["columns"] = columns
+    sink = Proc("sink", "tron-sink-secor", cfg, work)
+    procs.append(sink)
+    sink.start()
+    return sink
+
+
 def audit(sink, *args, env=None):
     """Runs `tron-sink-secor audit` with the sink's config: (exit code, stdout, stderr)."""
     r = subprocess.run([os.path.join(BIN, "tron-sink-secor"), "--config", sink.config_path, "audit"] + list(args),
