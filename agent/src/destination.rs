@@ -124,8 +124,10 @@ pub trait Destination: Send + Sync + 'static {
     fn watermark_interval(&self) -> Option<Duration> {
         None
     }
-    /// Reports "every line with an event time before `watermark_ms` is delivered".
-    fn send_watermark(self: Arc<Self>, _watermark_ms: i64) -> impl Future<Output = ()> + Send {
+    /// Reports "every line with an event time before `watermark_ms` is delivered", and with
+    /// `drained`, "I am stopping with every line read and delivered" (the last report before a
+    /// clean stop). Resolves once the report is acknowledged or given up.
+    fn send_watermark(self: Arc<Self>, _watermark_ms: i64, _drained: bool) -> impl Future<Output = ()> + Send {
         async {}
     }
 }

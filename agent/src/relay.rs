@@ -192,18 +192,25 @@ impl Destination for RelayForwarder {
 
     /// A one-record chunk on [`WATERMARK_TAG`]. It goes down the same connection as the chunks,
     /// after the acks it was computed from. A lost report is replaced by the next one.
-    async fn send_watermark(self: Arc<Self>, watermark_ms: i64) {
+    async fn send_watermark(self: Arc<Self>, watermark_ms: i64, drained: bool) {
         let mut record = serde_json::Map::new();
         record.insert("host".into(), self.host.clone().into());
         record.insert("watermark_ms".into(), watermark_ms.into());
+        if drained {
+            record.insert("drained".into(), true.into());
+        }
         record.insert("tags".into(), self.tags.read().expect("tags lock").clone().into());
         let mut builder = ChunkBuilder::new(1);
         builder.push(forward::EventTime::from_unix_nanos(tron_service::clock::now_ns()), &record);
-        let id = format!("wm-{}-{watermark_ms}", self.host);
+        let id = format!("wm-{}-{watermark_ms}{}", self.host, if drained { "-drained" } else { "" });
         let mut chunk = Vec::new();
         rmp::encode::write_str(&mut chunk, &id).expect("vec");
         let sealed = Arc::new(SealedChunk { frame: Arc::new(builder.finish(WATERMARK_TAG, &id)), chunk });
         match self.send_frame(&sealed).await {
+            Ok(()) if drained => {
+                tracing::info!(watermark_ms, "told the relay this agent stopped drained");
+                metrics::counter!("tron_agent_watermarks_sent_total").increment(1)
+            }
             Ok(()) => metrics::counter!("tron_agent_watermarks_sent_total").increment(1),
             Err(e) => tracing::debug!(error = %e, "watermark report not acknowledged; the next one replaces it"),
         }

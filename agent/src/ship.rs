@@ -117,7 +117,7 @@ impl<D: Destination> Shipper<D> {
                 if let Some(watermark_ms) = tokio::task::block_in_place(|| self.low_watermark_ms()) {
                     metrics::gauge!("tron_agent_low_watermark_seconds", "destination" => self.dest.name())
                         .set(watermark_ms as f64 / 1000.0);
-                    tokio::spawn(self.dest.clone().send_watermark(watermark_ms));
+                    tokio::spawn(self.dest.clone().send_watermark(watermark_ms, false));
                 }
             }
             tokio::select! {
@@ -161,7 +161,31 @@ impl<D: Destination> Shipper<D> {
             );
         }
         self.save_checkpoint();
+        if self.dest.watermark_interval().is_some() {
+            self.report_drained().await;
+        }
         tracing::info!(destination = self.dest.name(), "drained");
+    }
+
+    /// The last watermark report before a clean stop says "drained" when every line of every
+    /// file is read and delivered (sizes taken now, not at the last pass): then the sink need
+    /// not hold hours for this host once it stays silent (docs/completeness.md). With anything
+    /// unread or unacknowledged, no report: the host holds hours until it is back.
+    async fn report_drained(&mut self) {
+        let everything_delivered = self.inflight == 0
+            && self.cursors.values().all(|c| {
+                let size = c.file.handle().metadata().map(|m| m.len()).unwrap_or(u64::MAX);
+                c.undelivered_min_time_ns() == i64::MAX && size <= c.read
+            });
+        if !everything_delivered {
+            tracing::info!(
+                destination = self.dest.name(),
+                "stopping with lines not yet delivered: not reporting drained"
+            );
+            return;
+        }
+        let watermark_ms = tron_service::clock::now_ns().div_euclid(1_000_000);
+        self.dest.clone().send_watermark(watermark_ms, true).await;
     }
 
     fn collect_done(&mut self) {

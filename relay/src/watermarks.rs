@@ -39,6 +39,7 @@ pub struct Watermarks {
 struct Mark {
     watermark_ms: i64,
     reported_ms: i64,
+    drained: bool,
     topics: Vec<String>,
 }
 
@@ -47,6 +48,10 @@ struct Report {
     host: String,
     watermark_ms: i64,
     tags: Vec<String>,
+    /// The agent's last report before a clean stop with everything read and delivered: once
+    /// silent for `finalize.host_timeout`, the sink lets the host hold no hour back.
+    #[serde(default)]
+    drained: bool,
 }
 
 impl Watermarks {
@@ -71,7 +76,11 @@ impl Watermarks {
             let mut topics: Vec<String> = report.tags.iter().map(|t| router.topic(t).to_string()).collect();
             topics.sort();
             topics.dedup();
-            let mark = Mark { watermark_ms: report.watermark_ms, reported_ms: now_ms(), topics };
+            let mark =
+                Mark { watermark_ms: report.watermark_ms, reported_ms: now_ms(), drained: report.drained, topics };
+            if report.drained {
+                tracing::info!(host = %report.host, watermark_ms = report.watermark_ms, "agent stopped drained");
+            }
             self.hosts.lock().expect("watermarks lock").insert(report.host, mark);
         }
         metrics::counter!("tron_relay_watermark_reports_total").increment(records.records.len() as u64);
@@ -93,7 +102,13 @@ impl Watermarks {
                     groups.push(serde_json::Map::new());
                 }
                 let group = groups.last_mut().expect("pushed");
-                group.insert(host.clone(), serde_json::json!([mark.watermark_ms, mark.reported_ms]));
+                // A third element only for a drained host: sinks older than it read two.
+                let entry = if mark.drained {
+                    serde_json::json!([mark.watermark_ms, mark.reported_ms, 1])
+                } else {
+                    serde_json::json!([mark.watermark_ms, mark.reported_ms])
+                };
+                group.insert(host.clone(), entry);
             }
         }
         by_topic
@@ -139,7 +154,12 @@ mod tests {
             let mut hosts = w.hosts.lock().unwrap();
             for i in 0..20_000 {
                 let name = format!("app-server-{i:05}.eu-west-1.compute.internal.example.com");
-                let mark = Mark { watermark_ms: 1_779_000_000_000, reported_ms: now_ms(), topics: vec!["logs".into()] };
+                let mark = Mark {
+                    watermark_ms: 1_779_000_000_000,
+                    reported_ms: now_ms(),
+                    drained: i % 2 == 0,
+                    topics: vec!["logs".into()],
+                };
                 hosts.insert(name, mark);
             }
         }

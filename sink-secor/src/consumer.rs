@@ -455,6 +455,7 @@ impl Loop<'_> {
             }
             match Partition::open(&self.out, &tp.0, tp.1, committed, epoch).await {
                 Ok(p) => {
+                    self.catch_up_group_offset(&tp, committed, &p);
                     self.partitions.insert(tp.clone(), p);
                 }
                 Err(e) => {
@@ -482,6 +483,27 @@ impl Loop<'_> {
         p.consumed.increment(1);
         // Size, hour-passed and replayed cuts are due as soon as the record that triggers them lands.
         self.cut_if_due(&tp).await;
+    }
+
+    /// A partition opened past the group's offset (its state was written, the offset commit was
+    /// not): commits the state's offset, so lag and the next assignment start where the objects
+    /// end. A failure is only logged: the next cut commits past it anyway, and records below it
+    /// are skipped on reading.
+    fn catch_up_group_offset(&self, tp: &Tp, group_offset: i64, p: &Partition) {
+        if p.committed() <= group_offset {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        let result = tpl
+            .add_partition_offset(&tp.0, tp.1, Offset::Offset(p.committed()))
+            .map_err(anyhow::Error::from)
+            .and_then(|()| Ok(tokio::task::block_in_place(|| self.consumer.commit(&tpl, CommitMode::Sync))?));
+        match result {
+            Ok(()) => metrics::counter!("tron_sink_group_offset_catch_ups_total", "topic" => tp.0.clone()).increment(1),
+            Err(e) => {
+                tracing::warn!(topic = %tp.0, partition = tp.1, error = %format!("{e:#}"), "cannot commit the partition state's offset; the next cut will")
+            }
+        }
     }
 
     /// A replayed cut waits for the records below it to be read again; if none come, the seek
@@ -756,6 +778,7 @@ impl Loop<'_> {
             }
             match Partition::open(&self.out, &tp.0, tp.1, committed, epoch).await {
                 Ok(p) => {
+                    self.catch_up_group_offset(&tp, committed, &p);
                     self.partitions.insert(tp, p);
                 }
                 Err(e) => {

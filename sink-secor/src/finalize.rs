@@ -296,46 +296,59 @@ impl Finalizer {
 /// Which completeness rules apply to a topic now, from its partitions' states.
 struct Rules {
     /// Agents each of which must be past the hour everywhere: those that reported within
-    /// `host_timeout`, or, when none did, every agent known (`all_silent`).
+    /// `host_timeout`, or, when none did, every agent known that did not stop drained
+    /// (`all_silent`).
     required: BTreeSet<String>,
+    /// Silent for `host_timeout` while others report: retired, rows they send later revise.
     stale: BTreeSet<String>,
-    /// No agent reported within `host_timeout` although agents are known: a silence of the
-    /// relays, of relay → Kafka or of the whole fleet. Hours wait for the agents' last reports
-    /// instead of falling back to event times: a silence is not a departure.
+    /// Silent for `host_timeout` after a last report that said they stopped cleanly with
+    /// everything delivered: they hold no hour back, like an idle agent that keeps reporting
+    /// "now". The wait of `host_timeout` first lets an agent that is only restarting report again.
+    drained: BTreeSet<String>,
+    /// No agent reported within `host_timeout` although agents that did not drain are known: a
+    /// silence of the relays, of relay → Kafka or of the whole fleet. Hours wait for the agents'
+    /// last reports instead of falling back to event times: a silence is not a departure.
     all_silent: bool,
     watermarks: bool,
     event_time: bool,
+    now_ms: i64,
 }
 
 impl Rules {
     fn of(states: &[PartitionState], now_ms: i64, host_timeout: Duration) -> Rules {
         let horizon = now_ms - host_timeout.as_millis() as i64;
-        let mut fresh = BTreeSet::new();
+        // Each host's freshest report across partitions says whether it is fresh or drained.
+        let mut latest: BTreeMap<&str, crate::state::HostMark> = BTreeMap::new();
         for (host, mark) in states.iter().flat_map(|s| &s.hosts) {
-            if mark.reported_ms >= horizon {
-                fresh.insert(host.clone());
+            let entry = latest.entry(host).or_insert(*mark);
+            if mark.reported_ms > entry.reported_ms {
+                *entry = *mark;
             }
         }
-        let known: BTreeSet<String> = states.iter().flat_map(|s| s.hosts.keys().cloned()).collect();
-        let all_silent = fresh.is_empty() && !known.is_empty();
+        let (mut fresh, mut drained, mut silent) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
+        for (host, mark) in latest {
+            let set = match () {
+                _ if mark.reported_ms >= horizon => &mut fresh,
+                _ if mark.drained => &mut drained,
+                _ => &mut silent,
+            };
+            set.insert(host.to_string());
+        }
+        let all_silent = fresh.is_empty() && !silent.is_empty();
         // A host silent while others report is retired after host_timeout (listed as stale);
-        // when every host is silent, none is.
-        let (required, stale) = if all_silent {
-            (known, BTreeSet::new())
-        } else {
-            let stale = known.difference(&fresh).cloned().collect();
-            (fresh, stale)
-        };
+        // when every host is silent, none is, except those that said they drained.
+        let (required, stale) = if all_silent { (silent, BTreeSet::new()) } else { (fresh, silent) };
         // Agent records (with source positions) seen within the day hosts are kept for: their
         // hosts' reports decide, even when none has arrived yet or all have stopped.
         let tracked = all_silent
             || !required.is_empty()
+            || !drained.is_empty()
             || states.iter().any(|s| s.tracked_seen_ms >= now_ms - crate::partition::HOSTS_KEPT_MS);
         let untracked = states.iter().any(|s| s.untracked_seen_ms >= horizon);
         // Agent records seen but no report yet (just started): wait for the watermarks rather
         // than guess; with no agent known and no recent traffic at all, the event-time rule
         // decides as before.
-        Rules { required, stale, all_silent, watermarks: tracked, event_time: untracked || !tracked }
+        Rules { required, stale, drained, all_silent, watermarks: tracked, event_time: untracked || !tracked, now_ms }
     }
 
     /// How hour's `deadline` (its end plus lateness) was decided, or None while it is not done.
@@ -344,7 +357,11 @@ impl Rules {
             let past = |s: &PartitionState| {
                 self.required.iter().all(|h| s.hosts.get(h).is_some_and(|m| m.watermark_ms >= deadline))
             };
-            if self.required.is_empty() || !states.iter().all(past) {
+            // No host known yet: wait for the first reports. Only drained hosts: they speak for
+            // "now", so the hour must be over by the clock.
+            let nobody = self.required.is_empty() && self.drained.is_empty();
+            let drained_past = self.drained.is_empty() || deadline <= self.now_ms;
+            if nobody || !drained_past || !states.iter().all(past) {
                 return None;
             }
         }
@@ -359,6 +376,9 @@ impl Rules {
             _ => "event_time",
         };
         let mut decision = json!({"rule": rule, "hosts_complete": self.required, "hosts_stale": self.stale});
+        if !self.drained.is_empty() {
+            decision["hosts_drained"] = json!(self.drained);
+        }
         if self.all_silent {
             decision["all_hosts_silent"] = json!(true);
         }
@@ -426,7 +446,7 @@ mod tests {
     fn partition(hosts: &[(&str, i64, i64)], tracked: bool, untracked: bool) -> PartitionState {
         let mut s = PartitionState::default();
         for (h, w, r) in hosts {
-            s.hosts.insert(h.to_string(), HostMark { watermark_ms: *w, reported_ms: *r });
+            s.hosts.insert(h.to_string(), HostMark { watermark_ms: *w, reported_ms: *r, drained: false });
         }
         s.tracked_seen_ms = if tracked { NOW } else { 0 };
         s.untracked_seen_ms = if untracked { NOW } else { 0 };
@@ -477,6 +497,47 @@ mod tests {
             decision,
             json!({"rule": "watermarks", "hosts_complete": ["a", "b"], "hosts_stale": [], "all_hosts_silent": true})
         );
+    }
+
+    #[test]
+    fn a_host_that_stopped_drained_holds_nothing_once_silent_for_host_timeout_even_when_all_are_silent() {
+        let timeout = Duration::from_secs(600);
+        let stopped = NOW - 3_600_000; // the whole fleet stopped cleanly an hour ago
+        let deadline = NOW - 1_800_000; // an hour that ended after the stop
+        let drained = |h: &str| {
+            let mut p = partition(&[(h, stopped, stopped)], true, false);
+            p.hosts.get_mut(h).unwrap().drained = true;
+            p
+        };
+        let p = drained("a");
+        let rules = Rules::of(std::slice::from_ref(&p), NOW, timeout);
+        assert!(!rules.all_silent, "a drained fleet is not an outage");
+        let decision = rules.complete(std::slice::from_ref(&p), deadline).expect("not held by a drained host");
+        assert_eq!(
+            decision,
+            json!({"rule": "watermarks", "hosts_complete": [], "hosts_stale": [], "hosts_drained": ["a"]})
+        );
+        assert_eq!(rules.complete(std::slice::from_ref(&p), NOW + 1), None, "an hour not over by the clock waits");
+        // A host that went silent without saying it drained still holds the hour: a silence is
+        // not a departure.
+        let mut q = drained("a");
+        q.hosts.insert("b".into(), HostMark { watermark_ms: stopped, reported_ms: stopped, drained: false });
+        let rules = Rules::of(std::slice::from_ref(&q), NOW, timeout);
+        assert!(rules.all_silent);
+        assert_eq!(rules.complete(std::slice::from_ref(&q), deadline), None);
+        assert_eq!(rules.holding(std::slice::from_ref(&q), deadline), ["b"]);
+        // Drained but heard from within host_timeout (an agent restarting): still holds.
+        let recent = NOW - 60_000;
+        let mut r = partition(&[("a", recent, recent)], true, false);
+        r.hosts.get_mut("a").unwrap().drained = true;
+        let rules = Rules::of(std::slice::from_ref(&r), NOW, timeout);
+        assert_eq!(rules.complete(std::slice::from_ref(&r), recent + 1), None);
+        assert_eq!(rules.holding(std::slice::from_ref(&r), recent + 1), ["a"]);
+        // A fresher report on another partition (it came back) wins over the drained one.
+        let back = partition(&[("a", stopped, NOW)], true, false);
+        let rules = Rules::of(&[drained("a"), back.clone()], NOW, timeout);
+        assert!(rules.drained.is_empty());
+        assert_eq!(rules.complete(&[drained("a"), back], deadline), None);
     }
 
     #[test]

@@ -92,6 +92,17 @@ impl Reason {
 /// as recent): within it, its last report still holds hours back when every host is silent.
 pub const HOSTS_KEPT_MS: i64 = 24 * HOUR_MS;
 
+/// The first hour whose object count a partition still keeps, given the newest Kafka timestamp
+/// it committed. A record lands in hour H only if its event time is at most
+/// `quarantine.max_past` before its Kafka timestamp (else it is quarantined), and Kafka
+/// timestamps in a partition only move forward (give or take an hour of skew between relays):
+/// so no record for an earlier hour can come, and its count is no longer needed to revise its
+/// manifest. Counted from event times instead, one agent back after four days had its rows
+/// uploaded but its hour's count pruned in the same write, and the hour was never revised.
+pub fn hours_kept_from(newest_kafka_ms: i64, q: &QuarantineConfig) -> i64 {
+    (newest_kafka_ms - q.max_past.as_millis() as i64 - HOUR_MS).div_euclid(HOUR_MS)
+}
+
 /// Where a record is staged: its event hour, or quarantine (by reason and Kafka-timestamp hour).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Bucket {
@@ -185,6 +196,8 @@ pub struct Partition {
     first_staged_at: Option<Instant>,
     /// Max event time staged in hour buckets (quarantined records never move the watermark).
     staged_max_ns: i64,
+    /// Newest Kafka timestamp (ms) read: joins the state's `newest_kafka_ms` at the next cut.
+    read_kafka_ms: i64,
     next_offset: i64,
     pub last_message_at: Instant,
     last_cut_at: Instant,
@@ -209,6 +222,10 @@ impl Partition {
             .timed(
                 "claiming the partition state",
                 Claim::take(out.store, out.prefix, topic, partition, out.instance, |previous| {
+                    // The state is written before the group's offset (see `cut`): a state ahead of
+                    // the group means a crash (or a revocation) came between the two, and the
+                    // cut it counts is in objects.
+                    let committed = committed.max(previous.committed);
                     let pending = match &previous.pending {
                         // The previous owner recorded this cut and may have uploaded part of it.
                         Some(p @ PendingCut { from, cut }) if *from == committed && *cut > committed => Some(p.clone()),
@@ -218,6 +235,16 @@ impl Partition {
                 }),
             )
             .await?;
+        if state.committed > committed {
+            tracing::info!(
+                topic,
+                partition,
+                group_offset = committed,
+                state_offset = state.committed,
+                "the group's offset is behind the partition state (a stop between the state write and the offset commit); going on from the state's"
+            );
+        }
+        let committed = state.committed;
         if let Some(PendingCut { cut, .. }) = &state.pending {
             tracing::info!(
                 topic,
@@ -248,6 +275,7 @@ impl Partition {
             bytes_since_cut: 0,
             first_staged_at: None,
             staged_max_ns: i64::MIN,
+            read_kafka_ms: 0,
             next_offset: committed,
             last_message_at: Instant::now(),
             last_cut_at: long_ago,
@@ -303,6 +331,7 @@ impl Partition {
             return Ok(());
         }
         self.last_message_at = Instant::now();
+        self.read_kafka_ms = self.read_kafka_ms.max(msg.kafka_time_ms.unwrap_or(0));
         match msg.position {
             None => self.untracked_read = true,
             Some(position) => {
@@ -375,14 +404,21 @@ impl Partition {
     }
 
     fn read_watermarks(&mut self, msg: &Incoming<'_>) {
+        /// `[watermark_ms, reported_ms]`, and a third element `1` when the host reported that it
+        /// stopped drained (relays older than that write two).
         #[derive(serde::Deserialize)]
         struct Message {
-            tron_watermarks: BTreeMap<String, (i64, i64)>,
+            tron_watermarks: BTreeMap<String, Vec<i64>>,
         }
         match serde_json::from_slice::<Message>(msg.raw) {
             Ok(m) => {
-                for (host, (watermark_ms, reported_ms)) in m.tron_watermarks {
-                    HostMark::merge(&mut self.hosts_read, &host, HostMark { watermark_ms, reported_ms });
+                for (host, entry) in m.tron_watermarks {
+                    let [watermark_ms, reported_ms, ref rest @ ..] = entry[..] else {
+                        tracing::warn!(topic = %self.topic, partition = self.partition, offset = msg.offset, host, "watermark entry is not [watermark_ms, reported_ms, ..]; skipped");
+                        continue;
+                    };
+                    let drained = rest.first() == Some(&1);
+                    HostMark::merge(&mut self.hosts_read, &host, HostMark { watermark_ms, reported_ms, drained });
                 }
             }
             Err(e) => {
@@ -424,18 +460,39 @@ impl Partition {
         (self.has_staged() && self.forced_cut.is_none()).then_some(self.next_offset)
     }
 
-    /// Uploads every staged file as one cut ending before `cut`, then commits `cut` via `commit`.
-    /// On error nothing past the committed offset is committed; the caller retries (upload
-    /// errors) or gives the partition up ([`StagingError`], [`Fenced`](crate::store::Fenced)).
+    /// Uploads every staged file as one cut ending before `cut`, writes the state that counts it
+    /// (committed offset, hour counts, dedupe ranges, host watermarks), then commits `cut` to the
+    /// group via `commit`. On error nothing past the committed offset is committed; the caller
+    /// retries (upload errors) or gives the partition up ([`StagingError`],
+    /// [`Fenced`](crate::store::Fenced)).
+    ///
+    /// The state is written before the group's offset because the state is the only record of
+    /// what the cut counted: a crash after the offset commit and before the state write lost the
+    /// cut's hour counts (its hour was never finalized) and its dedupe ranges. A crash after the
+    /// state write and before the offset commit only leaves the group's offset behind, and
+    /// [`Partition::open`] takes the state's.
     pub async fn cut(
         &mut self,
         out: &Output<'_>,
         cut: i64,
         commit: impl FnOnce(i64) -> anyhow::Result<()>,
     ) -> anyhow::Result<()> {
-        let from = self.state.committed;
-        // Finish one file at a time: a file that cannot be finished stays staged, so the cut can
-        // never go on with part of its files.
+        // A retry after the state was written (the offset commit failed) only commits again.
+        if self.state.committed < cut {
+            self.finish_staged()?;
+            self.record_and_upload(out, cut).await?;
+            let after = self.state_after(out, cut);
+            out.timed("writing the partition state", self.claim.write(out.store, &after)).await?;
+            self.state_written_at = Instant::now();
+            self.cut_written(after, cut);
+        }
+        // Only now may the group move past these records.
+        commit(cut)
+    }
+
+    /// Finishes one staged file at a time: a file that cannot be finished stays staged, so the
+    /// cut can never go on with part of its files.
+    fn finish_staged(&mut self) -> anyhow::Result<()> {
         while let Some((bucket, Staged { sink, file })) = self.staged.pop_first() {
             if let Err(e) = sink.finish() {
                 let message = format!("{}: cannot finish staging file: {e}", file.path.display());
@@ -444,6 +501,12 @@ impl Partition {
             }
             self.sealed.push((bucket, file));
         }
+        Ok(())
+    }
+
+    /// Records the cut as pending, then uploads its objects.
+    async fn record_and_upload(&mut self, out: &Output<'_>, cut: i64) -> anyhow::Result<()> {
+        let from = self.state.committed;
         // 1. Record the cut before any object of it exists (and learn whether we still own it).
         self.state.pending = Some(PendingCut { from, cut });
         out.timed("recording the cut", self.claim.write(out.store, &self.state)).await?;
@@ -475,38 +538,57 @@ impl Partition {
             }
         }
         metrics::histogram!("tron_sink_upload_duration_seconds").record(started.elapsed().as_secs_f64());
-        // 3. Commit: only now may the group move past these records.
-        commit(cut)?;
-        metrics::counter!("tron_sink_cuts_total", "topic" => self.topic.clone()).increment(1);
-        tracing::debug!(topic = %self.topic, partition = self.partition, from, cut, objects = self.sealed.len(), rows = self.sealed.iter().map(|(_, s)| s.rows).sum::<u64>(), "cut committed");
-        // 4. Clear the intent and advance the watermark.
-        let finished = std::mem::take(&mut self.sealed);
-        for (bucket, _) in &finished {
+        Ok(())
+    }
+
+    /// The partition state once the cut at `cut` is in objects: nothing in `self` changes, so a
+    /// state write that fails leaves the cut to be retried as it was.
+    fn state_after(&self, out: &Output<'_>, cut: i64) -> PartitionState {
+        let mut after = self.state.clone();
+        for (bucket, _) in &self.sealed {
             if let Bucket::Hour(hour) = bucket {
-                *self.state.hours.entry(*hour).or_default() += 1;
+                *after.hours.entry(*hour).or_default() += 1;
             }
         }
-        self.state.committed = cut;
-        self.state.pending = None;
-        self.written.expire(out.dedupe.forget_after.as_millis() as i64);
-        self.state.written = self.written.clone();
+        after.committed = cut;
+        after.pending = None;
+        after.caught_up = false;
+        after.as_of_ms = chrono::Utc::now().timestamp_millis();
+        let mut written = self.written.clone();
+        written.expire(out.dedupe.forget_after.as_millis() as i64);
+        after.written = written;
         // Watermark messages below the cut speak for records that are now all in objects.
         let now_ms = chrono::Utc::now().timestamp_millis();
-        for (host, mark) in std::mem::take(&mut self.hosts_read) {
-            HostMark::merge(&mut self.state.hosts, &host, mark);
+        for (host, mark) in &self.hosts_read {
+            HostMark::merge(&mut after.hosts, host, *mark);
         }
-        self.state.hosts.retain(|_, m| m.reported_ms >= now_ms - HOSTS_KEPT_MS);
-        if std::mem::take(&mut self.tracked_read) {
-            self.state.tracked_seen_ms = now_ms;
+        after.hosts.retain(|_, m| m.reported_ms >= now_ms - HOSTS_KEPT_MS);
+        if self.tracked_read {
+            after.tracked_seen_ms = now_ms;
         }
-        if std::mem::take(&mut self.untracked_read) {
-            self.state.untracked_seen_ms = now_ms;
+        if self.untracked_read {
+            after.untracked_seen_ms = now_ms;
         }
+        if self.staged_max_ns != i64::MIN {
+            after.watermark_ms = after.watermark_ms.max(self.staged_max_ns / 1_000_000);
+        }
+        after.newest_kafka_ms = after.newest_kafka_ms.max(self.read_kafka_ms);
+        after.hours.retain(|h, _| *h >= hours_kept_from(after.newest_kafka_ms, out.quarantine));
+        after
+    }
+
+    /// The cut's state is written: it becomes this partition's, and the cut's staging goes.
+    fn cut_written(&mut self, after: PartitionState, cut: i64) {
+        let finished = std::mem::take(&mut self.sealed);
+        metrics::counter!("tron_sink_cuts_total", "topic" => self.topic.clone()).increment(1);
+        tracing::debug!(topic = %self.topic, partition = self.partition, from = self.state.committed, cut, objects = finished.len(), rows = finished.iter().map(|(_, s)| s.rows).sum::<u64>(), "cut written");
+        self.written = after.written.clone();
+        self.state = after;
+        self.hosts_read.clear();
+        self.tracked_read = false;
+        self.untracked_read = false;
         metrics::gauge!("tron_sink_dedupe_sources", "topic" => self.topic.clone(), "partition" => self.partition.to_string())
             .set(self.written.sources() as f64);
-        if self.staged_max_ns != i64::MIN {
-            self.state.watermark_ms = self.state.watermark_ms.max(self.staged_max_ns / 1_000_000);
-        }
         self.forced_cut = None;
         self.records_since_cut = 0;
         self.bytes_since_cut = 0;
@@ -517,8 +599,6 @@ impl Partition {
         for (_, s) in finished {
             let _ = std::fs::remove_file(&s.path);
         }
-        // Whether the partition is at its end is learned at the next heartbeat.
-        self.write_progress(out, false).await
     }
 
     fn object_key(&self, out: &Output<'_>, bucket: Bucket, first_offset: i64) -> String {
@@ -556,8 +636,6 @@ impl Partition {
     async fn write_progress(&mut self, out: &Output<'_>, caught_up: bool) -> anyhow::Result<()> {
         self.state.caught_up = caught_up;
         self.state.as_of_ms = chrono::Utc::now().timestamp_millis();
-        let keep_from = self.state.watermark_ms / HOUR_MS - 72;
-        self.state.hours.retain(|h, _| *h >= keep_from);
         out.timed("writing the partition state", self.claim.write(out.store, &self.state)).await?;
         self.state_written_at = Instant::now();
         Ok(())

@@ -44,6 +44,10 @@ pub struct PartitionState {
     pub tracked_seen_ms: i64,
     #[serde(default)]
     pub untracked_seen_ms: i64,
+    /// Newest Kafka timestamp (ms; the relay's receive time) among records below `committed`:
+    /// how long hour counts are kept is measured from it, not from event times or the wall clock.
+    #[serde(default)]
+    pub newest_kafka_ms: i64,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
@@ -52,6 +56,10 @@ pub struct HostMark {
     /// When the relay last heard from the host (relay clock): the freshest report wins, and a
     /// host silent for `finalize.host_timeout` no longer holds hours back.
     pub reported_ms: i64,
+    /// The host's last report said it stopped cleanly with everything delivered: once silent
+    /// for `finalize.host_timeout` it holds no hour back, even when every host is silent.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub drained: bool,
 }
 
 impl HostMark {

@@ -210,3 +210,97 @@ def test_one_of_three_agents_cut_off_is_retired_after_host_timeout_and_its_late_
     assert m["revision"] >= 2 and late >= 1
     for agent, _ in agents.values():
         assert agent.stop() == 0
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sigkill"])
+def test_an_agent_that_stops_cleanly_reports_drained_and_its_hour_does_not_wait_for_it(how, services, certs,
+                                                                                         workroot, procs):
+    """The only agent of a topic tails a file still being written with lines of an hour two
+    hours ago, so its watermark stays inside that hour. Stopped cleanly (SIGTERM) with every line
+    read and delivered, its last report says so ("drained"): the hour is finalized with all its
+    rows, and once the agent has been silent for `host_timeout` the sink does not call it an
+    outage. Killed (SIGKILL), it says nothing: the hour waits for it (a silence is not a
+    departure), which is what a fully drained fleet did before, for 24 hours."""
+    topic = "drained-" + how
+    work, logs, relay, sink, agent = pipeline(services, certs, workroot, procs, topic, "%ds" % HOST_TIMEOUT_S)
+    h = hour_start(2)
+    path = os.path.join(logs, "app.log")
+    write(path, [h + datetime.timedelta(seconds=2 * k) for k in range(1000)], 0)
+    host = topic + "-host"
+    written = 1000
+    # The file is still being written: the watermark stays at its last line, inside the hour.
+    deadline = time.time() + 90
+    while host not in hours_command(sink, topic)[1]:
+        assert time.time() < deadline, hours_command(sink, topic)[1]
+        write(path, [h + datetime.timedelta(seconds=2000 + written % 1500)], written)
+        written += 1
+        time.sleep(0.3)
+    for _ in range(10):
+        write(path, [h + datetime.timedelta(seconds=2000 + written % 1500)], written)
+        written += 1
+        time.sleep(0.3)
+    tron.wait_until("every line delivered", lambda: (agent.metric("tron_agent_records_sent_total",
+                                                                  destination="relay") or 0) >= written,
+                    timeout=60, interval=0.2, on_timeout=agent.tail)
+    hour = h.strftime("dt=%Y-%m-%d/hr=%H")
+    watch = tron.SuccessWatch(services, topic, topic)
+    assert hour not in watch.look(), "the hour waited for the file being written"
+    if how == "sigterm":
+        assert agent.stop() == 0
+    else:
+        agent.kill()
+    stopped = time.time()
+    started = time.time()
+    while time.time() - started < HOST_TIMEOUT_S + 10:
+        watch.look()
+        time.sleep(0.5)
+    silent = tron.metric(sink.metrics(), "tron_sink_all_hosts_silent", topic=topic)
+    code, hours = hours_command(sink, topic)
+    print("%s: %d lines; _SUCCESS %s; all hosts silent %s %.0f s after the stop; hours:\n%s"
+          % (how, written, watch.seen, silent, time.time() - stopped, hours))
+    if how == "sigkill":
+        assert hour not in watch.seen, "an hour finalized without the killed agent's word: %s" % watch.seen
+        assert silent == 1 and host in hours, hours
+        return
+    assert hour in watch.seen, "the drained agent's hour still waits:\n%s" % sink.tail()
+    rows, revision, completeness = watch.seen[hour]
+    assert (rows, revision) == (written, 1), watch.seen[hour]
+    assert completeness["rule"] == "watermarks" and host in completeness["hosts_complete"], completeness
+    assert silent == 0, "a drained fleet is not an outage"
+    assert code == 0 and host not in hours, "the drained host holds nothing:\n" + hours
+    marks = [json.loads(services.gcs_get(topic, "w/_tron/state/%s/%d.json" % (topic, p)))["hosts"].get(host, {})
+             for p in range(3)]
+    assert all(m.get("drained") for m in marks), marks
+
+
+def test_rows_of_an_hour_four_days_old_are_counted_and_revise_its_manifest(services, certs, workroot, procs):
+    """An agent back after four days: its lines (Kafka-stamped now, so not quarantined) land in
+    their hour, the hour is finalized, and lines of it that come later still revise its manifest
+    and count as late. The partition's hour counts used to be pruned 72 hours behind its newest
+    event time, in the same write that counted them: such an hour was never finalized at all."""
+    topic = "days-late"
+    work, logs, relay, sink, agent = pipeline(services, certs, workroot, procs, topic, "%ds" % HOST_TIMEOUT_S)
+    old = hour_start(96)
+    recent = hour_start(2)
+    path = os.path.join(logs, "app.log")
+    write(path, [old + datetime.timedelta(seconds=3 * k) for k in range(300)], 0)
+    write(path, [recent + datetime.timedelta(seconds=3 * k) for k in range(300)], 1000)
+    watch = tron.SuccessWatch(services, topic, topic)
+    old_hour = old.strftime("dt=%Y-%m-%d/hr=%H")
+    tron.wait_until("_SUCCESS of the four-day-old hour", lambda: old_hour in watch.look(), timeout=180,
+                    interval=0.5, on_timeout=lambda: hours_command(sink, topic)[1] + sink.tail())
+    first = watch.seen[old_hour]
+    write(path, [old + datetime.timedelta(seconds=1000 + k) for k in range(100)], 2000)
+    prefix = "w/%s/%s/" % (topic, old_hour)
+
+    def revised():
+        m = json.loads(services.gcs_get(topic, prefix + "_manifest.json"))
+        return m if m["rows"] == 400 else None
+    m = tron.wait_until("the old hour's manifest revised", revised, timeout=180, interval=1,
+                        on_timeout=lambda: services.gcs_get(topic, prefix + "_manifest.json")[:400])
+    late = sink.metric("tron_sink_late_objects_total", topic=topic)
+    print("four days late: first _SUCCESS %s; then revision %d with %d rows; late objects %s"
+          % (first, m["revision"], m["rows"], late))
+    assert first[0] == 300 and first[1] == 1, first
+    assert m["revision"] >= 2 and late >= 1
+    assert agent.stop() == 0

@@ -106,6 +106,15 @@ fn no_commit(_: i64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An owner that records the cut and uploads its objects, then dies before the state write.
+async fn upload_and_die(p: &mut Partition, out: &Output<'_>, cut: i64) {
+    p.finish_staged().unwrap();
+    p.record_and_upload(out, cut).await.unwrap();
+    for (_, file) in std::mem::take(&mut p.sealed) {
+        let _ = std::fs::remove_file(&file.path);
+    }
+}
+
 #[tokio::test]
 async fn a_cut_uploads_each_hour_once_and_commits_its_end() {
     let f = Fixture::new();
@@ -144,10 +153,8 @@ async fn a_replayed_cut_waits_for_every_record_below_it_not_for_idleness() {
         let r = raw(i);
         a.append(&out, &msg(i, T0, &r)).unwrap();
     }
-    // The owner records the cut at 6 and dies before committing (the commit fails here).
-    let err = a.cut(&out, 6, |_| anyhow::bail!("killed")).await.unwrap_err();
-    assert!(err.to_string().contains("killed"));
-    a.discard();
+    // The owner records the cut at 6, uploads it and dies before writing the state.
+    upload_and_die(&mut a, &out, 6).await;
     let out_b = f.out("b");
     let mut b = Partition::open(&out_b, "t", 0, 0, 2).await.unwrap();
     let idle = RollConfig { idle_after: Duration::ZERO, ..roll() };
@@ -184,9 +191,8 @@ async fn records_re_sent_by_an_agent_are_dropped_across_cuts_and_replays() {
         let r = raw(seq);
         a.append(&out, &from_file(offset, seq, &r)).unwrap();
     }
-    // The owner records the cut at 8 and dies before committing.
-    a.cut(&out, 8, |_| anyhow::bail!("killed")).await.unwrap_err();
-    a.discard();
+    // The owner records the cut at 8, uploads it and dies before writing the state.
+    upload_and_die(&mut a, &out, 8).await;
     // The next owner replays [4, 8) from the state as of offset 4: the same two rows are new.
     let out_b = f.out("b");
     let mut b = Partition::open(&out_b, "t", 0, 4, 2).await.unwrap();
@@ -326,4 +332,92 @@ async fn an_old_hour_interleaved_with_the_current_one_cuts_at_most_once_per_min_
     assert_eq!(cuts, 1, "the first switch cuts; the next ones wait for min_interval");
     let unpaced = RollConfig { min_interval: Duration::ZERO, ..roll() };
     assert!(p.cut_due(&unpaced, Duration::ZERO).is_some());
+}
+
+#[tokio::test]
+async fn a_stop_between_the_state_write_and_the_offset_commit_loses_neither_hour_counts_nor_dedupe_ranges() {
+    let f = Fixture::new();
+    let out = f.out("a");
+    let mut a = Partition::open(&out, "t", 0, 0, 1).await.unwrap();
+    for (offset, seq) in [(0, 0), (1, 1), (2, 2)] {
+        let r = raw(seq);
+        a.append(&out, &from_file(offset, seq, &r)).unwrap();
+    }
+    // The state is written, then the process dies before the group's offset moves.
+    a.cut(&out, 3, |_| anyhow::bail!("killed before the offset commit")).await.unwrap_err();
+    drop(a);
+    let state = crate::state::read(&f.store, "", "t", 0).await.unwrap().unwrap();
+    assert_eq!((state.committed, state.pending, state.hours.len()), (3, None, 1));
+    // The next owner finds the group at offset 0 and goes on from the state's 3: the hour still
+    // counts its object, and lines 0..3 re-sent by the agent are duplicates.
+    let out_b = f.out("b");
+    let mut b = Partition::open(&out_b, "t", 0, 0, 2).await.unwrap();
+    assert_eq!(b.committed(), 3);
+    for (offset, seq) in [(0, 0), (1, 1), (2, 2)] {
+        let r = raw(seq);
+        b.append(&out_b, &from_file(offset, seq, &r)).unwrap();
+    }
+    assert!(!b.has_staged(), "below the state's offset: already in an object");
+    for (offset, seq) in [(3, 1), (4, 2), (5, 3)] {
+        let r = raw(seq);
+        b.append(&out_b, &from_file(offset, seq, &r)).unwrap();
+    }
+    let committed = Cell::new(-1);
+    b.cut(&out_b, 6, |o| {
+        committed.set(o);
+        Ok(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(committed.get(), 6);
+    let rows: Vec<String> = f.objects().await.into_values().flatten().filter(|r| r != "seq").collect();
+    assert_eq!(rows, ["0", "1", "2", "3"], "each line once");
+    let state = crate::state::read(&f.store, "", "t", 0).await.unwrap().unwrap();
+    assert_eq!(state.hours.values().sum::<u64>(), 2, "both objects of the hour counted");
+}
+
+#[tokio::test]
+async fn a_retried_commit_after_the_state_write_only_commits() {
+    let f = Fixture::new();
+    let out = f.out("a");
+    let mut p = Partition::open(&out, "t", 0, 0, 1).await.unwrap();
+    let r = raw(0);
+    p.append(&out, &msg(0, T0, &r)).unwrap();
+    p.cut(&out, 1, |_| anyhow::bail!("broker away")).await.unwrap_err();
+    let state_key = crate::state::key("", "t", 0);
+    let written = f.store.get(&state_key).await.unwrap();
+    let committed = Cell::new(-1);
+    p.cut(&out, 1, |o| {
+        committed.set(o);
+        Ok(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(committed.get(), 1);
+    assert_eq!(f.store.get(&state_key).await.unwrap(), written, "no second write");
+    assert_eq!(f.objects().await.len(), 1);
+}
+
+#[tokio::test]
+async fn an_hour_days_old_keeps_its_count_while_its_records_can_still_arrive() {
+    let f = Fixture::new();
+    let out = f.out("a");
+    let mut p = Partition::open(&out, "t", 0, 0, 1).await.unwrap();
+    // Current traffic, then an agent back after four days: Kafka stamps its lines now.
+    let now = T0 + 100 * HOUR;
+    let r = raw(0);
+    p.append(&out, &msg(0, now, &r)).unwrap();
+    let four_days_ago = now - 96 * HOUR;
+    let late = Incoming { kafka_time_ms: Some(now / 1_000_000), ..msg(1, four_days_ago, &r) };
+    p.append(&out, &late).unwrap();
+    p.cut(&out, 2, no_commit).await.unwrap();
+    let state = crate::state::read(&f.store, "", "t", 0).await.unwrap().unwrap();
+    let late_hour = four_days_ago / HOUR;
+    assert_eq!(state.hours.get(&late_hour), Some(&1), "{:?}", state.hours);
+    // Past quarantine.max_past (7 days) of Kafka time, no record can land in it: pruned.
+    let much_later = now + 8 * 24 * HOUR;
+    p.append(&out, &msg(2, much_later, &r)).unwrap();
+    p.cut(&out, 3, no_commit).await.unwrap();
+    let state = crate::state::read(&f.store, "", "t", 0).await.unwrap().unwrap();
+    assert_eq!(state.hours.keys().copied().collect::<Vec<_>>(), [much_later / HOUR]);
 }
