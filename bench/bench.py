@@ -615,11 +615,21 @@ def bench_sink(svc, work, n, topic="bench-relay", fmt="csv"):
     cfg["roll"] = {"max_records": 250000, "max_age": "30s", "idle_after": "3s"}
     sink = tron.Proc("sink", "tron-sink-secor", cfg, work)
     sink.start()
+    # TRON_BENCH_PROFILE=DIR: `perf record` of the sink while it works, for the profile that
+    # explains its CPU (`perf report -i DIR/sink-csv.perf`); the CPU figures then include perf's cost.
+    profile = None
+    if os.environ.get("TRON_BENCH_PROFILE"):
+        out = os.path.join(os.environ["TRON_BENCH_PROFILE"], "sink-%s.perf" % fmt)
+        profile = subprocess.Popen(["perf", "record", "-F", "999", "-g", "-o", out, "-p", str(sink.proc.pid)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while metric(sink, "tron_sink_records_consumed_total") == 0:
         time.sleep(0.05)
     start = time.time()  # the group has joined and the first record arrived
     wait_metric(sink, "tron_sink_records_uploaded_total", n, 900)
     elapsed = time.time() - start
+    if profile:
+        profile.send_signal(signal.SIGINT)
+        profile.wait(60)
     raw = n * 215
     gz = metric(sink, "tron_sink_bytes_uploaded_total")
     cpu = sink.cpu_seconds()

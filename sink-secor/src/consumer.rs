@@ -12,6 +12,7 @@ use crate::dedupe::Position;
 use crate::finalize::Finalizer;
 use crate::partition::{Incoming, Output, Partition, StagingError};
 use crate::store::{Fenced, Store};
+use futures::FutureExt;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaResult, RDKafkaErrorCode};
@@ -27,6 +28,10 @@ use tron_service::{headers, Health, Shutdown};
 
 /// A topic partition.
 pub type Tp = (String, i32);
+/// Maps keyed by partition, looked up several times per message: foldhash instead of SipHash,
+/// whose hashing of the topic names was 5 % of the sink's CPU (keys are our own topics, not
+/// attacker-chosen, so hash flooding is not a concern).
+type TpMap<V> = HashMap<Tp, V, foldhash::fast::RandomState>;
 
 /// Messages held while a cut uploads, before every partition is paused.
 const HELD_BYTES_LIMIT: usize = 16 << 20;
@@ -56,7 +61,7 @@ struct Assignment {
 /// Records which partitions this instance owns, as librdkafka reports rebalances.
 #[derive(Default)]
 pub struct GroupContext {
-    owned: Mutex<HashMap<Tp, Assignment>>,
+    owned: Mutex<TpMap<Assignment>>,
     revoked: Mutex<Vec<Tp>>,
     epochs: AtomicU64,
 }
@@ -224,21 +229,21 @@ struct Loop<'a> {
     health: Health,
     shutdown: Shutdown,
     beat: Heartbeat,
-    partitions: HashMap<Tp, Partition>,
+    partitions: TpMap<Partition>,
     /// Messages that arrived during a cut, with the assignment epoch they were fetched under.
     held: VecDeque<(OwnedMessage, u64)>,
     held_bytes: usize,
     paused: bool,
     /// Partitions given up (fenced, or staging failed) and left alone until the instant, for the
     /// assignment epoch they were given up in.
-    held_off: HashMap<Tp, HeldOff>,
+    held_off: TpMap<HeldOff>,
     /// Committed offsets of owned partitions not opened yet, by assignment epoch: fetched for all
     /// of them in one request (each request costs a broker round trip, 500 ms on Tansu).
-    committed_cache: HashMap<Tp, (u64, Option<i64>)>,
+    committed_cache: TpMap<(u64, Option<i64>)>,
     /// Partitions rewound to their committed offset because their first record came after it,
     /// by assignment epoch: once per assignment, so a real gap (a transaction marker, records
     /// removed by retention) is accepted the second time.
-    rewound: HashMap<Tp, u64>,
+    rewound: TpMap<u64>,
     store_health: StoreHealth,
     partition_counts: PartitionCounts,
 }
@@ -298,13 +303,13 @@ pub async fn run(
         health,
         shutdown,
         beat,
-        partitions: HashMap::new(),
+        partitions: TpMap::default(),
         held: VecDeque::new(),
         held_bytes: 0,
         paused: false,
-        held_off: HashMap::new(),
-        committed_cache: HashMap::new(),
-        rewound: HashMap::new(),
+        held_off: TpMap::default(),
+        committed_cache: TpMap::default(),
+        rewound: TpMap::default(),
         store_health: StoreHealth {
             failing_since: None,
             last_logged: None,
@@ -331,10 +336,11 @@ pub async fn run(
                     if !l.held.is_empty() || l.paused || l.shutdown.is_triggered() {
                         break;
                     }
-                    // A zero time-out polls the receive once: a message already queued, or none.
-                    match tokio::time::timeout(Duration::ZERO, consumer.recv()).await {
-                        Ok(msg) => l.received(msg).await,
-                        Err(_) => break,
+                    // Polled once: a message already queued, or none. (A zero time-out did the
+                    // same with a clock read per message.)
+                    match consumer.recv().now_or_never() {
+                        Some(msg) => l.received(msg).await,
+                        None => break,
                     }
                 }
             }
@@ -382,7 +388,8 @@ impl Loop<'_> {
     async fn handle_held(&mut self) {
         while let Some((m, epoch)) = self.held.pop_front() {
             self.held_bytes = self.held_bytes.saturating_sub(m.payload().map_or(0, <[u8]>::len));
-            self.handle(&m, Some(epoch)).await;
+            let tp: Tp = (m.topic().to_string(), m.partition());
+            self.handle(&m, tp, Some(epoch)).await;
         }
         if self.paused {
             self.paused = false;
@@ -398,8 +405,9 @@ impl Loop<'_> {
         match msg {
             Ok(m) => {
                 self.health.up("kafka");
-                let epoch = self.context().epoch_of(&(m.topic().to_string(), m.partition()));
-                self.handle(&m, epoch).await;
+                let tp: Tp = (m.topic().to_string(), m.partition());
+                let epoch = self.context().epoch_of(&tp);
+                self.handle(&m, tp, epoch).await;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "consume error");
@@ -410,9 +418,8 @@ impl Loop<'_> {
     }
 
     /// `epoch`: the assignment the message was fetched under (None: not ours).
-    async fn handle<M: Message>(&mut self, m: &M, epoch: Option<u64>) {
+    async fn handle<M: Message>(&mut self, m: &M, tp: Tp, epoch: Option<u64>) {
         self.apply_revocations();
-        let tp: Tp = (m.topic().to_string(), m.partition());
         let Some(epoch) = epoch.filter(|e| self.context().epoch_of(&tp) == Some(*e)) else {
             return; // fetched under an assignment that has since ended; its next owner reads it
         };
@@ -481,8 +488,13 @@ impl Loop<'_> {
             return;
         }
         p.consumed.increment(1);
-        // Size, hour-passed and replayed cuts are due as soon as the record that triggers them lands.
-        self.cut_if_due(&tp).await;
+        // Size, hour-passed and replayed cuts are due as soon as the record that triggers them
+        // lands; the timers are checked after each burst (`run`).
+        let due =
+            self.partitions.get(&tp).and_then(|p| p.cut_due_on_arrival(&self.cfg.roll, self.cfg.finalize.lateness));
+        if let Some(cut) = due {
+            self.run_cut(&tp, cut).await;
+        }
     }
 
     /// A partition opened past the group's offset (its state was written, the offset commit was

@@ -433,6 +433,18 @@ impl Partition {
     /// again; the consumer's position is not consulted: right after the seek to `committed` it
     /// can still be the old one, and a replayed cut committed on it once lost [committed, cut).
     pub fn cut_due(&self, roll: &RollConfig, lateness: Duration) -> Option<i64> {
+        self.cut_due_when(roll, lateness, true)
+    }
+
+    /// [`cut_due`](Self::cut_due) for the message just appended: only what a record can make
+    /// due (size, the hour passed, a replayed cut reached). The timers (`max_age`, `idle_after`)
+    /// are checked after every burst of messages instead: three clock reads per message were 4 %
+    /// of the sink's CPU.
+    pub fn cut_due_on_arrival(&self, roll: &RollConfig, lateness: Duration) -> Option<i64> {
+        self.cut_due_when(roll, lateness, false)
+    }
+
+    fn cut_due_when(&self, roll: &RollConfig, lateness: Duration, timers: bool) -> Option<i64> {
         if let Some(cut) = self.forced_cut {
             return (self.next_offset >= cut).then_some(cut);
         }
@@ -442,8 +454,8 @@ impl Partition {
             return None;
         }
         let full = self.records_since_cut >= roll.max_records || self.bytes_since_cut >= roll.max_bytes;
-        let old = self.first_staged_at.is_some_and(|t| t.elapsed() >= roll.max_age);
-        let idle = self.last_message_at.elapsed() >= roll.idle_after;
+        let old = timers && self.first_staged_at.is_some_and(|t| t.elapsed() >= roll.max_age);
+        let idle = timers && self.last_message_at.elapsed() >= roll.idle_after;
         let oldest_hour = self.staged.keys().find_map(|b| match b {
             Bucket::Hour(h) => Some(*h),
             Bucket::Quarantine(..) => None,
