@@ -246,8 +246,9 @@ def test_records_kafka_can_never_take_are_dead_lettered_and_their_chunk_acked(se
     # Event times of a minute ago: the relay stamps Kafka records with their receive time, and the
     # sink quarantines event times further than quarantine.max_past (7 days) before it.
     now = int(time.time()) - 60
-    entries = [[now, {"seq": 0, "msg": "small"}], [now + 1, {"seq": 1, "msg": "x" * 50000}],
-               [now + 2, {"seq": 2, "msg": "small"}]]
+    ids = ["%032x" % (0xdead0 + i) for i in range(3)]  # tron-agent's line ids, for the audit below
+    entries = [[now, {"seq": 0, "msg": "small", "_id": ids[0]}], [now + 1, {"seq": 1, "msg": "x" * 50000, "_id": ids[1]}],
+               [now + 2, {"seq": 2, "msg": "small", "_id": ids[2]}]]
     s.sendall(msgpack.packb(["big.one", entries, {"chunk": "dl-1"}]))
     unpacker = msgpack.Unpacker(raw=False)
     s.settimeout(20)
@@ -272,3 +273,27 @@ def test_records_kafka_can_never_take_are_dead_lettered_and_their_chunk_acked(se
     tron.wait_until("the two deliverable records in Kafka", lambda: len(seqs()) >= 2, timeout=60, interval=1,
                     on_timeout=sink.tail)
     assert len(seqs()) == 2
+
+    # The audit against an archive holding all three lines (what the agent's S3 destination
+    # keeps): the one missing in GCS is explained by the relay's own dead-letter file.
+    hour = time.gmtime(now)
+    hour_dir = time.strftime("dt=%Y-%m-%d/hr=%H", hour)
+    services.create_s3_bucket("dead-letter-archive")
+    lines = "".join(json.dumps({"_time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now + i)), "_id": ids[i],
+                                "seq": i}) + "\n" for i in range(3))
+    services.s3_client().put_object(Bucket="dead-letter-archive", Key="arch/big.one/%s/a.ndjson.gz" % hour_dir,
+                                    Body=gzip.compress(lines.encode()))
+    args = ["--topic", "dead-letter", "--from", time.strftime("%Y-%m-%dT%H", hour), "--archive",
+            "s3://dead-letter-archive/arch", "--tag", "big.one", "--s3-endpoint", services.s3_endpoint, "--json"]
+    env = dict(tron.servers.S3_CREDENTIALS)
+    code, out, err = tron.audit(sink, *args, "--dead-letters", relay.config["dead_letter"]["path"], env=env)
+    (report,) = [json.loads(line) for line in out.splitlines()]
+    print("audit with the relay's dead letters: %s" % report)
+    assert code == 1 and report["missing_in_gcs"] == 1, (code, out, err)
+    ((reason, count),) = report["missing_in_gcs_dead_lettered"].items()
+    assert count == 1 and "too large" in reason, report
+    # Without the file the line is missing all the same, unexplained; a file that is not one is named.
+    code, out, err = tron.audit(sink, *args, env=env)
+    assert code == 1 and json.loads(out)["missing_in_gcs_dead_lettered"] == {}, (code, out, err)
+    code, out, err = tron.audit(sink, *args, "--dead-letters", relay.config_path, env=env)
+    assert code == 2 and relay.config_path in err and "line 1" in err, (code, err)

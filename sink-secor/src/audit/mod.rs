@@ -13,7 +13,7 @@ use read::{Archive, ArchiveAccess, RowLayout};
 use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
-use tally::{HourReport, Tally};
+use tally::{DeadLetters, HourReport, Tally};
 use tron_service::daemon::{self, Daemon};
 
 #[derive(clap::Args)]
@@ -45,6 +45,10 @@ pub struct AuditArgs {
     /// The record field holding tron-agent's line id (the agent's fields.id).
     #[arg(long, default_value = "_id")]
     id_field: String,
+    /// A relay's dead-letter file (its `dead_letter.path`, copied here); repeat for several.
+    /// Archived lines missing in GCS that a relay dead-lettered are reported with its reason.
+    #[arg(long = "dead-letters")]
+    dead_letters: Vec<std::path::PathBuf>,
     /// One JSON object per hour instead of a table.
     #[arg(long)]
     json: bool,
@@ -103,6 +107,7 @@ struct Auditor<'a> {
     archive: Archive,
     store: Store,
     rows: RowLayout,
+    dead_letters: DeadLetters,
 }
 
 impl<'a> Auditor<'a> {
@@ -125,6 +130,7 @@ impl<'a> Auditor<'a> {
             archive: Archive::open(&access).await?,
             store: Store::open(&bucket, &cfg.output).await?,
             rows: RowLayout::new(&cfg.output, &args.id_field)?,
+            dead_letters: DeadLetters::read(&args.dead_letters, &args.id_field)?,
         })
     }
 
@@ -151,17 +157,18 @@ impl<'a> Auditor<'a> {
         let dir = self.cfg.layout().hour_dir(&self.topic, hour);
         let success = self.rows.read_hour(&self.store, &dir, &mut tally).await?;
         self.archive.read_hour(&self.tags, hour, &self.id_field, &mut tally).await?;
-        Ok(tally.report(&self.topic, hour, success))
+        Ok(tally.report(&self.topic, hour, success, &self.dead_letters))
     }
 }
 
 fn table_header() -> String {
     format!(
-        "{:<16} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>8}",
+        "{:<16} {:>10} {:>10} {:>10} {:>9} {:>10} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>8}",
         "hour",
         "arch_rows",
         "gcs_rows",
         "miss_gcs",
+        "dead_let",
         "miss_arch",
         "gcs_dup",
         "arch_dup",
@@ -178,11 +185,12 @@ fn table_row(r: &HourReport) -> String {
         r.latency.as_ref().map_or("-".to_string(), |l| format!("{:.1}", f(l) as f64 / 1e3))
     };
     format!(
-        "{:<16} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>8}",
+        "{:<16} {:>10} {:>10} {:>10} {:>9} {:>10} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>8}",
         r.hour,
         r.archive_rows,
         r.gcs_rows,
         r.missing_in_gcs,
+        r.missing_in_gcs_dead_lettered.values().sum::<u64>(),
         r.missing_in_archive,
         r.gcs_duplicate_rows,
         r.archive_duplicate_rows,

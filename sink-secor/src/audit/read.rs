@@ -266,7 +266,7 @@ mod tests {
         let by_record = RowLayout::new(&output(Format::Tsv, &[("record", "@record")]), "_id").unwrap();
         let body = gz("{\"_id\":\"0000000000000000000000000000000b\",\"m\":\"a\\tb\"}\n{\"m\":\"no id\"}\n");
         by_record.read_object(&body, "o", None, &mut t).unwrap();
-        let r = t.report("t", 0, false);
+        let r = t.report("t", 0, false, &crate::audit::tally::DeadLetters::default());
         assert_eq!((r.gcs_rows, r.gcs_ids, r.gcs_rows_without_id), (3, 2, 1));
         // The first row had its event time and object time: 1.5 s.
         assert_eq!(r.latency.unwrap().max_ms, 1_500);

@@ -5,7 +5,7 @@
 //! table at most 7/8 full, about 48 bytes per id (10 million rows an hour: ~480 MB).
 
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 #[derive(Clone, Copy)]
 struct Seen {
@@ -56,6 +56,8 @@ pub struct HourReport {
     pub gcs_ids: u64,
     /// Ids in the archive and not in GCS: lines the warehouse does not have.
     pub missing_in_gcs: u64,
+    /// Of those, the ones a relay dead-lettered (`--dead-letters`), by the relay's reason.
+    pub missing_in_gcs_dead_lettered: BTreeMap<String, u64>,
     /// Ids in GCS and not in the archive.
     pub missing_in_archive: u64,
     /// Rows beyond the first of their id.
@@ -108,13 +110,21 @@ impl Tally {
         }
     }
 
-    pub fn report(self, topic: &str, hour: i64, success: bool) -> HourReport {
+    /// The hour's verdict; `dead_letters` are the relays' dead-lettered records (id → reason),
+    /// which explain some of what is missing in GCS.
+    pub fn report(self, topic: &str, hour: i64, success: bool, dead_letters: &DeadLetters) -> HourReport {
         let (mut archive_ids, mut gcs_ids, mut missing_in_gcs, mut missing_in_archive) = (0, 0, 0, 0);
+        let mut missing_in_gcs_dead_lettered: BTreeMap<String, u64> = BTreeMap::new();
         let mut latencies = Vec::new();
-        for seen in self.ids.values() {
+        for (id, seen) in &self.ids {
             archive_ids += u64::from(seen.archive > 0);
             gcs_ids += u64::from(seen.gcs > 0);
             missing_in_gcs += u64::from(seen.archive > 0 && seen.gcs == 0);
+            if seen.archive > 0 && seen.gcs == 0 {
+                if let Some(reason) = dead_letters.reasons.get(id) {
+                    *missing_in_gcs_dead_lettered.entry(reason.clone()).or_default() += 1;
+                }
+            }
             missing_in_archive += u64::from(seen.gcs > 0 && seen.archive == 0);
             if seen.gcs > 0 && seen.event_ms != i64::MIN && seen.in_gcs_ms != i64::MAX {
                 // A clock ahead of the store's makes this negative; it counts as no delay.
@@ -131,6 +141,7 @@ impl Tally {
             archive_ids,
             gcs_ids,
             missing_in_gcs,
+            missing_in_gcs_dead_lettered,
             missing_in_archive,
             gcs_duplicate_rows: self.gcs_rows - self.gcs_rows_without_id - gcs_ids,
             archive_duplicate_rows: self.archive_rows - self.archive_rows_without_id - archive_ids,
@@ -139,6 +150,37 @@ impl Tally {
             success,
             latency: latency(latencies),
         }
+    }
+}
+
+/// Records the relays could never write to Kafka (their `dead_letter.path` files, one JSON line
+/// each: `{"reason", "tag", "topic", "peer", "event_time_ns", "record"}`), by line id.
+#[derive(Default)]
+pub struct DeadLetters {
+    reasons: HashMap<u128, String>,
+}
+
+impl DeadLetters {
+    /// Reads dead-letter files; a line that is not a dead-letter record is an error naming the
+    /// file and the line. Records without an id (clients other than tron-agent) are skipped.
+    pub fn read(paths: &[std::path::PathBuf], id_field: &str) -> anyhow::Result<Self> {
+        let mut reasons = HashMap::new();
+        for path in paths {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("--dead-letters {}: {e}", path.display()))?;
+            for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+                let v: serde_json::Value = serde_json::from_str(line).map_err(|e| {
+                    anyhow::anyhow!("--dead-letters {} line {}: not a dead-letter record: {e}", path.display(), n + 1)
+                })?;
+                let reason = v["reason"].as_str().ok_or_else(|| {
+                    anyhow::anyhow!("--dead-letters {} line {}: no \"reason\"", path.display(), n + 1)
+                })?;
+                if let Some(id) = v["record"].get(id_field).and_then(|i| i.as_str()) {
+                    reasons.insert(id_key(id), reason.to_string());
+                }
+            }
+        }
+        Ok(DeadLetters { reasons })
     }
 }
 
@@ -188,10 +230,12 @@ mod tests {
         t.row(Side::Gcs, Some(ID[0]), None, Some(9)); // and GCS has it twice
         t.row(Side::Gcs, Some(ID[3]), None, Some(5)); // only in GCS
         t.row(Side::Gcs, None, None, Some(5)); // no id: counted, not compared
-        let r = t.report("t", 494_187, true);
+        let dead = DeadLetters { reasons: HashMap::from([(id_key(ID[1]), "Message size too large".to_string())]) };
+        let r = t.report("t", 494_187, true, &dead);
         assert_eq!((r.archive_rows, r.gcs_rows), (4, 4));
         assert_eq!((r.archive_ids, r.gcs_ids), (3, 2));
         assert_eq!((r.missing_in_gcs, r.missing_in_archive), (2, 1));
+        assert_eq!(r.missing_in_gcs_dead_lettered, BTreeMap::from([("Message size too large".to_string(), 1)]));
         assert_eq!((r.archive_duplicate_rows, r.gcs_duplicate_rows, r.gcs_rows_without_id), (1, 1, 1));
         assert!(r.failed());
         // Only ID[0] has an event time and a GCS object: its first copy, 5 ms after the event.
@@ -215,7 +259,7 @@ mod tests {
             t.row(Side::Archive, Some(id), Some(1_000), None);
             t.row(Side::Gcs, Some(id), None, Some(61_000));
         }
-        let r = t.report("t", 0, true);
+        let r = t.report("t", 0, true, &DeadLetters::default());
         assert!(!r.failed(), "{r:?}");
         assert_eq!(r.latency.unwrap().p99_ms, 60_000);
     }
