@@ -61,7 +61,7 @@ enum Command {
     /// Compare the agents' S3 archive with the GCS objects, hour by hour: rows, ids missing on
     /// either side, duplicates, event → object latency. Exit 1 when anything is missing or
     /// doubled, 2 when the stores cannot be read. --watch exports the results as metrics.
-    Audit(audit::AuditArgs),
+    Audit(Box<audit::AuditArgs>),
     /// List every recent hour of a topic: finalized or not, rows, how it was decided, and which
     /// hosts hold it back with their last watermark and report (docs/completeness.md).
     Hours {
@@ -158,7 +158,7 @@ fn main() -> ExitCode {
                 }
             };
         }
-        Some(Command::Audit(args)) => return audit::main(cfg, args),
+        Some(Command::Audit(args)) => return audit::main(cfg, *args),
         Some(Command::Hours { topic, json }) => {
             return match print_hours(&cfg, &topic, json) {
                 Ok(()) => ExitCode::SUCCESS,
