@@ -30,6 +30,9 @@ const HOUR_NS: i64 = 3_600_000_000_000;
 /// assumed to be new (a late one is what `finalize.lateness` is for).
 const WRITING_WINDOW: Duration = Duration::from_secs(30);
 
+/// How long a clean stop waits for the relay to acknowledge the "drained" report.
+const DRAINED_REPORT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// The shortest time between two reading passes over every file.
 const MIN_PASS_INTERVAL: Duration = Duration::from_millis(50);
 
@@ -185,7 +188,12 @@ impl<D: Destination> Shipper<D> {
             return;
         }
         let watermark_ms = tron_service::clock::now_ns().div_euclid(1_000_000);
-        self.dest.clone().send_watermark(watermark_ms, true).await;
+        // Bounded: a relay that went away after the last ack must not hold the stop up for a
+        // whole ack time-out (without the report the host holds hours, as if killed).
+        let report = self.dest.clone().send_watermark(watermark_ms, true);
+        if tokio::time::timeout(DRAINED_REPORT_TIMEOUT, report).await.is_err() {
+            tracing::warn!(destination = self.dest.name(), "the drained report was not acknowledged in time");
+        }
     }
 
     fn collect_done(&mut self) {
