@@ -68,6 +68,10 @@ pub struct SecurityConfig {
     /// When non-empty, clients must also send one of these user names and its password.
     #[serde(default)]
     pub users: Vec<UserConfig>,
+    /// A client's watermark reports are accepted only for the host its user name names (one user
+    /// per agent host): a client cannot hold back or release the hours of another host.
+    #[serde(default)]
+    pub reports_only_for_usernames: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -216,6 +220,12 @@ impl RelayConfig {
             return bad(
                 "tls.reports_only_for_certificate_names",
                 "needs tls.client_ca: without client certificates there are no names to check",
+            );
+        }
+        if self.security.as_ref().is_some_and(|s| s.reports_only_for_usernames && s.users.is_empty()) {
+            return bad(
+                "security.reports_only_for_usernames",
+                "needs security.users: without user names there are no names to check",
             );
         }
         if !["none", "gzip", "snappy", "lz4", "zstd"].contains(&self.kafka.compression.as_str()) {

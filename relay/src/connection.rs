@@ -49,6 +49,8 @@ pub struct Security {
     pub hostname: String,
     pub shared_key: String,
     pub users: Vec<(String, String)>,
+    /// `security.reports_only_for_usernames`.
+    pub reports_only_for_usernames: bool,
 }
 
 pub async fn serve<S, K>(
@@ -69,18 +71,25 @@ pub async fn serve<S, K>(
     let (read_half, mut write_half) = tokio::io::split(stream);
     let mut frames =
         FrameReader::new(read_half, codec, ctx.receive_pool.clone(), ctx.handshake_timeout, ctx.frame_timeout);
+    let mut report_hosts = report_hosts;
     if let Some(security) = &ctx.security {
         let outcome = tokio::select! {
             outcome = handshake(&mut frames, &mut write_half, security, ctx.handshake_timeout) => outcome,
             _ = slot.evicted.cancelled() => Err(("evicted_silent", "closed for a newer connection before its handshake".into())),
         };
-        if let Err((label, reason)) = outcome {
-            if label != "evicted_silent" {
-                // (an eviction is counted where it is decided, in `tron_relay_connections_closed_total`)
-                tracing::warn!(%peer, %reason, "handshake refused");
-                metrics::counter!("tron_relay_connections_refused_total", "reason" => label).increment(1);
+        let username = match outcome {
+            Ok(username) => username,
+            Err((label, reason)) => {
+                if label != "evicted_silent" {
+                    // (an eviction is counted where it is decided, in `tron_relay_connections_closed_total`)
+                    tracing::warn!(%peer, %reason, "handshake refused");
+                    metrics::counter!("tron_relay_connections_refused_total", "reason" => label).increment(1);
+                }
+                return;
             }
-            return;
+        };
+        if security.reports_only_for_usernames {
+            report_hosts = report_hosts.only(&username);
         }
         frames.codec_mut().authenticated();
         slot.prove();
@@ -361,13 +370,14 @@ fn dead_letter<K>(
     Ok(refused.len())
 }
 
-/// Err: a metrics label and the reason to log.
+/// Ok: the client's user name (empty when no users are configured). Err: a metrics label and
+/// the reason to log.
 async fn handshake<R, W>(
     frames: &mut FrameReader<R>,
     writer: &mut W,
     security: &Security,
     timeout: Duration,
-) -> Result<(), (&'static str, String)>
+) -> Result<String, (&'static str, String)>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -400,7 +410,8 @@ where
     match ping.verify(&helo, &security.shared_key, &security.users) {
         Ok(()) => {
             let pong = Pong::accept(&ping, &helo, &security.hostname, &security.shared_key);
-            writer.write_all(&pong.encode()).await.map_err(|e| io("sending PONG", e))
+            writer.write_all(&pong.encode()).await.map_err(|e| io("sending PONG", e))?;
+            Ok(ping.username)
         }
         Err(reason) => {
             let _ = writer.write_all(&Pong::reject(&reason).encode()).await;

@@ -94,6 +94,7 @@ async fn run(cfg: RelayConfig, config_path: PathBuf, daemon: Daemon) -> anyhow::
             hostname: cfg.hostname.clone(),
             shared_key: s.shared_key.clone(),
             users: s.users.iter().map(|u| (u.username.clone(), u.password.clone())).collect(),
+            reports_only_for_usernames: s.reports_only_for_usernames,
         }),
     });
 

@@ -1,5 +1,6 @@
 //! Which hosts a client may report watermarks for, from its TLS client certificate
-//! (`tls.reports_only_for_certificate_names`).
+//! (`tls.reports_only_for_certificate_names`) and its Forward user name
+//! (`security.reports_only_for_usernames`).
 
 use tokio_rustls::rustls::pki_types::CertificateDer;
 
@@ -23,6 +24,16 @@ impl ReportHosts {
         ReportHosts::Named(names)
     }
 
+    /// Narrowed to `name` (the client's user name): it may report for that host only, and only
+    /// if the certificate binding, when there is one, allows it too.
+    pub fn only(self, name: &str) -> Self {
+        if self.allows(name) {
+            ReportHosts::Named(vec![name.to_ascii_lowercase()])
+        } else {
+            ReportHosts::Named(Vec::new())
+        }
+    }
+
     pub fn allows(&self, host: &str) -> bool {
         match self {
             ReportHosts::Any => true,
@@ -41,6 +52,11 @@ mod tests {
         assert!(named.allows("web-7.example") && named.allows("WEB-7.example"));
         assert!(!named.allows("web-8.example"));
         assert!(ReportHosts::Any.allows("anything"));
+        // Bound to a user name as well: that name only, if the certificate names it.
+        assert_eq!(ReportHosts::Any.only("Web-7.example"), ReportHosts::Named(vec!["web-7.example".into()]));
+        assert!(!ReportHosts::Any.only("web-7.example").allows("web-8.example"));
+        assert_eq!(named.clone().only("web-8.example"), ReportHosts::Named(vec![]));
+        assert!(named.only("web-7.example").allows("web-7.example"));
         // A certificate that cannot be read names nobody.
         let garbage = CertificateDer::from(vec![0u8; 16]);
         assert_eq!(ReportHosts::of_certificate(Some(&garbage)), ReportHosts::Named(vec![]));

@@ -66,7 +66,7 @@ impl Watermarks {
             if !allowed.allows(&report.host) {
                 metrics::counter!("tron_relay_watermark_reports_refused_total").increment(1);
                 return Err(format!(
-                    "a report for host {:?}, which the client certificate does not name (its names: {allowed:?})",
+                    "a report for host {:?}, which the client certificate or user name does not name (allowed: {allowed:?})",
                     report.host
                 ));
             }

@@ -7,6 +7,8 @@ import re
 import threading
 import time
 
+import pytest
+
 import tron
 from test_outage import write_steadily
 
@@ -137,23 +139,36 @@ def test_relay_that_cannot_ack_makes_the_agent_resend_after_its_ack_timeout_and_
     gate.close()
 
 
-def test_with_certificate_names_bound_a_client_reports_only_for_its_own_host(services, certs, workroot, procs):
-    """`tls.reports_only_for_certificate_names`: host-a's certificate names host-a. An agent
-    calling itself host-a with it is heard; one calling itself host-b with the same certificate has
-    its reports refused (so it cannot hold back or release hours of a host it is not), while
+@pytest.mark.parametrize("binding", ["certificate", "username"])
+def test_with_names_bound_a_client_reports_only_for_its_own_host(binding, services, certs, workroot, procs):
+    """`tls.reports_only_for_certificate_names`: host-a's certificate names host-a;
+    `security.reports_only_for_usernames`: the Forward user host-a. An agent calling itself host-a
+    with that certificate (or user) is heard; one calling itself host-b with the same credentials
+    has its reports refused (so it cannot hold back or release hours of a host it is not), while
     its lines still arrive."""
-    work = os.path.join(workroot, "report-names")
-    tls = {"cert": certs["server_cert"], "key": certs["server_key"], "client_ca": certs["ca"],
-           "reports_only_for_certificate_names": True}
-    relay, _sink, _, _ = tron.relay_to_gcs(services, certs, work, procs, "report-names", "report-names", 2,
-                                           columns=[{"name": "seq", "source": "seq", "type": "INTEGER"}], tls=tls)
+    topic = "report-" + binding
+    work = os.path.join(workroot, topic)
+    tls = {"cert": certs["server_cert"], "key": certs["server_key"]}
+    options = {}
+    if binding == "certificate":
+        tls.update(client_ca=certs["ca"], reports_only_for_certificate_names=True)
+    else:
+        options["security"] = {"shared_key": "k3y", "reports_only_for_usernames": True,
+                               "users": [{"username": "host-a", "password": "pa"}]}
+    relay, _sink, _, _ = tron.relay_to_gcs(services, certs, work, procs, topic, topic, 2,
+                                           columns=[{"name": "seq", "source": "seq", "type": "INTEGER"}], tls=tls,
+                                           **options)
 
     def agent(host):
         d = os.path.join(work, host)
         os.makedirs(os.path.join(d, "logs"))
         cfg = tron.agent_config(d, os.path.join(d, "logs", "*.log"), "file://" + os.path.join(d, "s3"),
-                                relay.config["listen"], certs, host=host)
-        cfg["destinations"]["relay"].update(client_cert=certs["host_a_cert"], client_key=certs["host_a_key"])
+                                relay.config["listen"], certs, host=host,
+                                **({"shared_key": "k3y"} if binding == "username" else {}))
+        if binding == "certificate":
+            cfg["destinations"]["relay"].update(client_cert=certs["host_a_cert"], client_key=certs["host_a_key"])
+        else:
+            cfg["destinations"]["relay"].update(username="host-a", password="pa")
         p = tron.Proc(host, "tron-agent", cfg, d)
         procs.append(p)
         return p.start(), os.path.join(d, "logs", "app.log")
@@ -163,15 +178,15 @@ def test_with_certificate_names_bound_a_client_reports_only_for_its_own_host(ser
     write_seqs(a_log, 0, 1000)
     write_seqs(b_log, 100_000, 1000)
     want = set(range(1000)) | set(range(100_000, 101_000))
-    tron.wait_until("both agents' lines in GCS", lambda: gcs_seqs(services, "report-names", "report-names") >= want,
+    tron.wait_until("both agents' lines in GCS", lambda: gcs_seqs(services, topic, topic) >= want,
                     timeout=90, interval=1, on_timeout=lambda: relay.tail())
     tron.wait_until("host-b's reports refused", lambda: (relay.metric("tron_relay_watermark_reports_refused_total")
                                                          or 0) > 0, timeout=30, interval=1, on_timeout=relay.tail)
     hosts = set()
-    for _, _, v in tron.watermark_messages(services.kafka_brokers, "report-names", limit=15):
+    for _, _, v in tron.watermark_messages(services.kafka_brokers, topic, limit=15):
         hosts |= set(v["tron_watermarks"])
-    print("\nhosts in the relay's watermark messages: %s; refused reports: %s" % (
-        sorted(hosts), relay.metric("tron_relay_watermark_reports_refused_total")))
+    print("\n%s binding: hosts in the relay's watermark messages: %s; refused reports: %s" % (
+        binding, sorted(hosts), relay.metric("tron_relay_watermark_reports_refused_total")))
     assert "host-a" in hosts and "host-b" not in hosts, hosts
-    assert "which the client certificate does not name" in relay.tail(1 << 20)
+    assert "which the client certificate or user name does not name" in relay.tail(1 << 20)
     assert a.stop() == 0 and b.stop() == 0

@@ -39,6 +39,8 @@ CASES = [
      "key `limits.max_inflight_bytes_per_connection`: must be more than 0 and at most limits.max_inflight_bytes"),
     ("tron-sink-secor", 'staging_dir = "/tmp/s"\n[kafka]\nbrokers = "x"\ngroup_id = "g"\ntopics = ["t"]\n[output]\nurl = "s3://nope"\n',
      "key `output.url`: must start with gs:// or file://"),
+    ("tron-relay", 'listen = "127.0.0.1:1"\nplaintext = true\n[kafka]\nbrokers = "x"\ndefault_topic = "t"\n[security]\nshared_key = "k"\nreports_only_for_usernames = true\n',
+     "key `security.reports_only_for_usernames`: needs security.users"),
 ]
 
 

@@ -106,6 +106,18 @@ fn no_commit(_: i64) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Cuts at `cut` with a commit that succeeds; returns the offset committed.
+async fn cut_and_commit(p: &mut Partition, out: &Output<'_>, cut: i64) -> i64 {
+    let committed = Cell::new(-1);
+    p.cut(out, cut, |o| {
+        committed.set(o);
+        Ok(())
+    })
+    .await
+    .unwrap();
+    committed.get()
+}
+
 /// An owner that records the cut and uploads its objects, then dies before the state write.
 async fn upload_and_die(p: &mut Partition, out: &Output<'_>, cut: i64) {
     p.finish_staged().unwrap();
@@ -124,14 +136,7 @@ async fn a_cut_uploads_each_hour_once_and_commits_its_end() {
         let r = raw(i);
         p.append(&out, &msg(i, T0 + i * HOUR / 2, &r)).unwrap();
     }
-    let committed = Cell::new(-1);
-    p.cut(&out, 4, |o| {
-        committed.set(o);
-        Ok(())
-    })
-    .await
-    .unwrap();
-    assert_eq!(committed.get(), 4);
+    assert_eq!(cut_and_commit(&mut p, &out, 4).await, 4);
     let objects = f.objects().await;
     assert_eq!(
         objects.iter().map(|(k, v)| (k.as_str(), v.len())).collect::<Vec<_>>(),
@@ -362,14 +367,7 @@ async fn a_stop_between_the_state_write_and_the_offset_commit_loses_neither_hour
         let r = raw(seq);
         b.append(&out_b, &from_file(offset, seq, &r)).unwrap();
     }
-    let committed = Cell::new(-1);
-    b.cut(&out_b, 6, |o| {
-        committed.set(o);
-        Ok(())
-    })
-    .await
-    .unwrap();
-    assert_eq!(committed.get(), 6);
+    assert_eq!(cut_and_commit(&mut b, &out_b, 6).await, 6);
     let rows: Vec<String> = f.objects().await.into_values().flatten().filter(|r| r != "seq").collect();
     assert_eq!(rows, ["0", "1", "2", "3"], "each line once");
     let state = crate::state::read(&f.store, "", "t", 0).await.unwrap().unwrap();
@@ -386,14 +384,7 @@ async fn a_retried_commit_after_the_state_write_only_commits() {
     p.cut(&out, 1, |_| anyhow::bail!("broker away")).await.unwrap_err();
     let state_key = crate::state::key("", "t", 0);
     let written = f.store.get(&state_key).await.unwrap();
-    let committed = Cell::new(-1);
-    p.cut(&out, 1, |o| {
-        committed.set(o);
-        Ok(())
-    })
-    .await
-    .unwrap();
-    assert_eq!(committed.get(), 1);
+    assert_eq!(cut_and_commit(&mut p, &out, 1).await, 1);
     assert_eq!(f.store.get(&state_key).await.unwrap(), written, "no second write");
     assert_eq!(f.objects().await.len(), 1);
 }
