@@ -111,9 +111,11 @@ pub async fn hours(
                 .into_iter()
                 .map(|h| {
                     let marks = states.iter().filter_map(|s| s.hosts.get(&h));
-                    let w = marks.clone().map(|m| m.watermark_ms).min().unwrap_or(0);
-                    let r = marks.map(|m| m.reported_ms).max().unwrap_or(0);
-                    (h, time(w), time(r))
+                    let w = marks.clone().map(|m| m.watermark_ms).min();
+                    let r = marks.map(|m| m.reported_ms).max();
+                    // A host known only from its records has not reported yet.
+                    let (w, r) = (w.map_or("no report yet".to_string(), time), r.map_or("-".to_string(), time));
+                    (h, w, r)
                 })
                 .collect()
         };
@@ -305,6 +307,11 @@ struct Rules {
     /// everything delivered: they hold no hour back, like an idle agent that keeps reporting
     /// "now". The wait of `host_timeout` first lets an agent that is only restarting report again.
     drained: BTreeSet<String>,
+    /// Hosts whose records are in objects but whose first report has not come, first seen within
+    /// `host_timeout`: an agent that just started (or just came back with a new name). Every hour
+    /// waits for them; one that never reports (`watermark_interval = "0s"`) holds hours for
+    /// `host_timeout` after its first record.
+    awaited: BTreeSet<String>,
     /// No agent reported within `host_timeout` although agents that did not drain are known: a
     /// silence of the relays, of relay → Kafka or of the whole fleet. Hours wait for the agents'
     /// last reports instead of falling back to event times: a silence is not a departure.
@@ -325,6 +332,12 @@ impl Rules {
                 *entry = *mark;
             }
         }
+        let awaited: BTreeSet<String> = states
+            .iter()
+            .flat_map(|s| &s.hosts_unreported)
+            .filter(|(host, first)| !latest.contains_key(host.as_str()) && **first >= horizon)
+            .map(|(host, _)| host.clone())
+            .collect();
         let (mut fresh, mut drained, mut silent) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
         for (host, mark) in latest {
             let set = match () {
@@ -348,7 +361,16 @@ impl Rules {
         // Agent records seen but no report yet (just started): wait for the watermarks rather
         // than guess; with no agent known and no recent traffic at all, the event-time rule
         // decides as before.
-        Rules { required, stale, drained, all_silent, watermarks: tracked, event_time: untracked || !tracked, now_ms }
+        Rules {
+            required,
+            stale,
+            drained,
+            awaited,
+            all_silent,
+            watermarks: tracked,
+            event_time: untracked || !tracked,
+            now_ms,
+        }
     }
 
     /// How hour's `deadline` (its end plus lateness) was decided, or None while it is not done.
@@ -361,7 +383,7 @@ impl Rules {
             // "now", so the hour must be over by the clock.
             let nobody = self.required.is_empty() && self.drained.is_empty();
             let drained_past = self.drained.is_empty() || deadline <= self.now_ms;
-            if nobody || !drained_past || !states.iter().all(past) {
+            if nobody || !drained_past || !self.awaited.is_empty() || !states.iter().all(past) {
                 return None;
             }
         }
@@ -387,11 +409,8 @@ impl Rules {
 
     /// The hosts holding an hour back: required hosts not yet past its deadline everywhere.
     fn holding(&self, states: &[PartitionState], deadline: i64) -> Vec<String> {
-        self.required
-            .iter()
-            .filter(|h| !states.iter().all(|s| s.hosts.get(*h).is_some_and(|m| m.watermark_ms >= deadline)))
-            .cloned()
-            .collect()
+        let behind = |h: &&String| !states.iter().all(|s| s.hosts.get(*h).is_some_and(|m| m.watermark_ms >= deadline));
+        self.required.iter().filter(behind).chain(&self.awaited).cloned().collect()
     }
 }
 
@@ -538,6 +557,26 @@ mod tests {
         let rules = Rules::of(&[drained("a"), back.clone()], NOW, timeout);
         assert!(rules.drained.is_empty());
         assert_eq!(rules.complete(&[drained("a"), back], deadline), None);
+    }
+
+    #[test]
+    fn a_host_whose_records_came_before_its_first_report_holds_every_hour_for_host_timeout() {
+        let timeout = Duration::from_secs(600);
+        let d = NOW - 1000;
+        // "a" has reported past the hour; "new" has records in objects but no report yet.
+        let mut p = partition(&[("a", NOW, NOW)], true, false);
+        p.hosts_unreported.insert("new".into(), NOW - 5_000);
+        let rules = Rules::of(std::slice::from_ref(&p), NOW, timeout);
+        assert_eq!(rules.complete(std::slice::from_ref(&p), d), None);
+        assert_eq!(rules.holding(std::slice::from_ref(&p), d), ["new"]);
+        // Its first report ends the wait (even where an older state still lists it unreported).
+        let mut reported = p.clone();
+        reported.hosts.insert("new".into(), HostMark { watermark_ms: NOW, reported_ms: NOW, drained: false });
+        let rules = Rules::of(std::slice::from_ref(&reported), NOW, timeout);
+        assert!(rules.complete(std::slice::from_ref(&reported), d).is_some());
+        // One that never reports (watermarks off) stops holding host_timeout after its first record.
+        p.hosts_unreported.insert("new".into(), NOW - 700_000);
+        assert!(Rules::of(std::slice::from_ref(&p), NOW, timeout).complete(std::slice::from_ref(&p), d).is_some());
     }
 
     #[test]

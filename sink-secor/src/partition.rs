@@ -198,6 +198,12 @@ pub struct Partition {
     staged_max_ns: i64,
     /// Newest Kafka timestamp (ms) read: joins the state's `newest_kafka_ms` at the next cut.
     read_kafka_ms: i64,
+    /// Hosts whose records were read with no report of theirs known, with the Kafka time of the
+    /// first: they join the state's `hosts_unreported` at the next cut.
+    unreported_read: BTreeMap<String, i64>,
+    /// The host of the last record read, once checked: records come in runs of one source, so
+    /// the check is one string comparison per record.
+    last_host: String,
     next_offset: i64,
     pub last_message_at: Instant,
     last_cut_at: Instant,
@@ -276,6 +282,8 @@ impl Partition {
             first_staged_at: None,
             staged_max_ns: i64::MIN,
             read_kafka_ms: 0,
+            unreported_read: BTreeMap::new(),
+            last_host: String::new(),
             next_offset: committed,
             last_message_at: Instant::now(),
             last_cut_at: long_ago,
@@ -336,6 +344,7 @@ impl Partition {
             None => self.untracked_read = true,
             Some(position) => {
                 self.tracked_read = true;
+                self.note_host(position.source, msg.kafka_time_ms.unwrap_or(0));
                 if self.written.admit(position, msg.kafka_time_ms.unwrap_or(0)) == Verdict::Duplicate {
                     metrics::counter!("tron_sink_duplicates_dropped_total", "topic" => self.topic.clone()).increment(1);
                     self.pass_over(msg.offset);
@@ -394,6 +403,19 @@ impl Partition {
         self.first_staged_at.get_or_insert_with(Instant::now);
         self.next_offset = msg.offset + 1;
         Ok(())
+    }
+
+    /// Notes the host of a record's source (`{host}/{file identity}`) when no report of it is known.
+    fn note_host(&mut self, source: &str, kafka_ms: i64) {
+        let host = source.rsplit_once('/').map_or(source, |(host, _)| host);
+        if host == self.last_host {
+            return;
+        }
+        if !self.state.hosts.contains_key(host) && !self.hosts_read.contains_key(host) {
+            let first = self.unreported_read.entry(host.to_string()).or_insert(kafka_ms);
+            *first = (*first).min(kafka_ms);
+        }
+        host.clone_into(&mut self.last_host);
     }
 
     /// A message read that stages nothing (a watermark message, a duplicate): the next cut commits
@@ -575,6 +597,14 @@ impl Partition {
             HostMark::merge(&mut after.hosts, host, *mark);
         }
         after.hosts.retain(|_, m| m.reported_ms >= now_ms - HOSTS_KEPT_MS);
+        for (host, first) in &self.unreported_read {
+            let kept = after.hosts_unreported.entry(host.clone()).or_insert(*first);
+            *kept = (*kept).min(*first);
+        }
+        // Kept for a day of Kafka time: long past `host_timeout`, after which the finalizer stops
+        // waiting for such a host anyway.
+        let (hosts, horizon) = (&after.hosts, self.read_kafka_ms.max(after.newest_kafka_ms) - HOSTS_KEPT_MS);
+        after.hosts_unreported.retain(|host, first| !hosts.contains_key(host) && *first >= horizon);
         if self.tracked_read {
             after.tracked_seen_ms = now_ms;
         }
@@ -597,6 +627,7 @@ impl Partition {
         self.written = after.written.clone();
         self.state = after;
         self.hosts_read.clear();
+        self.unreported_read.clear();
         self.tracked_read = false;
         self.untracked_read = false;
         metrics::gauge!("tron_sink_dedupe_sources", "topic" => self.topic.clone(), "partition" => self.partition.to_string())

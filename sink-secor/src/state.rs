@@ -48,6 +48,11 @@ pub struct PartitionState {
     /// how long hour counts are kept is measured from it, not from event times or the wall clock.
     #[serde(default)]
     pub newest_kafka_ms: i64,
+    /// Hosts whose records (with source positions) are below `committed` but who have no report
+    /// in `hosts` yet, with the Kafka time (relay clock) of the first such record: a host that
+    /// just started holds hours until its first report comes (docs/completeness.md).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub hosts_unreported: BTreeMap<String, i64>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]

@@ -412,3 +412,23 @@ async fn an_hour_days_old_keeps_its_count_while_its_records_can_still_arrive() {
     let state = crate::state::read(&f.store, "", "t", 0).await.unwrap().unwrap();
     assert_eq!(state.hours.keys().copied().collect::<Vec<_>>(), [much_later / HOUR]);
 }
+
+#[tokio::test]
+async fn a_host_with_records_and_no_report_yet_is_kept_until_its_first_report() {
+    let f = Fixture::new();
+    let out = f.out("a");
+    let mut p = Partition::open(&out, "t", 0, 0, 1).await.unwrap();
+    for (offset, seq) in [(0, 0), (1, 1)] {
+        let r = raw(seq);
+        p.append(&out, &from_file(offset, seq, &r)).unwrap();
+    }
+    assert_eq!(cut_and_commit(&mut p, &out, 2).await, 2);
+    let state = crate::state::read(&f.store, "", "t", 0).await.unwrap().unwrap();
+    assert_eq!(state.hosts_unreported.keys().collect::<Vec<_>>(), ["h"], "the host of source h/1");
+    let now = chrono::Utc::now().timestamp_millis();
+    let report = format!(r#"{{"tron_watermarks": {{"h": [{now}, {now}]}}}}"#).into_bytes();
+    p.append(&out, &Incoming { is_watermark: true, ..msg(2, T0, &report) }).unwrap();
+    assert_eq!(cut_and_commit(&mut p, &out, 3).await, 3);
+    let state = crate::state::read(&f.store, "", "t", 0).await.unwrap().unwrap();
+    assert!(state.hosts_unreported.is_empty() && state.hosts.contains_key("h"), "{state:?}");
+}
