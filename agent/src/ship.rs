@@ -172,8 +172,9 @@ impl<D: Destination> Shipper<D> {
 
     /// The last watermark report before a clean stop says "drained" when every line of every
     /// file is read and delivered (sizes taken now, not at the last pass): then the sink need
-    /// not hold hours for this host once it stays silent (docs/completeness.md). With anything
-    /// unread or unacknowledged, no report: the host holds hours until it is back.
+    /// not hold hours for this host once it has stayed silent for `host_timeout`
+    /// (docs/completeness.md). With anything unread or unacknowledged, no report: the host holds
+    /// hours until it is back.
     async fn report_drained(&mut self) {
         let everything_delivered = self.inflight == 0
             && self.cursors.values().all(|c| {
@@ -187,7 +188,12 @@ impl<D: Destination> Shipper<D> {
             );
             return;
         }
-        let watermark_ms = tron_service::clock::now_ns().div_euclid(1_000_000);
+        // The watermark as the periodic reports compute it: a file written within the last
+        // `WRITING_WINDOW` still holds it at its last line, so a host that is only restarting
+        // holds the hours its writers are in while it is away (within `host_timeout`).
+        let Some(watermark_ms) = tokio::task::block_in_place(|| self.low_watermark_ms()) else {
+            return;
+        };
         // Bounded: a relay that went away after the last ack must not hold the stop up for a
         // whole ack time-out (without the report the host holds hours, as if killed).
         let report = self.dest.clone().send_watermark(watermark_ms, true);
