@@ -309,8 +309,7 @@ struct Rules {
     drained: BTreeSet<String>,
     /// Hosts whose records are in objects but whose first report has not come, first seen within
     /// `host_timeout`: an agent that just started (or just came back with a new name). Every hour
-    /// waits for them; one that never reports (`watermark_interval = "0s"`) holds hours for
-    /// `host_timeout` after its first record.
+    /// waits for them; later they count as silent hosts.
     awaited: BTreeSet<String>,
     /// No agent reported within `host_timeout` although agents that did not drain are known: a
     /// silence of the relays, of relay → Kafka or of the whole fleet. Hours wait for the agents'
@@ -332,13 +331,22 @@ impl Rules {
                 *entry = *mark;
             }
         }
-        let awaited: BTreeSet<String> = states
-            .iter()
-            .flat_map(|s| &s.hosts_unreported)
-            .filter(|(host, first)| !latest.contains_key(host.as_str()) && **first >= horizon)
-            .map(|(host, _)| host.clone())
-            .collect();
         let (mut fresh, mut drained, mut silent) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
+        // Hosts known only from their records: awaited while their first record is recent, then
+        // silent like any host that stopped reporting (retired while others report, held when
+        // every host is silent: a relay outage can come before a new host's first report).
+        let mut first_records: BTreeMap<&str, i64> = BTreeMap::new();
+        for (host, first) in states.iter().flat_map(|s| &s.hosts_unreported) {
+            if !latest.contains_key(host.as_str()) {
+                let earliest = first_records.entry(host).or_insert(*first);
+                *earliest = (*earliest).min(*first);
+            }
+        }
+        let mut awaited = BTreeSet::new();
+        for (host, first) in first_records {
+            let set = if first >= horizon { &mut awaited } else { &mut silent };
+            set.insert(host.to_string());
+        }
         for (host, mark) in latest {
             let set = match () {
                 _ if mark.reported_ms >= horizon => &mut fresh,
@@ -574,9 +582,17 @@ mod tests {
         reported.hosts.insert("new".into(), HostMark { watermark_ms: NOW, reported_ms: NOW, drained: false });
         let rules = Rules::of(std::slice::from_ref(&reported), NOW, timeout);
         assert!(rules.complete(std::slice::from_ref(&reported), d).is_some());
-        // One that never reports (watermarks off) stops holding host_timeout after its first record.
+        // One that never reports (watermarks off) is retired like a silent host while others report…
         p.hosts_unreported.insert("new".into(), NOW - 700_000);
-        assert!(Rules::of(std::slice::from_ref(&p), NOW, timeout).complete(std::slice::from_ref(&p), d).is_some());
+        let decision = Rules::of(std::slice::from_ref(&p), NOW, timeout).complete(std::slice::from_ref(&p), d);
+        assert_eq!(decision.unwrap()["hosts_stale"], json!(["new"]));
+        // …and held when nobody reports (a relay outage before its first report reached the sink).
+        let mut only = partition(&[], true, false);
+        only.hosts_unreported.insert("new".into(), NOW - 700_000);
+        let rules = Rules::of(std::slice::from_ref(&only), NOW, timeout);
+        assert!(rules.all_silent);
+        assert_eq!(rules.complete(std::slice::from_ref(&only), d), None);
+        assert_eq!(rules.holding(std::slice::from_ref(&only), d), ["new"]);
     }
 
     #[test]
