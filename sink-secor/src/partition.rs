@@ -587,12 +587,12 @@ impl Partition {
         after.committed = cut;
         after.pending = None;
         after.caught_up = false;
-        after.as_of_ms = chrono::Utc::now().timestamp_millis();
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        after.as_of_ms = now_ms;
         let mut written = self.written.clone();
         written.expire(out.dedupe.forget_after.as_millis() as i64);
         after.written = written;
         // Watermark messages below the cut speak for records that are now all in objects.
-        let now_ms = chrono::Utc::now().timestamp_millis();
         for (host, mark) in &self.hosts_read {
             HostMark::merge(&mut after.hosts, host, *mark);
         }
