@@ -228,14 +228,17 @@ def run_agent_sender(svc, certs, work, log, n, receiver=None, tls=False, compres
     destinations = len(agent.config["destinations"])
     start = time.time()
     agent.start()
+    profile = start_profile(agent, os.path.basename(work))
     try:
         if not s3:
             wait_metric(agent, "tron_agent_records_sent_total", n * destinations, 600)
+            stop_profile(profile)
             return agent.cpu_seconds(), agent.peak_rss_mib(), time.time() - start
         wait_metric(agent, "tron_agent_lines_read_total", n * destinations, 600)
         if receiver:
             wait_metric(agent, "tron_agent_records_sent_total", n, 600, sampler=None, labels={"destination": "relay"})
         code, cpu, hwm = stop_with_rusage(agent)
+        stop_profile(profile)  # perf ends with the process: the drain's last upload is in the profile
         wall = time.time() - start
         prefix = os.path.basename(work) + "/"
         archived = sum(1 for _ in tron.s3_lines_by_object(svc, "bench-archive", prefix))
@@ -244,6 +247,26 @@ def run_agent_sender(svc, certs, work, log, n, receiver=None, tls=False, compres
         return cpu, hwm, wall
     finally:
         agent.stop()
+
+
+def start_profile(proc, name):
+    """TRON_BENCH_PROFILE=DIR: `perf record` of a measured process while it works, for the profile
+    that explains its CPU (`perf report -i DIR/NAME.perf`); its CPU figures then include perf's cost."""
+    if not os.environ.get("TRON_BENCH_PROFILE"):
+        return None
+    out = os.path.join(os.environ["TRON_BENCH_PROFILE"], "%s.perf" % name)
+    # Frame-pointer stacks stop at libc and librdkafka; TRON_BENCH_PROFILE_DWARF=1 unwinds them
+    # (bigger files, more of perf's own cost).
+    stacks = ["--call-graph", "dwarf,16384", "-F", "499"] if os.environ.get("TRON_BENCH_PROFILE_DWARF") else ["-g", "-F", "999"]
+    return subprocess.Popen(["perf", "record"] + stacks + ["-o", out, "-p", str(proc.proc.pid)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_profile(profile):
+    if profile:
+        if profile.poll() is None:
+            profile.send_signal(signal.SIGINT)
+        profile.wait(60)
 
 
 def gzip_cost(path, level):
@@ -617,19 +640,13 @@ def bench_sink(svc, work, n, topic="bench-relay", fmt="csv"):
     sink.start()
     # TRON_BENCH_PROFILE=DIR: `perf record` of the sink while it works, for the profile that
     # explains its CPU (`perf report -i DIR/sink-csv.perf`); the CPU figures then include perf's cost.
-    profile = None
-    if os.environ.get("TRON_BENCH_PROFILE"):
-        out = os.path.join(os.environ["TRON_BENCH_PROFILE"], "sink-%s.perf" % fmt)
-        profile = subprocess.Popen(["perf", "record", "-F", "999", "-g", "-o", out, "-p", str(sink.proc.pid)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    profile = start_profile(sink, "sink-" + fmt)
     while metric(sink, "tron_sink_records_consumed_total") == 0:
         time.sleep(0.05)
     start = time.time()  # the group has joined and the first record arrived
     wait_metric(sink, "tron_sink_records_uploaded_total", n, 900)
     elapsed = time.time() - start
-    if profile:
-        profile.send_signal(signal.SIGINT)
-        profile.wait(60)
+    stop_profile(profile)
     raw = n * 215
     gz = metric(sink, "tron_sink_bytes_uploaded_total")
     cpu = sink.cpu_seconds()
