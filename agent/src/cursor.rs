@@ -3,10 +3,15 @@
 //!
 //! Batches complete out of order (several are in flight at once) but the checkpoint may only move
 //! over a delivered prefix of the file: [`Ranges`] keeps that rule in one place.
+//!
+//! A read may cover more than a batch (a block shared with the other destinations is up to
+//! 1 MiB, and a read crossing an hour closes a batch midway): the lines not yet added to a batch
+//! wait in [`Pending`], so batches stop at the in-flight limit whatever the read covered.
 
 use crate::destination::BatchMeta;
 use crate::discover::TrackedFile;
 use crate::multiline::Held;
+use crate::shared_reads::Line;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,12 +40,62 @@ pub struct Cursor<B> {
     /// Event time (ns) of the last record read: while the file is being written, its next
     /// lines are assumed no older than this, not "now" (`Shipper::low_watermark_ms`).
     pub last_time_ns: Option<i64>,
+    /// Lines read from `read` on but not yet added to a batch.
+    pub pending: Option<Pending>,
+}
+
+/// Lines read ahead of the batches: `lines[next..]`, the file from `at` on.
+pub struct Pending {
+    lines: Arc<Vec<Line>>,
+    next: usize,
+    at: u64,
+    /// Where the read ended: the cursor's `read` once every line is taken.
+    end: u64,
+}
+
+impl Pending {
+    /// `lines` as read from `start` to `end` (or taken from another destination that read there).
+    pub fn new(lines: Arc<Vec<Line>>, start: u64, end: u64) -> Self {
+        Pending { lines, next: 0, at: start, end }
+    }
+
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+
+    /// The next line, and the bytes of the file it covers.
+    pub fn take_line(&mut self) -> Option<(&Line, usize)> {
+        let line = self.lines.get(self.next)?;
+        self.next += 1;
+        // The last line takes what the read covered past it (nothing, normally).
+        let to = if self.next == self.lines.len() { self.end.max(line.1) } else { line.1 };
+        let covered = to.saturating_sub(self.at) as usize;
+        self.at = to;
+        Some((line, covered))
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.next >= self.lines.len()
+    }
+
+    /// Bytes of the file the lines not yet taken cover (charged to the destination's buffer).
+    pub fn bytes_left(&self) -> usize {
+        self.end.saturating_sub(self.at) as usize
+    }
 }
 
 impl<B> Cursor<B> {
     /// A cursor that reads, and counts as delivered, from `start`.
     pub fn new(file: Arc<TrackedFile>, start: u64) -> Self {
-        Cursor { file, read: start, ranges: Ranges::new(start), open: None, held: None, last_time_ns: None }
+        Cursor {
+            file,
+            read: start,
+            ranges: Ranges::new(start),
+            open: None,
+            held: None,
+            last_time_ns: None,
+            pending: None,
+        }
     }
 
     /// The batch being filled, opened with `open` (given the offset it starts at, the read
@@ -51,9 +106,9 @@ impl<B> Cursor<B> {
         (self.open.get_or_insert_with(|| open(read)), opened)
     }
 
-    /// Nothing sealed waits for delivery and nothing is being filled.
+    /// Nothing sealed waits for delivery, nothing is being filled, nothing read waits for a batch.
     pub fn is_settled(&self) -> bool {
-        self.ranges.is_empty() && self.open.is_none()
+        self.ranges.is_empty() && self.open.is_none() && self.pending.is_none()
     }
 
     /// Whether a record of event hour `hour` must go into a new batch (the open one holds records

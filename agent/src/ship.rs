@@ -2,13 +2,15 @@
 //! position, cuts batches, sends them (retrying until they succeed), and moves the checkpoint
 //! only over batches that succeeded, in file order.
 //!
-//! Memory is bounded by `max_buffer_bytes` (records in open, in-flight and retrying batches, plus
-//! each open batch's compressor): when it is reached the loop stops reading, and the file on disk
-//! is the buffer. Open batches alone filling it (thousands of files) are sent early, oldest first.
+//! Memory is bounded by `max_buffer_bytes` (records in open, in-flight and retrying batches, each
+//! open batch's compressor, and lines read but not yet in a batch): when it is reached the loop
+//! stops reading, and the file on disk is the buffer. Open batches alone filling it (thousands of
+//! files) are sent early, oldest first. A read may cover more than a batch (see `cursor::Pending`);
+//! its lines go into batches only while fewer than `max_inflight` are in flight.
 
 use crate::checkpoint::Checkpointer;
 use crate::config::{BatchConfig, FieldsConfig};
-use crate::cursor::{Cursor, OpenBatch};
+use crate::cursor::{Cursor, OpenBatch, Pending};
 use crate::destination::{send_until_delivered, BatchMeta, Destination};
 use crate::discover::{Registry, TrackedFile};
 use crate::multiline::{self, Decision, Span};
@@ -52,6 +54,8 @@ pub struct Shipper<D: Destination> {
     health: Health,
     cursors: HashMap<u64, Cursor<D::Builder>>,
     buffered: usize,
+    /// Bytes of the files read (or taken from another destination) and not yet in a batch.
+    read_ahead: usize,
     inflight: usize,
     done_tx: mpsc::UnboundedSender<Done>,
     done_rx: mpsc::UnboundedReceiver<Done>,
@@ -87,6 +91,7 @@ impl<D: Destination> Shipper<D> {
             health,
             cursors: HashMap::new(),
             buffered: 0,
+            read_ahead: 0,
             inflight: 0,
             done_tx,
             done_rx,
@@ -277,7 +282,10 @@ impl<D: Destination> Shipper<D> {
         for id in ids {
             loop {
                 self.relieve_pressure(&cfg);
-                if self.buffered >= cfg.max_buffer_bytes || self.inflight >= cfg.max_inflight {
+                // Lines already read go into batches without charging the buffer again.
+                let reads_more = self.cursors[&id].pending.is_none();
+                let full = reads_more && self.buffered + self.read_ahead >= cfg.max_buffer_bytes;
+                if full || self.inflight >= cfg.max_inflight {
                     held_back = true;
                     break;
                 }
@@ -295,7 +303,7 @@ impl<D: Destination> Shipper<D> {
     /// When open batches fill the buffer, nothing more could be read until one reaches its age;
     /// send the oldest instead, so memory stays within the budget and files keep moving.
     fn relieve_pressure(&mut self, cfg: &BatchConfig) {
-        while self.buffered >= cfg.max_buffer_bytes && self.inflight < cfg.max_inflight {
+        while self.buffered + self.read_ahead >= cfg.max_buffer_bytes && self.inflight < cfg.max_inflight {
             let oldest = self.cursors.iter().filter_map(|(id, c)| c.open.as_ref().map(|o| (o.started, *id))).min();
             let Some((_, id)) = oldest else { break };
             self.seal(id);
@@ -303,58 +311,29 @@ impl<D: Destination> Shipper<D> {
         }
     }
 
-    /// Reads up to one batch worth of lines from a file; returns bytes consumed.
+    /// Adds lines of a file to batches, reading more when none are pending, until a sealed batch
+    /// reaches the in-flight limit; returns bytes of the file consumed (0: nothing to add).
     fn read_some(&mut self, id: u64, cfg: &BatchConfig) -> usize {
-        let cursor = self.cursors.get_mut(&id).expect("cursor exists");
-        let file = cursor.file.clone();
-        if file.is_gone() || file.is_given_up(self.index) {
-            return 0;
+        if self.cursors[&id].pending.is_none() {
+            let Some(pending) = self.read_ahead_of(id, cfg) else { return 0 };
+            self.read_ahead += pending.bytes_left();
+            self.cursors.get_mut(&id).expect("cursor exists").pending = Some(pending);
         }
-        let open_bytes = cursor.open.as_ref().map_or(0, |o| o.meta.raw_bytes);
-        let budget = cfg.max_bytes.saturating_sub(open_bytes).max(1);
+        let cursor = self.cursors.get_mut(&id).expect("cursor exists");
+        let mut pending = cursor.pending.take().expect("pending lines");
+        let file = cursor.file.clone();
         let path = file.path();
-        // Owned copies: the loop below seals batches, which needs `self` mutably.
+        let src = file.source.clone();
         let (host, fields) = (self.host.clone(), self.fields.clone());
         let origin = Origin { host: &host, path: &path, file_id: id };
         let added = Added::new(&fields, &origin);
-        let read_from = cursor.read;
-        let src = file.source.clone();
-        // Multiline records may be held back across reads (their end is not known yet), so those
-        // sources are read by each destination itself.
-        // Most files have nothing new on most passes: one fstat instead of reading their head
-        // (or asking the other destinations).
-        if file.handle().metadata().is_ok_and(|m| m.len() <= read_from) {
-            return 0;
-        }
-        let shared = self.shared.clone().filter(|_| src.multiline.is_none());
-        let claim = shared.as_ref().map_or(Claim::Read, |s| s.claim(id, read_from));
-        let (lines, consumed_end, bytes_read) = match claim {
-            Claim::Take(Block { lines, end, bytes_read }) => (lines, end, bytes_read),
-            Claim::Read => {
-                // Read in the blocks every destination reads in (batches still seal at their own
-                // size as the lines are added below), parsed for all of them when the block can
-                // be kept for the others.
-                let (form, budget, offering) = match &shared {
-                    Some(s) if s.has_room() => (Form::Both, SharedReads::read_budget(read_from), true),
-                    Some(_) => (self.dest.record_form(), SharedReads::read_budget(read_from), false),
-                    None => (self.dest.record_form(), budget, false),
-                };
-                let read = self.read_and_parse(id, &file, form, budget, &added, &origin);
-                let read = read.map(|(lines, end, bytes_read)| Block { lines: Arc::new(lines), end, bytes_read });
-                if let Some(shared) = &shared {
-                    shared.offer(id, read_from, read.clone().filter(|_| offering));
-                }
-                let Some(Block { lines, end, bytes_read }) = read else { return 0 };
-                (lines, end, bytes_read)
-            }
-        };
-        metrics::counter!("tron_agent_lines_read_total", "destination" => self.dest.name())
-            .increment(lines.len() as u64);
-        metrics::counter!("tron_agent_bytes_read_total", "destination" => self.dest.name())
-            .increment(bytes_read as u64);
         let split_hours = self.dest.split_by_hour();
-        for (record, end, len) in lines.iter() {
+        let mut consumed = 0;
+        // Lines already read stay deliverable even if the file is given up or gone meanwhile.
+        while self.inflight < cfg.max_inflight {
+            let Some(((record, end, len), covered)) = pending.take_line() else { break };
             let (end, len) = (*end, *len);
+            consumed += covered;
             let hour = record.as_ref().map_or(0, |r| r.time.unix_nanos().div_euclid(HOUR_NS));
             if record.is_some() && self.cursors[&id].needs_new_batch(hour, split_hours) {
                 self.seal(id);
@@ -381,8 +360,66 @@ impl<D: Destination> Shipper<D> {
                 self.seal(id);
             }
         }
-        debug_assert_eq!(self.cursors[&id].read, consumed_end);
-        (consumed_end - read_from) as usize
+        let cursor = self.cursors.get_mut(&id).expect("cursor exists");
+        if pending.is_done() {
+            // A read may cover bytes and hold no line (a multiline read of blank lines only).
+            consumed += pending.bytes_left();
+            cursor.read = pending.end();
+        } else {
+            cursor.pending = Some(pending);
+        }
+        self.read_ahead -= consumed;
+        consumed
+    }
+
+    /// The next lines of a file for this destination: another destination's read of them, or
+    /// its own. None when there is nothing new (or the file cannot be read).
+    fn read_ahead_of(&mut self, id: u64, cfg: &BatchConfig) -> Option<Pending> {
+        let cursor = &self.cursors[&id];
+        let file = cursor.file.clone();
+        if file.is_gone() || file.is_given_up(self.index) {
+            return None;
+        }
+        let open_bytes = cursor.open.as_ref().map_or(0, |o| o.meta.raw_bytes);
+        let budget = cfg.max_bytes.saturating_sub(open_bytes).max(1);
+        let read_from = cursor.read;
+        // Most files have nothing new on most passes: one fstat instead of reading their head
+        // (or asking the other destinations).
+        if file.handle().metadata().is_ok_and(|m| m.len() <= read_from) {
+            return None;
+        }
+        let path = file.path();
+        let (host, fields) = (self.host.clone(), self.fields.clone());
+        let origin = Origin { host: &host, path: &path, file_id: id };
+        let added = Added::new(&fields, &origin);
+        // Multiline records may be held back across reads (their end is not known yet), so those
+        // sources are read by each destination itself.
+        let shared = self.shared.clone().filter(|_| file.source.multiline.is_none());
+        let claim = shared.as_ref().map_or(Claim::Read, |s| s.claim(id, read_from));
+        let block = match claim {
+            Claim::Take(block) => block,
+            Claim::Read => {
+                // Read in the blocks every destination reads in (batches still seal at their own
+                // size as the lines are added), parsed for all of them when the block can be
+                // kept for the others.
+                let (form, budget, offering) = match &shared {
+                    Some(s) if s.has_room() => (Form::Both, SharedReads::read_budget(read_from), true),
+                    Some(_) => (self.dest.record_form(), SharedReads::read_budget(read_from), false),
+                    None => (self.dest.record_form(), budget, false),
+                };
+                let read = self.read_and_parse(id, &file, form, budget, &added, &origin);
+                let read = read.map(|(lines, end, bytes_read)| Block { lines: Arc::new(lines), end, bytes_read });
+                if let Some(shared) = &shared {
+                    shared.offer(id, read_from, read.clone().filter(|_| offering));
+                }
+                read?
+            }
+        };
+        metrics::counter!("tron_agent_lines_read_total", "destination" => self.dest.name())
+            .increment(block.lines.len() as u64);
+        metrics::counter!("tron_agent_bytes_read_total", "destination" => self.dest.name())
+            .increment(block.bytes_read as u64);
+        Some(Pending::new(block.lines, read_from, block.end))
     }
 
     /// Reads up to `budget` bytes of lines of a file from its cursor and parses them into `form`:
@@ -607,8 +644,10 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn the_checkpoint_moves_only_over_delivered_batches_and_the_memory_charge_returns_to_zero() {
+    /// Ships a 140 kB file in 8 kB batches to a destination that refuses every second batch once;
+    /// checks after every pass that the checkpoint stays within what was delivered and that no
+    /// more than `max_inflight` batches are in flight; drains at the end.
+    async fn ship_everything(max_inflight: usize, shared: Option<Arc<SharedReads>>) -> (Arc<Flaky>, Shipper<Flaky>) {
         let logs = tempfile::tempdir().unwrap();
         let text: String = (0..2000).map(|i| format!("{{\"seq\":{i},\"msg\":\"{}\"}}\n", "x".repeat(50))).collect();
         std::fs::write(logs.path().join("app.log"), &text).unwrap();
@@ -629,8 +668,7 @@ mod tests {
         );
         registry.scan();
         let checkpoints = Checkpointer::open(state.path(), "flaky").unwrap();
-        let cfg =
-            BatchConfig { max_bytes: 8 << 10, max_age: Duration::ZERO, max_inflight: 4, max_buffer_bytes: 1 << 20 };
+        let cfg = BatchConfig { max_bytes: 8 << 10, max_age: Duration::ZERO, max_inflight, max_buffer_bytes: 1 << 20 };
         let dest = Arc::new(Flaky {
             cfg,
             attempted: Mutex::default(),
@@ -646,7 +684,7 @@ mod tests {
             "host".into(),
             Health::new(),
             Duration::from_secs(1),
-            None,
+            shared,
         );
         shipper.sync_files();
         let id = *shipper.cursors.keys().next().expect("the file is tracked");
@@ -655,6 +693,7 @@ mod tests {
         while shipper.checkpoints.get(id) != Some(size) {
             assert!(Instant::now() < deadline, "not everything delivered");
             shipper.read_all();
+            assert!(shipper.inflight <= max_inflight, "{} batches in flight", shipper.inflight);
             if let Ok(Some(done)) = tokio::time::timeout(Duration::from_millis(100), shipper.done_rx.recv()).await {
                 shipper.complete(done);
             }
@@ -663,8 +702,23 @@ mod tests {
             assert!(acked <= dest.delivered_prefix(), "checkpoint {acked} past the delivered prefix");
         }
         shipper.drain(Duration::from_secs(5)).await;
-        assert_eq!((shipper.buffered, shipper.inflight), (0, 0), "every charge given back");
+        (dest, shipper)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_checkpoint_moves_only_over_delivered_batches_and_the_memory_charge_returns_to_zero() {
+        let (dest, shipper) = ship_everything(4, None).await;
+        assert_eq!((shipper.buffered, shipper.read_ahead, shipper.inflight), (0, 0, 0), "every charge given back");
         assert!(dest.retries.load(std::sync::atomic::Ordering::SeqCst) > 0, "no batch completed out of order");
+        assert!(dest.delivered.lock().unwrap().len() > 10);
+    }
+
+    /// A read shared with another destination covers up to 1 MiB: the whole file here, 17 batches
+    /// of this destination. They are still sealed one at a time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_shared_read_larger_than_a_batch_keeps_the_in_flight_limit() {
+        let (dest, shipper) = ship_everything(1, SharedReads::for_destinations(2)).await;
+        assert_eq!((shipper.buffered, shipper.read_ahead, shipper.inflight), (0, 0, 0), "every charge given back");
         assert!(dest.delivered.lock().unwrap().len() > 10);
     }
 }

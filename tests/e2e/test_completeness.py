@@ -78,7 +78,9 @@ def test_success_appears_only_with_every_line_of_the_hour_after_a_backlog(servic
         reported = b.metric("tron_agent_watermarks_sent_total") or 0
         return reported >= 1 and 0 < sent < LINES_PER_AGENT
     tron.wait_until("agent b reporting a watermark midway", b_reported_midway, timeout=60, interval=0.1,
-                    on_timeout=b.tail)
+                    on_timeout=lambda: "b sent %s records, reported %s watermarks\n%s" % (
+                        b.metric("tron_agent_records_sent_total", destination="relay"),
+                        b.metric("tron_agent_watermarks_sent_total"), b.tail()))
     gate.close()
     closed_at = time.time()
 

@@ -181,8 +181,23 @@ def test_agent_killed_at_random_moments_loses_no_line_and_doubles_none(services,
     def all_in():
         return len({int(r[1]) for r in tron.gcs_csv_rows(services, "crash-agent", "w/crash-agent/")}) >= total
 
+    def metric(proc, name, **labels):
+        try:
+            return proc.metric(name, **labels)
+        except OSError as e:
+            return "(%s)" % e
+
+    def where_lines_stopped():
+        seen = {int(r[1]) for r in tron.gcs_csv_rows(services, "crash-agent", "w/crash-agent/")}
+        missing = sorted(set(range(total)) - seen)
+        return "%d lines missing in GCS (first %s, last %s); agent sent %s, relay delivered %s, sink uploaded %s, " \
+            "dropped %s\n--- agent\n%s\n--- relay\n%s\n--- sink\n%s" % (
+                len(missing), missing[:5], missing[-5:], metric(agent, "tron_agent_records_sent_total", destination="relay"),
+                metric(relay, "tron_relay_records_delivered_total"), metric(sink, "tron_sink_records_uploaded_total"),
+                metric(sink, "tron_sink_duplicates_dropped_total"), agent.tail(), relay.tail(2000), sink.tail(3000))
+
     tron.wait_until("every line through the relay after %d agent kills" % KILLS, all_in, timeout=240 + total // 1000, interval=3,
-                    on_timeout=lambda: agent.tail())
+                    on_timeout=where_lines_stopped)
 
     def kafka_records_accounted_for():
         delivered = relay.metric("tron_relay_records_delivered_total") or 0
