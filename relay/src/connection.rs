@@ -290,7 +290,7 @@ impl Unacked {
     }
 }
 
-/// What a record costs beside its JSON: librdkafka's message and its two headers, allocator
+/// What a record costs beside its JSON: librdkafka's message and its header, allocator
 /// rounding. Measured, not estimated: the Kafka-outage test at default limits (400-record chunks
 /// of ~200-byte records) showed about 1 KiB per record above 2 x the JSON with a delivery future
 /// per record; with per-chunk delivery reports the same test peaks lower (210 MiB for 256 MiB).

@@ -14,7 +14,7 @@ use rdkafka::ClientContext;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
-use tron_service::headers;
+use tron_service::headers::{self, Origin, RecordMeta};
 
 type KafkaProducer = ThreadedProducer<DeliveryContext>;
 
@@ -72,8 +72,8 @@ async fn enqueue<K: rdkafka::message::ToBytes + ?Sized>(
 fn event_time_ns(message: &rdkafka::message::BorrowedMessage<'_>) -> Option<i64> {
     use rdkafka::message::Headers;
     let headers = message.headers()?;
-    let header = headers.iter().find(|h| h.key == headers::EVENT_TIME_NS)?;
-    std::str::from_utf8(header.value?).ok()?.parse().ok()
+    let header = headers.iter().find(|h| h.key == headers::RECORD)?;
+    Some(RecordMeta::decode(header.value?)?.event_time_ns)
 }
 
 struct DeliveryContext;
@@ -259,8 +259,7 @@ impl Kafka {
     ) -> Result<Vec<Refused>, DeliveryError> {
         let chunk = Arc::new(ChunkDelivery { pending: AtomicUsize::new(1), ..Default::default() });
         let mut refused = Vec::new();
-        let mut time_ns = String::new();
-        let mut range = String::new();
+        let mut meta = Vec::new();
         let mut sync_error = None;
         // Kafka's timestamp is when the relay received the record, not its event time (which the
         // record carries in a header): the sink's quarantine compares the two, time-based
@@ -270,21 +269,16 @@ impl Kafka {
         for (index, entry) in records.records.iter().enumerate() {
             let payload = records.get(index);
             let key = self.key_field.as_ref().and_then(|f| key_of(payload, f));
-            time_ns.clear();
-            std::fmt::Write::write_fmt(&mut time_ns, format_args!("{}", entry.time.unix_nanos())).expect("string");
-            let mut headers = OwnedHeaders::new_with_capacity(4)
-                .insert(Header { key: headers::TAG, value: Some(tag) })
-                .insert(Header { key: headers::EVENT_TIME_NS, value: Some(&time_ns) });
-            // Keyed by source, so one file's records stay in one partition, where the sink keeps
+            // One header says everything beside the payload (tron_service::headers). The source
+            // is also the key, so one file's records stay in one partition, where the sink keeps
             // the ranges it wrote and drops a record re-sent after a crash (docs/exactly-once.md).
-            if let Some(origin) = &records.origin {
-                let (start, end) = origin.range(index);
-                range.clear();
-                std::fmt::Write::write_fmt(&mut range, format_args!("{start}-{end}")).expect("string");
-                headers = headers
-                    .insert(Header { key: headers::SOURCE, value: Some(&origin.source) })
-                    .insert(Header { key: headers::RANGE, value: Some(&range) });
-            }
+            let origin = records.origin.as_ref().map(|o| {
+                let (start, end) = o.range(index);
+                Origin { source: &o.source, start, end }
+            });
+            RecordMeta { event_time_ns: entry.time.unix_nanos(), tag, origin }.encode(&mut meta);
+            let headers =
+                OwnedHeaders::new_with_capacity(1).insert(Header { key: headers::RECORD, value: Some(&meta) });
             let mut rec = BaseRecord::with_opaque_to(topic, chunk.clone())
                 .payload(payload)
                 .timestamp(received_ms)

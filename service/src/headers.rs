@@ -1,14 +1,120 @@
-//! Names of the Kafka headers the relay writes and the sink reads: one place, so the two
-//! daemons cannot drift apart.
+//! The Kafka headers the relay writes and the sink reads: one place, so the two daemons cannot
+//! drift apart.
+//!
+//! Every record carries one header, [`RECORD`], whose value says everything the sink needs
+//! beside the payload: `{event_time_ns} {tag_len}:{tag}` and, for records from a client that says
+//! where they came from (tron-agent does), ` {start}-{end} {source}`. Example:
+//! `1733300000123456789 7:app.log 0-215 web-1/8a7c…`. One header instead of four: librdkafka
+//! allocates every header of every consumed message, and four of them were 15 % of the sink's
+//! CPU (bench/RESULTS.md). The tag is length-prefixed and the source is last, so neither needs
+//! escaping. Records written by relays before this header carry the four older headers
+//! ([`TAG`], [`EVENT_TIME_NS`], [`SOURCE`], [`RANGE`]); the sink still reads them.
 
-/// The Forward tag of the chunk the record came in.
+use std::io::Write;
+
+/// The one header of every record: see the module's documentation.
+pub const RECORD: &str = "tron";
+/// Older relays: the Forward tag of the chunk the record came in.
 pub const TAG: &str = "tag";
-/// The record's event time, nanoseconds since the epoch, as decimal text.
+/// Older relays: the record's event time, nanoseconds since the epoch, as decimal text.
 pub const EVENT_TIME_NS: &str = "event_time_ns";
-/// Where the record came from (`{host}/{file identity}`), when the client said (tron-agent does).
+/// Older relays: where the record came from (`{host}/{file identity}`).
 pub const SOURCE: &str = "tron_source";
-/// The record's byte range in its source, `{start}-{end}`, with [`SOURCE`].
+/// Older relays: the record's byte range in its source, `{start}-{end}`, with [`SOURCE`].
 pub const RANGE: &str = "tron_range";
 /// Marks a relay's watermark message: its value is `{"tron_watermarks": {host: [watermark_ms,
 /// reported_ms]}}`, one per partition of a topic, and it is not a record.
 pub const WATERMARKS: &str = "tron_watermarks";
+
+/// Where a record came from: its source (`{host}/{file identity}`) and its byte range there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin<'a> {
+    pub source: &'a str,
+    pub start: u64,
+    pub end: u64,
+}
+
+/// What the [`RECORD`] header says of a record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordMeta<'a> {
+    pub event_time_ns: i64,
+    pub tag: &'a str,
+    pub origin: Option<Origin<'a>>,
+}
+
+impl<'a> RecordMeta<'a> {
+    /// Writes the header's value into `out` (cleared first).
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.clear();
+        write!(out, "{} {}:", self.event_time_ns, self.tag.len()).expect("writing to a Vec");
+        out.extend_from_slice(self.tag.as_bytes());
+        if let Some(o) = &self.origin {
+            write!(out, " {}-{} ", o.start, o.end).expect("writing to a Vec");
+            out.extend_from_slice(o.source.as_bytes());
+        }
+    }
+
+    /// None when `value` is not such a header (the record is then written without an event
+    /// time, tag or origin, never dropped). An origin whose range ends before it starts is
+    /// no origin.
+    pub fn decode(value: &'a [u8]) -> Option<Self> {
+        let value = std::str::from_utf8(value).ok()?;
+        let (time, rest) = value.split_once(' ')?;
+        let (tag_len, rest) = rest.split_once(':')?;
+        let tag_len: usize = tag_len.parse().ok()?;
+        let tag = rest.get(..tag_len)?;
+        let rest = &rest[tag_len..];
+        let origin = match rest.strip_prefix(' ') {
+            None if rest.is_empty() => None,
+            None => return None,
+            Some(rest) => {
+                let (range, source) = rest.split_once(' ')?;
+                let (start, end) = range.split_once('-')?;
+                let (start, end) = (start.parse().ok()?, end.parse().ok()?);
+                (start <= end).then_some(Origin { source, start, end })
+            }
+        };
+        Some(RecordMeta { event_time_ns: time.parse().ok()?, tag, origin })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(meta: RecordMeta<'_>) -> String {
+        let mut out = Vec::new();
+        meta.encode(&mut out);
+        assert_eq!(RecordMeta::decode(&out), Some(meta));
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn a_record_header_says_time_tag_and_origin_in_one_value() {
+        let origin = Origin { source: "web-1/8a7c", start: 0, end: 215 };
+        let meta = RecordMeta { event_time_ns: 1_733_300_000_123_456_789, tag: "app.log", origin: Some(origin) };
+        assert_eq!(round_trip(meta), "1733300000123456789 7:app.log 0-215 web-1/8a7c");
+        let meta = RecordMeta { event_time_ns: -5, tag: "docker.web", origin: None };
+        assert_eq!(round_trip(meta), "-5 10:docker.web");
+    }
+
+    #[test]
+    fn tags_and_sources_with_separators_in_them_round_trip() {
+        let origin = Origin { source: "host a/x 1-2 y", start: 7, end: 7 };
+        round_trip(RecordMeta { event_time_ns: 1, tag: "a 3:b c-d", origin: Some(origin) });
+        round_trip(RecordMeta { event_time_ns: 1, tag: "", origin: None });
+        round_trip(RecordMeta {
+            event_time_ns: 1, tag: "é ü", origin: Some(Origin { source: "", start: 0, end: 1 })
+        });
+    }
+
+    #[test]
+    fn malformed_values_are_no_header() {
+        for bad in ["", "12", "12 x:a", "12 9:short", "x 1:a", "12 1:ab", "12 1:a 5", "12 1:a 5-x s", "12 1:a\u{0}"] {
+            assert_eq!(RecordMeta::decode(bad.as_bytes()), None, "{bad:?}");
+        }
+        let backwards = RecordMeta::decode(b"12 1:a 9-3 src").unwrap();
+        assert_eq!(backwards.origin, None, "a range that ends before it starts is no origin");
+        assert_eq!(RecordMeta::decode(&[b'1', b' ', b'1', b':', 0xff]), None, "not UTF-8");
+    }
+}

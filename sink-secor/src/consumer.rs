@@ -8,7 +8,7 @@
 //! or a `Partition` of an older epoch is never mixed with a newer one.
 
 use crate::config::{KafkaConfig, SinkConfig};
-use crate::dedupe::Position;
+use crate::dedupe::position_from_old_headers;
 use crate::finalize::Finalizer;
 use crate::partition::{Incoming, Output, Partition, StagingError};
 use crate::store::{Fenced, Store};
@@ -23,8 +23,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tron_service::backoff::Backoff;
+use tron_service::headers::{self, RecordMeta};
 use tron_service::systemd::Heartbeat;
-use tron_service::{headers, Health, Shutdown};
+use tron_service::{Health, Shutdown};
 
 /// A topic partition.
 pub type Tp = (String, i32);
@@ -892,34 +893,42 @@ async fn poll_while<T>(
 }
 
 fn incoming<M: Message>(m: &M) -> Incoming<'_> {
-    let mut tag = "";
-    let mut event_time_ns = None;
+    let mut incoming = Incoming {
+        offset: m.offset(),
+        event_time_ns: None,
+        kafka_time_ms: m.timestamp().to_millis().filter(|ms| *ms >= 0),
+        tag: "",
+        raw: m.payload().unwrap_or_default(),
+        position: None,
+        is_watermark: false,
+    };
+    let Some(headers) = m.headers() else { return incoming };
+    // Records of older relays carry four headers instead of the one (tron_service::headers).
     let (mut source, mut range) = (None, None);
-    let mut is_watermark = false;
-    if let Some(headers) = m.headers() {
-        for i in 0..headers.count() {
-            let h = headers.get(i);
-            match (h.key, h.value) {
-                (headers::TAG, Some(v)) => tag = std::str::from_utf8(v).unwrap_or(""),
-                (headers::EVENT_TIME_NS, Some(v)) => {
-                    event_time_ns = std::str::from_utf8(v).ok().and_then(|s| s.parse().ok());
+    for i in 0..headers.count() {
+        let h = headers.get(i);
+        match (h.key, h.value) {
+            (headers::RECORD, Some(v)) => {
+                if let Some(meta) = RecordMeta::decode(v) {
+                    incoming.event_time_ns = Some(meta.event_time_ns);
+                    incoming.tag = meta.tag;
+                    incoming.position = meta.origin;
                 }
-                (headers::SOURCE, v) => source = v,
-                (headers::RANGE, v) => range = v,
-                (headers::WATERMARKS, _) => is_watermark = true,
-                _ => {}
             }
+            (headers::WATERMARKS, _) => incoming.is_watermark = true,
+            (headers::TAG, Some(v)) => incoming.tag = std::str::from_utf8(v).unwrap_or(""),
+            (headers::EVENT_TIME_NS, Some(v)) => {
+                incoming.event_time_ns = std::str::from_utf8(v).ok().and_then(|s| s.parse().ok());
+            }
+            (headers::SOURCE, v) => source = v,
+            (headers::RANGE, v) => range = v,
+            _ => {}
         }
     }
-    Incoming {
-        offset: m.offset(),
-        event_time_ns,
-        kafka_time_ms: m.timestamp().to_millis().filter(|ms| *ms >= 0),
-        tag,
-        raw: m.payload().unwrap_or_default(),
-        position: Position::from_headers(source, range),
-        is_watermark,
+    if source.is_some() {
+        incoming.position = position_from_old_headers(source, range);
     }
+    incoming
 }
 
 /// Names this process in the state objects it claims: host and pid.
@@ -984,5 +993,49 @@ async fn finalize(l: &mut Loop<'_>, finalizer: &mut Finalizer) {
         if let Err(e) = result {
             l.store_health.failed(&l.health, started, &format!("finalizer pass for {topic}"), &e);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::Timestamp;
+    use tron_service::headers::Origin;
+
+    fn message(headers: OwnedHeaders) -> OwnedMessage {
+        let payload = br#"{"m":1}"#.to_vec();
+        OwnedMessage::new(Some(payload), None, "t".into(), Timestamp::CreateTime(1_000), 0, 7, Some(headers))
+    }
+
+    #[test]
+    fn a_record_reads_the_same_from_the_one_header_and_from_an_older_relays_four() {
+        let mut value = Vec::new();
+        let origin = Some(Origin { source: "web-1/8a7c", start: 10, end: 225 });
+        RecordMeta { event_time_ns: 1_733_300_000_123_456_789, tag: "app.log", origin }.encode(&mut value);
+        let new = message(OwnedHeaders::new().insert(Header { key: headers::RECORD, value: Some(&value) }));
+        let old = message(
+            OwnedHeaders::new()
+                .insert(Header { key: headers::TAG, value: Some("app.log") })
+                .insert(Header { key: headers::EVENT_TIME_NS, value: Some("1733300000123456789") })
+                .insert(Header { key: headers::SOURCE, value: Some("web-1/8a7c") })
+                .insert(Header { key: headers::RANGE, value: Some("10-225") }),
+        );
+        for m in [&new, &old] {
+            let i = incoming(m);
+            assert_eq!(i.event_time_ns, Some(1_733_300_000_123_456_789));
+            assert_eq!(i.tag, "app.log");
+            assert_eq!(i.position, origin);
+            assert_eq!((i.offset, i.kafka_time_ms, i.raw, i.is_watermark), (7, Some(1_000), &br#"{"m":1}"#[..], false));
+        }
+    }
+
+    #[test]
+    fn a_malformed_record_header_leaves_the_record_without_time_tag_or_origin() {
+        let m = message(OwnedHeaders::new().insert(Header { key: headers::RECORD, value: Some("12 9:short") }));
+        let i = incoming(&m);
+        assert_eq!((i.event_time_ns, i.tag, i.position), (None, "", None));
+        let watermark = message(OwnedHeaders::new().insert(Header { key: headers::WATERMARKS, value: Some("1") }));
+        assert!(incoming(&watermark).is_watermark);
     }
 }

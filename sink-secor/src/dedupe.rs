@@ -25,23 +25,16 @@ use std::collections::BTreeMap;
 /// partitions by `kafka.key_field` on the relay) forgets its lowest ranges.
 pub const MAX_RANGES_PER_SOURCE: usize = 64;
 
-/// Where a record came from: its source and byte range there.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Position<'a> {
-    pub source: &'a str,
-    pub start: u64,
-    pub end: u64,
-}
+/// Where a record came from: its source and byte range there (the relay's record header).
+pub type Position<'a> = tron_service::headers::Origin<'a>;
 
-impl<'a> Position<'a> {
-    /// From the `tron_source` and `tron_range` (`{start}-{end}`) headers; None if either is absent
-    /// or malformed (such a record is written, never dropped).
-    pub fn from_headers(source: Option<&'a [u8]>, range: Option<&[u8]>) -> Option<Self> {
-        let source = std::str::from_utf8(source?).ok()?;
-        let (start, end) = std::str::from_utf8(range?).ok()?.split_once('-')?;
-        let (start, end) = (start.parse().ok()?, end.parse().ok()?);
-        (start <= end).then_some(Position { source, start, end })
-    }
+/// From the `tron_source` and `tron_range` (`{start}-{end}`) headers of records written by older
+/// relays; None if either is absent or malformed (such a record is written, never dropped).
+pub fn position_from_old_headers<'a>(source: Option<&'a [u8]>, range: Option<&[u8]>) -> Option<Position<'a>> {
+    let source = std::str::from_utf8(source?).ok()?;
+    let (start, end) = std::str::from_utf8(range?).ok()?.split_once('-')?;
+    let (start, end) = (start.parse().ok()?, end.parse().ok()?);
+    (start <= end).then_some(Position { source, start, end })
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -170,12 +163,12 @@ mod tests {
     }
 
     #[test]
-    fn headers_parse_strictly() {
-        assert_eq!(Position::from_headers(Some(b"h/1"), Some(b"5-9")), Some(at("h/1", 5, 9)));
+    fn old_headers_parse_strictly() {
+        assert_eq!(position_from_old_headers(Some(b"h/1"), Some(b"5-9")), Some(at("h/1", 5, 9)));
         for range in [&b"9-5"[..], b"5", b"a-9", b"-1-2"] {
-            assert_eq!(Position::from_headers(Some(b"h/1"), Some(range)), None, "{range:?}");
+            assert_eq!(position_from_old_headers(Some(b"h/1"), Some(range)), None, "{range:?}");
         }
-        assert_eq!(Position::from_headers(None, Some(b"5-9")), None);
+        assert_eq!(position_from_old_headers(None, Some(b"5-9")), None);
     }
 
     /// The figure docs/exactly-once.md quotes: state per partition with 1,000 sources.

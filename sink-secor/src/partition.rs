@@ -113,7 +113,7 @@ pub enum Bucket {
 /// A message as the partition needs it.
 pub struct Incoming<'a> {
     pub offset: i64,
-    /// From the `event_time_ns` header, when the producer set one.
+    /// From the record header (`tron_service::headers`), when the producer set one.
     pub event_time_ns: Option<i64>,
     /// The Kafka record timestamp (ms), when there is one.
     pub kafka_time_ms: Option<i64>,
