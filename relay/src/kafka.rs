@@ -270,7 +270,7 @@ impl Kafka {
             let payload = records.get(index);
             let key = self.key_field.as_ref().and_then(|f| key_of(payload, f));
             // One header says everything beside the payload (tron_service::headers). The source
-            // is also the key, so one file's records stay in one partition, where the sink keeps
+            // is also the key (unless `kafka.key_field`), so one file's records stay in one partition, where the sink keeps
             // the ranges it wrote and drops a record re-sent after a crash (docs/exactly-once.md).
             let origin = records.origin.as_ref().map(|o| {
                 let (start, end) = o.range(index);

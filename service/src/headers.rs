@@ -34,6 +34,26 @@ pub struct Origin<'a> {
     pub end: u64,
 }
 
+impl<'a> Origin<'a> {
+    /// None when the range ends before it starts.
+    fn new(source: &'a str, (start, end): (u64, u64)) -> Option<Self> {
+        (start <= end).then_some(Origin { source, start, end })
+    }
+
+    /// From the [`SOURCE`] and [`RANGE`] headers of records written by older relays; None if
+    /// either is absent or malformed (such a record is written, never dropped).
+    pub fn from_old_headers(source: Option<&'a [u8]>, range: Option<&[u8]>) -> Option<Self> {
+        let source = std::str::from_utf8(source?).ok()?;
+        Origin::new(source, parse_range(std::str::from_utf8(range?).ok()?)?)
+    }
+}
+
+/// `{start}-{end}`, as both header formats write a record's range.
+fn parse_range(range: &str) -> Option<(u64, u64)> {
+    let (start, end) = range.split_once('-')?;
+    Some((start.parse().ok()?, end.parse().ok()?))
+}
+
 /// What the [`RECORD`] header says of a record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RecordMeta<'a> {
@@ -69,9 +89,7 @@ impl<'a> RecordMeta<'a> {
             None => return None,
             Some(rest) => {
                 let (range, source) = rest.split_once(' ')?;
-                let (start, end) = range.split_once('-')?;
-                let (start, end) = (start.parse().ok()?, end.parse().ok()?);
-                (start <= end).then_some(Origin { source, start, end })
+                Origin::new(source, parse_range(range)?)
             }
         };
         Some(RecordMeta { event_time_ns: time.parse().ok()?, tag, origin })

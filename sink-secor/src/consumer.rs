@@ -8,7 +8,6 @@
 //! or a `Partition` of an older epoch is never mixed with a newer one.
 
 use crate::config::{KafkaConfig, SinkConfig};
-use crate::dedupe::position_from_old_headers;
 use crate::finalize::Finalizer;
 use crate::partition::{Incoming, Output, Partition, StagingError};
 use crate::store::{Fenced, Store};
@@ -23,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tron_service::backoff::Backoff;
-use tron_service::headers::{self, RecordMeta};
+use tron_service::headers::{self, Origin, RecordMeta};
 use tron_service::systemd::Heartbeat;
 use tron_service::{Health, Shutdown};
 
@@ -929,7 +928,7 @@ fn incoming<M: Message>(m: &M) -> Incoming<'_> {
         }
     }
     if source.is_some() {
-        incoming.position = position_from_old_headers(source, range);
+        incoming.position = Origin::from_old_headers(source, range);
     }
     incoming
 }
@@ -1004,7 +1003,6 @@ mod tests {
     use super::*;
     use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::Timestamp;
-    use tron_service::headers::Origin;
 
     fn message(headers: OwnedHeaders) -> OwnedMessage {
         let payload = br#"{"m":1}"#.to_vec();

@@ -28,15 +28,6 @@ pub const MAX_RANGES_PER_SOURCE: usize = 64;
 /// Where a record came from: its source and byte range there (the relay's record header).
 pub type Position<'a> = tron_service::headers::Origin<'a>;
 
-/// From the `tron_source` and `tron_range` (`{start}-{end}`) headers of records written by older
-/// relays; None if either is absent or malformed (such a record is written, never dropped).
-pub fn position_from_old_headers<'a>(source: Option<&'a [u8]>, range: Option<&[u8]>) -> Option<Position<'a>> {
-    let source = std::str::from_utf8(source?).ok()?;
-    let (start, end) = std::str::from_utf8(range?).ok()?.split_once('-')?;
-    let (start, end) = (start.parse().ok()?, end.parse().ok()?);
-    (start <= end).then_some(Position { source, start, end })
-}
-
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Written {
     /// Source → what of it is written.
@@ -164,11 +155,11 @@ mod tests {
 
     #[test]
     fn old_headers_parse_strictly() {
-        assert_eq!(position_from_old_headers(Some(b"h/1"), Some(b"5-9")), Some(at("h/1", 5, 9)));
+        assert_eq!(Position::from_old_headers(Some(b"h/1"), Some(b"5-9")), Some(at("h/1", 5, 9)));
         for range in [&b"9-5"[..], b"5", b"a-9", b"-1-2"] {
-            assert_eq!(position_from_old_headers(Some(b"h/1"), Some(range)), None, "{range:?}");
+            assert_eq!(Position::from_old_headers(Some(b"h/1"), Some(range)), None, "{range:?}");
         }
-        assert_eq!(position_from_old_headers(None, Some(b"5-9")), None);
+        assert_eq!(Position::from_old_headers(None, Some(b"5-9")), None);
     }
 
     /// The figure docs/exactly-once.md quotes: state per partition with 1,000 sources.
