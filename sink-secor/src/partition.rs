@@ -367,7 +367,7 @@ impl Partition {
                 out.format.ext()
             );
             let path = out.staging.join(name);
-            let sink = RowSink::create(&path, out.format, out.gzip_level)
+            let sink = RowSink::create(&path, out.format, out.gzip_level, out.columns)
                 .map_err(|e| StagingError(format!("{}: cannot create staging file: {e}", path.display())))?;
             let file = StagedFile {
                 path,
@@ -389,7 +389,7 @@ impl Partition {
             raw: msg.raw,
         };
         let size = sink
-            .write(out.columns, &src)
+            .write(&src)
             .map_err(|e| StagingError(format!("{}: cannot write staging file: {e}", staged.path.display())))?;
         staged.last_offset = msg.offset;
         staged.rows += 1;
