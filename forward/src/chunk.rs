@@ -7,8 +7,9 @@ use std::io::Write;
 /// Packs entries into one CompressedPackedForward frame:
 /// `[tag, bin(gzip(entries…)), {"size": n, "chunk": id, "compressed": "gzip"}]`, or, built with
 /// [`ChunkBuilder::uncompressed`], one PackedForward frame without the `compressed` option.
-/// Entries are compressed as they are added, so a chunk costs its compressed size in memory (and
-/// a deflate state, taken from and given back to the pool in [`crate::gzip`]).
+/// Entries are compressed as they are added, 16 KiB at a time, so a chunk costs its compressed
+/// size in memory, plus up to 16 KiB gathered and a deflate state (taken from and given back to
+/// the pool in [`crate::gzip`]).
 /// Entries added with [`ChunkBuilder::push_at`] and a chunk closed with
 /// [`ChunkBuilder::finish_from`] also carry their source positions ([`crate::origin`]).
 pub struct ChunkBuilder {
@@ -64,7 +65,7 @@ impl ChunkBuilder {
 
     fn push_encoded(&mut self, time: EventTime, write_record: impl FnOnce(&mut Vec<u8>)) {
         // Uncompressed entries go straight into the body; compressed ones through one scratch
-        // buffer, so the encoder sees one write per entry.
+        // buffer, so the encoder sees one write per entry (and gathers them, `gzip::GATHER`).
         let out = match &mut self.body {
             Body::Plain(body) => body,
             Body::Gzip(_) => {
