@@ -18,8 +18,8 @@ const HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
 
 /// Bytes written are gathered up to this much before the deflate state sees them. Each write
 /// to the encoder is one deflate call and one CRC update, and callers write one record (about
-/// 200 bytes) at a time: per record, the calls' own overhead cost more than a tenth of the
-/// compression.
+/// 200 bytes) at a time: per record, the calls' own overhead was about 5 % of the compression
+/// (and a tenth of the sink's CPU, where rows were written the same way).
 pub const GATHER: usize = 16 * 1024;
 
 /// One gzip member written into a `Vec<u8>`; [`GzipVec::finish`] returns it.
@@ -55,9 +55,7 @@ impl GzipVec {
         }
         out
     }
-}
 
-impl GzipVec {
     fn compress_gathered(&mut self) {
         if !self.gathered.is_empty() {
             // Taken and put back: the buffer is reused for the whole member.
