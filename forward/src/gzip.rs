@@ -56,19 +56,17 @@ impl GzipVec {
         out
     }
 
+    /// Compresses what was gathered; the buffer stays allocated for the rest of the member.
     fn compress_gathered(&mut self) {
-        if !self.gathered.is_empty() {
-            // Taken and put back: the buffer is reused for the whole member.
-            let mut gathered = std::mem::take(&mut self.gathered);
-            self.compress(&gathered);
-            gathered.clear();
-            self.gathered = gathered;
-        }
+        compress(&mut self.deflate, &mut self.crc, &self.gathered);
+        self.gathered.clear();
     }
+}
 
-    fn compress(&mut self, buf: &[u8]) {
-        self.deflate.write_all(buf).expect("writing to a Vec cannot fail");
-        self.crc.update(buf);
+fn compress(deflate: &mut DeflateEncoder<Vec<u8>>, crc: &mut Crc, buf: &[u8]) {
+    if !buf.is_empty() {
+        deflate.write_all(buf).expect("writing to a Vec cannot fail");
+        crc.update(buf);
     }
 }
 
@@ -78,7 +76,7 @@ impl Write for GzipVec {
             self.compress_gathered();
         }
         if buf.len() >= GATHER {
-            self.compress(buf);
+            compress(&mut self.deflate, &mut self.crc, buf);
         } else {
             if self.gathered.capacity() == 0 {
                 self.gathered.reserve_exact(GATHER);

@@ -256,9 +256,10 @@ impl<'de> Visitor<'de> for WantedValues<'_> {
         f.write_str("a JSON object")
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut values = vec![None; self.0 .0.len()];
+        let WantedValues(wanted) = self;
+        let mut values = vec![None; wanted.0.len()];
         while let Some(key) = map.next_key::<tron_service::json_key::JsonKey<'de>>()? {
-            match self.0.index(&key.0) {
+            match wanted.index(&key.0) {
                 Some(i) => values[i] = Some(map.next_value::<&'de RawValue>()?),
                 None => {
                     map.next_value::<IgnoredAny>()?;
