@@ -89,8 +89,10 @@ pub async fn run(
                 }
                 None => connection::serve(tcp, peer, ctx, &slot, shutdown, ReportHosts::Any).await,
             }
-            metrics::gauge!("tron_relay_connections").decrement(1.0);
+            // The slot is free before the gauge says so, so a reader of the gauge never sees a slot
+            // still held by a connection it counts as gone.
             drop(slot);
+            metrics::gauge!("tron_relay_connections").decrement(1.0);
         });
     }
     tracker.close();

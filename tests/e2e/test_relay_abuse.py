@@ -74,6 +74,18 @@ def closed_by_peer(sock, timeout=10):
         return True
 
 
+def wait_for_open_connections(relay, at_most, timeout=10):
+    """Waits until the relay counts at most `at_most` open connections (it frees a slot before it
+    stops counting the connection), so the next connection finds the slots the test expects."""
+    deadline = time.time() + timeout
+    while True:
+        open_now = relay.metric("tron_relay_connections") or 0.0
+        if open_now <= at_most:
+            return
+        assert time.time() < deadline, "relay still counts %s open connections" % open_now
+        time.sleep(0.05)
+
+
 def counter(relay, name, reason):
     for line in relay.metrics().splitlines():
         if line.startswith(name) and 'reason="%s"' % reason in line:
@@ -203,7 +215,7 @@ def test_handshake_idle_and_connection_limits_refuse_while_a_good_client_deliver
     assert time.time() - began < 8
 
     # When every slot is held by an authenticated client, a newcomer is refused.
-    time.sleep(0.5)
+    wait_for_open_connections(relay, 1)
     talking = [tls_client(certs, host, port) for _ in range(3)]
     for s in talking:
         assert forward_handshake(s, "s3cret")[1] is True
@@ -211,6 +223,8 @@ def test_handshake_idle_and_connection_limits_refuse_while_a_good_client_deliver
     assert closed_by_peer(refused, timeout=5)
     for s in talking:
         s.close()
+    # The relay frees their slots when it reads their close; until then a newcomer is refused.
+    wait_for_open_connections(relay, 1)
 
     # A TCP client that never starts TLS is dropped by the same time-out.
     began = time.time()
