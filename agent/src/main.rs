@@ -12,6 +12,7 @@ mod multiline;
 mod parse;
 mod reader;
 mod relay;
+mod rfc3339;
 mod s3;
 mod shared_reads;
 mod ship;

@@ -1,6 +1,7 @@
 //! A line becomes a record: raw text or a JSON object, an event time, and the added fields.
 
 use crate::config::{FieldsConfig, Parser, SourceConfig};
+use forward::msgpack::WatchedValue;
 use forward::EventTime;
 use serde_json::{Map, Value};
 
@@ -40,26 +41,35 @@ impl TimeFormat {
     }
 
     /// Nanoseconds since the epoch, or None when the value does not fit the format.
-    pub fn to_nanos(&self, v: &Value) -> Option<i64> {
-        match (self, v) {
-            (TimeFormat::Rfc3339, Value::String(s)) => {
-                chrono::DateTime::parse_from_rfc3339(s).ok()?.timestamp_nanos_opt()
-            }
-            (TimeFormat::Epoch(scale), Value::Number(n)) => {
-                let factor = 10i64.pow(9 - scale);
-                match n.as_i64() {
-                    Some(i) => i.checked_mul(factor),
-                    None => n.as_f64().map(|f| (f * factor as f64) as i64),
-                }
-            }
-            (TimeFormat::Epoch(_), Value::String(s)) => self.to_nanos(&serde_json::from_str(s).ok()?),
-            (TimeFormat::Strftime(p), Value::String(s)) => {
+    pub fn to_nanos(&self, v: &WatchedValue) -> Option<i64> {
+        match v {
+            WatchedValue::Str(s) => self.nanos_of_text(s),
+            WatchedValue::Other(Value::Number(n)) => self.nanos_of_number(n),
+            WatchedValue::Other(_) => None,
+        }
+    }
+
+    fn nanos_of_text(&self, s: &str) -> Option<i64> {
+        match self {
+            TimeFormat::Rfc3339 => crate::rfc3339::to_nanos(s),
+            TimeFormat::Epoch(_) => self.nanos_of_number(&serde_json::from_str(s).ok()?),
+            TimeFormat::Strftime(p) => {
                 if let Ok(t) = chrono::DateTime::parse_from_str(s, p) {
                     return t.timestamp_nanos_opt();
                 }
                 chrono::NaiveDateTime::parse_from_str(s, p).ok()?.and_utc().timestamp_nanos_opt()
             }
-            _ => None,
+        }
+    }
+
+    fn nanos_of_number(&self, n: &serde_json::Number) -> Option<i64> {
+        let TimeFormat::Epoch(scale) = self else {
+            return None;
+        };
+        let factor = 10i64.pow(9 - scale);
+        match n.as_i64() {
+            Some(i) => i.checked_mul(factor),
+            None => n.as_f64().map(|f| (f * factor as f64) as i64),
         }
     }
 }
@@ -153,13 +163,13 @@ pub struct Record {
     pub time: EventTime,
     pub fields: Fields,
     /// [`record_id`] of the line, when ids are added.
-    pub id: Option<String>,
+    pub id: Option<RecordId>,
 }
 
 impl Record {
     /// The record as one MessagePack map: a Forward entry's record.
     pub fn write_msgpack(&self, added: &Added, out: &mut Vec<u8>) {
-        let id = self.id.as_deref().unwrap_or_default();
+        let id = self.id.as_ref().map(RecordId::as_str).unwrap_or_default();
         let extra = added.pairs(id).count() as u32;
         match &self.fields {
             Fields::Map(map) => return forward::msgpack::write_json_map(out, map),
@@ -187,7 +197,7 @@ impl Record {
         out.extend_from_slice(b"{\"_time\":\"");
         write_rfc3339_nanos(out, self.time.unix_nanos());
         out.push(b'"');
-        let id = self.id.as_deref().unwrap_or_default();
+        let id = self.id.as_ref().map(RecordId::as_str).unwrap_or_default();
         match &self.fields {
             Fields::Map(map) => {
                 let text = serde_json::to_vec(map).expect("JSON maps serialize");
@@ -333,7 +343,7 @@ pub fn parse_line(
     let id = added.id.map(|_| record_id(origin.host, origin.file_id, offset));
     let fields = match fields {
         Fields::Map(mut map) => {
-            for (k, v) in added.pairs(id.as_deref().unwrap_or_default()) {
+            for (k, v) in added.pairs(id.as_ref().map(RecordId::as_str).unwrap_or_default()) {
                 map.insert(k.to_string(), Value::String(v.to_string()));
             }
             Fields::Map(map)
@@ -354,31 +364,31 @@ fn with_added_values(line: &[u8]) -> Fields {
 
 /// One pass over a JSON line: is it one object, what is its time field (the last one, if named
 /// twice), does it name a field the agent adds. Values are skipped, not built.
-struct Scan {
-    time: Option<Value>,
+struct Scan<'t> {
+    time: Option<WatchedValue<'t>>,
     names_added: bool,
     pairs: u32,
 }
 
-fn scan_object(line: &str, time_field: Option<&str>, added: &Added) -> Result<Scan, serde_json::Error> {
+fn scan_object<'t>(line: &'t str, time_field: Option<&str>, added: &Added) -> Result<Scan<'t>, serde_json::Error> {
     use serde::de::{Deserializer as _, IgnoredAny, MapAccess, Visitor};
     struct ScanVisitor<'s> {
         time_field: Option<&'s str>,
         added: &'s Added<'s>,
     }
     impl<'de> Visitor<'de> for ScanVisitor<'_> {
-        type Value = Scan;
+        type Value = Scan<'de>;
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
             f.write_str("a JSON object")
         }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Scan, A::Error> {
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Scan<'de>, A::Error> {
             let mut scan = Scan { time: None, names_added: false, pairs: 0 };
             while let Some(key) = map.next_key::<tron_service::json_key::JsonKey<'de>>()? {
                 scan.pairs += 1;
                 let key = &*key.0;
                 scan.names_added |= self.added.names().any(|n| n == key);
                 if Some(key) == self.time_field {
-                    scan.time = Some(map.next_value::<Value>()?);
+                    scan.time = Some(map.next_value::<WatchedValue>()?);
                 } else {
                     map.next_value::<IgnoredAny>()?;
                 }
@@ -392,17 +402,45 @@ fn scan_object(line: &str, time_field: Option<&str>, added: &Added) -> Result<Sc
     Ok(scan)
 }
 
+/// A line's id: 32 lowercase hex digits, kept inline so that a record carries it without an
+/// allocation of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordId([u8; 32]);
+
+impl RecordId {
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("hex digits are ASCII")
+    }
+}
+
+impl std::fmt::Display for RecordId {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Deterministic 128-bit id of (host, file identity, byte offset): the same line re-sent after a
 /// crash carries the same id, so downstream can recognise it.
-pub fn record_id(host: &str, file_id: u64, offset: u64) -> String {
-    let mut key = Vec::with_capacity(host.len() + 17);
-    key.extend_from_slice(host.as_bytes());
-    key.push(0);
-    key.extend_from_slice(&file_id.to_be_bytes());
-    key.extend_from_slice(&offset.to_be_bytes());
+pub fn record_id(host: &str, file_id: u64, offset: u64) -> RecordId {
+    // The key is the host, a zero byte, then file identity and offset big-endian. Built on the
+    // stack for every host name DNS allows: this runs once per line.
+    const ON_STACK: usize = 256;
+    let len = host.len() + 17;
+    let (mut stack, mut heap) = ([0u8; ON_STACK], Vec::new());
+    let key: &mut [u8] = if len <= ON_STACK {
+        &mut stack[..len]
+    } else {
+        heap.resize(len, 0);
+        &mut heap
+    };
+    let (name, rest) = key.split_at_mut(host.len());
+    name.copy_from_slice(host.as_bytes());
+    rest[0] = 0;
+    rest[1..9].copy_from_slice(&file_id.to_be_bytes());
+    rest[9..].copy_from_slice(&offset.to_be_bytes());
     let mut text = [0u8; 32];
-    hex::encode_to_slice(xxhash_rust::xxh3::xxh3_128(&key).to_be_bytes(), &mut text).expect("32 hex digits fit");
-    String::from_utf8(text.to_vec()).expect("hex digits are ASCII")
+    hex::encode_to_slice(xxhash_rust::xxh3::xxh3_128(key).to_be_bytes(), &mut text).expect("32 hex digits fit");
+    RecordId(text)
 }
 
 /// Lines are text; bytes that are not UTF-8 are kept as `\xNN` escapes (and counted) rather
@@ -492,7 +530,7 @@ mod tests {
         assert_eq!(r.time, EventTime::new(1795316645, 123456789));
         assert!(matches!(r.fields, Fields::Json(_, 2)));
         let expected = serde_json::json!({"time": "2026-11-22T03:04:05.123456789Z", "msg": "x", "host": "h1",
-            "file": "/var/log/a.log", "_id": record_id("h1", 42, 100)});
+            "file": "/var/log/a.log", "_id": record_id("h1", 42, 100).as_str()});
         assert_eq!(forwarded, expected);
         let mut with_time = expected.clone();
         with_time["_time"] = "2026-11-22T03:04:05.123456789Z".into();
@@ -550,10 +588,17 @@ mod tests {
     #[test]
     fn epoch_and_strftime_formats() {
         let ms = TimeFormat::parse("unix_ms").unwrap();
-        assert_eq!(ms.to_nanos(&serde_json::json!(1500)), Some(1_500_000_000));
-        assert_eq!(TimeFormat::parse("unix").unwrap().to_nanos(&serde_json::json!(1.25)), Some(1_250_000_000));
+        let number = |n: Value| WatchedValue::Other(n);
+        assert_eq!(ms.to_nanos(&number(1500.into())), Some(1_500_000_000));
+        assert_eq!(ms.to_nanos(&WatchedValue::Str("1500".into())), Some(1_500_000_000));
+        assert_eq!(TimeFormat::parse("unix").unwrap().to_nanos(&number(1.25.into())), Some(1_250_000_000));
         let f = TimeFormat::parse("%d/%b/%Y:%H:%M:%S %z").unwrap();
-        assert_eq!(f.to_nanos(&serde_json::json!("10/Oct/2000:13:55:36 -0700")), Some(971211336 * 1_000_000_000));
+        assert_eq!(
+            f.to_nanos(&WatchedValue::Str("10/Oct/2000:13:55:36 -0700".into())),
+            Some(971211336 * 1_000_000_000)
+        );
+        assert_eq!(f.to_nanos(&number(1500.into())), None);
+        assert_eq!(ms.to_nanos(&number(Value::Bool(true))), None);
         assert!(TimeFormat::parse("weird").is_err());
     }
 
@@ -612,6 +657,14 @@ mod tests {
         assert_eq!(record_id("h", 1, 2), record_id("h", 1, 2));
         assert_ne!(record_id("h", 1, 2), record_id("h", 1, 3));
         assert_ne!(record_id("h", 1, 2), record_id("g", 1, 2));
-        assert_eq!(record_id("h", 1, 2).len(), 32);
+        assert_eq!(record_id("h", 1, 2).as_str().len(), 32);
+    }
+
+    #[test]
+    fn ids_are_the_ones_every_earlier_release_gave_the_same_line() {
+        // The sink drops a re-sent line by its id: an agent upgraded mid-file must give the lines
+        // it sends again the ids they had. A host name longer than the key kept on the stack too.
+        assert_eq!(record_id("h1", 42, 100).as_str(), "97d26857ac85c721cccb9a923b026f80");
+        assert_eq!(record_id(&"x".repeat(300), u64::MAX, 7).as_str(), "cd6baf78c1fc412ea2b76da8b2ca704e");
     }
 }

@@ -335,10 +335,13 @@ impl<D: Destination> Shipper<D> {
             let (end, len) = (*end, *len);
             consumed += covered;
             let hour = record.as_ref().map_or(0, |r| r.time.unix_nanos().div_euclid(HOUR_NS));
-            if record.is_some() && self.cursors[&id].needs_new_batch(hour, split_hours) {
+            // One look-up of the cursor per line (two were 1.4 % of the agent's profile), again
+            // only after sealing.
+            let mut cursor = self.cursors.get_mut(&id).expect("cursor exists");
+            if record.is_some() && cursor.needs_new_batch(hour, split_hours) {
                 self.seal(id);
+                cursor = self.cursors.get_mut(&id).expect("cursor exists");
             }
-            let cursor = self.cursors.get_mut(&id).expect("cursor exists");
             if let Some(record) = record {
                 cursor.last_time_ns = Some(record.time.unix_nanos());
             }
