@@ -101,7 +101,10 @@ impl RowSink {
             Out::Delimited(w) => {
                 // The record's top level is parsed only when a column reads a field, and then
                 // only the keys the columns read, as slices of its text: no tree of values per row.
-                let fields = TopLevel::parse(src.raw, wanted);
+                // One UTF-8 check of the record serves the `@record` cell and the field scan,
+                // which then checks none of its strings again.
+                let text = std::str::from_utf8(src.raw).ok();
+                let fields = TopLevel::parse(src.raw, text, wanted);
                 let mut size = 0;
                 for column in columns.iter() {
                     if let ColumnSource::Time = column.source {
@@ -110,7 +113,7 @@ impl RowSink {
                         w.write_field(text.as_bytes()).map_err(std::io::Error::other)?;
                         continue;
                     }
-                    let cell = cell(&column.source, src, wanted, &fields);
+                    let cell = cell(&column.source, src, text, wanted, &fields);
                     size += cell.len() + 1;
                     w.write_field(cell.as_bytes()).map_err(std::io::Error::other)?;
                 }
@@ -136,7 +139,14 @@ pub fn rfc3339_micros(time_ns: i64) -> String {
     chrono::DateTime::from_timestamp_nanos(time_ns).to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
 
-fn cell<'a>(source: &ColumnSource, src: &RowSource<'a>, wanted: &WantedKeys, fields: &TopLevel<'a>) -> Cow<'a, str> {
+/// `text`: the record, when it is UTF-8.
+fn cell<'a>(
+    source: &ColumnSource,
+    src: &RowSource<'a>,
+    text: Option<&'a str>,
+    wanted: &WantedKeys,
+    fields: &TopLevel<'a>,
+) -> Cow<'a, str> {
     match source {
         ColumnSource::Time => rfc3339_micros(src.time_ns).into(),
         ColumnSource::Tag => src.tag.into(),
@@ -145,9 +155,9 @@ fn cell<'a>(source: &ColumnSource, src: &RowSource<'a>, wanted: &WantedKeys, fie
         ColumnSource::Offset => src.offset.to_string().into(),
         // Valid UTF-8 (every record the relay writes) takes the fast check; the lossy one
         // walks the text in chunks and was 2-3 % of the sink's CPU.
-        ColumnSource::Record => match std::str::from_utf8(src.raw) {
-            Ok(text) => text.into(),
-            Err(_) => String::from_utf8_lossy(src.raw),
+        ColumnSource::Record => match text {
+            Some(text) => text.into(),
+            None => String::from_utf8_lossy(src.raw),
         },
         ColumnSource::Field(path) => fields.cell(wanted, path),
     }
@@ -185,13 +195,27 @@ impl WantedKeys {
 struct TopLevel<'a>(Vec<Option<&'a RawValue>>);
 
 impl<'a> TopLevel<'a> {
-    fn parse(raw: &'a [u8], wanted: &WantedKeys) -> Self {
+    /// `text`: `raw`, when it is UTF-8.
+    fn parse(raw: &'a [u8], text: Option<&'a str>, wanted: &WantedKeys) -> Self {
         if wanted.0.is_empty() {
             return TopLevel::default();
         }
-        let mut de = serde_json::Deserializer::from_slice(raw);
-        let values = WantedValues(wanted).deserialize(&mut de).and_then(|values| de.end().map(|()| values));
+        let values = match text {
+            Some(text) => Self::scan(serde_json::Deserializer::from_str(text), wanted),
+            // Not UTF-8 somewhere: read as bytes, where only the strings kept are checked, so a
+            // bad value no column reads leaves the other cells filled.
+            None => Self::scan(serde_json::Deserializer::from_slice(raw), wanted),
+        };
         values.map(TopLevel).unwrap_or_default()
+    }
+
+    fn scan<R: serde_json::de::Read<'a>>(
+        mut de: serde_json::Deserializer<R>,
+        wanted: &WantedKeys,
+    ) -> serde_json::Result<Vec<Option<&'a RawValue>>> {
+        let values = WantedValues(wanted).deserialize(&mut de)?;
+        de.end()?;
+        Ok(values)
     }
 
     /// The last value under `key`, as a tree would keep it.
