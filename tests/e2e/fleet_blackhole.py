@@ -73,8 +73,7 @@ def main(work, certs):
         before = after
         sh("tc", "qdisc", "del", "dev", "lo", "root")
         for w in writers:
-            w.halt.set()
-        time.sleep(1)
+            w.stop()
         expected = {s for w in writers for s in range(w.base, w.base + w.count())}
         deadline = time.time() + 120
         missing = len(expected)

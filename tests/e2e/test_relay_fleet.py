@@ -47,6 +47,13 @@ class Writer(threading.Thread):
             self.written.append((time.time(), self.base + n - 1))
             self.halt.wait(0.1)
 
+    def stop(self):
+        """Stops writing and waits for the slice in progress: `count()` is final only after it
+        (read at once after `halt.set()`, it missed a slice being written, whose 20 lines then
+        reached GCS as "unexpected")."""
+        self.halt.set()
+        self.join()
+
     def count(self):
         return self.written[-1][1] - self.base + 1 if self.written else 0
 
@@ -158,9 +165,14 @@ def kafka_seqs(brokers, topic, settle=1.0):
 
 
 def gcs_seqs_exactly_once(services, topic, expected):
+    """(every expected seq once and nothing else, rows, distinct seqs, what differs)."""
     rows = tron.gcs_csv_rows(services, topic, "w/%s/" % topic)
     seqs = [int(r[3]) for r in rows]
-    return len(seqs) == len(expected) and set(seqs) == expected, len(seqs), len(set(seqs))
+    got = set(seqs)
+    missing, unexpected = sorted(expected - got), sorted(got - expected)
+    return len(seqs) == len(expected) and got == expected, len(seqs), len(got), \
+        "%d expected, %d missing %s, %d unexpected %s" % (len(expected), len(missing), missing[:10],
+                                                          len(unexpected), unexpected[:10])
 
 
 def test_agents_spread_over_two_relays_and_again_after_one_restarts(services, certs, workroot, procs):
@@ -186,7 +198,7 @@ def test_agents_spread_over_two_relays_and_again_after_one_restarts(services, ce
         assert all(0.40 <= s <= 0.60 for s in shares), (got, shares)
     finally:
         for w in writers:
-            w.halt.set()
+            w.stop()
     expected = {s for w in writers for s in range(w.base, w.base + w.count())}
     tron.wait_until("every line in GCS exactly once", lambda: gcs_seqs_exactly_once(services, "fleet-spread",
                                                                                       expected)[0],
@@ -220,7 +232,7 @@ def test_a_hung_relay_is_left_and_every_line_lands_once(services, certs, workroo
     finally:
         relays[0].proc.send_signal(signal.SIGCONT)
         for w in writers:
-            w.halt.set()
+            w.stop()
     expected = {s for w in writers for s in range(w.base, w.base + w.count())}
     ok = tron.wait_until("every line in GCS exactly once", lambda: (lambda r: r if r[0] else None)(
         gcs_seqs_exactly_once(services, "fleet-hung", expected)), timeout=240, interval=3,
