@@ -2,6 +2,7 @@
 //! NDJSON line, written straight into a gzip staging file.
 
 use crate::config::{Column, ColumnSource, Format};
+use crate::delimited::DelimitedRows;
 use flate2::write::GzEncoder;
 use serde::de::{DeserializeSeed, IgnoredAny, MapAccess, Visitor};
 use serde_json::value::RawValue;
@@ -33,11 +34,13 @@ pub struct RowSink {
     out: Out,
     columns: Vec<Column>,
     wanted: WantedKeys,
+    /// Some column shows the record or reads a field of it, so rows check its UTF-8.
+    reads_record: bool,
     times: TimeText,
 }
 
 enum Out {
-    Delimited(Box<csv::Writer<Gz>>),
+    Delimited(Box<DelimitedRows<Gz>>),
     Lines(Box<BufWriter<Gz>>),
 }
 
@@ -73,25 +76,19 @@ impl RowSink {
     pub fn create(path: &Path, format: Format, level: u32, columns: &[Column]) -> std::io::Result<Self> {
         let gz =
             GzEncoder::new(BufWriter::with_capacity(256 * 1024, File::create(path)?), flate2::Compression::new(level));
+        let delimiter = if format == Format::Tsv { b'\t' } else { b',' };
         let out = match format {
             Format::Ndjson => Out::Lines(Box::new(BufWriter::with_capacity(ROWS_BUFFER, gz))),
-            Format::Csv | Format::Tsv => Out::Delimited(Box::new(
-                csv::WriterBuilder::new()
-                    .buffer_capacity(ROWS_BUFFER)
-                    .delimiter(if format == Format::Tsv { b'\t' } else { b',' })
-                    .quote_style(csv::QuoteStyle::Necessary)
-                    .terminator(csv::Terminator::Any(b'\n'))
-                    .has_headers(false)
-                    .from_writer(gz),
-            )),
+            Format::Csv | Format::Tsv => Out::Delimited(Box::new(DelimitedRows::new(gz, delimiter, ROWS_BUFFER))),
         };
         let wanted = WantedKeys::of(columns);
-        Ok(RowSink { out, columns: columns.to_vec(), wanted, times: TimeText::default() })
+        let reads_record = columns.iter().any(|c| matches!(c.source, ColumnSource::Record | ColumnSource::Field(_)));
+        Ok(RowSink { out, columns: columns.to_vec(), wanted, reads_record, times: TimeText::default() })
     }
 
     /// Writes one row; returns its uncompressed size.
     pub fn write(&mut self, src: &RowSource) -> std::io::Result<usize> {
-        let RowSink { out, columns, wanted, times } = self;
+        let RowSink { out, columns, wanted, reads_record, times } = self;
         match out {
             Out::Lines(rows) => {
                 rows.write_all(src.raw)?;
@@ -103,22 +100,16 @@ impl RowSink {
                 // only the keys the columns read, as slices of its text: no tree of values per row.
                 // One UTF-8 check of the record serves the `@record` cell and the field scan,
                 // which then checks none of its strings again.
-                let text = std::str::from_utf8(src.raw).ok();
+                let text = if *reads_record { std::str::from_utf8(src.raw).ok() } else { None };
                 let fields = TopLevel::parse(src.raw, text, wanted);
                 let mut size = 0;
                 for column in columns.iter() {
-                    if let ColumnSource::Time = column.source {
-                        let text = times.format(src.time_ns);
-                        size += text.len() + 1;
-                        w.write_field(text.as_bytes()).map_err(std::io::Error::other)?;
-                        continue;
-                    }
-                    let cell = cell(&column.source, src, text, wanted, &fields);
-                    size += cell.len() + 1;
-                    w.write_field(cell.as_bytes()).map_err(std::io::Error::other)?;
+                    size += match column.source {
+                        ColumnSource::Time => w.cell(times.format(src.time_ns).as_bytes()),
+                        ref source => w.cell(cell(source, src, text, wanted, &fields).as_bytes()),
+                    };
                 }
-                w.write_record(None::<&[u8]>).map_err(std::io::Error::other)?;
-                Ok(size)
+                Ok(size + w.end_row()?)
             }
         }
     }
@@ -126,7 +117,7 @@ impl RowSink {
     pub fn finish(self) -> std::io::Result<()> {
         let gz = match self.out {
             Out::Lines(rows) => rows.into_inner().map_err(|e| e.into_error())?,
-            Out::Delimited(w) => w.into_inner().map_err(|e| std::io::Error::other(e.to_string()))?,
+            Out::Delimited(w) => w.into_inner()?,
         };
         let mut buf = gz.finish()?;
         buf.flush()?;
@@ -192,7 +183,7 @@ impl WantedKeys {
 /// The values of a record's wanted top-level keys (`WantedKeys`, same order) as slices of its
 /// JSON text; all empty when it is not a JSON object.
 #[derive(Default)]
-struct TopLevel<'a>(Vec<Option<&'a RawValue>>);
+struct TopLevel<'a>(Vec<Option<&'a str>>);
 
 impl<'a> TopLevel<'a> {
     /// `text`: `raw`, when it is UTF-8.
@@ -201,25 +192,38 @@ impl<'a> TopLevel<'a> {
             return TopLevel::default();
         }
         let values = match text {
-            Some(text) => Self::scan(serde_json::Deserializer::from_str(text), wanted),
+            // The fast pass, and serde_json where it is unsure.
+            Some(text) => {
+                Self::fast(text, wanted).or_else(|| Self::scan(serde_json::Deserializer::from_str(text), wanted).ok())
+            }
             // Not UTF-8 somewhere: read as bytes, where only the strings kept are checked, so a
             // bad value no column reads leaves the other cells filled.
-            None => Self::scan(serde_json::Deserializer::from_slice(raw), wanted),
+            None => Self::scan(serde_json::Deserializer::from_slice(raw), wanted).ok(),
         };
         values.map(TopLevel).unwrap_or_default()
+    }
+
+    fn fast(text: &'a str, wanted: &WantedKeys) -> Option<Vec<Option<&'a str>>> {
+        let mut values = vec![None; wanted.0.len()];
+        crate::json_scan::top_level(text, |key, value| {
+            if let Some(i) = wanted.index(key) {
+                values[i] = Some(value);
+            }
+        })?;
+        Some(values)
     }
 
     fn scan<R: serde_json::de::Read<'a>>(
         mut de: serde_json::Deserializer<R>,
         wanted: &WantedKeys,
-    ) -> serde_json::Result<Vec<Option<&'a RawValue>>> {
+    ) -> serde_json::Result<Vec<Option<&'a str>>> {
         let values = WantedValues(wanted).deserialize(&mut de)?;
         de.end()?;
-        Ok(values)
+        Ok(values.into_iter().map(|v| v.map(RawValue::get)).collect())
     }
 
     /// The last value under `key`, as a tree would keep it.
-    fn get(&self, wanted: &WantedKeys, key: &str) -> Option<&'a RawValue> {
+    fn get(&self, wanted: &WantedKeys, key: &str) -> Option<&'a str> {
         wanted.index(key).and_then(|i| self.0.get(i).copied().flatten())
     }
 
@@ -231,7 +235,7 @@ impl<'a> TopLevel<'a> {
         // A dotted path into nested objects (rare): those values are parsed.
         let mut parts = path.split('.');
         let Some(first) = parts.next().and_then(|p| self.get(wanted, p)) else { return Cow::Borrowed("") };
-        let Ok(mut value) = serde_json::from_str::<Value>(first.get()) else { return Cow::Borrowed("") };
+        let Ok(mut value) = serde_json::from_str::<Value>(first) else { return Cow::Borrowed("") };
         for part in parts {
             match value.get_mut(part).map(Value::take) {
                 Some(v) => value = v,
@@ -246,25 +250,35 @@ impl<'a> TopLevel<'a> {
     }
 }
 
-fn text_of(raw: &RawValue) -> Cow<'_, str> {
-    let text = raw.get();
+/// `text`: a JSON value's text.
+fn text_of(text: &str) -> Cow<'_, str> {
     match text.as_bytes().first() {
-        Some(b'"') => match serde_json::from_str::<&str>(text) {
-            Ok(s) => Cow::Borrowed(s),
-            // Escapes: decoded into a new string.
-            Err(_) => serde_json::from_str::<String>(text).map(Cow::Owned).unwrap_or_default(),
-        },
+        // The scan checked the string: without a backslash its text is its value.
+        Some(b'"') if !text.contains('\\') => Cow::Borrowed(&text[1..text.len() - 1]),
+        // Escapes: decoded into a new string.
+        Some(b'"') => serde_json::from_str::<String>(text).map(Cow::Owned).unwrap_or_default(),
         Some(b'n') => Cow::Borrowed(""),
+        // A plain integer prints as written (JSON allows no leading zero or plus sign); "-0"
+        // and integers too long for i64 go through the parse, which prints them as floats.
+        _ if is_short_integer(text) => Cow::Borrowed(text),
+        Some(b't') | Some(b'f') => Cow::Borrowed(text),
         // Numbers, booleans, objects, arrays: as a parsed value prints them, so the cell does
         // not depend on how the record's JSON was spaced.
         _ => serde_json::from_str::<Value>(text).map(|v| v.to_string()).unwrap_or_default().into(),
     }
 }
 
-/// Deserializes an object, keeping the last value of each wanted key as its text. The values
-/// of other keys are skipped (`IgnoredAny`): kept as `RawValue`s, each one's text was checked as
-/// UTF-8 and stored in a list of every pair. (The scan itself stays: about an eighth of the CSV
-/// sink's CPU.)
+/// Digits, optionally after a minus sign, at most 18 of them, and not "-0".
+fn is_short_integer(text: &str) -> bool {
+    let digits = text.strip_prefix('-').unwrap_or(text);
+    (1..=18).contains(&digits.len())
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && !(digits == "0" && text.len() == 2)
+}
+
+/// Deserializes an object, keeping the last value of each wanted key as its text; the values
+/// of other keys are skipped (`IgnoredAny`). The reference, and the path for records the fast
+/// pass (`json_scan`) is unsure of or that are not UTF-8.
 struct WantedValues<'w>(&'w WantedKeys);
 
 impl<'de> DeserializeSeed<'de> for WantedValues<'_> {
@@ -400,6 +414,48 @@ mod tests {
 ,"""a"""
 "#
         );
+    }
+
+    #[test]
+    fn a_row_of_one_empty_cell_is_written_as_two_quotes() {
+        // Not an empty line, which loaders skip.
+        assert_eq!(rows(&[col("a", "a")], &[br#"{"b": 1}"#]), "\"\"\n");
+    }
+
+    #[test]
+    fn scalar_cells_taken_as_written_are_what_the_parsed_value_prints() {
+        let values = [
+            "0",
+            "7",
+            "-1",
+            "200",
+            "123456789012345678",
+            "-123456789012345678",
+            "1234567890123456789",
+            "18446744073709551616",
+            "-0",
+            "5.0e0",
+            "1e5",
+            "-0.5",
+            "true",
+            "false",
+            "null",
+            r#""plain""#,
+            r#""a\"b""#,
+            r#""\u00e9\t""#,
+            r#""é""#,
+            r#""""#,
+        ];
+        for text in values {
+            let raw: Box<RawValue> = serde_json::from_str(text).unwrap();
+            let parsed: Value = serde_json::from_str(text).unwrap();
+            let expected = match parsed {
+                Value::Null => String::new(),
+                Value::String(s) => s,
+                other => other.to_string(),
+            };
+            assert_eq!(text_of(raw.get()), expected, "{text}");
+        }
     }
 
     #[test]
