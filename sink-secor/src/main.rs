@@ -14,6 +14,7 @@ mod layout;
 mod partition;
 mod state;
 mod store;
+mod swar;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
