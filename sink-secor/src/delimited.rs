@@ -16,24 +16,32 @@ pub struct DelimitedRows<W: Write> {
     /// Gathered rows go to `out` once they pass this size.
     block: usize,
     delimiter: u8,
-    /// Where the current row starts in `rows`, and whether it has a cell yet.
+    /// Where the current row starts in `rows` (a row that added nothing is one empty cell).
     row_start: usize,
-    cells: usize,
+    /// Whether the current row has a cell yet, so the next one follows a delimiter.
+    row_has_cell: bool,
 }
 
 impl<W: Write> DelimitedRows<W> {
     pub fn new(out: W, delimiter: u8, block: usize) -> Self {
-        DelimitedRows { out, rows: Vec::with_capacity(block + 4096), block, delimiter, row_start: 0, cells: 0 }
+        DelimitedRows {
+            out,
+            rows: Vec::with_capacity(block + 4096),
+            block,
+            delimiter,
+            row_start: 0,
+            row_has_cell: false,
+        }
     }
 
     /// Appends a cell to the current row, in quotes (each quote doubled) when it holds the
     /// delimiter, a quote or a line break; returns the bytes it took, delimiter included.
     pub fn cell(&mut self, cell: &[u8]) -> usize {
         let before = self.rows.len();
-        if self.cells > 0 {
+        if self.row_has_cell {
             self.rows.push(self.delimiter);
         }
-        self.cells += 1;
+        self.row_has_cell = true;
         if needs_quotes(cell, self.delimiter) {
             quote_into(cell, &mut self.rows);
         } else {
@@ -51,7 +59,7 @@ impl<W: Write> DelimitedRows<W> {
             size += 2;
         }
         self.rows.push(b'\n');
-        self.cells = 0;
+        self.row_has_cell = false;
         if self.rows.len() >= self.block {
             self.out.write_all(&self.rows)?;
             self.rows.clear();

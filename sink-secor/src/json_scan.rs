@@ -8,6 +8,7 @@
 //! tenth of the CSV sink's CPU; here a string is skipped eight bytes at a time.
 
 use crate::swar;
+use std::ops::Range;
 
 /// Deeper nesting goes to serde_json (its own limit is 128).
 const MAX_DEPTH: usize = 64;
@@ -16,36 +17,20 @@ const MAX_DEPTH: usize = 64;
 /// `None` the calls made so far are to be forgotten.
 pub fn top_level<'a>(text: &'a str, mut keep: impl FnMut(&'a str, &'a str)) -> Option<()> {
     let b = text.as_bytes();
-    let mut i = skip_ws(b, 0);
-    if b.get(i) != Some(&b'{') {
+    let start = skip_ws(b, 0);
+    if b.get(start) != Some(&b'{') {
         return None;
     }
-    i = skip_ws(b, i + 1);
-    if b.get(i) == Some(&b'}') {
-        i += 1;
-    } else {
-        loop {
-            let key_end = plain_key_end(b, i)?;
-            let key = &text[i + 1..key_end - 1];
-            i = skip_ws(b, key_end);
-            if b.get(i) != Some(&b':') {
-                return None;
-            }
-            i = skip_ws(b, i + 1);
-            let value_end = value_end(b, i, 1)?;
-            keep(key, &text[i..value_end]);
-            i = skip_ws(b, value_end);
-            match b.get(i) {
-                Some(b',') => i = skip_ws(b, i + 1),
-                Some(b'}') => {
-                    i += 1;
-                    break;
-                }
-                _ => return None,
-            }
+    let end = container_end(b, start, 0, b'}', true, &mut |key, value| {
+        // Without its quotes; an escaped key would need decoding to be compared.
+        let key = &text[key.start + 1..key.end - 1];
+        if key.contains('\\') {
+            return None;
         }
-    }
-    (skip_ws(b, i) == b.len()).then_some(())
+        keep(key, &text[value]);
+        Some(())
+    })?;
+    (skip_ws(b, end) == b.len()).then_some(())
 }
 
 fn skip_ws(b: &[u8], mut i: usize) -> usize {
@@ -59,8 +44,8 @@ fn skip_ws(b: &[u8], mut i: usize) -> usize {
 fn value_end(b: &[u8], i: usize, depth: usize) -> Option<usize> {
     match *b.get(i)? {
         b'"' => string_end(b, i),
-        b'{' => container_end(b, i, depth, b'}', true),
-        b'[' => container_end(b, i, depth, b']', false),
+        b'{' => container_end(b, i, depth, b'}', true, &mut |_, _| Some(())),
+        b'[' => container_end(b, i, depth, b']', false, &mut |_, _| Some(())),
         b't' => literal_end(b, i, b"true"),
         b'f' => literal_end(b, i, b"false"),
         b'n' => literal_end(b, i, b"null"),
@@ -69,7 +54,17 @@ fn value_end(b: &[u8], i: usize, depth: usize) -> Option<usize> {
     }
 }
 
-fn container_end(b: &[u8], i: usize, depth: usize, close: u8, object: bool) -> Option<usize> {
+/// The end past the `close` of the object or array at `i`. Each member of an object goes to
+/// `member` as the ranges of its key (quotes included) and value; `None` from it makes the scan
+/// unsure.
+fn container_end(
+    b: &[u8],
+    i: usize,
+    depth: usize,
+    close: u8,
+    object: bool,
+    member: &mut dyn FnMut(Range<usize>, Range<usize>) -> Option<()>,
+) -> Option<usize> {
     if depth >= MAX_DEPTH {
         return None;
     }
@@ -78,14 +73,20 @@ fn container_end(b: &[u8], i: usize, depth: usize, close: u8, object: bool) -> O
         return Some(i + 1);
     }
     loop {
+        let mut key = i..i;
         if object {
-            i = skip_ws(b, string_end(b, i)?);
+            key.end = string_end(b, i)?;
+            i = skip_ws(b, key.end);
             if b.get(i) != Some(&b':') {
                 return None;
             }
             i = skip_ws(b, i + 1);
         }
-        i = skip_ws(b, value_end(b, i, depth + 1)?);
+        let value = i..value_end(b, i, depth + 1)?;
+        i = skip_ws(b, value.end);
+        if object {
+            member(key, value)?;
+        }
         match *b.get(i)? {
             b',' => i = skip_ws(b, i + 1),
             c if c == close => return Some(i + 1),
@@ -134,15 +135,6 @@ fn digits_end(b: &[u8], mut i: usize) -> usize {
         i += 1;
     }
     i
-}
-
-/// A key without escapes: the end past its closing quote.
-fn plain_key_end(b: &[u8], i: usize) -> Option<usize> {
-    if b.get(i) != Some(&b'"') {
-        return None;
-    }
-    let at = next_special(b, i + 1);
-    (b.get(at) == Some(&b'"')).then_some(at + 1)
 }
 
 /// The string starting at `i`: the end past its closing quote. Simple escapes are checked and
