@@ -554,10 +554,12 @@ def bench_senders_live(svc, certs, work, rate=50_000, seconds=20):
             if "receiver" in kw:
                 wait_metric(agent, "tron_agent_records_sent_total", n, 600, labels={"destination": "relay"})
             shared = agent.metric("tron_agent_shared_reads_total", result="taken") or 0
+            alone = {r: agent.metric("tron_agent_shared_reads_total", result=r) or 0 for r in ("not_due", "cache_full")}
             code, cpu, hwm = stop_with_rusage(agent)
             results[name] = cpu
             print("senders-live: tron-agent -> %-26s %d lines at %d/s: %.2f CPU-s per million lines, peak RSS %.1f MiB, "
-                  "%d blocks read once for both, exit %d" % (name, n, rate, cpu * 1e6 / n, hwm, shared, code), flush=True)
+                  "%d blocks read once for both (read alone: %d, the other not due; %d, cache full), exit %d"
+                  % (name, n, rate, cpu * 1e6 / n, hwm, shared, alone["not_due"], alone["cache_full"], code), flush=True)
     finally:
         receiver.stop()
     both = results["forward (TLS, gzip) + S3"]

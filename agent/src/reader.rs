@@ -4,6 +4,10 @@
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 
+/// Bytes read past the budget to finish the line that crosses it (longer lines are finished by
+/// the next read).
+const CROSSING_LINE: usize = 16 * 1024;
+
 pub struct ReadOutcome {
     /// Offset just past the last byte consumed (a full line, or a split part).
     pub next_offset: u64,
@@ -28,7 +32,10 @@ pub fn read_lines(
     let mut splits = 0;
     // At most 1 MiB a call: the lines read become records held until they are encoded, so the
     // window, not the batch size (32 MiB for the archive), bounds that memory; the caller loops.
-    let mut want = budget.clamp(64 * 1024, 1 << 20);
+    // Plus room for the line that crosses the budget, so that it is usually whole in the buffer
+    // and the read ends past it (where every destination's shared reads end), instead of a second
+    // read of 64 KiB for that one line.
+    let mut want = budget.clamp(64 * 1024, 1 << 20) + CROSSING_LINE;
     loop {
         buf.resize(want, 0);
         let filled = read_full(file, offset, buf)?;
@@ -134,5 +141,16 @@ mod tests {
         let (lines, next, _) = collect(b"aaaa\nbbbb\ncccc\n", 0, 6, 100, false);
         assert_eq!(lines.len(), 2);
         assert_eq!(next, 10);
+    }
+
+    /// A shared read's budget ends on the 1 MiB grid, mid-line: the read ends at that line's end,
+    /// where a read from any other offset before the grid ends too.
+    #[test]
+    fn a_read_ends_past_the_line_that_crosses_a_megabyte_budget() {
+        let line = [b"x".repeat(214), b"\n".to_vec()].concat();
+        let content: Vec<u8> = line.iter().copied().cycle().take(line.len() * 10_000).collect();
+        let (lines, next, _) = collect(&content, 0, 1 << 20, 1 << 20, false);
+        let crossing_end = ((1u64 << 20) / 215 + 1) * 215;
+        assert_eq!((lines.len() as u64, next), (crossing_end / 215, crossing_end));
     }
 }

@@ -2,19 +2,25 @@
 //! together.
 //!
 //! Each destination keeps its own position in each file and reads from it. The first to read
-//! a range of a file offers the parsed lines here, keyed by (file identity, start offset); the
-//! others, arriving at that same offset, take them instead of reading and parsing the range
-//! again. A destination that is behind (down, slow, or just started elsewhere) finds nothing
-//! at its offset and reads the file itself, as it always did: the file stays every destination's
-//! buffer, and this cache only ever saves work. It holds at most [`MAX_BYTES`] of lines, and a
-//! block nobody took within [`MAX_AGE`] is dropped.
+//! a range of a file parses it for the others too, when one of them is due there soon, and
+//! leaves it here keyed by (file identity, start offset); the others, arriving at that same
+//! offset, take it instead of reading and parsing the range again. A destination that is behind
+//! (down, slow, or just started elsewhere) reads the file itself, as it always did: the file
+//! stays every destination's buffer, and this cache only ever saves work. It holds at most
+//! [`MAX_BYTES`] of lines; a block is dropped once every destination it was kept for has taken
+//! it or moved past it, or after [`MAX_AGE`].
+//!
+//! Whether another destination is due is decided from where each destination last read each
+//! file: a block kept for a destination that is already past it, or too far behind to reach it
+//! before the cache fills, would only fill the cache and stop the sharing of the ranges that
+//! both are about to read (in a backlog, that ended the sharing after the first hiccup).
 //!
 //! A (file identity, offset) pair always names the same bytes: a file's content is appended to,
 //! never rewritten under the same identity (a truncated file gets a new one), so a block taken
 //! later is still what the file held there.
 
 use crate::parse::Record;
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,7 +36,8 @@ const BLOCK_GRID: u64 = 1 << 20;
 /// How long a destination waits for another that is reading the range it wants: a 1 MiB read
 /// and parse takes a few milliseconds.
 const WAIT_FOR_READER: Duration = Duration::from_millis(50);
-/// A block not taken by then is not going to be: its taker is behind and reads for itself.
+/// A block not taken by then is not going to be: its taker is behind and reads for itself. A
+/// file nobody read for this long has no known positions any more (see [`Inner::due`]).
 const MAX_AGE: Duration = Duration::from_secs(10);
 
 /// A range of a file as read and parsed by one destination (cloned cheaply: the lines are shared).
@@ -45,8 +52,15 @@ pub struct Block {
 
 struct Stored {
     block: Block,
-    takers_left: usize,
+    /// The destinations it is kept for (bit per destination index) that have not taken it yet.
+    takers: u64,
     stored_at: Instant,
+}
+
+/// Where each destination began its last read of one file.
+struct Positions {
+    at: Vec<Option<u64>>,
+    touched: Instant,
 }
 
 pub struct SharedReads {
@@ -56,28 +70,46 @@ pub struct SharedReads {
     offered: Condvar,
 }
 
-#[derive(Default)]
 struct Inner {
     blocks: HashMap<(u64, u64), Stored>,
-    /// Ranges a destination is reading now: another arriving there waits for the block.
-    reading: HashSet<(u64, u64)>,
+    /// Ranges a destination is reading for the others now, and who they are: another arriving
+    /// there waits for the block.
+    reading: HashMap<(u64, u64), u64>,
     /// Keys in the order they were stored, for dropping stale blocks without a scan.
     order: VecDeque<(Instant, (u64, u64))>,
     bytes: usize,
+    positions: HashMap<u64, Positions>,
+    positions_pruned: Instant,
 }
 
-/// What a destination does at an offset: take another's block, or read the range itself.
+/// What a destination does at an offset.
 pub enum Claim {
+    /// Another destination's read of the range.
     Take(Block),
-    /// Read it (and [`SharedReads::offer`] what was read, or None, whatever happens).
-    Read,
+    /// Read it and parse it for every destination, then [`SharedReads::offer`] what was read
+    /// (or None), whatever happens: another destination is due at this range soon.
+    ReadForAll,
+    /// Read it for this destination alone: nobody else is due here soon, or the cache is full.
+    ReadAlone,
 }
 
 impl SharedReads {
     /// None for a single destination: nobody to share with.
     pub fn for_destinations(destinations: usize) -> Option<Arc<Self>> {
+        assert!(destinations <= 64, "one bit per destination");
         (destinations > 1).then(|| {
-            Arc::new(SharedReads { destinations, inner: Mutex::new(Inner::default()), offered: Condvar::new() })
+            Arc::new(SharedReads {
+                destinations,
+                inner: Mutex::new(Inner {
+                    blocks: HashMap::new(),
+                    reading: HashMap::new(),
+                    order: VecDeque::new(),
+                    bytes: 0,
+                    positions: HashMap::new(),
+                    positions_pruned: Instant::now(),
+                }),
+                offered: Condvar::new(),
+            })
         })
     }
 
@@ -89,53 +121,56 @@ impl SharedReads {
         (BLOCK_GRID - offset % BLOCK_GRID) as usize
     }
 
-    /// At `start` of `file_id`: the block another destination read there, or the go-ahead to
-    /// read it. When another destination is reading that very range right now, waits for it
-    /// (at most [`WAIT_FOR_READER`]: a reader that is stuck is not waited for again).
-    pub fn claim(&self, file_id: u64, start: u64) -> Claim {
+    /// Destination `dest` at `start` of `file_id`: the block another destination read there, or
+    /// how to read it. When another destination is reading that very range for it right now,
+    /// waits for it (at most [`WAIT_FOR_READER`]: a reader that is stuck is not waited for again).
+    pub fn claim(&self, dest: usize, file_id: u64, start: u64) -> Claim {
         let key = (file_id, start);
         let deadline = Instant::now() + WAIT_FOR_READER;
         let mut inner = self.inner.lock().expect("shared reads lock");
+        inner.moved_to(self.destinations, dest, file_id, start);
         loop {
-            if let Some(block) = inner.take(key) {
+            if let Some(block) = inner.take(dest, key) {
                 metrics::counter!("tron_agent_shared_reads_total", "result" => "taken").increment(1);
                 return Claim::Take(block);
             }
             let now = Instant::now();
-            if inner.reading.insert(key) || now >= deadline {
-                return Claim::Read;
+            let read_for_me = inner.reading.get(&key).is_some_and(|takers| takers & (1 << dest) != 0);
+            if !read_for_me || now >= deadline {
+                break;
             }
             inner = self.offered.wait_timeout(inner, deadline - now).expect("shared reads lock").0;
         }
+        if inner.reading.contains_key(&key) {
+            return Claim::ReadAlone; // another is reading it, not for us (or too slowly): no second copy
+        }
+        let takers = inner.due(dest, file_id, start);
+        if takers == 0 {
+            metrics::counter!("tron_agent_shared_reads_total", "result" => "not_due").increment(1);
+            return Claim::ReadAlone;
+        }
+        if inner.bytes + BLOCK_GRID as usize > MAX_BYTES {
+            metrics::counter!("tron_agent_shared_reads_total", "result" => "cache_full").increment(1);
+            return Claim::ReadAlone;
+        }
+        inner.reading.insert(key, takers);
+        Claim::ReadForAll
     }
 
-    /// Whether a block read now could be kept for the others. When it could not (they are far
-    /// behind, or not taking), lines are parsed for this destination alone, which costs less.
-    pub fn has_room(&self) -> bool {
-        let inner = self.inner.lock().expect("shared reads lock");
-        inner.bytes + BLOCK_GRID as usize <= MAX_BYTES
-    }
-
-    /// What this destination read from `start` of `file_id` after [`Claim::Read`] (None: it
-    /// found nothing to take), for the others. Not kept when the cache is full: the others then
-    /// read for themselves.
+    /// What this destination read from `start` of `file_id` after [`Claim::ReadForAll`] (None:
+    /// it found nothing to take), for the destinations it was read for.
     pub fn offer(&self, file_id: u64, start: u64, block: Option<Block>) {
         let key = (file_id, start);
         let mut inner = self.inner.lock().expect("shared reads lock");
-        inner.reading.remove(&key);
+        let takers = inner.reading.remove(&key).unwrap_or(0);
         inner.evict_stale();
-        if let Some(block) = block {
-            if inner.bytes + block.bytes_read > MAX_BYTES {
-                metrics::counter!("tron_agent_shared_reads_total", "result" => "cache_full").increment(1);
-            } else {
-                inner.bytes += block.bytes_read;
-                let now = Instant::now();
-                inner.order.push_back((now, key));
-                let stored = Stored { block, takers_left: self.destinations - 1, stored_at: now };
-                if let Some(old) = inner.blocks.insert(key, stored) {
-                    // Two destinations read the same range at once; either copy is the same lines.
-                    inner.bytes -= old.block.bytes_read;
-                }
+        if let Some(block) = block.filter(|_| takers != 0) {
+            inner.bytes += block.bytes_read;
+            let now = Instant::now();
+            inner.order.push_back((now, key));
+            if let Some(old) = inner.blocks.insert(key, Stored { block, takers, stored_at: now }) {
+                // Two destinations read the same range at once; either copy is the same lines.
+                inner.bytes -= old.block.bytes_read;
             }
         }
         drop(inner);
@@ -144,18 +179,60 @@ impl SharedReads {
 }
 
 impl Inner {
-    fn take(&mut self, key: (u64, u64)) -> Option<Block> {
-        match self.blocks.get_mut(&key) {
-            Some(stored) if stored.takers_left > 1 => {
-                stored.takers_left -= 1;
-                Some(stored.block.clone())
+    /// Notes where `dest` reads `file_id` now, and lets go of the blocks of that file it has
+    /// moved past: it will never take them.
+    fn moved_to(&mut self, destinations: usize, dest: usize, file_id: u64, start: u64) {
+        let now = Instant::now();
+        let positions =
+            self.positions.entry(file_id).or_insert_with(|| Positions { at: vec![None; destinations], touched: now });
+        positions.at[dest] = Some(start);
+        positions.touched = now;
+        let passed: Vec<(u64, u64)> = self
+            .blocks
+            .iter()
+            .filter(|((file, offset), stored)| *file == file_id && *offset < start && stored.takers & (1 << dest) != 0)
+            .map(|(key, _)| *key)
+            .collect();
+        for key in passed {
+            self.let_go(dest, key);
+        }
+        if now.duration_since(self.positions_pruned) >= MAX_AGE {
+            self.positions.retain(|_, p| now.duration_since(p.touched) < MAX_AGE);
+            self.positions_pruned = now;
+        }
+    }
+
+    /// The destinations other than `dest` that will read `start` of `file_id` before the cache
+    /// could fill: at or behind it by less than the cache holds, or not reading the file yet.
+    fn due(&self, dest: usize, file_id: u64, start: u64) -> u64 {
+        let Some(positions) = self.positions.get(&file_id) else { return 0 };
+        let mut takers = 0;
+        for (other, at) in positions.at.iter().enumerate() {
+            let due = match at {
+                None => true,
+                Some(at) => *at <= start && start - at <= MAX_BYTES as u64,
+            };
+            if other != dest && due {
+                takers |= 1 << other;
             }
-            Some(_) => {
-                let stored = self.blocks.remove(&key).expect("present");
-                self.bytes -= stored.block.bytes_read;
-                Some(stored.block)
-            }
-            None => None,
+        }
+        takers
+    }
+
+    fn take(&mut self, dest: usize, key: (u64, u64)) -> Option<Block> {
+        let stored = self.blocks.get(&key).filter(|s| s.takers & (1 << dest) != 0)?;
+        let block = stored.block.clone();
+        self.let_go(dest, key);
+        Some(block)
+    }
+
+    /// `dest` no longer needs the block at `key`; the last one to let go frees it.
+    fn let_go(&mut self, dest: usize, key: (u64, u64)) {
+        let stored = self.blocks.get_mut(&key).expect("present");
+        stored.takers &= !(1 << dest);
+        if stored.takers == 0 {
+            let stored = self.blocks.remove(&key).expect("present");
+            self.bytes -= stored.block.bytes_read;
         }
     }
 
@@ -179,18 +256,32 @@ impl Inner {
 mod tests {
     use super::*;
 
+    const MIB: u64 = 1 << 20;
+
     fn block(end: u64, bytes: usize) -> Block {
         Block { lines: Arc::new(vec![(None, end, 0)]), end, bytes_read: bytes }
     }
 
-    fn take(shared: &SharedReads, file_id: u64, start: u64) -> Option<u64> {
-        match shared.claim(file_id, start) {
+    /// What `dest` gets at `start` of `file_id`: Some(end of the block taken), or None after
+    /// reading (for all, offering nothing, or alone).
+    fn take(shared: &SharedReads, dest: usize, file_id: u64, start: u64) -> Option<u64> {
+        match shared.claim(dest, file_id, start) {
             Claim::Take(b) => Some(b.end),
-            Claim::Read => {
+            Claim::ReadForAll => {
                 shared.offer(file_id, start, None);
                 None
             }
+            Claim::ReadAlone => None,
         }
+    }
+
+    fn read_for_all(shared: &SharedReads, dest: usize, file_id: u64, start: u64, b: Block) {
+        assert!(matches!(shared.claim(dest, file_id, start), Claim::ReadForAll), "{dest} reads {start} for all");
+        shared.offer(file_id, start, Some(b));
+    }
+
+    fn bytes(shared: &SharedReads) -> usize {
+        shared.inner.lock().unwrap().bytes
     }
 
     #[test]
@@ -201,27 +292,34 @@ mod tests {
     #[test]
     fn a_block_is_taken_once_by_each_other_destination_then_gone() {
         let shared = SharedReads::for_destinations(3).unwrap();
-        assert!(matches!(shared.claim(7, 100), Claim::Read));
-        shared.offer(7, 100, Some(block(200, 100)));
-        assert_eq!(take(&shared, 7, 100), Some(200));
-        assert_eq!(take(&shared, 7, 100), Some(200));
-        assert_eq!(take(&shared, 7, 100), None);
-        assert_eq!(shared.inner.lock().unwrap().bytes, 0);
+        read_for_all(&shared, 0, 7, 100, block(200, 100));
+        assert_eq!(take(&shared, 1, 7, 100), Some(200));
+        assert_eq!(take(&shared, 2, 7, 100), Some(200));
+        assert_eq!(bytes(&shared), 0);
+        assert_eq!(take(&shared, 1, 7, 100), None, "taken once");
     }
 
     #[test]
     fn only_the_exact_offset_of_the_same_file_matches() {
         let shared = SharedReads::for_destinations(2).unwrap();
-        shared.offer(7, 100, Some(block(200, 100)));
-        assert_eq!(take(&shared, 8, 100), None);
-        assert_eq!(take(&shared, 7, 50), None);
-        assert_eq!(take(&shared, 7, 100), Some(200));
+        read_for_all(&shared, 0, 7, 100, block(200, 100));
+        assert_eq!(take(&shared, 1, 8, 100), None);
+        assert_eq!(take(&shared, 1, 7, 50), None);
+        assert_eq!(take(&shared, 1, 7, 100), Some(200));
     }
 
     #[test]
-    fn a_destination_arriving_while_another_reads_the_range_waits_for_its_block() {
+    fn the_reader_does_not_take_its_own_block() {
         let shared = SharedReads::for_destinations(2).unwrap();
-        assert!(matches!(shared.claim(7, 0), Claim::Read));
+        read_for_all(&shared, 0, 7, 0, block(100, 100));
+        assert_eq!(take(&shared, 0, 7, 0), None);
+        assert_eq!(take(&shared, 1, 7, 0), Some(100));
+    }
+
+    #[test]
+    fn a_destination_arriving_while_another_reads_the_range_for_it_waits_for_its_block() {
+        let shared = SharedReads::for_destinations(2).unwrap();
+        assert!(matches!(shared.claim(0, 7, 0), Claim::ReadForAll));
         let reader = {
             let shared = shared.clone();
             std::thread::spawn(move || {
@@ -229,16 +327,16 @@ mod tests {
                 shared.offer(7, 0, Some(block(300, 300)));
             })
         };
-        assert_eq!(take(&shared, 7, 0), Some(300));
+        assert_eq!(take(&shared, 1, 7, 0), Some(300));
         reader.join().unwrap();
     }
 
     #[test]
-    fn a_reader_that_never_offers_is_waited_for_only_so_long() {
+    fn a_reader_that_never_offers_is_waited_for_only_so_long_and_the_range_is_then_read_alone() {
         let shared = SharedReads::for_destinations(2).unwrap();
-        assert!(matches!(shared.claim(7, 0), Claim::Read));
+        assert!(matches!(shared.claim(0, 7, 0), Claim::ReadForAll));
         let started = Instant::now();
-        assert!(matches!(shared.claim(7, 0), Claim::Read));
+        assert!(matches!(shared.claim(1, 7, 0), Claim::ReadAlone));
         assert!(started.elapsed() >= WAIT_FOR_READER);
     }
 
@@ -252,22 +350,67 @@ mod tests {
     #[test]
     fn a_block_nobody_takes_in_time_is_dropped() {
         let shared = SharedReads::for_destinations(2).unwrap();
-        shared.offer(7, 100, Some(block(200, 100)));
+        read_for_all(&shared, 0, 7, 100, block(200, 100));
         shared.inner.lock().unwrap().order[0].0 -= MAX_AGE;
         shared.inner.lock().unwrap().blocks.get_mut(&(7, 100)).unwrap().stored_at -= MAX_AGE;
-        shared.offer(9, 0, Some(block(10, 10)));
-        assert_eq!(take(&shared, 7, 100), None);
-        assert_eq!(shared.inner.lock().unwrap().bytes, 10);
+        read_for_all(&shared, 0, 9, 0, block(10, 10));
+        assert_eq!(take(&shared, 1, 7, 100), None);
+        assert_eq!(bytes(&shared), 10);
     }
 
     #[test]
     fn a_full_cache_keeps_nothing_more_and_the_others_read_for_themselves() {
         let shared = SharedReads::for_destinations(2).unwrap();
-        shared.offer(1, 0, Some(block(MAX_BYTES as u64, MAX_BYTES)));
-        shared.offer(2, 0, Some(block(10, 10)));
-        assert_eq!(take(&shared, 2, 0), None);
-        assert!(take(&shared, 1, 0).is_some());
-        shared.offer(2, 0, Some(block(10, 10)));
-        assert!(take(&shared, 2, 0).is_some());
+        read_for_all(&shared, 0, 1, 0, block(MAX_BYTES as u64, MAX_BYTES));
+        assert!(matches!(shared.claim(0, 2, 0), Claim::ReadAlone));
+        assert_eq!(take(&shared, 1, 2, 0), None);
+        assert!(take(&shared, 1, 1, 0).is_some());
+        read_for_all(&shared, 0, 2, 100, block(110, 10));
+        assert!(take(&shared, 1, 2, 100).is_some());
+    }
+
+    /// The failure this replaced: a destination behind the other kept its reads for it although
+    /// the other had passed them; they filled the cache, and nothing was shared until they aged out.
+    #[test]
+    fn a_range_the_other_destination_has_passed_is_read_alone() {
+        let shared = SharedReads::for_destinations(2).unwrap();
+        assert_eq!(take(&shared, 0, 7, 9 * MIB), None, "0 is ahead");
+        for start in 0..8 {
+            assert!(matches!(shared.claim(1, 7, start * MIB), Claim::ReadAlone), "1 at {start} MiB, behind 0");
+        }
+        assert_eq!(bytes(&shared), 0);
+    }
+
+    #[test]
+    fn a_range_is_kept_only_for_a_destination_close_enough_behind_to_reach_it() {
+        let shared = SharedReads::for_destinations(2).unwrap();
+        assert_eq!(take(&shared, 1, 7, 10 * MIB), None);
+        assert!(matches!(shared.claim(0, 7, 20 * MIB), Claim::ReadAlone), "1 is 10 MiB behind");
+        assert!(matches!(shared.claim(0, 7, 12 * MIB), Claim::ReadForAll), "1 is 2 MiB behind");
+        shared.offer(7, 12 * MIB, Some(block(13 * MIB, MIB as usize)));
+        assert_eq!(take(&shared, 1, 7, 12 * MIB), Some(13 * MIB));
+    }
+
+    #[test]
+    fn a_block_is_let_go_when_the_destination_it_was_kept_for_moves_past_it() {
+        let shared = SharedReads::for_destinations(2).unwrap();
+        read_for_all(&shared, 1, 7, 0, block(MIB, MIB as usize));
+        assert_eq!(bytes(&shared), MIB as usize);
+        assert_eq!(take(&shared, 0, 7, 3 * MIB), None, "0 starts past it (its checkpoint was there)");
+        assert_eq!(bytes(&shared), 0);
+    }
+
+    #[test]
+    fn positions_of_files_nobody_reads_any_more_are_forgotten() {
+        let shared = SharedReads::for_destinations(2).unwrap();
+        assert_eq!(take(&shared, 0, 7, 0), None);
+        {
+            let mut inner = shared.inner.lock().unwrap();
+            inner.positions.get_mut(&7).unwrap().touched -= MAX_AGE;
+            inner.positions_pruned -= MAX_AGE;
+        }
+        assert_eq!(take(&shared, 0, 8, 0), None);
+        let inner = shared.inner.lock().unwrap();
+        assert!(!inner.positions.contains_key(&7) && inner.positions.contains_key(&8));
     }
 }

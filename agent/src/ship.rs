@@ -398,24 +398,25 @@ impl<D: Destination> Shipper<D> {
         // Multiline records may be held back across reads (their end is not known yet), so those
         // sources are read by each destination itself.
         let shared = self.shared.clone().filter(|_| file.source.multiline.is_none());
-        let claim = shared.as_ref().map_or(Claim::Read, |s| s.claim(id, read_from));
+        let claim = shared.as_ref().map_or(Claim::ReadAlone, |s| s.claim(self.index, id, read_from));
+        // Shared or not, reads end on the grid every destination reads in (batches still seal at
+        // their own size as the lines are added), so destinations that fell out of step can meet
+        // again at the same offset.
+        let budget = if shared.is_some() { SharedReads::read_budget(read_from) } else { budget };
         let block = match claim {
             Claim::Take(block) => block,
-            Claim::Read => {
-                // Read in the blocks every destination reads in (batches still seal at their own
-                // size as the lines are added), parsed for all of them when the block can be
-                // kept for the others.
-                let (form, budget, offering) = match &shared {
-                    Some(s) if s.has_room() => (Form::Both, SharedReads::read_budget(read_from), true),
-                    Some(_) => (self.dest.record_form(), SharedReads::read_budget(read_from), false),
-                    None => (self.dest.record_form(), budget, false),
-                };
-                let read = self.read_and_parse(id, &file, form, budget, &added, &origin);
+            Claim::ReadForAll => {
+                let read = self.read_and_parse(id, &file, Form::Both, budget, &added, &origin);
                 let read = read.map(|(lines, end, bytes_read)| Block { lines: Arc::new(lines), end, bytes_read });
                 if let Some(shared) = &shared {
-                    shared.offer(id, read_from, read.clone().filter(|_| offering));
+                    shared.offer(id, read_from, read.clone());
                 }
                 read?
+            }
+            Claim::ReadAlone => {
+                let (lines, end, bytes_read) =
+                    self.read_and_parse(id, &file, self.dest.record_form(), budget, &added, &origin)?;
+                Block { lines: Arc::new(lines), end, bytes_read }
             }
         };
         metrics::counter!("tron_agent_lines_read_total", "destination" => self.dest.name())
