@@ -252,6 +252,9 @@ struct Loop<'a> {
     partition_counts: PartitionCounts,
     /// The key of the message being handled, kept between messages for its allocation.
     current_tp: Tp,
+    /// When the messages being handled now began to be handled (held ones, or a burst): the
+    /// time of their arrival for idleness, read once instead of once per message.
+    burst_at: Instant,
 }
 
 /// Each topic's number of partitions, for the finalizer: asked of the broker once a minute, not on
@@ -323,6 +326,7 @@ pub async fn run(
         },
         partition_counts: PartitionCounts::default(),
         current_tp: Tp::default(),
+        burst_at: Instant::now(),
     };
     let mut finalizer = Finalizer::default();
     let mut last_finalize = Instant::now();
@@ -332,10 +336,12 @@ pub async fn run(
     let mut messages = consumer.stream();
     loop {
         l.beat.beat();
+        l.burst_at = Instant::now();
         l.handle_held().await;
         tokio::select! {
             _ = l.shutdown.wait() => break,
             Some(msg) = messages.next() => {
+                l.burst_at = Instant::now();
                 l.received(msg).await;
                 // Messages librdkafka has already fetched are handled in one go: the checks
                 // below (revocations, idle partitions, cuts and heartbeats of every partition)
@@ -499,7 +505,7 @@ impl Loop<'_> {
         }
         let incoming = incoming(m);
         let Some(p) = self.partitions.get_mut(tp) else { return };
-        if let Err(e) = p.append(&self.out, &incoming) {
+        if let Err(e) = p.append(&self.out, &incoming, self.burst_at) {
             tracing::error!(topic = %tp.0, partition = tp.1, error = %format!("{e:#}"), "staging failed; giving the partition up and re-reading it later");
             self.health.down("staging", format!("{e:#}"));
             metrics::counter!("tron_sink_staging_errors_total").increment(1);

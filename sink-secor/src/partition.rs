@@ -327,7 +327,9 @@ impl Partition {
         self.forced_cut.filter(|cut| offset >= *cut)
     }
 
-    pub fn append(&mut self, out: &Output<'_>, msg: &Incoming<'_>) -> anyhow::Result<()> {
+    /// Stages one message. `now`: when the burst it came in began (a clock read per message was
+    /// 1 % of the sink's CPU; idleness is measured in seconds).
+    pub fn append(&mut self, out: &Output<'_>, msg: &Incoming<'_>, now: Instant) -> anyhow::Result<()> {
         self.read_since_open = true;
         if msg.offset < self.next_offset {
             return Ok(()); // already staged, or below the committed offset (already in an object)
@@ -338,7 +340,7 @@ impl Partition {
             self.pass_over(msg.offset);
             return Ok(());
         }
-        self.last_message_at = Instant::now();
+        self.last_message_at = now;
         self.read_kafka_ms = self.read_kafka_ms.max(msg.kafka_time_ms.unwrap_or(0));
         match msg.position {
             None => self.untracked_read = true,

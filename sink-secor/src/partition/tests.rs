@@ -134,7 +134,7 @@ async fn a_cut_uploads_each_hour_once_and_commits_its_end() {
     let mut p = Partition::open(&out, "t", 0, 0, 1).await.unwrap();
     for i in 0..4 {
         let r = raw(i);
-        p.append(&out, &msg(i, T0 + i * HOUR / 2, &r)).unwrap();
+        p.append(&out, &msg(i, T0 + i * HOUR / 2, &r), Instant::now()).unwrap();
     }
     assert_eq!(cut_and_commit(&mut p, &out, 4).await, 4);
     let objects = f.objects().await;
@@ -156,7 +156,7 @@ async fn a_replayed_cut_waits_for_every_record_below_it_not_for_idleness() {
     let mut a = Partition::open(&out, "t", 0, 0, 1).await.unwrap();
     for i in 0..6 {
         let r = raw(i);
-        a.append(&out, &msg(i, T0, &r)).unwrap();
+        a.append(&out, &msg(i, T0, &r), Instant::now()).unwrap();
     }
     // The owner records the cut at 6, uploads it and dies before writing the state.
     upload_and_die(&mut a, &out, 6).await;
@@ -166,13 +166,13 @@ async fn a_replayed_cut_waits_for_every_record_below_it_not_for_idleness() {
     assert_eq!(b.cut_due(&idle, Duration::ZERO), None);
     for i in 0..3 {
         let r = raw(i);
-        b.append(&out_b, &msg(i, T0, &r)).unwrap();
+        b.append(&out_b, &msg(i, T0, &r), Instant::now()).unwrap();
     }
     // Idle, half of [0, 6) staged: no cut, whatever the idleness.
     assert_eq!(b.cut_due(&idle, Duration::ZERO), None);
     for i in 3..6 {
         let r = raw(i);
-        b.append(&out_b, &msg(i, T0, &r)).unwrap();
+        b.append(&out_b, &msg(i, T0, &r), Instant::now()).unwrap();
     }
     assert_eq!(b.cut_due(&idle, Duration::ZERO), Some(6));
     b.cut(&out_b, 6, no_commit).await.unwrap();
@@ -189,12 +189,12 @@ async fn records_re_sent_by_an_agent_are_dropped_across_cuts_and_replays() {
     // Lines 0..4, then the agent crashes and re-sends lines 2..6 (offsets 4..8).
     for (offset, seq) in [(0, 0), (1, 1), (2, 2), (3, 3)] {
         let r = raw(seq);
-        a.append(&out, &from_file(offset, seq, &r)).unwrap();
+        a.append(&out, &from_file(offset, seq, &r), Instant::now()).unwrap();
     }
     a.cut(&out, 4, no_commit).await.unwrap();
     for (offset, seq) in [(4, 2), (5, 3), (6, 4), (7, 5)] {
         let r = raw(seq);
-        a.append(&out, &from_file(offset, seq, &r)).unwrap();
+        a.append(&out, &from_file(offset, seq, &r), Instant::now()).unwrap();
     }
     // The owner records the cut at 8, uploads it and dies before writing the state.
     upload_and_die(&mut a, &out, 8).await;
@@ -203,12 +203,12 @@ async fn records_re_sent_by_an_agent_are_dropped_across_cuts_and_replays() {
     let mut b = Partition::open(&out_b, "t", 0, 4, 2).await.unwrap();
     for (offset, seq) in [(4, 2), (5, 3), (6, 4), (7, 5)] {
         let r = raw(seq);
-        b.append(&out_b, &from_file(offset, seq, &r)).unwrap();
+        b.append(&out_b, &from_file(offset, seq, &r), Instant::now()).unwrap();
     }
     b.cut(&out_b, 8, no_commit).await.unwrap();
     // Only duplicates after that: nothing to upload, but an idle cut commits past them.
     let r = raw(5);
-    b.append(&out_b, &from_file(8, 5, &r)).unwrap();
+    b.append(&out_b, &from_file(8, 5, &r), Instant::now()).unwrap();
     let idle = RollConfig { idle_after: Duration::ZERO, ..roll() };
     assert_eq!(b.cut_due(&idle, Duration::ZERO), Some(9));
     b.cut(&out_b, 9, no_commit).await.unwrap();
@@ -225,8 +225,8 @@ async fn a_revoked_and_reassigned_partition_never_shares_staging_files() {
     let mut old = Partition::open(&out, "t", 1, 0, 1).await.unwrap();
     let mut new = Partition::open(&out, "t", 1, 0, 2).await.unwrap();
     let r = raw(0);
-    old.append(&out, &msg(0, T0, &r)).unwrap();
-    new.append(&out, &msg(0, T0, &r)).unwrap();
+    old.append(&out, &msg(0, T0, &r), Instant::now()).unwrap();
+    new.append(&out, &msg(0, T0, &r), Instant::now()).unwrap();
     old.discard(); // the revoked incarnation deletes its files
     new.cut(&out, 1, no_commit).await.unwrap();
     assert_eq!(f.objects().await.values().map(Vec::len).sum::<usize>(), 1);
@@ -239,13 +239,13 @@ async fn an_owner_that_lost_the_partition_is_fenced_before_it_uploads() {
     let mut zombie = Partition::open(&out_a, "t", 0, 0, 1).await.unwrap();
     for i in 0..5 {
         let r = raw(i);
-        zombie.append(&out_a, &msg(i, T0, &r)).unwrap();
+        zombie.append(&out_a, &msg(i, T0, &r), Instant::now()).unwrap();
     }
     // The group moved the partition: the new owner claims it, cuts [0, 3) and commits.
     let mut owner = Partition::open(&out_b, "t", 0, 0, 1).await.unwrap();
     for i in 0..3 {
         let r = raw(i);
-        owner.append(&out_b, &msg(i, T0, &r)).unwrap();
+        owner.append(&out_b, &msg(i, T0, &r), Instant::now()).unwrap();
     }
     owner.cut(&out_b, 3, no_commit).await.unwrap();
     let before = f.objects().await;
@@ -285,6 +285,7 @@ async fn odd_event_times_are_quarantined_and_never_move_the_watermark() {
                 position: None,
                 is_watermark: false,
             },
+            Instant::now(),
         )
         .unwrap();
     }
@@ -300,6 +301,7 @@ async fn odd_event_times_are_quarantined_and_never_move_the_watermark() {
             position: None,
             is_watermark: false,
         },
+        Instant::now(),
     )
     .unwrap();
     p.cut(&out, 4, no_commit).await.unwrap();
@@ -328,7 +330,7 @@ async fn an_old_hour_interleaved_with_the_current_one_cuts_at_most_once_per_min_
     for i in 0..40 {
         let event = if i % 2 == 0 { T0 } else { T0 + 3 * HOUR };
         let r = raw(i);
-        p.append(&out, &msg(i, event, &r)).unwrap();
+        p.append(&out, &msg(i, event, &r), Instant::now()).unwrap();
         if let Some(cut) = p.cut_due(&paced, Duration::ZERO) {
             p.cut(&out, cut, no_commit).await.unwrap();
             cuts += 1;
@@ -346,7 +348,7 @@ async fn a_stop_between_the_state_write_and_the_offset_commit_loses_neither_hour
     let mut a = Partition::open(&out, "t", 0, 0, 1).await.unwrap();
     for (offset, seq) in [(0, 0), (1, 1), (2, 2)] {
         let r = raw(seq);
-        a.append(&out, &from_file(offset, seq, &r)).unwrap();
+        a.append(&out, &from_file(offset, seq, &r), Instant::now()).unwrap();
     }
     // The state is written, then the process dies before the group's offset moves.
     a.cut(&out, 3, |_| anyhow::bail!("killed before the offset commit")).await.unwrap_err();
@@ -360,12 +362,12 @@ async fn a_stop_between_the_state_write_and_the_offset_commit_loses_neither_hour
     assert_eq!(b.committed(), 3);
     for (offset, seq) in [(0, 0), (1, 1), (2, 2)] {
         let r = raw(seq);
-        b.append(&out_b, &from_file(offset, seq, &r)).unwrap();
+        b.append(&out_b, &from_file(offset, seq, &r), Instant::now()).unwrap();
     }
     assert!(!b.has_staged(), "below the state's offset: already in an object");
     for (offset, seq) in [(3, 1), (4, 2), (5, 3)] {
         let r = raw(seq);
-        b.append(&out_b, &from_file(offset, seq, &r)).unwrap();
+        b.append(&out_b, &from_file(offset, seq, &r), Instant::now()).unwrap();
     }
     assert_eq!(cut_and_commit(&mut b, &out_b, 6).await, 6);
     let rows: Vec<String> = f.objects().await.into_values().flatten().filter(|r| r != "seq").collect();
@@ -380,7 +382,7 @@ async fn a_retried_commit_after_the_state_write_only_commits() {
     let out = f.out("a");
     let mut p = Partition::open(&out, "t", 0, 0, 1).await.unwrap();
     let r = raw(0);
-    p.append(&out, &msg(0, T0, &r)).unwrap();
+    p.append(&out, &msg(0, T0, &r), Instant::now()).unwrap();
     p.cut(&out, 1, |_| anyhow::bail!("broker away")).await.unwrap_err();
     let state_key = crate::state::key("", "t", 0);
     let written = f.store.get(&state_key).await.unwrap();
@@ -397,17 +399,17 @@ async fn an_hour_days_old_keeps_its_count_while_its_records_can_still_arrive() {
     // Current traffic, then an agent back after four days: Kafka stamps its lines now.
     let now = T0 + 100 * HOUR;
     let r = raw(0);
-    p.append(&out, &msg(0, now, &r)).unwrap();
+    p.append(&out, &msg(0, now, &r), Instant::now()).unwrap();
     let four_days_ago = now - 96 * HOUR;
     let late = Incoming { kafka_time_ms: Some(now / 1_000_000), ..msg(1, four_days_ago, &r) };
-    p.append(&out, &late).unwrap();
+    p.append(&out, &late, Instant::now()).unwrap();
     p.cut(&out, 2, no_commit).await.unwrap();
     let state = crate::state::read(&f.store, "", "t", 0).await.unwrap().unwrap();
     let late_hour = four_days_ago / HOUR;
     assert_eq!(state.hours.get(&late_hour), Some(&1), "{:?}", state.hours);
     // Past quarantine.max_past (7 days) of Kafka time, no record can land in it: pruned.
     let much_later = now + 8 * 24 * HOUR;
-    p.append(&out, &msg(2, much_later, &r)).unwrap();
+    p.append(&out, &msg(2, much_later, &r), Instant::now()).unwrap();
     p.cut(&out, 3, no_commit).await.unwrap();
     let state = crate::state::read(&f.store, "", "t", 0).await.unwrap().unwrap();
     assert_eq!(state.hours.keys().copied().collect::<Vec<_>>(), [much_later / HOUR]);
@@ -420,14 +422,14 @@ async fn a_host_with_records_and_no_report_yet_is_kept_until_its_first_report() 
     let mut p = Partition::open(&out, "t", 0, 0, 1).await.unwrap();
     for (offset, seq) in [(0, 0), (1, 1)] {
         let r = raw(seq);
-        p.append(&out, &from_file(offset, seq, &r)).unwrap();
+        p.append(&out, &from_file(offset, seq, &r), Instant::now()).unwrap();
     }
     assert_eq!(cut_and_commit(&mut p, &out, 2).await, 2);
     let state = crate::state::read(&f.store, "", "t", 0).await.unwrap().unwrap();
     assert_eq!(state.hosts_unreported.keys().collect::<Vec<_>>(), ["h"], "the host of source h/1");
     let now = chrono::Utc::now().timestamp_millis();
     let report = format!(r#"{{"tron_watermarks": {{"h": [{now}, {now}]}}}}"#).into_bytes();
-    p.append(&out, &Incoming { is_watermark: true, ..msg(2, T0, &report) }).unwrap();
+    p.append(&out, &Incoming { is_watermark: true, ..msg(2, T0, &report) }, Instant::now()).unwrap();
     assert_eq!(cut_and_commit(&mut p, &out, 3).await, 3);
     let state = crate::state::read(&f.store, "", "t", 0).await.unwrap().unwrap();
     assert!(state.hosts_unreported.is_empty() && state.hosts.contains_key("h"), "{state:?}");
