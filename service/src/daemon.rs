@@ -79,9 +79,23 @@ where
         }
         Err(e) => {
             tracing::error!(error = %format!("{e:#}"), "stopped by an error");
-            ExitCode::FAILURE
+            exit_without_teardown()
         }
     }
+}
+
+/// Ends the process after a fatal error without dropping the runtime. Dropping it cancels tasks
+/// that other worker threads may be polling at that moment, and those panic on their timers ("A
+/// Tokio 1.x context was found, but it is being shutdown"): a backtrace after the real error, seen
+/// when an agent's metrics port was taken. `_exit` also skips `atexit` handlers (OpenSSL's
+/// cleanup) that would run while librdkafka's threads still use them. Nothing is lost: every
+/// daemon is built to survive `kill -9` (checkpoints after acks, Kafka offsets after uploads).
+fn exit_without_teardown() -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: `_exit` only ends the process; no Rust state is observed afterwards.
+    unsafe { libc::_exit(1) }
 }
 
 /// glibc's defaults let a daemon's RSS drift far past the memory its budgets allow:

@@ -28,10 +28,41 @@ HOST = "127.0.0.1"
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
+# Ports for our servers come from below the kernel's ephemeral range (32768-60999 here), in a slice
+# of their own per process, never twice in a process. A port the kernel picked for `bind(0)` and
+# that was closed again could be handed out twice (two agents of one test got the same metrics port
+# and one died: CI of ebad4ed), or taken as the local port of an outgoing connection before the
+# daemon binds it.
+PORT_BASE, PORT_SLICE, PORT_SLICES = 20000, 1500, 8
+_ports_given = set()
+
+
+def _port_slice():
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ...: one slice per worker
+    if worker.startswith("gw") and worker[2:].isdigit():
+        return int(worker[2:]) % (PORT_SLICES // 2)
+    return PORT_SLICES // 2 + os.getpid() % (PORT_SLICES // 2)  # bench, run_local, helper scripts
+
+
 def free_port():
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
+    """A port on HOST nobody listens on, not handed out before by this process."""
+    first = PORT_BASE + _port_slice() * PORT_SLICE
+    start = len(_ports_given)
+    for i in range(PORT_SLICE):
+        port = first + (start + i) % PORT_SLICE
+        if port in _ports_given:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((HOST, port))
+            except OSError:
+                continue
+        _ports_given.add(port)
+        return port
+    if _ports_given:  # every port of the slice handed out once: the earliest are long closed
+        _ports_given.clear()
+        return free_port()
+    raise RuntimeError("no free port in %d-%d" % (first, first + PORT_SLICE - 1))
 
 
 def wait_for(what, check, timeout=60.0, proc=None, log=None):
