@@ -5,7 +5,7 @@
 //! not read the socket, so overload becomes TCP backpressure instead of memory growth.
 
 use crate::dead_letter::DeadLetter;
-use crate::kafka::{Deliver, Kafka};
+use crate::kafka::{Deliver, Kafka, Line, Turn};
 use crate::peer_names::ReportHosts;
 use crate::receive::{Closed, FrameReader, ReceivePool, Received};
 use crate::route::Router;
@@ -112,6 +112,7 @@ pub async fn serve<S, K>(
     // (the queue full because the client does not read) stop waiting.
     let closing = CancellationToken::new();
     let mut deliveries = JoinSet::new();
+    let mut line = Line::default();
     let mine = Arc::new(Unacked::default());
     loop {
         // Until a connection has sent a complete frame its slot may go to a newcomer, and it has
@@ -236,8 +237,9 @@ pub async fn serve<S, K>(
         let failed = failed.clone();
         let closing = closing.clone();
         let mine = mine.clone();
+        let turn = line.next_turn();
         deliveries.spawn(async move {
-            deliver(&ctx, &chunk, peer, &ack_tx, &failed, &closing).await;
+            deliver(&ctx, &chunk, turn, peer, &ack_tx, &failed, &closing).await;
             mine.release(cost as usize);
             metrics::gauge!("tron_relay_inflight_bytes").decrement(cost as f64);
             drop(permit);
@@ -312,13 +314,14 @@ struct Chunk {
 async fn deliver<K: Deliver>(
     ctx: &Context<K>,
     batch: &Chunk,
+    turn: Turn,
     peer: SocketAddr,
     acks: &mpsc::Sender<Vec<u8>>,
     failed: &CancellationToken,
     closing: &CancellationToken,
 ) {
     let topic = ctx.router.topic(&batch.tag);
-    let outcome = match ctx.kafka.deliver(topic, &batch.tag, &batch.records).await {
+    let outcome = match ctx.kafka.deliver(topic, &batch.tag, &batch.records, turn).await {
         Ok(refused) if refused.is_empty() => Ok(0),
         Ok(refused) => dead_letter(ctx, batch, peer, topic, refused),
         Err(e) => Err((e.reason(), e.to_string())),
@@ -435,15 +438,35 @@ mod tests {
     use rdkafka::error::{KafkaError, RDKafkaErrorCode};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// Kafka that answers a chunk only when the test lets it, with success or a time-out.
+    /// Kafka that answers a chunk only when the test lets it, with success or a time-out. It
+    /// notes the records in the order they are queued; the first chunk's task can be made to
+    /// start late, as a loaded scheduler may do.
     struct Gated {
         answers: Semaphore,
         fail: bool,
         delivered: AtomicUsize,
+        first_starts_late: Option<Duration>,
+        calls: AtomicUsize,
+        queued: std::sync::Mutex<Vec<Vec<u8>>>,
     }
 
     impl Deliver for Gated {
-        async fn deliver(&self, topic: &str, _tag: &str, records: &Records) -> Result<Vec<Refused>, DeliveryError> {
+        async fn deliver(
+            &self,
+            topic: &str,
+            _tag: &str,
+            records: &Records,
+            mut turn: Turn,
+        ) -> Result<Vec<Refused>, DeliveryError> {
+            if let (0, Some(late)) = (self.calls.fetch_add(1, Ordering::SeqCst), self.first_starts_late) {
+                tokio::time::sleep(late).await;
+            }
+            turn.wait().await;
+            self.queued
+                .lock()
+                .expect("queued lock")
+                .extend((0..records.records.len()).map(|i| records.get(i).to_vec()));
+            drop(turn);
             self.answers.acquire().await.expect("open").forget();
             if self.fail {
                 let error = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
@@ -457,7 +480,14 @@ mod tests {
     /// (Nothing here is too large for Kafka: the dead-letter file is never written.)
     fn context(fail: bool, dir: &std::path::Path) -> Context<Gated> {
         Context {
-            kafka: Gated { answers: Semaphore::new(0), fail, delivered: AtomicUsize::new(0) },
+            kafka: Gated {
+                answers: Semaphore::new(0),
+                fail,
+                delivered: AtomicUsize::new(0),
+                first_starts_late: None,
+                calls: AtomicUsize::new(0),
+                queued: Default::default(),
+            },
             watermarks: Default::default(),
             dead_letter: DeadLetter::new(dir.join("dead-letter.ndjson"), 1 << 20),
             router: Router::new(Vec::new(), "logs".into()),
@@ -494,8 +524,13 @@ mod tests {
     }
 
     fn chunk(id: &str) -> Vec<u8> {
+        numbered_chunk(id, 0)
+    }
+
+    /// Three records numbered from `first`.
+    fn numbered_chunk(id: &str, first: u64) -> Vec<u8> {
         let mut chunk = ChunkBuilder::uncompressed();
-        for seq in 0..3 {
+        for seq in first..first + 3 {
             let record = serde_json::json!({ "seq": seq });
             chunk.push(EventTime::new(1_795_300_000, 0), record.as_object().unwrap());
         }
@@ -515,6 +550,35 @@ mod tests {
         let ack = rmpv::decode::read_value(&mut &reply[..n]).unwrap();
         assert_eq!(ack, rmpv::Value::Map(vec![("ack".into(), "c1".into())]));
         assert_eq!(ctx.kafka.delivered.load(Ordering::SeqCst), 3);
+        drop(client);
+        task.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connections_records_are_queued_in_the_order_sent_when_its_first_task_starts_late() {
+        let mut ctx = context(false, &std::env::temp_dir());
+        ctx.kafka.first_starts_late = Some(Duration::from_millis(300));
+        let ctx = Arc::new(ctx);
+        ctx.kafka.answers.add_permits(1 << 20);
+        let (mut client, task) = connect(&ctx);
+        for c in 0..4u64 {
+            client.write_all(&numbered_chunk(&format!("c{c}"), c * 3)).await.unwrap();
+        }
+        let mut acks = 0;
+        let mut reply = [0u8; 256];
+        while acks < 4 {
+            let n = tokio::time::timeout(Duration::from_secs(5), client.read(&mut reply)).await.unwrap().unwrap();
+            acks += reply[..n].windows(3).filter(|w| w == b"ack").count();
+        }
+        let queued: Vec<u64> = ctx
+            .kafka
+            .queued
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|json| serde_json::from_slice::<serde_json::Value>(json).unwrap()["seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(queued, (0..12).collect::<Vec<u64>>(), "records queued out of the order they were sent");
         drop(client);
         task.await.unwrap();
     }

@@ -307,8 +307,13 @@ impl Partition {
         self.read_since_open
     }
 
+    /// Every `every`, and at once when the stored state says "caught up" but a message came
+    /// after it was written: the finalizer reads the stored state, and until the next heartbeat
+    /// it would count this partition as holding nothing more while records it has not seen are
+    /// staged (up to `finalize.interval` in which another partition can pass the hour).
     pub fn heartbeat_due(&self, every: Duration) -> bool {
         self.state_written_at.elapsed() >= every
+            || (self.state.caught_up && self.last_message_at > self.state_written_at)
     }
 
     /// Replaying a cut and nothing read for `quiet`: the re-read the replay waits for may never

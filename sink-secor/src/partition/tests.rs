@@ -434,3 +434,23 @@ async fn a_host_with_records_and_no_report_yet_is_kept_until_its_first_report() 
     let state = crate::state::read(&f.store, "", "t", 0).await.unwrap().unwrap();
     assert!(state.hosts_unreported.is_empty() && state.hosts.contains_key("h"), "{state:?}");
 }
+
+#[tokio::test]
+async fn a_stored_caught_up_is_withdrawn_at_the_first_message_after_it() {
+    let f = Fixture::new();
+    let out = f.out("a");
+    let roll = RollConfig { idle_after: Duration::ZERO, ..roll() };
+    let every = Duration::from_secs(3600);
+    let mut p = Partition::open(&out, "t", 0, 0, 1).await.unwrap();
+    p.heartbeat(&out, &roll, true).await.unwrap();
+    let stored = crate::state::read(&f.store, "", "t", 0).await.unwrap().unwrap();
+    assert!(stored.caught_up);
+    assert!(!p.heartbeat_due(every), "nothing came: the next heartbeat waits its interval");
+    let r = raw(1);
+    p.append(&out, &msg(0, T0, &r), Instant::now()).unwrap();
+    assert!(p.heartbeat_due(every), "a message came after the caught-up state: it must be withdrawn now");
+    p.heartbeat(&out, &roll, true).await.unwrap();
+    let stored = crate::state::read(&f.store, "", "t", 0).await.unwrap().unwrap();
+    assert!(!stored.caught_up, "a partition with a staged record reported caught up");
+    assert!(!p.heartbeat_due(every), "withdrawn once: back to the interval");
+}
