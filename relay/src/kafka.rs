@@ -125,7 +125,7 @@ pub trait Deliver: Send + Sync + 'static {
 /// earlier. The sink relies on the order (a partition whose committed event time is past an hour
 /// holds no more of it, docs/completeness.md); under CPU load 72 of 400 records of an hour came
 /// after the next hour's records and the hour got `_SUCCESS` without them. Only the queueing
-/// waits in line, a few microseconds per record; the acknowledgements are still awaited together.
+/// waits in line; the acknowledgements are still awaited together.
 pub struct Turn {
     previous: Option<tokio::sync::oneshot::Receiver<()>>,
     /// Dropped once this chunk's records are all queued (or it gave up): the next chunk's turn.
@@ -305,11 +305,11 @@ impl Kafka {
         let mut refused = Vec::new();
         let mut meta = Vec::new();
         let mut sync_error = None;
+        turn.wait().await;
         // Kafka's timestamp is when the relay received the record, not its event time (which the
         // record carries in a header): the sink's quarantine compares the two, time-based
         // retention keeps back-filled records as long as any, and brokers that bound timestamps
         // (log.message.timestamp.{before,after}.max.ms) never refuse an old or future line.
-        turn.wait().await;
         let received_ms = tron_service::clock::now_ms();
         for (index, entry) in records.records.iter().enumerate() {
             let payload = records.get(index);
@@ -345,8 +345,9 @@ impl Kafka {
                 }
             }
         }
-        drop(turn); // all queued: the connection's next chunk may queue its records
-                    // Every report must be in before the chunk is answered (and before `records` may go).
+        // All queued: the connection's next chunk may queue its records.
+        drop(turn);
+        // Every report must be in before the chunk is answered (and before `records` may go).
         chunk.all_reported().await;
         if let Some(e) = sync_error {
             return Err(e);
