@@ -34,7 +34,7 @@ step "end-to-end suites (real Tansu, moto, fake-gcs-server)"
 # the 29 slowest tests took 1.5 % longer in all than with two (the most, 24 %, were tests that
 # push a backlog through), while the suite's wall time fell from 22.1 to 12.0 min. The longest
 # file (test_sink_fencing.py, about 10 min) is now the floor. No test asserts a timing.
-# Four is also the most tests/services/servers.py gives a port slice of its own.
+# Four is also the most tests/services/servers.py has port slices for; it refuses more.
 # --durations shows where the time goes.
 .venv/bin/python -m pytest tests/e2e -v -p no:cacheprovider -n 4 --dist loadfile --durations=30
 

@@ -40,7 +40,11 @@ _ports_given = set()
 def _port_slice():
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ...: one slice per worker
     if worker.startswith("gw") and worker[2:].isdigit():
-        return int(worker[2:]) % (PORT_SLICES // 2)
+        workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+        if workers > PORT_SLICES // 2:  # two workers would share a slice, and ports
+            raise RuntimeError("%d pytest-xdist workers, but port slices for only %d (PORT_SLICES in %s)"
+                               % (workers, PORT_SLICES // 2, __file__))
+        return int(worker[2:])
     return PORT_SLICES // 2 + os.getpid() % (PORT_SLICES // 2)  # bench, run_local, helper scripts
 
 
