@@ -37,6 +37,9 @@ pub struct RowSink {
     /// Some column shows the record or reads a field of it, so rows check its UTF-8.
     reads_record: bool,
     times: TimeText,
+    /// The wanted keys' values, kept from row to row so a row allocates nothing: `None`s between
+    /// rows (their text is borrowed from one record only; `recycle` turns the lifetime over).
+    spare_values: Vec<Option<&'static str>>,
 }
 
 enum Out {
@@ -45,31 +48,36 @@ enum Out {
 }
 
 /// The `@time` cell of the last row: rows of the same second only get new microseconds, so
-/// chrono's formatting (2 % of the sink's CPU once per row) runs once per second of event time.
+/// chrono's formatting (2 % of the sink's CPU once per row) runs once per second of event time,
+/// and the microseconds are written over the last ones in place.
 #[derive(Default)]
 struct TimeText {
     second: Option<i64>,
-    text: String,
+    text: Vec<u8>,
 }
 
 impl TimeText {
-    fn format(&mut self, time_ns: i64) -> &str {
+    fn format(&mut self, time_ns: i64) -> &[u8] {
         let second = time_ns.div_euclid(1_000_000_000);
         if self.second != Some(second) {
             self.second = Some(second);
-            self.text = rfc3339_micros(time_ns);
+            self.text = rfc3339_micros(time_ns).into_bytes();
         }
         // The text ends in ".ffffffZ" whatever the year's width.
         let mut micros = time_ns.rem_euclid(1_000_000_000) / 1000;
-        let mut digits = [b'0'; 6];
-        for d in digits.iter_mut().rev() {
+        let end = self.text.len() - 1;
+        for d in self.text[end - 6..end].iter_mut().rev() {
             *d = b'0' + (micros % 10) as u8;
             micros /= 10;
         }
-        let end = self.text.len() - 1;
-        self.text.replace_range(end - 6..end, std::str::from_utf8(&digits).expect("ASCII digits"));
         &self.text
     }
+}
+
+/// The same vector, emptied of values, with another lifetime for the next ones: an in-place
+/// collect (same layout), so no allocation.
+fn recycle<'b>(values: Vec<Option<&str>>) -> Vec<Option<&'b str>> {
+    values.into_iter().map(|_| None).collect()
 }
 
 impl RowSink {
@@ -83,12 +91,13 @@ impl RowSink {
         };
         let wanted = WantedKeys::of(columns);
         let reads_record = columns.iter().any(|c| matches!(c.source, ColumnSource::Record | ColumnSource::Field(_)));
-        Ok(RowSink { out, columns: columns.to_vec(), wanted, reads_record, times: TimeText::default() })
+        let spare_values = vec![None; wanted.0.len()];
+        Ok(RowSink { out, columns: columns.to_vec(), wanted, reads_record, times: TimeText::default(), spare_values })
     }
 
     /// Writes one row; returns its uncompressed size.
     pub fn write(&mut self, src: &RowSource) -> std::io::Result<usize> {
-        let RowSink { out, columns, wanted, reads_record, times } = self;
+        let RowSink { out, columns, wanted, reads_record, times, spare_values } = self;
         match out {
             Out::Lines(rows) => {
                 rows.write_all(src.raw)?;
@@ -101,14 +110,16 @@ impl RowSink {
                 // One UTF-8 check of the record serves the `@record` cell and the field scan,
                 // which then checks none of its strings again.
                 let text = if *reads_record { std::str::from_utf8(src.raw).ok() } else { None };
-                let fields = TopLevel::parse(src.raw, text, wanted);
+                let mut values = recycle(std::mem::take(spare_values));
+                let fields = TopLevel::parse(src.raw, text, wanted, &mut values);
                 let mut size = 0;
                 for column in columns.iter() {
                     size += match column.source {
-                        ColumnSource::Time => w.cell(times.format(src.time_ns).as_bytes()),
+                        ColumnSource::Time => w.cell(times.format(src.time_ns)),
                         ref source => w.cell(cell(source, src, text, wanted, &fields).as_bytes()),
                     };
                 }
+                *spare_values = recycle(values);
                 Ok(size + w.end_row()?)
             }
         }
@@ -136,7 +147,7 @@ fn cell<'a>(
     src: &RowSource<'a>,
     text: Option<&'a str>,
     wanted: &WantedKeys,
-    fields: &TopLevel<'a>,
+    fields: &TopLevel<'_, 'a>,
 ) -> Cow<'a, str> {
     match source {
         ColumnSource::Time => rfc3339_micros(src.time_ns).into(),
@@ -175,51 +186,62 @@ impl WantedKeys {
         WantedKeys(keys)
     }
 
+    /// Compared byte by byte: keys are a few bytes long, where a call to memcmp per key of
+    /// every record cost more than the comparison.
     fn index(&self, key: &str) -> Option<usize> {
-        self.0.iter().position(|k| k == key)
+        let key = key.as_bytes();
+        self.0.iter().position(|k| k.len() == key.len() && k.bytes().zip(key).all(|(a, &b)| a == b))
     }
 }
 
 /// The values of a record's wanted top-level keys (`WantedKeys`, same order) as slices of its
 /// JSON text; all empty when it is not a JSON object.
-#[derive(Default)]
-struct TopLevel<'a>(Vec<Option<&'a str>>);
+struct TopLevel<'v, 'a>(&'v [Option<&'a str>]);
 
-impl<'a> TopLevel<'a> {
-    /// `text`: `raw`, when it is UTF-8.
-    fn parse(raw: &'a [u8], text: Option<&'a str>, wanted: &WantedKeys) -> Self {
+impl<'v, 'a> TopLevel<'v, 'a> {
+    /// `text`: `raw`, when it is UTF-8. `values`: one `None` per wanted key, filled here.
+    fn parse(raw: &'a [u8], text: Option<&'a str>, wanted: &WantedKeys, values: &'v mut [Option<&'a str>]) -> Self {
         if wanted.0.is_empty() {
-            return TopLevel::default();
+            return TopLevel(values);
         }
-        let values = match text {
+        let found = match text {
             // The fast pass, and serde_json where it is unsure.
             Some(text) => {
-                Self::fast(text, wanted).or_else(|| Self::scan(serde_json::Deserializer::from_str(text), wanted).ok())
+                Self::fast(text, wanted, values)
+                    || Self::scan(serde_json::Deserializer::from_str(text), wanted, values).is_ok()
             }
             // Not UTF-8 somewhere: read as bytes, where only the strings kept are checked, so a
             // bad value no column reads leaves the other cells filled.
-            None => Self::scan(serde_json::Deserializer::from_slice(raw), wanted).ok(),
+            None => Self::scan(serde_json::Deserializer::from_slice(raw), wanted, values).is_ok(),
         };
-        values.map(TopLevel).unwrap_or_default()
+        if !found {
+            values.fill(None);
+        }
+        TopLevel(values)
     }
 
-    fn fast(text: &'a str, wanted: &WantedKeys) -> Option<Vec<Option<&'a str>>> {
-        let mut values = vec![None; wanted.0.len()];
+    /// Whether the fast pass answered; values it filled before it gave up are the caller's to
+    /// forget.
+    fn fast(text: &'a str, wanted: &WantedKeys, values: &mut [Option<&'a str>]) -> bool {
         crate::json_scan::top_level(text, |key, value| {
             if let Some(i) = wanted.index(key) {
                 values[i] = Some(value);
             }
-        })?;
-        Some(values)
+        })
+        .is_some()
     }
 
     fn scan<R: serde_json::de::Read<'a>>(
         mut de: serde_json::Deserializer<R>,
         wanted: &WantedKeys,
-    ) -> serde_json::Result<Vec<Option<&'a str>>> {
-        let values = WantedValues(wanted).deserialize(&mut de)?;
+        values: &mut [Option<&'a str>],
+    ) -> serde_json::Result<()> {
+        let found = WantedValues(wanted).deserialize(&mut de)?;
         de.end()?;
-        Ok(values.into_iter().map(|v| v.map(RawValue::get)).collect())
+        for (value, raw) in values.iter_mut().zip(found) {
+            *value = raw.map(RawValue::get);
+        }
+        Ok(())
     }
 
     /// The last value under `key`, as a tree would keep it.
@@ -329,7 +351,7 @@ mod tests {
             0,
             4_102_444_800_000_000_000,
         ] {
-            assert_eq!(times.format(ns), rfc3339_micros(ns), "{ns}");
+            assert_eq!(times.format(ns), rfc3339_micros(ns).as_bytes(), "{ns}");
         }
     }
 
@@ -414,6 +436,23 @@ mod tests {
 ,"""a"""
 "#
         );
+    }
+
+    #[test]
+    fn no_value_of_one_row_is_left_in_the_next() {
+        // The values are kept from row to row: a row without a key, a record the fast pass
+        // filled part of before it found the text invalid, and one only serde_json reads (an
+        // escape in a key) each show their own values and nothing of the row before.
+        let cols = [col("a", "a"), col("b", "b")];
+        let records: [&[u8]; 6] = [
+            br#"{"a": 1, "b": 2}"#,
+            br#"{"b": 3}"#,
+            br#"{"a": 4, "b": 5} trailing"#,
+            br#"{"a": 6, "b": 7}"#,
+            br#"{"\u0061": 8}"#,
+            br#"{}"#,
+        ];
+        assert_eq!(rows(&cols, &records), "1,2\n,3\n,\n6,7\n8,\n,\n");
     }
 
     #[test]

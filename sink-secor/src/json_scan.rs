@@ -21,13 +21,13 @@ pub fn top_level<'a>(text: &'a str, mut keep: impl FnMut(&'a str, &'a str)) -> O
     if b.get(start) != Some(&b'{') {
         return None;
     }
-    let end = container_end(b, start, 0, b'}', true, &mut |key, value| {
-        // Without its quotes; an escaped key would need decoding to be compared.
-        let key = &text[key.start + 1..key.end - 1];
-        if key.contains('\\') {
+    let end = container_end(b, start, 0, b'}', true, &mut |key: Range<usize>, key_escaped, value: Range<usize>| {
+        // An escaped key would need decoding to be compared; the string scan already said
+        // whether it has an escape, so the key is not searched again.
+        if key_escaped {
             return None;
         }
-        keep(key, &text[value]);
+        keep(&text[key.start + 1..key.end - 1], &text[value]);
         Some(())
     })?;
     (skip_ws(b, end) == b.len()).then_some(())
@@ -43,9 +43,9 @@ fn skip_ws(b: &[u8], mut i: usize) -> usize {
 /// The end (past the closing quote) of the value starting at `i`.
 fn value_end(b: &[u8], i: usize, depth: usize) -> Option<usize> {
     match *b.get(i)? {
-        b'"' => string_end(b, i),
-        b'{' => container_end(b, i, depth, b'}', true, &mut |_, _| Some(())),
-        b'[' => container_end(b, i, depth, b']', false, &mut |_, _| Some(())),
+        b'"' => string_end(b, i).map(|(end, _)| end),
+        b'{' => container_end(b, i, depth, b'}', true, &mut |_, _, _| Some(())),
+        b'[' => container_end(b, i, depth, b']', false, &mut |_, _, _| Some(())),
         b't' => literal_end(b, i, b"true"),
         b'f' => literal_end(b, i, b"false"),
         b'n' => literal_end(b, i, b"null"),
@@ -55,15 +55,16 @@ fn value_end(b: &[u8], i: usize, depth: usize) -> Option<usize> {
 }
 
 /// The end past the `close` of the object or array at `i`. Each member of an object goes to
-/// `member` as the ranges of its key (quotes included) and value; `None` from it makes the scan
-/// unsure.
-fn container_end(
+/// `member` as the range of its key (quotes included), whether the key has an escape, and the
+/// range of its value; `None` from it makes the scan unsure. Generic rather than `dyn`, so the
+/// top level's member call is inlined into the loop that runs once per key of every record.
+fn container_end<M: FnMut(Range<usize>, bool, Range<usize>) -> Option<()>>(
     b: &[u8],
     i: usize,
     depth: usize,
     close: u8,
     object: bool,
-    member: &mut dyn FnMut(Range<usize>, Range<usize>) -> Option<()>,
+    member: &mut M,
 ) -> Option<usize> {
     if depth >= MAX_DEPTH {
         return None;
@@ -74,8 +75,9 @@ fn container_end(
     }
     loop {
         let mut key = i..i;
+        let mut key_escaped = false;
         if object {
-            key.end = string_end(b, i)?;
+            (key.end, key_escaped) = string_end(b, i)?;
             i = skip_ws(b, key.end);
             if b.get(i) != Some(&b':') {
                 return None;
@@ -85,7 +87,7 @@ fn container_end(
         let value = i..value_end(b, i, depth + 1)?;
         i = skip_ws(b, value.end);
         if object {
-            member(key, value)?;
+            member(key, key_escaped, value)?;
         }
         match *b.get(i)? {
             b',' => i = skip_ws(b, i + 1),
@@ -137,19 +139,23 @@ fn digits_end(b: &[u8], mut i: usize) -> usize {
     i
 }
 
-/// The string starting at `i`: the end past its closing quote. Simple escapes are checked and
-/// passed; `\u` escapes and control characters make it unsure.
-fn string_end(b: &[u8], i: usize) -> Option<usize> {
+/// The string starting at `i`: the end past its closing quote, and whether it has an escape.
+/// Simple escapes are checked and passed; `\u` escapes and control characters make it unsure.
+fn string_end(b: &[u8], i: usize) -> Option<(usize, bool)> {
     if b.get(i) != Some(&b'"') {
         return None;
     }
     let mut at = i + 1;
+    let mut escaped = false;
     loop {
         at = next_special(b, at);
         match *b.get(at)? {
-            b'"' => return Some(at + 1),
+            b'"' => return Some((at + 1, escaped)),
             b'\\' => match *b.get(at + 1)? {
-                b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => at += 2,
+                b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {
+                    escaped = true;
+                    at += 2
+                }
                 _ => return None,
             },
             _ => return None,
