@@ -44,14 +44,14 @@ impl<'a> Origin<'a> {
     /// either is absent or malformed (such a record is written, never dropped).
     pub fn from_old_headers(source: Option<&'a [u8]>, range: Option<&[u8]>) -> Option<Self> {
         let source = std::str::from_utf8(source?).ok()?;
-        Origin::new(source, parse_range(std::str::from_utf8(range?).ok()?)?)
+        Origin::new(source, parse_range(range?)?)
     }
 }
 
-/// `{start}-{end}`, as both header formats write a record's range.
-fn parse_range(range: &str) -> Option<(u64, u64)> {
-    let (start, end) = range.split_once('-')?;
-    Some((start.parse().ok()?, end.parse().ok()?))
+/// `{start}-{end}`, as the older [`RANGE`] header writes a record's range.
+fn parse_range(range: &[u8]) -> Option<(u64, u64)> {
+    let (start, end) = leading_number(range, b'-')?;
+    Some((start, number(end)?))
 }
 
 /// What the [`RECORD`] header says of a record.
@@ -108,15 +108,24 @@ impl<'a> RecordMeta<'a> {
 /// The decimal number at the start of `b` (at least one digit, nothing else) up to `end`, and
 /// what follows `end`; None on anything else or on overflow.
 fn leading_number(b: &[u8], end: u8) -> Option<(u64, &[u8])> {
-    let mut n: u64 = 0;
-    for (i, &c) in b.iter().enumerate() {
-        match c {
-            b'0'..=b'9' => n = n.checked_mul(10)?.checked_add(u64::from(c - b'0'))?,
-            _ if c == end && i > 0 => return Some((n, &b[i + 1..])),
-            _ => return None,
-        }
+    let at = b.iter().position(|c| !c.is_ascii_digit())?;
+    if b[at] != end {
+        return None;
     }
-    None
+    Some((number(&b[..at])?, &b[at + 1..]))
+}
+
+/// `digits` (at least one, nothing else) as a number; None on anything else or on overflow.
+fn number(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &c| {
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        n.checked_mul(10)?.checked_add(u64::from(c - b'0'))
+    })
 }
 
 #[cfg(test)]
@@ -162,7 +171,8 @@ mod tests {
             None => return None,
             Some(rest) => {
                 let (range, source) = rest.split_once(' ')?;
-                Origin::new(source, parse_range(range)?)
+                let (start, end) = range.split_once('-')?;
+                Origin::new(source, (start.parse().ok()?, end.parse().ok()?))
             }
         };
         Some(RecordMeta { event_time_ns: time.parse().ok()?, tag, origin })

@@ -81,13 +81,14 @@ fn needs_quotes(cell: &[u8], delimiter: u8) -> bool {
     let special = |word: u64| {
         swar::equal(word, delimiter) | swar::equal(word, b'"') | swar::equal(word, b'\n') | swar::equal(word, b'\r')
     };
-    let mut words = cell.chunks_exact(8);
-    for chunk in words.by_ref() {
-        if special(u64::from_le_bytes(chunk.try_into().expect("eight bytes"))) != 0 {
+    let mut at = 0;
+    while let Some(word) = swar::word_at(cell, at) {
+        if special(word) != 0 {
             return true;
         }
+        at += 8;
     }
-    words.remainder().iter().any(|&b| b == delimiter || b == b'"' || b == b'\n' || b == b'\r')
+    cell[at..].iter().any(|&b| b == delimiter || b == b'"' || b == b'\n' || b == b'\r')
 }
 
 /// `"cell"` with every quote in it doubled, appended to `out`.

@@ -39,7 +39,7 @@ pub struct RowSink {
     times: TimeText,
     /// The wanted keys' values, kept from row to row so a row allocates nothing: `None`s between
     /// rows (their text is borrowed from one record only; `recycle` turns the lifetime over).
-    spare_values: Vec<Option<&'static str>>,
+    spare_values: Vec<Option<FieldText<'static>>>,
 }
 
 enum Out {
@@ -76,7 +76,7 @@ impl TimeText {
 
 /// The same vector, emptied of values, with another lifetime for the next ones: an in-place
 /// collect (same layout), so no allocation.
-fn recycle<'b>(values: Vec<Option<&str>>) -> Vec<Option<&'b str>> {
+fn recycle<'b>(values: Vec<Option<FieldText<'_>>>) -> Vec<Option<FieldText<'b>>> {
     values.into_iter().map(|_| None).collect()
 }
 
@@ -196,11 +196,16 @@ impl WantedKeys {
 
 /// The values of a record's wanted top-level keys (`WantedKeys`, same order) as slices of its
 /// JSON text; all empty when it is not a JSON object.
-struct TopLevel<'v, 'a>(&'v [Option<&'a str>]);
+struct TopLevel<'v, 'a>(&'v [Option<FieldText<'a>>]);
 
 impl<'v, 'a> TopLevel<'v, 'a> {
     /// `text`: `raw`, when it is UTF-8. `values`: one `None` per wanted key, filled here.
-    fn parse(raw: &'a [u8], text: Option<&'a str>, wanted: &WantedKeys, values: &'v mut [Option<&'a str>]) -> Self {
+    fn parse(
+        raw: &'a [u8],
+        text: Option<&'a str>,
+        wanted: &WantedKeys,
+        values: &'v mut [Option<FieldText<'a>>],
+    ) -> Self {
         if wanted.0.is_empty() {
             return TopLevel(values);
         }
@@ -222,10 +227,10 @@ impl<'v, 'a> TopLevel<'v, 'a> {
 
     /// Whether the fast pass answered; values it filled before it gave up are the caller's to
     /// forget.
-    fn fast(text: &'a str, wanted: &WantedKeys, values: &mut [Option<&'a str>]) -> bool {
-        crate::json_scan::top_level(text, |key, value| {
+    fn fast(text: &'a str, wanted: &WantedKeys, values: &mut [Option<FieldText<'a>>]) -> bool {
+        crate::json_scan::top_level(text, |key, json, escaped| {
             if let Some(i) = wanted.index(key) {
-                values[i] = Some(value);
+                values[i] = Some(FieldText { json, escaped });
             }
         })
         .is_some()
@@ -234,30 +239,30 @@ impl<'v, 'a> TopLevel<'v, 'a> {
     fn scan<R: serde_json::de::Read<'a>>(
         mut de: serde_json::Deserializer<R>,
         wanted: &WantedKeys,
-        values: &mut [Option<&'a str>],
+        values: &mut [Option<FieldText<'a>>],
     ) -> serde_json::Result<()> {
         let found = WantedValues(wanted).deserialize(&mut de)?;
         de.end()?;
         for (value, raw) in values.iter_mut().zip(found) {
-            *value = raw.map(RawValue::get);
+            *value = raw.map(|raw| FieldText::searched(raw.get()));
         }
         Ok(())
     }
 
     /// The last value under `key`, as a tree would keep it.
-    fn get(&self, wanted: &WantedKeys, key: &str) -> Option<&'a str> {
+    fn get(&self, wanted: &WantedKeys, key: &str) -> Option<FieldText<'a>> {
         wanted.index(key).and_then(|i| self.0.get(i).copied().flatten())
     }
 
     /// A cell: strings as their text, null or missing as empty, anything else as compact JSON.
     fn cell(&self, wanted: &WantedKeys, path: &str) -> Cow<'a, str> {
-        if let Some(raw) = self.get(wanted, path) {
-            return text_of(raw);
+        if let Some(field) = self.get(wanted, path) {
+            return field.text();
         }
         // A dotted path into nested objects (rare): those values are parsed.
         let mut parts = path.split('.');
         let Some(first) = parts.next().and_then(|p| self.get(wanted, p)) else { return Cow::Borrowed("") };
-        let Ok(mut value) = serde_json::from_str::<Value>(first) else { return Cow::Borrowed("") };
+        let Ok(mut value) = serde_json::from_str::<Value>(first.json) else { return Cow::Borrowed("") };
         for part in parts {
             match value.get_mut(part).map(Value::take) {
                 Some(v) => value = v,
@@ -272,11 +277,31 @@ impl<'v, 'a> TopLevel<'v, 'a> {
     }
 }
 
-/// `text`: a JSON value's text.
-fn text_of(text: &str) -> Cow<'_, str> {
+/// A wanted key's value as its JSON text, checked by the scan that found it, and whether it is a
+/// string with an escape: the scan knows, so the row does not search the text again.
+#[derive(Clone, Copy)]
+struct FieldText<'a> {
+    json: &'a str,
+    escaped: bool,
+}
+
+impl<'a> FieldText<'a> {
+    /// From serde_json, which does not say: the text is searched for a backslash.
+    fn searched(json: &'a str) -> Self {
+        FieldText { json, escaped: json.contains('\\') }
+    }
+
+    /// The cell's text.
+    fn text(self) -> Cow<'a, str> {
+        text_of(self.json, self.escaped)
+    }
+}
+
+/// `text`: a JSON value's text; `escaped`: whether it is a string with an escape.
+fn text_of(text: &str, escaped: bool) -> Cow<'_, str> {
     match text.as_bytes().first() {
-        // The scan checked the string: without a backslash its text is its value.
-        Some(b'"') if !text.contains('\\') => Cow::Borrowed(&text[1..text.len() - 1]),
+        // The scan checked the string: without an escape its text is its value.
+        Some(b'"') if !escaped => Cow::Borrowed(&text[1..text.len() - 1]),
         // Escapes: decoded into a new string.
         Some(b'"') => serde_json::from_str::<String>(text).map(Cow::Owned).unwrap_or_default(),
         Some(b'n') => Cow::Borrowed(""),
@@ -415,6 +440,15 @@ mod tests {
     }
 
     #[test]
+    fn strings_the_fast_scan_saw_escaped_are_decoded_and_the_others_taken_as_written() {
+        // Simple escapes only, so the fast scan answers (a `\u` would send it to serde_json).
+        let record = br#"{"esc":"a\"b\\c\/d\te","plain":"x y","esc2":"\n"}"#;
+        assert!(crate::json_scan::top_level(std::str::from_utf8(record).unwrap(), |_, _, _| ()).is_some());
+        let cols = [col("esc", "esc"), col("plain", "plain"), col("esc2", "esc2")];
+        assert_eq!(rows(&cols, &[record]), "\"a\"\"b\\c/d\te\",x y,\"\n\"\n");
+    }
+
+    #[test]
     fn a_key_written_with_a_dot_wins_over_the_nested_path() {
         let cols = [col("k", "o.k"), col("o", "o")];
         assert_eq!(
@@ -493,7 +527,7 @@ mod tests {
                 Value::String(s) => s,
                 other => other.to_string(),
             };
-            assert_eq!(text_of(raw.get()), expected, "{text}");
+            assert_eq!(FieldText::searched(raw.get()).text(), expected, "{text}");
         }
     }
 

@@ -13,21 +13,22 @@ use std::ops::Range;
 /// Deeper nesting goes to serde_json (its own limit is 128).
 const MAX_DEPTH: usize = 64;
 
-/// Calls `keep(key, value)` for every top-level pair, in order, values as their JSON text. On
-/// `None` the calls made so far are to be forgotten.
-pub fn top_level<'a>(text: &'a str, mut keep: impl FnMut(&'a str, &'a str)) -> Option<()> {
+/// Calls `keep(key, value, escaped)` for every top-level pair, in order, values as their JSON
+/// text; `escaped` says whether a string value has an escape (false for other values), so its
+/// reader need not search it again. On `None` the calls made so far are to be forgotten.
+pub fn top_level<'a>(text: &'a str, mut keep: impl FnMut(&'a str, &'a str, bool)) -> Option<()> {
     let b = text.as_bytes();
     let start = skip_ws(b, 0);
     if b.get(start) != Some(&b'{') {
         return None;
     }
-    let end = container_end(b, start, 0, b'}', true, &mut |key: Range<usize>, key_escaped, value: Range<usize>| {
+    let end = container_end(b, start, 0, b'}', true, &mut |key: Range<usize>, key_escaped, value, value_escaped| {
         // An escaped key would need decoding to be compared; the string scan already said
         // whether it has an escape, so the key is not searched again.
         if key_escaped {
             return None;
         }
-        keep(&text[key.start + 1..key.end - 1], &text[value]);
+        keep(&text[key.start + 1..key.end - 1], &text[value], value_escaped);
         Some(())
     })?;
     (skip_ws(b, end) == b.len()).then_some(())
@@ -40,25 +41,27 @@ fn skip_ws(b: &[u8], mut i: usize) -> usize {
     i
 }
 
-/// The end (past the closing quote) of the value starting at `i`.
-fn value_end(b: &[u8], i: usize, depth: usize) -> Option<usize> {
-    match *b.get(i)? {
-        b'"' => string_end(b, i).map(|(end, _)| end),
-        b'{' => container_end(b, i, depth, b'}', true, &mut |_, _, _| Some(())),
-        b'[' => container_end(b, i, depth, b']', false, &mut |_, _, _| Some(())),
+/// The end of the value starting at `i`, and whether it is a string with an escape.
+fn value_end(b: &[u8], i: usize, depth: usize) -> Option<(usize, bool)> {
+    let end = match *b.get(i)? {
+        b'"' => return string_end(b, i),
+        b'{' => container_end(b, i, depth, b'}', true, &mut |_, _, _, _| Some(())),
+        b'[' => container_end(b, i, depth, b']', false, &mut |_, _, _, _| Some(())),
         b't' => literal_end(b, i, b"true"),
         b'f' => literal_end(b, i, b"false"),
         b'n' => literal_end(b, i, b"null"),
         b'-' | b'0'..=b'9' => number_end(b, i),
         _ => None,
-    }
+    };
+    end.map(|end| (end, false))
 }
 
 /// The end past the `close` of the object or array at `i`. Each member of an object goes to
-/// `member` as the range of its key (quotes included), whether the key has an escape, and the
-/// range of its value; `None` from it makes the scan unsure. Generic rather than `dyn`, so the
+/// `member` as the range of its key (quotes included), whether the key has an escape, the
+/// range of its value and whether the value is a string with an escape; `None` from it makes
+/// the scan unsure. Generic rather than `dyn`, so the
 /// top level's member call is inlined into the loop that runs once per key of every record.
-fn container_end<M: FnMut(Range<usize>, bool, Range<usize>) -> Option<()>>(
+fn container_end<M: FnMut(Range<usize>, bool, Range<usize>, bool) -> Option<()>>(
     b: &[u8],
     i: usize,
     depth: usize,
@@ -84,10 +87,11 @@ fn container_end<M: FnMut(Range<usize>, bool, Range<usize>) -> Option<()>>(
             }
             i = skip_ws(b, i + 1);
         }
-        let value = i..value_end(b, i, depth + 1)?;
+        let (end, value_escaped) = value_end(b, i, depth + 1)?;
+        let value = i..end;
         i = skip_ws(b, value.end);
         if object {
-            member(key, key_escaped, value)?;
+            member(key, key_escaped, value, value_escaped)?;
         }
         match *b.get(i)? {
             b',' => i = skip_ws(b, i + 1),
@@ -211,7 +215,10 @@ mod tests {
 
     fn fast(text: &str) -> Option<Vec<(String, String)>> {
         let mut pairs = Vec::new();
-        top_level(text, |k, v| pairs.push((k.to_string(), v.to_string())))?;
+        top_level(text, |k, v, escaped| {
+            assert_eq!(escaped, v.starts_with('"') && v.contains('\\'), "{v:?} in {text:?}");
+            pairs.push((k.to_string(), v.to_string()))
+        })?;
         Some(pairs)
     }
 
