@@ -237,7 +237,7 @@ def run_agent_sender(svc, certs, work, log, n, receiver=None, tls=False, compres
         wait_metric(agent, "tron_agent_lines_read_total", n * destinations, 600)
         if receiver:
             wait_metric(agent, "tron_agent_records_sent_total", n, 600, sampler=None, labels={"destination": "relay"})
-            print_shared_reads("senders", agent)
+            print("senders: both destinations: %s" % shared_reads(agent), flush=True)
         code, cpu, hwm = stop_with_rusage(agent)
         stop_profile(profile)  # perf ends with the process: the drain's last upload is in the profile
         wall = time.time() - start
@@ -250,16 +250,13 @@ def run_agent_sender(svc, certs, work, log, n, receiver=None, tls=False, compres
         agent.stop()
 
 
-def print_shared_reads(scenario, agent):
+def shared_reads(agent):
     """How many blocks one destination read and parsed for both (agent/src/shared_reads.rs), and
-    why the others were read alone; printed, and returned for a caller's own line."""
+    why the others were read alone."""
     taken = agent.metric("tron_agent_shared_reads_total", result="taken") or 0
     alone = {r: agent.metric("tron_agent_shared_reads_total", result=r) or 0 for r in ("not_due", "cache_full")}
-    text = "%d blocks read once for both (read alone: %d, the other not due; %d, cache full), " % (
+    return "%d blocks read once for both (read alone: %d, the other not due; %d, cache full)" % (
         taken, alone["not_due"], alone["cache_full"])
-    if scenario == "senders":
-        print("senders: both destinations: %s" % text.rstrip(", "), flush=True)
-    return text
 
 
 def start_profile(proc, name):
@@ -566,7 +563,7 @@ def bench_senders_live(svc, certs, work, rate=50_000, seconds=20):
             wait_metric(agent, "tron_agent_lines_read_total", n * destinations, 600)
             if "receiver" in kw:
                 wait_metric(agent, "tron_agent_records_sent_total", n, 600, labels={"destination": "relay"})
-            shared = print_shared_reads("senders-live", agent) if destinations > 1 else ""
+            shared = shared_reads(agent) + ", " if destinations > 1 else ""
             code, cpu, hwm = stop_with_rusage(agent)
             results[name] = cpu
             print("senders-live: tron-agent -> %-26s %d lines at %d/s: %.2f CPU-s per million lines, peak RSS %.1f MiB, %sexit %d"

@@ -293,25 +293,21 @@ impl<'a> FieldText<'a> {
 
     /// The cell's text.
     fn text(self) -> Cow<'a, str> {
-        text_of(self.json, self.escaped)
-    }
-}
-
-/// `text`: a JSON value's text; `escaped`: whether it is a string with an escape.
-fn text_of(text: &str, escaped: bool) -> Cow<'_, str> {
-    match text.as_bytes().first() {
-        // The scan checked the string: without an escape its text is its value.
-        Some(b'"') if !escaped => Cow::Borrowed(&text[1..text.len() - 1]),
-        // Escapes: decoded into a new string.
-        Some(b'"') => serde_json::from_str::<String>(text).map(Cow::Owned).unwrap_or_default(),
-        Some(b'n') => Cow::Borrowed(""),
-        // A plain integer prints as written (JSON allows no leading zero or plus sign); "-0"
-        // and integers too long for i64 go through the parse, which prints them as floats.
-        _ if is_short_integer(text) => Cow::Borrowed(text),
-        Some(b't') | Some(b'f') => Cow::Borrowed(text),
-        // Numbers, booleans, objects, arrays: as a parsed value prints them, so the cell does
-        // not depend on how the record's JSON was spaced.
-        _ => serde_json::from_str::<Value>(text).map(|v| v.to_string()).unwrap_or_default().into(),
+        let FieldText { json: text, escaped } = self;
+        match text.as_bytes().first() {
+            // The scan checked the string: without an escape its text is its value.
+            Some(b'"') if !escaped => Cow::Borrowed(&text[1..text.len() - 1]),
+            // Escapes: decoded into a new string.
+            Some(b'"') => serde_json::from_str::<String>(text).map(Cow::Owned).unwrap_or_default(),
+            Some(b'n') => Cow::Borrowed(""),
+            // A plain integer prints as written (JSON allows no leading zero or plus sign); "-0"
+            // and integers too long for i64 go through the parse, which prints them as floats.
+            _ if is_short_integer(text) => Cow::Borrowed(text),
+            Some(b't') | Some(b'f') => Cow::Borrowed(text),
+            // Numbers, booleans, objects, arrays: as a parsed value prints them, so the cell does
+            // not depend on how the record's JSON was spaced.
+            _ => serde_json::from_str::<Value>(text).map(|v| v.to_string()).unwrap_or_default().into(),
+        }
     }
 }
 
