@@ -11,7 +11,7 @@
 use crate::destination::BatchMeta;
 use crate::discover::TrackedFile;
 use crate::multiline::Held;
-use crate::shared_reads::Line;
+use crate::shared_reads::{Line, Lines};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -46,7 +46,7 @@ pub struct Cursor<B> {
 
 /// Lines read ahead of the batches: `lines[next..]`, the file from `at` on.
 pub struct Pending {
-    lines: Arc<Vec<Line>>,
+    lines: Arc<Lines>,
     next: usize,
     at: u64,
     /// Where the read ended: the cursor's `read` once every line is taken.
@@ -55,7 +55,7 @@ pub struct Pending {
 
 impl Pending {
     /// `lines` as read from `start` to `end` (or taken from another destination that read there).
-    pub fn new(lines: Arc<Vec<Line>>, start: u64, end: u64) -> Self {
+    pub fn new(lines: Arc<Lines>, start: u64, end: u64) -> Self {
         Pending { lines, next: 0, at: start, end }
     }
 
@@ -63,19 +63,20 @@ impl Pending {
         self.end
     }
 
-    /// The next line, and the bytes of the file it covers.
-    pub fn take_line(&mut self) -> Option<(&Line, usize)> {
-        let line = self.lines.get(self.next)?;
+    /// The next line, the buffer its record's bytes lie in, and the bytes of the file it covers.
+    pub fn take_line(&mut self) -> Option<(&Line, &[u8], usize)> {
+        let Lines { lines, bytes } = &*self.lines;
+        let line = lines.get(self.next)?;
         self.next += 1;
         // The last line takes what the read covered past it (nothing, normally).
-        let to = if self.next == self.lines.len() { self.end.max(line.1) } else { line.1 };
+        let to = if self.next == lines.len() { self.end.max(line.1) } else { line.1 };
         let covered = to.saturating_sub(self.at) as usize;
         self.at = to;
-        Some((line, covered))
+        Some((line, bytes, covered))
     }
 
     pub fn is_done(&self) -> bool {
-        self.next >= self.lines.len()
+        self.next >= self.lines.lines.len()
     }
 
     /// Bytes of the file the lines not yet taken cover (charged to the destination's buffer).

@@ -110,7 +110,8 @@ pub trait Destination: Send + Sync + 'static {
     /// `position`: where the record's range in the file starts. Ranges tile the file: a record
     /// covers the empty lines before it, a batch's last record ends at the batch's end offset.
     /// `added`: the fields the agent adds to the records of this batch's file.
-    fn push(&self, builder: &mut Self::Builder, record: &Record, added: &Added, position: u64);
+    /// `bytes`: the buffer of the read the record came from, where its bytes lie.
+    fn push(&self, builder: &mut Self::Builder, record: &Record, bytes: &[u8], added: &Added, position: u64);
     fn seal(&self, builder: Self::Builder, meta: &BatchMeta) -> Self::Sealed;
     /// Delivers one sealed batch. Called again with the same batch until it succeeds, so it must
     /// be idempotent where the destination allows (same object key, same chunk id).

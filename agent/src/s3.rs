@@ -156,13 +156,13 @@ impl Destination for S3Archive {
         GzipVec::new(self.gzip_level)
     }
 
-    fn push(&self, gz: &mut Self::Builder, record: &Record, added: &Added, _position: u64) {
+    fn push(&self, gz: &mut Self::Builder, record: &Record, bytes: &[u8], added: &Added, _position: u64) {
         // One scratch line per thread: the encoder takes a line in one write, and the line's
         // buffer is not allocated for every record.
         thread_local!(static LINE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) });
         LINE.with_borrow_mut(|line| {
             line.clear();
-            record.write_json_line(added, line);
+            record.write_json_line(bytes, added, line);
             gz.write_all(line).expect("writing to a Vec cannot fail");
             if line.capacity() > 64 << 10 {
                 *line = Vec::new(); // one huge line does not stay allocated

@@ -28,6 +28,53 @@ use std::time::{Duration, Instant};
 /// after it, and its length in the file.
 pub type Line = (Option<Record>, u64, usize);
 
+/// The lines of one read, and the buffer their records' bytes lie in (see [`crate::parse::Fields`]).
+///
+/// Both vectors come from a few kept from earlier reads and go back there when the lines are
+/// dropped: a read's megabyte or two is mapped fresh by the allocator otherwise, and faulting
+/// its pages in cost more than the allocation per line the shared buffer replaced.
+pub struct Lines {
+    pub lines: Vec<Line>,
+    pub bytes: Vec<u8>,
+}
+
+/// Vectors kept for the next reads: as many as are in use at once in a steady pass (a block in
+/// the cache per destination, one pending per destination).
+const SPARE_READS: usize = 8;
+/// A vector grown past this by one huge read is freed, not kept.
+const MAX_SPARE_BYTES: usize = 8 << 20;
+static SPARE: Mutex<Vec<(Vec<Line>, Vec<u8>)>> = Mutex::new(Vec::new());
+
+impl Lines {
+    /// Empty, with the vectors of an earlier read when one is spare.
+    pub fn new() -> Self {
+        let (lines, bytes) = SPARE.lock().expect("spare reads lock").pop().unwrap_or_default();
+        Lines { lines, bytes }
+    }
+}
+
+impl Default for Lines {
+    fn default() -> Self {
+        Lines::new()
+    }
+}
+
+impl Drop for Lines {
+    fn drop(&mut self) {
+        let (mut lines, mut bytes) = (std::mem::take(&mut self.lines), std::mem::take(&mut self.bytes));
+        let size = lines.capacity() * std::mem::size_of::<Line>() + bytes.capacity();
+        if size == 0 || size > MAX_SPARE_BYTES {
+            return;
+        }
+        lines.clear(); // drops the records (and what the rare ones own) here, outside the lock
+        bytes.clear();
+        let mut spare = SPARE.lock().expect("spare reads lock");
+        if spare.len() < SPARE_READS {
+            spare.push((lines, bytes));
+        }
+    }
+}
+
 /// Lines read ahead by one destination for the others: two passes 50 ms apart at 80 MB/s are
 /// 4 MB apart. Parsed, they take 2-3 times this in memory.
 const MAX_BYTES: usize = 4 << 20;
@@ -43,7 +90,7 @@ const MAX_AGE: Duration = Duration::from_secs(10);
 /// A range of a file as read and parsed by one destination (cloned cheaply: the lines are shared).
 #[derive(Clone)]
 pub struct Block {
-    pub lines: Arc<Vec<Line>>,
+    pub lines: Arc<Lines>,
     /// Where the range ends: the next read of this file starts there.
     pub end: u64,
     /// Bytes of the file the range covers.
@@ -258,8 +305,29 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
+    #[test]
+    fn a_read_starts_empty_even_in_the_vectors_of_an_earlier_one() {
+        for _ in 0..3 {
+            let mut read = Lines::new();
+            read.lines.push((None, 10, 9));
+            read.bytes.extend_from_slice(b"the bytes of an earlier read");
+            drop(read);
+        }
+        // Every spare (and then a fresh one): other tests may take or give spares meanwhile.
+        let taken: Vec<Lines> = (0..=SPARE_READS).map(|_| Lines::new()).collect();
+        assert!(taken.iter().all(|read| read.lines.is_empty() && read.bytes.is_empty()));
+        // One huge read's vectors are not kept.
+        let mut huge = Lines::new();
+        huge.bytes.reserve(MAX_SPARE_BYTES + 1);
+        drop(huge);
+        let after: Vec<Lines> = (0..=SPARE_READS).map(|_| Lines::new()).collect();
+        assert!(after.iter().all(|read| read.bytes.capacity() <= MAX_SPARE_BYTES));
+    }
+
     fn block(end: u64, bytes: usize) -> Block {
-        Block { lines: Arc::new(vec![(None, end, 0)]), end, bytes_read: bytes }
+        let mut lines = Lines::new();
+        lines.lines.push((None, end, 0));
+        Block { lines: Arc::new(lines), end, bytes_read: bytes }
     }
 
     /// What `dest` gets at `start` of `file_id`: Some(end of the block taken), or None after

@@ -14,9 +14,9 @@ use crate::cursor::{Cursor, OpenBatch, Pending};
 use crate::destination::{send_until_delivered, BatchMeta, Destination};
 use crate::discover::{Registry, TrackedFile};
 use crate::multiline::{self, Decision, Span};
-use crate::parse::{parse_line, Added, Form, Origin};
+use crate::parse::{parse_line, Added, Form, LineContext, Origin};
 use crate::reader::read_lines;
-use crate::shared_reads::{Block, Claim, Line, SharedReads};
+use crate::shared_reads::{Block, Claim, Lines, SharedReads};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -331,7 +331,7 @@ impl<D: Destination> Shipper<D> {
         let mut consumed = 0;
         // Lines already read stay deliverable even if the file is given up or gone meanwhile.
         while self.inflight < cfg.max_inflight {
-            let Some(((record, end, len), covered)) = pending.take_line() else { break };
+            let Some(((record, end, len), bytes, covered)) = pending.take_line() else { break };
             let (end, len) = (*end, *len);
             consumed += covered;
             let hour = record.as_ref().map_or(0, |r| r.time.unix_nanos().div_euclid(HOUR_NS));
@@ -352,7 +352,7 @@ impl<D: Destination> Shipper<D> {
                 self.buffered += self.dest.open_batch_bytes();
             }
             if let Some(record) = record {
-                self.dest.push(&mut open.builder, record, &added, open.meta.end_offset);
+                self.dest.push(&mut open.builder, record, bytes, &added, open.meta.end_offset);
                 open.meta.add_record(hour, record.time.unix_nanos(), len + 1);
                 self.buffered += len + 1;
             }
@@ -420,7 +420,7 @@ impl<D: Destination> Shipper<D> {
             }
         };
         metrics::counter!("tron_agent_lines_read_total", "destination" => self.dest.name())
-            .increment(block.lines.len() as u64);
+            .increment(block.lines.lines.len() as u64);
         metrics::counter!("tron_agent_bytes_read_total", "destination" => self.dest.name())
             .increment(block.bytes_read as u64);
         Some(Pending::new(block.lines, read_from, block.end))
@@ -437,12 +437,13 @@ impl<D: Destination> Shipper<D> {
         budget: usize,
         added: &Added,
         origin: &Origin,
-    ) -> Option<(Vec<Line>, u64, usize)> {
+    ) -> Option<(Lines, u64, usize)> {
         let now_ns = tron_service::clock::now_ns();
-        let mut lines: Vec<Line> = Vec::new();
+        let mut read = Lines::new();
         let mut raw: Vec<Span> = Vec::new();
         let read_from = self.cursors[&id].read;
         let src = file.source.clone();
+        let cx = LineContext { src: &src, added, origin, now_ns, form };
         let handle = file.handle();
         if !file.is_intact(&handle) {
             return None; // replaced under us (copytruncate); the next scan sorts out what it is now
@@ -458,9 +459,9 @@ impl<D: Destination> Shipper<D> {
                 if src.multiline.is_some() {
                     raw.push(Span { offset, text: line.to_vec(), end });
                 } else if !line.is_empty() {
-                    lines.push((Some(parse_line(line, offset, &src, added, origin, now_ns, form)), end, line.len()));
+                    read.lines.push((Some(parse_line(line, offset, &cx, &mut read.bytes)), end, line.len()));
                 } else {
-                    lines.push((None, end, 0));
+                    read.lines.push((None, end, 0));
                 }
             },
         );
@@ -496,14 +497,14 @@ impl<D: Destination> Shipper<D> {
                 }
             }
             for r in records {
-                let record = parse_line(&r.text, r.offset, &src, added, origin, now_ns, form);
-                lines.push((Some(record), r.end, r.text.len()));
+                let record = parse_line(&r.text, r.offset, &cx, &mut read.bytes);
+                read.lines.push((Some(record), r.end, r.text.len()));
             }
             if consumed_end == read_from {
                 return None;
             }
         }
-        Some((lines, consumed_end, outcome.bytes_read))
+        Some((read, consumed_end, outcome.bytes_read))
     }
 
     /// Closes the open batch of a file and starts sending it.
@@ -570,7 +571,8 @@ impl<D: Destination> Shipper<D> {
         let origin = Origin { host: &self.host, path: &path, file_id: id };
         let now_ns = tron_service::clock::now_ns();
         let added = Added::new(&self.fields, &origin);
-        let record = parse_line(&head[..end], c.read, &c.file.source, &added, &origin, now_ns, Form::JsonText);
+        let cx = LineContext { src: &c.file.source, added: &added, origin: &origin, now_ns, form: Form::JsonText };
+        let record = parse_line(&head[..end], c.read, &cx, &mut Vec::new());
         Some(Some(record.time.unix_nanos()))
     }
 
@@ -625,7 +627,7 @@ mod tests {
         fn open_batch_bytes(&self) -> usize {
             1000
         }
-        fn push(&self, _: &mut (), _: &Record, _: &Added, _: u64) {}
+        fn push(&self, _: &mut (), _: &Record, _: &[u8], _: &Added, _: u64) {}
         fn record_form(&self) -> Form {
             Form::JsonText
         }
