@@ -1,7 +1,7 @@
 //! A line becomes a record: raw text or a JSON object, an event time, and the added fields.
 
 use crate::config::{FieldsConfig, Parser, SourceConfig};
-use forward::msgpack::WatchedValue;
+use forward::msgpack::{is_name, WatchedValue};
 use forward::EventTime;
 use serde_json::{Map, Value};
 
@@ -372,7 +372,7 @@ pub fn parse_line(line: &[u8], offset: u64, cx: &LineContext, bytes: &mut Vec<u8
                 bytes.extend_from_slice(line);
             }
             let text = Span::since(start, bytes);
-            let reserved = |key: &str| added.names().any(|n| n == key);
+            let reserved = |key: &str| added.names().any(|n| is_name(key, n));
             match forward::msgpack::write_json_object_pairs(bytes, line, src.time_field.as_deref(), reserved) {
                 Ok(seen) if !seen.names_reserved => {
                     time = seen.watched;
@@ -470,8 +470,8 @@ fn scan_object<'t>(line: &'t str, time_field: Option<&str>, added: &Added) -> Re
             while let Some(key) = map.next_key::<tron_service::json_key::JsonKey<'de>>()? {
                 scan.pairs += 1;
                 let key = &*key.0;
-                scan.names_added |= self.added.names().any(|n| n == key);
-                if Some(key) == self.time_field {
+                scan.names_added |= self.added.names().any(|n| is_name(key, n));
+                if self.time_field.is_some_and(|field| is_name(key, field)) {
                     scan.time = Some(map.next_value::<WatchedValue>()?);
                 } else {
                     map.next_value::<IgnoredAny>()?;

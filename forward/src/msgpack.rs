@@ -148,6 +148,14 @@ pub fn write_json_object_pairs<'t>(
     Ok(pairs)
 }
 
+/// Whether a key of a line is `name`. Asked for every key of every line (is it the time field,
+/// is it a field the agent adds): comparing the length and the first byte first keeps nearly
+/// every key away from a `memcmp` call, which was 2 % of the agent's CPU.
+#[inline]
+pub fn is_name(key: &str, name: &str) -> bool {
+    key.len() == name.len() && key.as_bytes().first() == name.as_bytes().first() && key == name
+}
+
 /// The outermost object of [`write_json_object_pairs`].
 struct Pairs<'o, F> {
     out: &'o mut Vec<u8>,
@@ -167,7 +175,7 @@ impl<'de, F: Fn(&str) -> bool> Visitor<'de> for Pairs<'_, F> {
         while let Some(key) = map.next_key_seed(Key(&mut *self.out))? {
             seen.pairs += 1;
             seen.names_reserved |= (self.reserved)(&key);
-            if Some(&*key) == self.watch {
+            if self.watch.is_some_and(|watch| is_name(&key, watch)) {
                 let value: WatchedValue = map.next_value()?;
                 match &value {
                     WatchedValue::Str(s) => rmp::encode::write_str(self.out, s).expect("vec"),
@@ -321,6 +329,24 @@ impl<'de> Visitor<'de> for Transcode<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn is_name_is_string_equality() {
+        for (key, name) in [
+            ("time", "time"),
+            ("time", "host"),
+            ("tim", "time"),
+            ("timE", "time"),
+            ("", ""),
+            ("", "a"),
+            ("é", "é"),
+            ("é", "è"),
+            ("_id", "_id"),
+            ("_ix", "_id"),
+        ] {
+            assert_eq!(is_name(key, name), key == name, "{key:?} {name:?}");
+        }
+    }
 
     fn via_tree(json: &str) -> Vec<u8> {
         let mut out = Vec::new();
