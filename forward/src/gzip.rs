@@ -97,11 +97,20 @@ impl Write for GzipVec {
 /// store 0.9 % more than 1 MiB ones, and 5 % less than zlib-rs's one stream at the same level.
 pub const MEMBER: usize = 256 << 10;
 
-/// Idle libdeflate compressors (0.2–0.4 MiB each, by level) kept for the next member; beyond
-/// this they are freed. A compressor holds nothing between calls, so open writers share them.
+/// Idle libdeflate compressors (0.2–0.4 MiB each, by level), each with the buffer it compresses
+/// into (a member's compress bound, about [`MEMBER`]), kept for the next member; beyond this
+/// they are freed. A compressor holds nothing between calls, so open writers share them.
 const POOLED_COMPRESSORS: usize = 4;
 
-static IDLE_COMPRESSORS: Mutex<Vec<(u32, libdeflater::Compressor)>> = Mutex::new(Vec::new());
+struct Compressor {
+    level: u32,
+    libdeflate: libdeflater::Compressor,
+    /// What the last member was compressed into: the member is copied out, so that an open
+    /// writer's output does not keep a whole compress bound of spare room.
+    scratch: Vec<u8>,
+}
+
+static IDLE_COMPRESSORS: Mutex<Vec<Compressor>> = Mutex::new(Vec::new());
 
 /// Gzip into memory as a series of members, each [`MEMBER`] of input compressed whole by
 /// libdeflate: the archive's writer. At level 6 libdeflate takes a third less CPU than zlib-rs
@@ -135,21 +144,27 @@ impl GzipMembers {
 
     /// Appends `input` as one member.
     fn compress(&mut self, input: &[u8]) {
+        let level = self.level;
         let pooled = {
             let mut idle = IDLE_COMPRESSORS.lock().expect("compressor pool lock");
-            idle.iter().position(|(l, _)| *l == self.level).map(|i| idle.swap_remove(i).1)
+            idle.iter().position(|c| c.level == level).map(|i| idle.swap_remove(i))
         };
-        let mut compressor = pooled.unwrap_or_else(|| {
-            libdeflater::Compressor::new(libdeflater::CompressionLvl::new(self.level as i32).expect("levels 0-9 exist"))
+        let mut c = pooled.unwrap_or_else(|| Compressor {
+            level,
+            libdeflate: libdeflater::Compressor::new(
+                libdeflater::CompressionLvl::new(level as i32).expect("levels 0-9 exist"),
+            ),
+            scratch: Vec::new(),
         });
-        let start = self.out.len();
-        self.out.resize(start + compressor.gzip_compress_bound(input.len()), 0);
-        let written =
-            compressor.gzip_compress(input, &mut self.out[start..]).expect("the output holds the compress bound");
-        self.out.truncate(start + written);
+        c.scratch.resize(c.libdeflate.gzip_compress_bound(input.len()), 0);
+        let written = c.libdeflate.gzip_compress(input, &mut c.scratch).expect("the scratch holds the compress bound");
+        self.out.extend_from_slice(&c.scratch[..written]);
+        if c.scratch.capacity() > 2 * MEMBER {
+            c.scratch = Vec::new(); // one huge line's bound is not kept
+        }
         let mut idle = IDLE_COMPRESSORS.lock().expect("compressor pool lock");
         if idle.len() < POOLED_COMPRESSORS {
-            idle.push((self.level, compressor));
+            idle.push(c);
         }
     }
 
@@ -217,6 +232,18 @@ mod tests {
             let bytes = gz.finish();
             assert_eq!(multi_gunzip(&bytes), expected, "level {level}");
         }
+    }
+
+    #[test]
+    fn an_open_writer_holds_its_gathered_input_and_its_output_only() {
+        let mut gz = GzipMembers::new(6);
+        let line = b"{\"path\":\"/api/v1/items\",\"status\":200}\n";
+        while gz.out.len() < 3 * 1024 {
+            gz.write_all(line).unwrap(); // several members of lines that compress 100:1
+        }
+        // No compress bound of spare room (about a member) stays behind in the output.
+        assert!(gz.out.capacity() < MEMBER / 4, "output capacity {}", gz.out.capacity());
+        assert!(gz.gathered.capacity() <= MEMBER);
     }
 
     #[test]
