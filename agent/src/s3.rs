@@ -75,7 +75,7 @@ async fn client(cfg: &S3Config) -> aws_sdk_s3::Client {
 }
 
 /// An object's compressor, by `gzip_level`. From level 2, members compressed whole by libdeflate:
-/// at the default level 6 the agent took 29 % less CPU on realistic lines and stored 5 % less
+/// at the default level 6 the agent took 27 % less CPU on realistic lines and stored 5 % less
 /// than with zlib-rs (bench/RESULTS.md). At level 1, zlib-rs's one stream, still the cheapest in
 /// CPU (libdeflate's level 1 took 11–26 % more, for 31 % fewer bytes): whoever picks level 1 picks
 /// it for the CPU.

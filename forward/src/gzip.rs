@@ -1,7 +1,9 @@
-//! Gzip into memory with deflate states reused. Creating a deflate state zeroes about 400 KiB
-//! (zlib-rs: window, hash chains, buffers); with many small batches (100 files, each cut into a
-//! batch every pass) that was 40 % of the agent's CPU. A finished writer gives its state back to
-//! a small process-wide pool, and the next writer at the same level resets it instead.
+//! Gzip into memory, two ways: [`GzipVec`], one zlib-rs stream (relay chunks, and the archive at
+//! level 1), and [`GzipMembers`], members compressed whole by libdeflate (the archive from level
+//! 2). Both reuse their compressors. Creating a deflate state zeroes about 400 KiB (zlib-rs:
+//! window, hash chains, buffers); with many small batches (100 files, each cut into a batch every
+//! pass) that was 40 % of the agent's CPU. A finished writer gives its state back to a small
+//! process-wide pool, and the next writer at the same level resets it instead.
 
 use flate2::write::DeflateEncoder;
 use flate2::{Compression, Crc};
@@ -27,8 +29,7 @@ pub struct GzipVec {
     deflate: DeflateEncoder<Vec<u8>>,
     level: u32,
     crc: Crc,
-    /// Written, not yet compressed: less than [`GATHER`] bytes.
-    gathered: Vec<u8>,
+    gathered: Gathered,
 }
 
 impl GzipVec {
@@ -40,12 +41,12 @@ impl GzipVec {
         let mut deflate = pooled.unwrap_or_else(|| DeflateEncoder::new(Vec::new(), Compression::new(level)));
         // A fresh or reset encoder has written nothing yet: the header goes first.
         deflate.get_mut().extend_from_slice(&HEADER);
-        GzipVec { deflate, level, crc: Crc::new(), gathered: Vec::new() }
+        GzipVec { deflate, level, crc: Crc::new(), gathered: Gathered::up_to(GATHER) }
     }
 
     /// The gzip bytes; the deflate state goes back to the pool.
     pub fn finish(mut self) -> Vec<u8> {
-        self.compress_gathered();
+        self.gathered.flush(|buf| compress(&mut self.deflate, &mut self.crc, buf));
         let mut out = self.deflate.reset(Vec::new()).expect("writing to a Vec cannot fail");
         out.extend_from_slice(&self.crc.sum().to_le_bytes());
         out.extend_from_slice(&self.crc.amount().to_le_bytes());
@@ -54,12 +55,6 @@ impl GzipVec {
             idle.push((self.level, self.deflate));
         }
         out
-    }
-
-    /// Compresses what was gathered; the buffer stays allocated for the rest of the member.
-    fn compress_gathered(&mut self) {
-        compress(&mut self.deflate, &mut self.crc, &self.gathered);
-        self.gathered.clear();
     }
 }
 
@@ -72,23 +67,50 @@ fn compress(deflate: &mut DeflateEncoder<Vec<u8>>, crc: &mut Crc, buf: &[u8]) {
 
 impl Write for GzipVec {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.gathered.len() + buf.len() > GATHER {
-            self.compress_gathered();
-        }
-        if buf.len() >= GATHER {
-            compress(&mut self.deflate, &mut self.crc, buf);
-        } else {
-            if self.gathered.capacity() == 0 {
-                self.gathered.reserve_exact(GATHER);
-            }
-            self.gathered.extend_from_slice(buf);
-        }
+        self.gathered.write(buf, |buf| compress(&mut self.deflate, &mut self.crc, buf));
         Ok(buf.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        self.compress_gathered();
+        self.gathered.flush(|buf| compress(&mut self.deflate, &mut self.crc, buf));
         self.deflate.flush()
+    }
+}
+
+/// Input gathered before a compressor sees it, in one buffer allocated once per writer.
+struct Gathered {
+    /// Written, not yet compressed: less than `limit` bytes.
+    bytes: Vec<u8>,
+    limit: usize,
+}
+
+impl Gathered {
+    fn up_to(limit: usize) -> Self {
+        Gathered { bytes: Vec::new(), limit }
+    }
+
+    /// Takes `buf`, handing `compress` what is due, in order: what was gathered, once `buf`
+    /// would take it to the limit; and `buf` itself, whole, when it alone reaches the limit.
+    fn write(&mut self, buf: &[u8], mut compress: impl FnMut(&[u8])) {
+        if self.bytes.len() + buf.len() >= self.limit {
+            self.flush(&mut compress);
+        }
+        if buf.len() >= self.limit {
+            compress(buf);
+        } else {
+            if self.bytes.capacity() == 0 {
+                self.bytes.reserve_exact(self.limit);
+            }
+            self.bytes.extend_from_slice(buf);
+        }
+    }
+
+    /// Hands `compress` what was gathered, if anything; the buffer stays allocated.
+    fn flush(&mut self, compress: impl FnOnce(&[u8])) {
+        if !self.bytes.is_empty() {
+            compress(&self.bytes);
+            self.bytes.clear();
+        }
     }
 }
 
@@ -123,79 +145,59 @@ static IDLE_COMPRESSORS: Mutex<Vec<Compressor>> = Mutex::new(Vec::new());
 pub struct GzipMembers {
     level: u32,
     out: Vec<u8>,
-    /// Written, not yet compressed: less than [`MEMBER`] bytes.
-    gathered: Vec<u8>,
+    gathered: Gathered,
 }
 
 impl GzipMembers {
     /// `level`: 0–9, as gzip's.
     pub fn new(level: u32) -> Self {
-        GzipMembers { level: level.min(9), out: Vec::new(), gathered: Vec::new() }
+        GzipMembers { level: level.min(9), out: Vec::new(), gathered: Gathered::up_to(MEMBER) }
     }
 
     /// The gzip bytes: one member at least, so that no input is still a gzip file.
     pub fn finish(mut self) -> Vec<u8> {
-        if !self.gathered.is_empty() || self.out.is_empty() {
-            let gathered = std::mem::take(&mut self.gathered);
-            self.compress(&gathered);
+        self.gathered.flush(|buf| compress_member(self.level, buf, &mut self.out));
+        if self.out.is_empty() {
+            compress_member(self.level, &[], &mut self.out);
         }
         self.out
-    }
-
-    /// Appends `input` as one member.
-    fn compress(&mut self, input: &[u8]) {
-        let level = self.level;
-        let pooled = {
-            let mut idle = IDLE_COMPRESSORS.lock().expect("compressor pool lock");
-            idle.iter().position(|c| c.level == level).map(|i| idle.swap_remove(i))
-        };
-        let mut c = pooled.unwrap_or_else(|| Compressor {
-            level,
-            libdeflate: libdeflater::Compressor::new(
-                libdeflater::CompressionLvl::new(level as i32).expect("levels 0-9 exist"),
-            ),
-            scratch: Vec::new(),
-        });
-        c.scratch.resize(c.libdeflate.gzip_compress_bound(input.len()), 0);
-        let written = c.libdeflate.gzip_compress(input, &mut c.scratch).expect("the scratch holds the compress bound");
-        self.out.extend_from_slice(&c.scratch[..written]);
-        if c.scratch.capacity() > 2 * MEMBER {
-            c.scratch = Vec::new(); // one huge line's bound is not kept
-        }
-        let mut idle = IDLE_COMPRESSORS.lock().expect("compressor pool lock");
-        if idle.len() < POOLED_COMPRESSORS {
-            idle.push(c);
-        }
-    }
-
-    fn compress_gathered(&mut self) {
-        if !self.gathered.is_empty() {
-            let gathered = std::mem::take(&mut self.gathered);
-            self.compress(&gathered);
-            self.gathered = gathered;
-            self.gathered.clear();
-        }
     }
 }
 
 impl Write for GzipMembers {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.gathered.len() + buf.len() >= MEMBER {
-            self.compress_gathered();
-        }
-        if buf.len() >= MEMBER {
-            self.compress(buf); // one huge line: its own member, not copied first
-        } else {
-            if self.gathered.capacity() == 0 {
-                self.gathered.reserve_exact(MEMBER);
-            }
-            self.gathered.extend_from_slice(buf);
-        }
+        self.gathered.write(buf, |buf| compress_member(self.level, buf, &mut self.out));
         Ok(buf.len())
     }
 
+    /// Members are whole or not written: nothing to flush before [`GzipMembers::finish`].
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
+    }
+}
+
+/// Appends `input` to `out` as one gzip member, with a pooled compressor.
+fn compress_member(level: u32, input: &[u8], out: &mut Vec<u8>) {
+    let pooled = {
+        let mut idle = IDLE_COMPRESSORS.lock().expect("compressor pool lock");
+        idle.iter().position(|c| c.level == level).map(|i| idle.swap_remove(i))
+    };
+    let mut c = pooled.unwrap_or_else(|| Compressor {
+        level,
+        libdeflate: libdeflater::Compressor::new(
+            libdeflater::CompressionLvl::new(level as i32).expect("levels 0-9 exist"),
+        ),
+        scratch: Vec::new(),
+    });
+    c.scratch.resize(c.libdeflate.gzip_compress_bound(input.len()), 0);
+    let written = c.libdeflate.gzip_compress(input, &mut c.scratch).expect("the scratch holds the compress bound");
+    out.extend_from_slice(&c.scratch[..written]);
+    if c.scratch.capacity() > 2 * MEMBER {
+        c.scratch = Vec::new(); // one huge line's bound is not kept
+    }
+    let mut idle = IDLE_COMPRESSORS.lock().expect("compressor pool lock");
+    if idle.len() < POOLED_COMPRESSORS {
+        idle.push(c);
     }
 }
 
@@ -227,7 +229,10 @@ mod tests {
                 let piece: Vec<u8> = (0..*size).map(|j| b'a' + ((i * 7 + j * 13 + j / 100) % 26) as u8).collect();
                 gz.write_all(&piece).unwrap();
                 expected.extend_from_slice(&piece);
-                assert!(gz.gathered.len() < MEMBER && gz.gathered.capacity() <= MEMBER, "at most a member is gathered");
+                assert!(
+                    gz.gathered.bytes.len() < MEMBER && gz.gathered.bytes.capacity() <= MEMBER,
+                    "at most a member is gathered"
+                );
             }
             let bytes = gz.finish();
             assert_eq!(multi_gunzip(&bytes), expected, "level {level}");
@@ -243,7 +248,7 @@ mod tests {
         }
         // No compress bound of spare room (about a member) stays behind in the output.
         assert!(gz.out.capacity() < MEMBER / 4, "output capacity {}", gz.out.capacity());
-        assert!(gz.gathered.capacity() <= MEMBER);
+        assert!(gz.gathered.bytes.capacity() <= MEMBER);
     }
 
     #[test]
