@@ -85,8 +85,11 @@ pub enum ObjectGzip {
 }
 
 impl ObjectGzip {
+    /// Up to this level, zlib-rs's one stream; above it, libdeflate's members.
+    const STREAM_UP_TO: u32 = 1;
+
     pub fn new(level: u32) -> Self {
-        if level <= 1 {
+        if level <= Self::STREAM_UP_TO {
             ObjectGzip::Stream(GzipVec::new(level))
         } else {
             ObjectGzip::Members(GzipMembers::new(level))
@@ -96,7 +99,7 @@ impl ObjectGzip {
     /// What an open object holds before its first line: the zlib-rs state, or the input
     /// gathered for a member (libdeflate's compressors are shared by every open object).
     fn open_bytes(level: u32) -> usize {
-        if level <= 1 {
+        if level <= Self::STREAM_UP_TO {
             GZIP_ENCODER_BYTES
         } else {
             forward::gzip::MEMBER

@@ -13,7 +13,31 @@ use std::sync::Mutex;
 /// Idle deflate states kept for reuse (about 400 KiB each); beyond this they are freed.
 pub const POOLED_STATES: usize = 4;
 
-static IDLE: Mutex<Vec<(u32, DeflateEncoder<Vec<u8>>)>> = Mutex::new(Vec::new());
+static IDLE: Idle<DeflateEncoder<Vec<u8>>> = Idle::keeping(POOLED_STATES);
+
+/// Idle compressors by level, for the next writer at that level; beyond `keep` they are freed.
+struct Idle<T> {
+    by_level: Mutex<Vec<(u32, T)>>,
+    keep: usize,
+}
+
+impl<T> Idle<T> {
+    const fn keeping(keep: usize) -> Self {
+        Idle { by_level: Mutex::new(Vec::new()), keep }
+    }
+
+    fn take(&self, level: u32) -> Option<T> {
+        let mut idle = self.by_level.lock().expect("compressor pool lock");
+        idle.iter().position(|(l, _)| *l == level).map(|i| idle.swap_remove(i).1)
+    }
+
+    fn give_back(&self, level: u32, compressor: T) {
+        let mut idle = self.by_level.lock().expect("compressor pool lock");
+        if idle.len() < self.keep {
+            idle.push((level, compressor));
+        }
+    }
+}
 
 /// The gzip member header: deflate, no name or comment, mtime 0, OS unknown.
 const HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
@@ -34,11 +58,7 @@ pub struct GzipVec {
 
 impl GzipVec {
     pub fn new(level: u32) -> Self {
-        let pooled = {
-            let mut idle = IDLE.lock().expect("gzip pool lock");
-            idle.iter().position(|(l, _)| *l == level).map(|i| idle.swap_remove(i).1)
-        };
-        let mut deflate = pooled.unwrap_or_else(|| DeflateEncoder::new(Vec::new(), Compression::new(level)));
+        let mut deflate = IDLE.take(level).unwrap_or_else(|| DeflateEncoder::new(Vec::new(), Compression::new(level)));
         // A fresh or reset encoder has written nothing yet: the header goes first.
         deflate.get_mut().extend_from_slice(&HEADER);
         GzipVec { deflate, level, crc: Crc::new(), gathered: Gathered::up_to(GATHER) }
@@ -50,10 +70,7 @@ impl GzipVec {
         let mut out = self.deflate.reset(Vec::new()).expect("writing to a Vec cannot fail");
         out.extend_from_slice(&self.crc.sum().to_le_bytes());
         out.extend_from_slice(&self.crc.amount().to_le_bytes());
-        let mut idle = IDLE.lock().expect("gzip pool lock");
-        if idle.len() < POOLED_STATES {
-            idle.push((self.level, self.deflate));
-        }
+        IDLE.give_back(self.level, self.deflate);
         out
     }
 }
@@ -125,14 +142,13 @@ pub const MEMBER: usize = 256 << 10;
 const POOLED_COMPRESSORS: usize = 4;
 
 struct Compressor {
-    level: u32,
     libdeflate: libdeflater::Compressor,
     /// What the last member was compressed into: the member is copied out, so that an open
     /// writer's output does not keep a whole compress bound of spare room.
     scratch: Vec<u8>,
 }
 
-static IDLE_COMPRESSORS: Mutex<Vec<Compressor>> = Mutex::new(Vec::new());
+static IDLE_COMPRESSORS: Idle<Compressor> = Idle::keeping(POOLED_COMPRESSORS);
 
 /// Gzip into memory as a series of members, each [`MEMBER`] of input compressed whole by
 /// libdeflate: the archive's writer. At level 6 libdeflate takes a third less CPU than zlib-rs
@@ -178,12 +194,7 @@ impl Write for GzipMembers {
 
 /// Appends `input` to `out` as one gzip member, with a pooled compressor.
 fn compress_member(level: u32, input: &[u8], out: &mut Vec<u8>) {
-    let pooled = {
-        let mut idle = IDLE_COMPRESSORS.lock().expect("compressor pool lock");
-        idle.iter().position(|c| c.level == level).map(|i| idle.swap_remove(i))
-    };
-    let mut c = pooled.unwrap_or_else(|| Compressor {
-        level,
+    let mut c = IDLE_COMPRESSORS.take(level).unwrap_or_else(|| Compressor {
         libdeflate: libdeflater::Compressor::new(
             libdeflater::CompressionLvl::new(level as i32).expect("levels 0-9 exist"),
         ),
@@ -195,10 +206,7 @@ fn compress_member(level: u32, input: &[u8], out: &mut Vec<u8>) {
     if c.scratch.capacity() > 2 * MEMBER {
         c.scratch = Vec::new(); // one huge line's bound is not kept
     }
-    let mut idle = IDLE_COMPRESSORS.lock().expect("compressor pool lock");
-    if idle.len() < POOLED_COMPRESSORS {
-        idle.push(c);
-    }
+    IDLE_COMPRESSORS.give_back(level, c);
 }
 
 #[cfg(test)]
