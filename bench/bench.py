@@ -311,7 +311,7 @@ def bench_senders(svc, certs, work, n):
         try:
             row("Fluent Bit tail -> forward, %s, acks" % link,
                 run_fluent_bit_sender(mk(work, "fb-%s" % link), log, receiver, certs["ca"] if tls else None))
-            for compression in ("gzip", "none"):
+            for compression in ("gzip", "zstd", "none"):
                 row("tron-agent -> forward, %s, acks, %s" % (link, compression),
                     run_agent_sender(svc, certs, mk(work, "agent-%s-%s" % (link, compression)), log, n,
                                      receiver=receiver, tls=tls, compression=compression))
@@ -319,6 +319,9 @@ def bench_senders(svc, certs, work, n):
                 row("tron-agent -> S3 (moto) only", run_agent_sender(svc, certs, mk(work, "agent-s3"), log, n, s3=True))
                 row("tron-agent -> forward (TLS, gzip) + S3", run_agent_sender(
                     svc, certs, mk(work, "agent-both"), log, n, receiver=receiver, tls=True, s3=True))
+                row("tron-agent -> forward (TLS, zstd) + S3", run_agent_sender(
+                    svc, certs, mk(work, "agent-both-zstd"), log, n, receiver=receiver, tls=True, s3=True,
+                    compression="zstd"))
         finally:
             receiver.stop()
     for level in (1, 6):
@@ -330,6 +333,9 @@ def bench_senders(svc, certs, work, n):
     fwd, s3 = by_name["tron-agent -> forward, TLS, acks, gzip"], by_name["tron-agent -> S3 (moto) only"]
     both = by_name["tron-agent -> forward (TLS, gzip) + S3"]
     print("senders: both destinations / the more expensive one alone = %.2f (target <= 1.3)" % (both / max(fwd, s3)))
+    zstd_fwd, zstd_both = by_name["tron-agent -> forward, TLS, acks, zstd"], by_name["tron-agent -> forward (TLS, zstd) + S3"]
+    print("senders: with compression = \"zstd\" on the relay link: both / the more expensive alone = %.2f"
+          % (zstd_both / max(zstd_fwd, s3)))
     for link in ("plaintext", "TLS"):
         none = by_name["tron-agent -> forward, %s, acks, none" % link]
         print("senders: compression none (%s) / gzip -1 of the same file = %.2f (target <= 1.0)"
@@ -545,7 +551,8 @@ def bench_senders_live(svc, certs, work, rate=50_000, seconds=20):
     results = {}
     try:
         for name, kw in (("forward (TLS, gzip)", dict(receiver=receiver, tls=True)), ("S3", dict(s3=True)),
-                         ("forward (TLS, gzip) + S3", dict(receiver=receiver, tls=True, s3=True))):
+                         ("forward (TLS, gzip) + S3", dict(receiver=receiver, tls=True, s3=True)),
+                         ("forward (TLS, zstd) + S3", dict(receiver=receiver, tls=True, s3=True, compression="zstd"))):
             run = mk(work, "live-%d" % len(results))
             log = os.path.join(mk(run, "logs"), "app.log")
             open(log, "wb").close()
@@ -573,6 +580,8 @@ def bench_senders_live(svc, certs, work, rate=50_000, seconds=20):
     both = results["forward (TLS, gzip) + S3"]
     print("senders-live: both destinations / the more expensive one alone = %.2f (target <= 1.3)"
           % (both / max(results["forward (TLS, gzip)"], results["S3"])))
+    print("senders-live: with compression = \"zstd\" on the relay link: both / S3 alone = %.2f"
+          % (results["forward (TLS, zstd) + S3"] / results["S3"]))
 
 
 def write_realistic_lines(path, n, seed=5):

@@ -198,6 +198,7 @@ pub struct S3Config {
 pub enum LinkCompression {
     #[default]
     Gzip,
+    Zstd,
     None,
 }
 
@@ -247,12 +248,17 @@ pub struct RelayConfig {
     pub password: Option<String>,
     #[serde(default = "default_ack_timeout", with = "duration")]
     pub ack_timeout: Duration,
-    /// `gzip` (CompressedPackedForward) or `none` (PackedForward: no CPU spent on compression,
-    /// for links where bandwidth is cheap).
+    /// `gzip` (CompressedPackedForward), `zstd` (the same with `"compressed": "zstd"`: half
+    /// gzip 1's CPU and 40 % fewer bytes on log lines, read by tron-relay, Fluent Bit and recent
+    /// Fluentd, not by older Fluentd) or `none` (PackedForward: no CPU spent on compression, for
+    /// links where bandwidth is cheap).
     #[serde(default)]
     pub compression: LinkCompression,
     #[serde(default = "default_relay_gzip_level")]
     pub gzip_level: u32,
+    /// With `compression = "zstd"`: 1-19.
+    #[serde(default = "default_relay_zstd_level")]
+    pub zstd_level: i32,
     /// How often the agent tells the relay its low watermark (docs/completeness.md); "0s": never.
     #[serde(default = "default_watermark_interval", with = "duration")]
     pub watermark_interval: Duration,
@@ -314,6 +320,9 @@ fn default_gzip_level() -> u32 {
 }
 /// The relay link is paid for in CPU on every app server: the fastest level.
 fn default_relay_gzip_level() -> u32 {
+    1
+}
+fn default_relay_zstd_level() -> i32 {
     1
 }
 fn default_ack_timeout() -> Duration {
@@ -410,6 +419,13 @@ impl AgentConfig {
             }
             check_batch("destinations.relay.batch", &r.batch)?;
             check_gzip_level("destinations.relay.gzip_level", r.gzip_level)?;
+            if !forward::zstd::LEVELS.contains(&r.zstd_level) {
+                let (low, high) = (forward::zstd::LEVELS.start(), forward::zstd::LEVELS.end());
+                return err(
+                    "destinations.relay.zstd_level".into(),
+                    &format!("{} is not a zstd level ({low}-{high})", r.zstd_level),
+                );
+            }
         }
         Ok(())
     }
@@ -439,6 +455,7 @@ pub fn fixed_settings(cfg: &AgentConfig) -> Vec<(String, String)> {
             (key("ack_timeout"), format!("{:?}", r.ack_timeout)),
             (key("compression"), format!("{:?}", r.compression)),
             (key("gzip_level"), format!("{:?}", r.gzip_level)),
+            (key("zstd_level"), format!("{:?}", r.zstd_level)),
             (key("watermark_interval"), format!("{:?}", r.watermark_interval)),
             (key("batch"), format!("{:?}", r.batch)),
         ]);
@@ -485,5 +502,24 @@ mod tests {
         let (s3, relay) = (cfg.destinations.s3.unwrap().batch, cfg.destinations.relay.unwrap().batch);
         assert_eq!(s3, BatchConfig { max_age: Duration::from_secs(5), ..s3_batch() });
         assert_eq!(relay, BatchConfig { max_inflight: 2, ..relay_batch() });
+    }
+
+    #[test]
+    fn the_relay_link_takes_zstd_at_its_levels_only() {
+        let cfg = parse("compression = \"zstd\"\n");
+        let relay = cfg.destinations.relay.as_ref().unwrap();
+        assert_eq!((relay.compression, relay.zstd_level), (LinkCompression::Zstd, 1));
+        assert!(cfg.validate().is_ok());
+        for (level, ok) in [(0, false), (1, true), (19, true), (20, false), (-1, false)] {
+            let cfg = parse(&format!("compression = \"zstd\"\nzstd_level = {level}\n"));
+            match cfg.validate() {
+                Ok(()) => assert!(ok, "level {level} accepted"),
+                Err((key, message)) => {
+                    assert!(!ok, "level {level} refused: {message}");
+                    assert_eq!(key, "destinations.relay.zstd_level");
+                    assert_eq!(message, format!("{level} is not a zstd level (1-19)"));
+                }
+            }
+        }
     }
 }

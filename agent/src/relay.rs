@@ -40,13 +40,13 @@ pub struct RelayForwarder {
     tls: Arc<std::sync::RwLock<TlsSettings>>,
     links: Arc<links::Links>,
     batch: BatchConfig,
-    /// None: chunks go uncompressed.
-    gzip_level: Option<u32>,
-    /// Frames of acknowledged uncompressed chunks, reused for the next ones: a megabyte chunk
-    /// built in fresh memory page-faulted its way in, 17-19 % of the agent's CPU with
-    /// `compression = "none"`. At most `max_inflight` frames are kept (gzip chunks are built
-    /// compressed and need none).
-    spare_frames: std::sync::Mutex<Vec<Vec<u8>>>,
+    compression: Compression,
+    /// Buffers of sent chunks' entries, reused for the next ones: a megabyte chunk built in
+    /// fresh memory page-faulted its way in, 17-19 % of the agent's CPU with
+    /// `compression = "none"`. With `none` they are the frames of acknowledged chunks; with
+    /// `zstd`, what the entries were gathered in before the frame was compressed. At most
+    /// `max_inflight` are kept (gzip chunks are built compressed and need none).
+    spare_buffers: std::sync::Mutex<Vec<Vec<u8>>>,
     ack_timeout: Duration,
     /// This agent's host name, the first half of every chunk's `tron_source`.
     host: String,
@@ -54,6 +54,14 @@ pub struct RelayForwarder {
     /// report speaks for. Replaced on SIGHUP when sources change.
     tags: std::sync::RwLock<Vec<String>>,
     watermark_interval: Duration,
+}
+
+/// How chunks go on the link, with the level.
+#[derive(Debug, Clone, Copy)]
+enum Compression {
+    Gzip(u32),
+    Zstd(i32),
+    None,
 }
 
 /// The reserved tag of watermark reports; the relay keeps them and writes nothing of them as
@@ -92,8 +100,12 @@ impl RelayForwarder {
             tls,
             links,
             batch: cfg.batch.clone(),
-            gzip_level: (cfg.compression == LinkCompression::Gzip).then_some(cfg.gzip_level),
-            spare_frames: std::sync::Mutex::new(Vec::new()),
+            compression: match cfg.compression {
+                LinkCompression::Gzip => Compression::Gzip(cfg.gzip_level),
+                LinkCompression::Zstd => Compression::Zstd(cfg.zstd_level),
+                LinkCompression::None => Compression::None,
+            },
+            spare_buffers: std::sync::Mutex::new(Vec::new()),
             ack_timeout: cfg.ack_timeout,
             host: hostname.to_string(),
             tags: std::sync::RwLock::new(tags),
@@ -111,6 +123,14 @@ impl RelayForwarder {
         let fresh = tls_settings(cfg)?;
         *self.tls.write().expect("tls lock") = fresh;
         Ok(())
+    }
+
+    fn keep_spare(&self, buffer: Vec<u8>) {
+        let mut spare = self.spare_buffers.lock().expect("spare buffers lock");
+        // Oversized buffers (a chunk of huge lines) are not kept: they would hold their memory.
+        if spare.len() < self.batch.max_inflight && buffer.capacity() <= 2 * self.batch.max_bytes {
+            spare.push(buffer);
+        }
     }
 }
 
@@ -146,17 +166,21 @@ impl Destination for RelayForwarder {
     }
 
     fn builder(&self) -> ChunkBuilder {
-        match self.gzip_level {
-            Some(level) => ChunkBuilder::new(level),
-            None => match self.spare_frames.lock().expect("spare frames lock").pop() {
-                Some(frame) => ChunkBuilder::uncompressed_in(frame),
-                None => ChunkBuilder::uncompressed(),
-            },
+        let spare = || self.spare_buffers.lock().expect("spare buffers lock").pop().unwrap_or_default();
+        match self.compression {
+            Compression::Gzip(level) => ChunkBuilder::new(level),
+            Compression::Zstd(level) => ChunkBuilder::zstd(level, spare()),
+            Compression::None => ChunkBuilder::uncompressed_in(spare()),
         }
     }
 
+    /// A gzip chunk holds a deflate state from its first record; the others hold their
+    /// entries, which the batch counts as it grows.
     fn open_batch_bytes(&self) -> usize {
-        self.gzip_level.map_or(0, |_| crate::destination::GZIP_ENCODER_BYTES)
+        match self.compression {
+            Compression::Gzip(_) => crate::destination::GZIP_ENCODER_BYTES,
+            Compression::Zstd(_) | Compression::None => 0,
+        }
     }
 
     fn push(&self, builder: &mut ChunkBuilder, record: &Record, bytes: &[u8], added: &Added, position: u64) {
@@ -171,18 +195,19 @@ impl Destination for RelayForwarder {
         // The source positions let the sink drop a record it already wrote when this chunk is
         // re-sent (after a crash or an ack time-out), whatever chunk boundaries it had before.
         let source = format!("{}/{:016x}", self.host, meta.file_id);
-        SealedChunk { frame: Arc::new(builder.finish_from(&meta.tag, &id, &source, meta.end_offset)), chunk }
+        let (frame, entries) = builder.finish_from_keeping(&meta.tag, &id, &source, meta.end_offset);
+        if let Some(entries) = entries {
+            self.keep_spare(entries);
+        }
+        SealedChunk { frame: Arc::new(frame), chunk }
     }
 
     fn recycle(&self, sealed: SealedChunk) {
-        if self.gzip_level.is_some() {
+        if !matches!(self.compression, Compression::None) {
             return;
         }
-        let Ok(frame) = Arc::try_unwrap(sealed.frame) else { return };
-        let mut spare = self.spare_frames.lock().expect("spare frames lock");
-        // Oversized frames (a chunk of huge lines) are not kept: they would hold their memory.
-        if spare.len() < self.batch.max_inflight && frame.capacity() <= 2 * self.batch.max_bytes {
-            spare.push(frame);
+        if let Ok(frame) = Arc::try_unwrap(sealed.frame) {
+            self.keep_spare(frame);
         }
     }
 

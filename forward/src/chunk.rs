@@ -6,10 +6,13 @@ use std::io::Write;
 
 /// Packs entries into one CompressedPackedForward frame:
 /// `[tag, bin(gzip(entries…)), {"size": n, "chunk": id, "compressed": "gzip"}]`, or, built with
-/// [`ChunkBuilder::uncompressed`], one PackedForward frame without the `compressed` option.
-/// Entries are compressed as they are added, 16 KiB at a time, so a chunk costs its compressed
-/// size in memory, plus up to 16 KiB gathered and a deflate state (taken from and given back to
-/// the pool in [`crate::gzip`]).
+/// [`ChunkBuilder::uncompressed`], one PackedForward frame without the `compressed` option, or,
+/// built with [`ChunkBuilder::zstd`], one with `"compressed": "zstd"`.
+/// Gzip entries are compressed as they are added, 16 KiB at a time, so a chunk costs its
+/// compressed size in memory, plus up to 16 KiB gathered and a deflate state (taken from and
+/// given back to the pool in [`crate::gzip`]). Zstd entries are gathered whole and compressed when
+/// the chunk is finished, as frames of [`crate::zstd::FRAME`] (a one-shot context is a fraction
+/// of a streaming one's).
 /// Entries added with [`ChunkBuilder::push_at`] and a chunk closed with
 /// [`ChunkBuilder::finish_from`] also carry their source positions ([`crate::origin`]).
 pub struct ChunkBuilder {
@@ -22,6 +25,7 @@ pub struct ChunkBuilder {
 enum Body {
     Gzip(Box<GzipVec>),
     Plain(Vec<u8>),
+    Zstd { entries: Vec<u8>, level: i32 },
 }
 
 impl ChunkBuilder {
@@ -40,6 +44,13 @@ impl ChunkBuilder {
     pub fn uncompressed_in(mut buffer: Vec<u8>) -> Self {
         buffer.clear();
         Self::with_body(Body::Plain(buffer))
+    }
+
+    /// A CompressedPackedForward chunk compressed by zstd at `level` ([`crate::zstd::LEVELS`]),
+    /// gathered in `buffer` (cleared first; see [`ChunkBuilder::uncompressed_in`]).
+    pub fn zstd(level: i32, mut buffer: Vec<u8>) -> Self {
+        buffer.clear();
+        Self::with_body(Body::Zstd { entries: buffer, level })
     }
 
     fn with_body(body: Body) -> Self {
@@ -67,7 +78,7 @@ impl ChunkBuilder {
         // Uncompressed entries go straight into the body; compressed ones through one scratch
         // buffer, so the encoder sees one write per entry (and gathers them, `gzip::GATHER`).
         let out = match &mut self.body {
-            Body::Plain(body) => body,
+            Body::Plain(body) | Body::Zstd { entries: body, .. } => body,
             Body::Gzip(_) => {
                 self.scratch.clear();
                 &mut self.scratch
@@ -96,7 +107,17 @@ impl ChunkBuilder {
         self.finish_with(tag, chunk_id, Some((source, end)))
     }
 
-    fn finish_with(mut self, tag: &str, chunk_id: &str, origin: Option<(&str, u64)>) -> Vec<u8> {
+    /// Like [`ChunkBuilder::finish_from`], and gives back the buffer a zstd chunk's entries were
+    /// gathered in (compressed, they are not in the frame), for the next chunk.
+    pub fn finish_from_keeping(self, tag: &str, chunk_id: &str, source: &str, end: u64) -> (Vec<u8>, Option<Vec<u8>>) {
+        self.finish_keeping(tag, chunk_id, Some((source, end)))
+    }
+
+    fn finish_with(self, tag: &str, chunk_id: &str, origin: Option<(&str, u64)>) -> Vec<u8> {
+        self.finish_keeping(tag, chunk_id, origin).0
+    }
+
+    fn finish_keeping(mut self, tag: &str, chunk_id: &str, origin: Option<(&str, u64)>) -> (Vec<u8>, Option<Vec<u8>>) {
         if let Some((_, end)) = origin {
             assert!(
                 !self.positions.is_empty() || self.entries == 0,
@@ -105,14 +126,14 @@ impl ChunkBuilder {
             self.positions.push(end);
         }
         let options_bytes = chunk_id.len() + 64 + self.positions.bytes.len() + origin.map_or(0, |(s, _)| s.len());
+        let mut kept = None;
         let (mut out, compressed) = match self.body {
-            Body::Gzip(gz) => {
-                let packed = gz.finish();
-                let mut out = Vec::with_capacity(packed.len() + tag.len() + 16 + options_bytes);
-                out.push(0x93);
-                rmp::encode::write_str(&mut out, tag).expect("vec");
-                rmp::encode::write_bin(&mut out, &packed).expect("vec");
-                (out, true)
+            Body::Gzip(gz) => (frame_around(tag, &gz.finish(), options_bytes), Some("gzip")),
+            Body::Zstd { entries, level } => {
+                let mut packed = Vec::new();
+                crate::zstd::compress_frames(level, &entries, &mut packed);
+                kept = Some(entries);
+                (frame_around(tag, &packed, options_bytes), Some("zstd"))
             }
             Body::Plain(mut body) => {
                 // The frame is built around the entries where they are: shifting them along
@@ -123,10 +144,10 @@ impl ChunkBuilder {
                 rmp::encode::write_bin_len(&mut head, body.len() as u32).expect("vec");
                 body.reserve_exact(head.len() + options_bytes);
                 body.splice(0..0, head);
-                (body, false)
+                (body, None)
             }
         };
-        let options = 2 + u32::from(origin.is_some()) * 2 + u32::from(compressed);
+        let options = 2 + u32::from(origin.is_some()) * 2 + u32::from(compressed.is_some());
         rmp::encode::write_map_len(&mut out, options).expect("vec");
         if let Some((source, _)) = origin {
             rmp::encode::write_str(&mut out, SOURCE_OPTION).expect("vec");
@@ -138,12 +159,21 @@ impl ChunkBuilder {
         rmp::encode::write_uint(&mut out, self.entries).expect("vec");
         rmp::encode::write_str(&mut out, "chunk").expect("vec");
         rmp::encode::write_str(&mut out, chunk_id).expect("vec");
-        if compressed {
+        if let Some(compression) = compressed {
             rmp::encode::write_str(&mut out, "compressed").expect("vec");
-            rmp::encode::write_str(&mut out, "gzip").expect("vec");
+            rmp::encode::write_str(&mut out, compression).expect("vec");
         }
-        out
+        (out, kept)
     }
+}
+
+/// `[tag, bin(packed), ` of a compressed chunk, with room for its options.
+fn frame_around(tag: &str, packed: &[u8], options_bytes: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(packed.len() + tag.len() + 16 + options_bytes);
+    out.push(0x93);
+    rmp::encode::write_str(&mut out, tag).expect("vec");
+    rmp::encode::write_bin(&mut out, packed).expect("vec");
+    out
 }
 
 /// EventTime as fixext8, type 0.

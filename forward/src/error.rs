@@ -45,10 +45,12 @@ pub enum DecodeError {
     Msgpack(String),
     #[error("malformed frame: {0}")]
     Malformed(String),
-    #[error("unsupported compression {0:?} (only \"gzip\" is defined by the protocol)")]
+    #[error("unsupported compression {0:?} (\"gzip\" and \"zstd\" are read)")]
     UnsupportedCompression(String),
     #[error("gzip: {0}")]
     Gzip(std::io::Error),
+    #[error("zstd: {0}")]
+    Zstd(&'static str),
     #[error("an event frame (or anything but PING) before the shared-key handshake completed")]
     BeforeHandshake,
     #[error("i/o: {0}")]
@@ -68,6 +70,7 @@ impl DecodeError {
             DecodeError::Malformed(_) => "malformed_frame",
             DecodeError::UnsupportedCompression(_) => "unsupported_compression",
             DecodeError::Gzip(_) => "invalid_gzip",
+            DecodeError::Zstd(_) => "invalid_zstd",
             DecodeError::BeforeHandshake => "before_handshake",
             DecodeError::Io(_) => "io",
         }

@@ -39,7 +39,7 @@ pub struct Options {
 }
 
 /// A frame's events, not decoded yet: the entries as one PackedForward stream (`[time, record]`
-/// after `[time, record]`, whatever mode the client used), gzip-compressed or not. Decoding
+/// after `[time, record]`, whatever mode the client used), compressed (gzip or zstd) or not. Decoding
 /// ([`EventBatch::decode`]) is left to the caller, so it can bound how many decodes run at once
 /// and charge what they produce before handing it on.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,7 +62,10 @@ impl EventBatch {
     pub fn decode(&self, limits: &Limits) -> Result<Records, DecodeError> {
         let inflated;
         let packed = if self.mode == Mode::CompressedPackedForward {
-            inflated = gunzip(&self.entries, limits)?;
+            inflated = match self.options.compressed.as_deref() {
+                Some("zstd") => crate::zstd::decompress(&self.entries, limits.max_decompressed_bytes)?,
+                _ => gunzip(&self.entries, limits)?,
+            };
             &inflated[..]
         } else {
             &self.entries[..]
@@ -155,7 +158,7 @@ pub(crate) fn parse_frame(bytes: &[u8], limits: &Limits) -> Result<Frame, Decode
         return Err(DecodeError::Msgpack(format!("{} trailing bytes after the frame", bytes.len() - at.pos)));
     }
     let mode = match (mode, options.compressed.as_deref()) {
-        (Mode::PackedForward, Some("gzip")) => Mode::CompressedPackedForward,
+        (Mode::PackedForward, Some("gzip" | "zstd")) => Mode::CompressedPackedForward,
         (Mode::PackedForward, None | Some("text")) => Mode::PackedForward,
         (Mode::PackedForward, Some(other)) => return Err(DecodeError::UnsupportedCompression(other.to_owned())),
         (mode, _) => mode,

@@ -5,39 +5,15 @@
 //! pass) that was 40 % of the agent's CPU. A finished writer gives its state back to a small
 //! process-wide pool, and the next writer at the same level resets it instead.
 
+use crate::pool::Idle;
 use flate2::write::DeflateEncoder;
 use flate2::{Compression, Crc};
 use std::io::Write;
-use std::sync::Mutex;
 
 /// Idle deflate states kept for reuse (about 400 KiB each); beyond this they are freed.
 pub const POOLED_STATES: usize = 4;
 
 static IDLE: Idle<DeflateEncoder<Vec<u8>>> = Idle::keeping(POOLED_STATES);
-
-/// Idle compressors by level, for the next writer at that level; beyond `keep` they are freed.
-struct Idle<T> {
-    by_level: Mutex<Vec<(u32, T)>>,
-    keep: usize,
-}
-
-impl<T> Idle<T> {
-    const fn keeping(keep: usize) -> Self {
-        Idle { by_level: Mutex::new(Vec::new()), keep }
-    }
-
-    fn take(&self, level: u32) -> Option<T> {
-        let mut idle = self.by_level.lock().expect("compressor pool lock");
-        idle.iter().position(|(l, _)| *l == level).map(|i| idle.swap_remove(i).1)
-    }
-
-    fn give_back(&self, level: u32, compressor: T) {
-        let mut idle = self.by_level.lock().expect("compressor pool lock");
-        if idle.len() < self.keep {
-            idle.push((level, compressor));
-        }
-    }
-}
 
 /// The gzip member header: deflate, no name or comment, mtime 0, OS unknown.
 const HEADER: [u8; 10] = [0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
@@ -58,7 +34,8 @@ pub struct GzipVec {
 
 impl GzipVec {
     pub fn new(level: u32) -> Self {
-        let mut deflate = IDLE.take(level).unwrap_or_else(|| DeflateEncoder::new(Vec::new(), Compression::new(level)));
+        let mut deflate =
+            IDLE.take(level as i32).unwrap_or_else(|| DeflateEncoder::new(Vec::new(), Compression::new(level)));
         // A fresh or reset encoder has written nothing yet: the header goes first.
         deflate.get_mut().extend_from_slice(&HEADER);
         GzipVec { deflate, level, crc: Crc::new(), gathered: Gathered::up_to(GATHER) }
@@ -70,7 +47,7 @@ impl GzipVec {
         let mut out = self.deflate.reset(Vec::new()).expect("writing to a Vec cannot fail");
         out.extend_from_slice(&self.crc.sum().to_le_bytes());
         out.extend_from_slice(&self.crc.amount().to_le_bytes());
-        IDLE.give_back(self.level, self.deflate);
+        IDLE.give_back(self.level as i32, self.deflate);
         out
     }
 }
@@ -194,7 +171,7 @@ impl Write for GzipMembers {
 
 /// Appends `input` to `out` as one gzip member, with a pooled compressor.
 fn compress_member(level: u32, input: &[u8], out: &mut Vec<u8>) {
-    let mut c = IDLE_COMPRESSORS.take(level).unwrap_or_else(|| Compressor {
+    let mut c = IDLE_COMPRESSORS.take(level as i32).unwrap_or_else(|| Compressor {
         libdeflate: libdeflater::Compressor::new(
             libdeflater::CompressionLvl::new(level as i32).expect("levels 0-9 exist"),
         ),
@@ -206,7 +183,7 @@ fn compress_member(level: u32, input: &[u8], out: &mut Vec<u8>) {
     if c.scratch.capacity() > 2 * MEMBER {
         c.scratch = Vec::new(); // one huge line's bound is not kept
     }
-    IDLE_COMPRESSORS.give_back(level, c);
+    IDLE_COMPRESSORS.give_back(level as i32, c);
 }
 
 #[cfg(test)]

