@@ -79,7 +79,7 @@ fn declared_size(mut data: &[u8]) -> Option<u64> {
     let mut total = 0u64;
     while !data.is_empty() {
         let size = ::zstd::zstd_safe::get_frame_content_size(data).ok()??;
-        let length = ::zstd::zstd_safe::find_frame_compressed_size(data).ok()?;
+        let length = ::zstd::zstd_safe::find_frame_compressed_size(data).ok().filter(|l| *l > 0)?;
         total = total.saturating_add(size);
         data = &data[length.min(data.len())..];
     }
