@@ -27,6 +27,7 @@ import certs as certs_mod  # noqa: E402
 import msgpack  # noqa: E402
 import servers  # noqa: E402
 import tron  # noqa: E402
+import zstandard  # noqa: E402
 
 
 def metric(proc, name):
@@ -412,7 +413,8 @@ def bench_rotation(svc, certs, work, files=100, per_file=10_000, rate=20_000, ev
         receiver.stop()
 
 
-def chunk_frames(client, n, per_chunk):
+def chunk_frames(client, n, per_chunk, compression="gzip"):
+    compress = {"gzip": lambda b: gzip.compress(b, 1), "zstd": lambda b: zstandard.ZstdCompressor(level=1).compress(b)}
     now = time.time()
     frames = []
     for c in range(0, n, per_chunk):
@@ -420,7 +422,8 @@ def chunk_frames(client, n, per_chunk):
                                           json.loads(record_line(client * n + i, "2026-11-22T00:00:00Z"))])
                            for i in range(c, min(c + per_chunk, n)))
         frames.append(("c%d-%d" % (client, c), msgpack.packb(
-            ["bench", gzip.compress(entries, 1), {"chunk": "c%d-%d" % (client, c), "size": min(per_chunk, n - c), "compressed": "gzip"}])))
+            ["bench", compress[compression](entries),
+             {"chunk": "c%d-%d" % (client, c), "size": min(per_chunk, n - c), "compressed": compression}])))
     return frames
 
 
@@ -440,14 +443,15 @@ def send_chunks(host, port, frames, window=16):
     s.close()
 
 
-def bench_relay(svc, certs, work, n, clients=4):
-    """n 215-byte records from `clients` concurrent Forward clients (1000-record gzip chunks with acks)."""
-    svc.create_topic("bench-relay", 3)
-    cfg = tron.relay_config(work, certs, svc.kafka_brokers, topic="bench-relay", plaintext=True)
+def bench_relay(svc, certs, work, n, clients=4, compression="gzip", topic="bench-relay"):
+    """n 215-byte records from `clients` concurrent Forward clients (1000-record chunks with acks,
+    gzip level 1 or zstd level 1)."""
+    svc.create_topic(topic, 3)
+    cfg = tron.relay_config(work, certs, svc.kafka_brokers, topic=topic, plaintext=True)
     relay = tron.Proc("relay", "tron-relay", cfg, work).start()  # default limits
     host, port = relay.config["listen"].rsplit(":", 1)
     per = n // clients
-    frames = [chunk_frames(c, per, 1000) for c in range(clients)]
+    frames = [chunk_frames(c, per, 1000, compression) for c in range(clients)]
     start = time.time()
     threads = [threading.Thread(target=send_chunks, args=(host, int(port), f)) for f in frames]
     for t in threads:
@@ -456,9 +460,9 @@ def bench_relay(svc, certs, work, n, clients=4):
         t.join()
     elapsed = time.time() - start
     cpu = relay.cpu_seconds()
-    print("relay: %d records from %d clients into Kafka, acked, in %.1fs = %.0f records/s; relay %.2f CPU-s "
+    print("relay: %d records from %d clients (%s chunks) into Kafka, acked, in %.1fs = %.0f records/s; relay %.2f CPU-s "
           "(%.2f per million records); peak RSS %.1f MiB (default limits)"
-          % (per * clients, clients, elapsed, per * clients / elapsed, cpu, cpu * 1e6 / (per * clients),
+          % (per * clients, clients, compression, elapsed, per * clients / elapsed, cpu, cpu * 1e6 / (per * clients),
              relay.peak_rss_mib()))
     relay.stop()
     return per * clients
@@ -934,6 +938,7 @@ def main():
         if "relay" in args.which or "sink" in args.which:
             delivered = bench_relay(svc, certs, mk(work, "relay"), args.records)
         if "relay" in args.which:
+            bench_relay(svc, certs, mk(work, "relay-zstd"), args.records, compression="zstd", topic="bench-relay-zstd")
             bench_relay_peer(mk(work, "relay-peer"), args.records)
             bench_relay_from_fluent_bit(svc, mk(work, "relay-fb"), args.records)
         if "sink" in args.which:
