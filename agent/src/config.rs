@@ -249,7 +249,7 @@ pub struct RelayConfig {
     #[serde(default = "default_ack_timeout", with = "duration")]
     pub ack_timeout: Duration,
     /// `gzip` (CompressedPackedForward), `zstd` (the same with `"compressed": "zstd"`: half
-    /// gzip 1's CPU and 40 % fewer bytes on log lines, read by tron-relay, Fluent Bit and recent
+    /// gzip 1's CPU and 39 % fewer bytes on log lines, read by tron-relay, Fluent Bit and recent
     /// Fluentd, not by older Fluentd) or `none` (PackedForward: no CPU spent on compression, for
     /// links where bandwidth is cheap).
     #[serde(default)]

@@ -39,9 +39,9 @@ pub struct Options {
 }
 
 /// A frame's events, not decoded yet: the entries as one PackedForward stream (`[time, record]`
-/// after `[time, record]`, whatever mode the client used), compressed (gzip or zstd) or not. Decoding
-/// ([`EventBatch::decode`]) is left to the caller, so it can bound how many decodes run at once
-/// and charge what they produce before handing it on.
+/// after `[time, record]`, whatever mode the client used), compressed (gzip or zstd) or not.
+/// Decoding ([`EventBatch::decode`]) is left to the caller, so it can bound how many decodes run
+/// at once and charge what they produce before handing it on.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EventBatch {
     pub tag: String,
