@@ -74,6 +74,20 @@ def closed_by_peer(sock, timeout=10):
         return True
 
 
+def each_closed_after_sending(sockets, frames, timeout, refused_early=False):
+    """Sends `frames[i % len(frames)]` on the i-th socket, then asserts the relay closes every one.
+    `refused_early`: a connection the relay already closed (refused from its first bytes) may fail
+    the send."""
+    for i, s in enumerate(sockets):
+        try:
+            s.sendall(frames[i % len(frames)])
+        except OSError:
+            if not refused_early:
+                raise
+    for s in sockets:
+        assert closed_by_peer(s, timeout=timeout)
+
+
 def wait_for_open_connections(relay, at_most, timeout=10):
     """Waits until the relay counts at most `at_most` open connections (it frees a slot before it
     stops counting the connection), so the next connection finds the slots the test expects."""

@@ -11,7 +11,8 @@ import time
 import msgpack
 
 import tron
-from test_relay_abuse import KeepSending, closed_by_peer, counter, forward_handshake, send_and_wait_ack
+from test_relay_abuse import (KeepSending, closed_by_peer, counter, each_closed_after_sending, forward_handshake,
+                              send_and_wait_ack)
 
 SILENT = int(os.environ.get("TRON_RELAY_SILENT_CONNECTIONS", "1100"))
 
@@ -88,23 +89,14 @@ def test_amplifying_frames_before_and_after_the_handshake_keep_memory_bounded(se
     try:
         for _ in range(3):
             hostile = [socket.create_connection((host, port), timeout=10) for _ in range(32)]
-            for s in hostile:
-                try:
-                    s.sendall(frame)
-                except OSError:
-                    pass  # already closed: refused from the first bytes
-            for s in hostile:
-                assert closed_by_peer(s, timeout=10)
+            each_closed_after_sending(hostile, [frame], timeout=10, refused_early=True)
             peak = max(peak, relay.peak_rss_mib())
         authenticated = []
         for _ in range(32):
             s = socket.create_connection((host, port), timeout=10)
             assert forward_handshake(s, "s3cret")[1] is True
             authenticated.append(s)
-        for s in authenticated:
-            s.sendall(frame)
-        for s in authenticated:
-            assert closed_by_peer(s, timeout=60)
+        each_closed_after_sending(authenticated, [frame], timeout=60)
         peak = max(peak, relay.peak_rss_mib())
         tron.wait_until("a few more acks for the good client", lambda: len(sender.acked) >= 5, timeout=30)
     finally:
