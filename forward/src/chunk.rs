@@ -8,11 +8,13 @@ use std::io::Write;
 /// `[tag, bin(gzip(entries…)), {"size": n, "chunk": id, "compressed": "gzip"}]`, or, built with
 /// [`ChunkBuilder::uncompressed`], one PackedForward frame without the `compressed` option, or,
 /// built with [`ChunkBuilder::zstd`], one with `"compressed": "zstd"`.
-/// Gzip entries are compressed as they are added, 16 KiB at a time, so a chunk costs its
-/// compressed size in memory, plus up to 16 KiB gathered and a deflate state (taken from and
-/// given back to the pool in [`crate::gzip`]). Zstd entries are gathered whole and compressed when
-/// the chunk is finished, as frames of [`crate::zstd::FRAME`] (a one-shot context is a fraction
-/// of a streaming one's).
+/// Gzip entries of [`ChunkBuilder::new`] are compressed as they are added, 16 KiB at a time, so a
+/// chunk costs its compressed size in memory, plus up to 16 KiB gathered and a deflate state
+/// (taken from and given back to the pool in [`crate::gzip`]). The entries of
+/// [`ChunkBuilder::igzip`] (gzip level 1) and [`ChunkBuilder::zstd`] are gathered whole and
+/// compressed when the chunk is finished: one igzip member, or zstd frames of
+/// [`crate::zstd::FRAME`] (a one-shot compressor is faster, and a fraction of a streaming one's
+/// memory).
 /// Entries added with [`ChunkBuilder::push_at`] and a chunk closed with
 /// [`ChunkBuilder::finish_from`] also carry their source positions ([`crate::origin`]).
 pub struct ChunkBuilder {
@@ -26,6 +28,7 @@ enum Body {
     Gzip(Box<GzipVec>),
     Plain(Vec<u8>),
     Zstd { entries: Vec<u8>, level: i32 },
+    Igzip(Vec<u8>),
 }
 
 impl ChunkBuilder {
@@ -53,6 +56,14 @@ impl ChunkBuilder {
         Self::with_body(Body::Zstd { entries: buffer, level })
     }
 
+    /// A CompressedPackedForward chunk, gzip level 1 compressed by ISA-L's igzip
+    /// ([`crate::igzip`]: half zlib-rs's CPU, fewer bytes), gathered in `buffer` (cleared first;
+    /// see [`ChunkBuilder::uncompressed_in`]).
+    pub fn igzip(mut buffer: Vec<u8>) -> Self {
+        buffer.clear();
+        Self::with_body(Body::Igzip(buffer))
+    }
+
     fn with_body(body: Body) -> Self {
         ChunkBuilder { body, scratch: Vec::with_capacity(512), entries: 0, positions: PositionWriter::default() }
     }
@@ -78,7 +89,7 @@ impl ChunkBuilder {
         // Uncompressed entries go straight into the body; compressed ones through one scratch
         // buffer, so the encoder sees one write per entry (and gathers them, `gzip::GATHER`).
         let out = match &mut self.body {
-            Body::Plain(body) | Body::Zstd { entries: body, .. } => body,
+            Body::Plain(body) | Body::Zstd { entries: body, .. } | Body::Igzip(body) => body,
             Body::Gzip(_) => {
                 self.scratch.clear();
                 &mut self.scratch
@@ -107,8 +118,8 @@ impl ChunkBuilder {
         self.finish_with(tag, chunk_id, Some((source, end)))
     }
 
-    /// Like [`ChunkBuilder::finish_from`], and gives back the buffer a zstd chunk's entries were
-    /// gathered in (compressed, they are not in the frame), for the next chunk.
+    /// Like [`ChunkBuilder::finish_from`], and gives back the buffer a zstd or igzip chunk's
+    /// entries were gathered in (compressed, they are not in the frame), for the next chunk.
     pub fn finish_from_keeping(self, tag: &str, chunk_id: &str, source: &str, end: u64) -> (Vec<u8>, Option<Vec<u8>>) {
         self.finish_keeping(tag, chunk_id, Some((source, end)))
     }
@@ -134,6 +145,11 @@ impl ChunkBuilder {
                 crate::zstd::compress_frames(level, &entries, &mut packed);
                 kept = Some(entries);
                 (frame_around(tag, &packed, options_bytes), Some("zstd"))
+            }
+            Body::Igzip(entries) => {
+                let frame = crate::igzip::with_gzip_member(&entries, |member| frame_around(tag, member, options_bytes));
+                kept = Some(entries);
+                (frame, Some("gzip"))
             }
             Body::Plain(mut body) => {
                 // The frame is built around the entries where they are: shifting them along

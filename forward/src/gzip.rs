@@ -1,6 +1,7 @@
-//! Gzip into memory, two ways: [`GzipVec`], one zlib-rs stream (relay chunks, and the archive at
-//! level 1), and [`GzipMembers`], members compressed whole by libdeflate (the archive from level
-//! 2). Both reuse their compressors. Creating a deflate state zeroes about 400 KiB (zlib-rs:
+//! Gzip into memory, two ways: [`GzipVec`], one zlib-rs stream (the archive at level 1, and relay
+//! chunks at levels other than the default 1, which [`crate::igzip`] compresses), and
+//! [`GzipMembers`], members compressed whole by libdeflate (the archive from level 2). Both reuse
+//! their compressors. Creating a deflate state zeroes about 400 KiB (zlib-rs:
 //! window, hash chains, buffers); with many small batches (100 files, each cut into a batch every
 //! pass) that was 40 % of the agent's CPU. A finished writer gives its state back to a small
 //! process-wide pool, and the next writer at the same level resets it instead.

@@ -11,6 +11,7 @@ mod error;
 mod frame;
 pub mod gzip;
 pub mod handshake;
+pub mod igzip;
 pub mod json;
 pub mod msgpack;
 pub mod origin;

@@ -153,9 +153,15 @@ proptest! {
             builder.push(EventTime::new(*s, *n), r);
         }
         let zstd = builder.finish(&tag, "c-1");
+        // And gzip level 1 by igzip, the agent's default.
+        let mut builder = ChunkBuilder::igzip(Vec::new());
+        for (s, n, r) in &entries {
+            builder.push(EventTime::new(*s, *n), r);
+        }
+        let igzip = builder.finish(&tag, "c-1");
 
         let want = expected(&tag, &entries, Some("c-1"));
-        for wire in [&forward, &packed_forward, &compressed, &zstd] {
+        for wire in [&forward, &packed_forward, &compressed, &zstd, &igzip] {
             let (frames, error) = decode(wire, step);
             prop_assert_eq!(error, None);
             prop_assert_eq!(frames, vec![want.clone()]);
@@ -173,9 +179,13 @@ proptest! {
         flips in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6),
         cut in any::<prop::sample::Index>(),
         step in 1usize..17,
-        zstd in any::<bool>(),
+        compression in 0..3u8,
     ) {
-        let mut builder = if zstd { ChunkBuilder::zstd(1, Vec::new()) } else { ChunkBuilder::new(1) };
+        let mut builder = match compression {
+            0 => ChunkBuilder::new(1),
+            1 => ChunkBuilder::zstd(1, Vec::new()),
+            _ => ChunkBuilder::igzip(Vec::new()),
+        };
         for (s, n, r) in &entries {
             builder.push(EventTime::new(*s, *n), r);
         }

@@ -1,7 +1,8 @@
 """The relay link compressed by zstd (`compression = "zstd"`, CompressedPackedForward with
 `"compressed": "zstd"`): the agent's chunks reach Kafka and GCS through tron-relay, and Fluent Bit
-5.1.1's `in_forward` reads and acks them (skipped without ../shared); hostile zstd chunks at the
-relay's default limits are refused while they decode, and memory stays bounded."""
+5.1.1's `in_forward` reads and acks them, as it does the default gzip level 1 chunks that ISA-L's
+igzip compresses whole (skipped without ../shared); hostile zstd chunks at the relay's default
+limits are refused while they decode, and memory stays bounded."""
 import json
 import os
 import socket
@@ -57,8 +58,9 @@ def test_agent_chunks_compressed_by_zstd_reach_gcs_through_the_relay(services, c
 
 
 @pytest.mark.skipif(not os.path.exists(FLUENT_BIT), reason="no Fluent Bit at %s (../shared absent)" % FLUENT_BIT)
-def test_fluent_bit_in_forward_reads_and_acks_the_agents_zstd_chunks(certs, workroot, procs):
-    work = os.path.join(workroot, "zstd-fluent-bit")
+@pytest.mark.parametrize("compression", ["zstd", "gzip"])
+def test_fluent_bit_in_forward_reads_and_acks_the_agents_chunks(compression, certs, workroot, procs):
+    work = os.path.join(workroot, "%s-fluent-bit" % compression)
     out = os.path.join(work, "out")
     os.makedirs(out)
     port = tron.servers.free_port()
@@ -77,7 +79,9 @@ def test_fluent_bit_in_forward_reads_and_acks_the_agents_zstd_chunks(certs, work
                                 "127.0.0.1:%d" % port, certs)
         del cfg["destinations"]["s3"]
         relay_cfg = cfg["destinations"]["relay"]
-        relay_cfg.update(compression="zstd", plaintext=True, watermark_interval="0s")
+        relay_cfg.update(compression=compression, plaintext=True, watermark_interval="0s")
+        if compression == "gzip":
+            assert relay_cfg.get("gzip_level", 1) == 1  # the shipped level: igzip's whole-chunk members
         for key in ("tls_ca", "tls_server_name", "batch"):
             relay_cfg.pop(key, None)
         agent = tron.Proc("agent", "tron-agent", cfg, work)
@@ -99,7 +103,7 @@ def test_fluent_bit_in_forward_reads_and_acks_the_agents_zstd_chunks(certs, work
                         lambda: agent.metric("tron_agent_records_sent_total", destination="relay") == total,
                         timeout=30, interval=0.5, on_timeout=agent.tail)
         assert received() == set(range(total))
-        print("zstd link to Fluent Bit 5.1.1 in_forward: %d lines received and acked" % total)
+        print("%s link to Fluent Bit 5.1.1 in_forward: %d lines received and acked" % (compression, total))
         assert agent.stop() == 0
     finally:
         receiver.terminate()

@@ -5,7 +5,8 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 # Debian packages: logrotate (the rotation tests use the real tool), systemd (systemd-analyze
 # verifies the units), dpkg-dev tools for the .deb checks, OpenSSL headers (librdkafka is built
-# with TLS and SASL against the system OpenSSL), stunnel (the TLS listener in front of Tansu).
+# with TLS and SASL against the system OpenSSL), stunnel (the TLS listener in front of Tansu), and
+# nasm with autotools (the isal-sys crate builds ISA-L's igzip, the relay link's gzip, from source).
 apt_install() {
   local sudo=""
   [ "$(id -u)" = 0 ] || sudo=sudo
@@ -18,6 +19,10 @@ command -v dpkg-deb >/dev/null 2>&1 || missing+=(dpkg)
 command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
 [ -f /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
 command -v stunnel4 >/dev/null 2>&1 || missing+=(stunnel4)
+command -v nasm >/dev/null 2>&1 || missing+=(nasm)
+command -v autoreconf >/dev/null 2>&1 || missing+=(autoconf)
+command -v automake >/dev/null 2>&1 || missing+=(automake)
+command -v libtoolize >/dev/null 2>&1 || missing+=(libtool)
 [ ${#missing[@]} -eq 0 ] || apt_install "${missing[@]}"
 # Prometheus (server and promtool): the rules' unit tests and the dashboard's end-to-end test run
 # against the real thing. Without recommends: the exporters it suggests are not needed.
