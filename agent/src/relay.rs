@@ -232,7 +232,9 @@ impl Destination for RelayForwarder {
             record.insert("drained".into(), true.into());
         }
         record.insert("tags".into(), self.tags.read().expect("tags lock").clone().into());
-        let mut builder = ChunkBuilder::new(1);
+        // Gzip level 1 by igzip, as the link's chunks are by default: a report every few seconds
+        // does not keep a zlib-rs state (404 KiB) alive for itself.
+        let mut builder = ChunkBuilder::igzip(Vec::new());
         builder.push(forward::EventTime::from_unix_nanos(tron_service::clock::now_ns()), &record);
         let id = format!("wm-{}-{watermark_ms}{}", self.host, if drained { "-drained" } else { "" });
         let mut chunk = Vec::new();
