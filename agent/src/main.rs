@@ -8,6 +8,7 @@ mod destination;
 mod discover;
 mod file_table;
 mod identity;
+mod json_msgpack;
 mod multiline;
 mod parse;
 mod reader;

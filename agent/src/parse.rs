@@ -373,7 +373,16 @@ pub fn parse_line(line: &[u8], offset: u64, cx: &LineContext, bytes: &mut Vec<u8
             }
             let text = Span::since(start, bytes);
             let reserved = |key: &str| added.names().any(|n| is_name(key, n));
-            match forward::msgpack::write_json_object_pairs(bytes, line, src.time_field.as_deref(), reserved) {
+            let time_field = src.time_field.as_deref();
+            // The fast path first; serde_json, the reference, when it is unsure.
+            let pairs = match crate::json_msgpack::object_pairs(line, bytes, time_field, reserved) {
+                Some(seen) => Ok(seen),
+                None => {
+                    bytes.truncate(text.end);
+                    forward::msgpack::write_json_object_pairs(bytes, line, time_field, reserved)
+                }
+            };
+            match pairs {
                 Ok(seen) if !seen.names_reserved => {
                     time = seen.watched;
                     let packed = Span::since(text.end, bytes);
@@ -455,6 +464,38 @@ struct Scan<'t> {
 }
 
 fn scan_object<'t>(line: &'t str, time_field: Option<&str>, added: &Added) -> Result<Scan<'t>, serde_json::Error> {
+    match scan_object_fast(line, time_field, added) {
+        Some(scan) => Ok(scan),
+        None => scan_object_by_serde(line, time_field, added),
+    }
+}
+
+/// [`scan_object`] by [`tron_service::json_scan`]: `None` when it is unsure (an escaped key, a
+/// `\u` escape, a time value serde_json would refuse), and then serde_json answers.
+fn scan_object_fast<'t>(line: &'t str, time_field: Option<&str>, added: &Added) -> Option<Scan<'t>> {
+    let mut scan = Scan { time: None, names_added: false, pairs: 0 };
+    let mut time_text = None;
+    tron_service::json_scan::top_level(line, |key, value, escaped| {
+        scan.pairs += 1;
+        scan.names_added |= added.names().any(|n| is_name(key, n));
+        if time_field.is_some_and(|field| is_name(key, field)) {
+            time_text = Some((value, escaped)); // the last one, if named twice
+        }
+    })?;
+    if let Some((value, escaped)) = time_text {
+        scan.time = Some(match value.as_bytes()[0] {
+            b'"' if !escaped => WatchedValue::Str(std::borrow::Cow::Borrowed(&value[1..value.len() - 1])),
+            _ => serde_json::from_str(value).ok()?,
+        });
+    }
+    Some(scan)
+}
+
+fn scan_object_by_serde<'t>(
+    line: &'t str,
+    time_field: Option<&str>,
+    added: &Added,
+) -> Result<Scan<'t>, serde_json::Error> {
     use serde::de::{Deserializer as _, IgnoredAny, MapAccess, Visitor};
     struct ScanVisitor<'s> {
         time_field: Option<&'s str>,

@@ -246,13 +246,13 @@ impl<'de> DeserializeSeed<'de> for Transcode<'_> {
 
 /// Containers get a 32-bit length header, patched once the length is known and shrunk to the
 /// one-byte form when it fits (the common case), so the output matches [`write_json`]'s.
-fn open_container(out: &mut Vec<u8>, marker32: u8) -> usize {
+pub fn open_container(out: &mut Vec<u8>, marker32: u8) -> usize {
     let at = out.len();
     out.extend_from_slice(&[marker32, 0, 0, 0, 0]);
     at
 }
 
-fn close_container(out: &mut Vec<u8>, at: usize, n: u32, fix_marker: u8) {
+pub fn close_container(out: &mut Vec<u8>, at: usize, n: u32, fix_marker: u8) {
     if n < 16 {
         out[at] = fix_marker | n as u8;
         out.copy_within(at + 5.., at + 1);

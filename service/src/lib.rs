@@ -9,10 +9,12 @@ pub mod fs;
 pub mod headers;
 pub mod http;
 pub mod json_key;
+pub mod json_scan;
 #[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod net;
 pub mod shutdown;
+pub mod swar;
 pub mod systemd;
 pub mod telemetry;
 pub mod tls;

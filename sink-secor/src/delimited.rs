@@ -7,8 +7,8 @@
 //! about a tenth of the CSV sink's CPU; this finds quotes eight bytes at a time and writes each
 //! cell once.
 
-use crate::swar;
 use std::io::Write;
+use tron_service::swar;
 
 pub struct DelimitedRows<W: Write> {
     out: W,

@@ -228,7 +228,7 @@ impl<'v, 'a> TopLevel<'v, 'a> {
     /// Whether the fast pass answered; values it filled before it gave up are the caller's to
     /// forget.
     fn fast(text: &'a str, wanted: &WantedKeys, values: &mut [Option<FieldText<'a>>]) -> bool {
-        crate::json_scan::top_level(text, |key, json, escaped| {
+        tron_service::json_scan::top_level(text, |key, json, escaped| {
             if let Some(i) = wanted.index(key) {
                 values[i] = Some(FieldText { json, escaped });
             }
@@ -439,7 +439,7 @@ mod tests {
     fn strings_the_fast_scan_saw_escaped_are_decoded_and_the_others_taken_as_written() {
         // Simple escapes only, so the fast scan answers (a `\u` would send it to serde_json).
         let record = br#"{"esc":"a\"b\\c\/d\te","plain":"x y","esc2":"\n"}"#;
-        assert!(crate::json_scan::top_level(std::str::from_utf8(record).unwrap(), |_, _, _| ()).is_some());
+        assert!(tron_service::json_scan::top_level(std::str::from_utf8(record).unwrap(), |_, _, _| ()).is_some());
         let cols = [col("esc", "esc"), col("plain", "plain"), col("esc2", "esc2")];
         assert_eq!(rows(&cols, &[record]), "\"a\"\"b\\c/d\te\",x y,\"\n\"\n");
     }

@@ -9,12 +9,10 @@ mod dedupe;
 mod delimited;
 mod finalize;
 mod format;
-mod json_scan;
 mod layout;
 mod partition;
 mod state;
 mod store;
-mod swar;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};

@@ -34,7 +34,8 @@ pub fn top_level<'a>(text: &'a str, mut keep: impl FnMut(&'a str, &'a str, bool)
     (skip_ws(b, end) == b.len()).then_some(())
 }
 
-fn skip_ws(b: &[u8], mut i: usize) -> usize {
+#[inline]
+pub fn skip_ws(b: &[u8], mut i: usize) -> usize {
     while let Some(b' ' | b'\t' | b'\n' | b'\r') = b.get(i) {
         i += 1;
     }
@@ -168,7 +169,8 @@ fn string_end(b: &[u8], i: usize) -> Option<(usize, bool)> {
 }
 
 /// The first `"`, `\` or control character at or after `i` (or the end).
-fn next_special(b: &[u8], mut i: usize) -> usize {
+#[inline]
+pub fn next_special(b: &[u8], mut i: usize) -> usize {
     while let Some(word) = swar::word_at(b, i) {
         let flags = swar::equal(word, b'"') | swar::equal(word, b'\\') | swar::below(word, 0x20);
         if let Some(at) = swar::first(flags) {
