@@ -8,6 +8,10 @@
 //! tenth of the CSV sink's CPU; here a string is skipped eight bytes at a time.
 
 use crate::swar;
+
+// The scan's functions are `#[inline]`: `top_level` is generic, so it is compiled in the crate
+// that calls it (the sink, the agent), and without the attribute every string and value of every
+// record would be a call across crates into code that cannot be inlined there.
 use std::ops::Range;
 
 /// Deeper nesting goes to serde_json (its own limit is 128).
@@ -43,6 +47,7 @@ pub fn skip_ws(b: &[u8], mut i: usize) -> usize {
 }
 
 /// The end of the value starting at `i`, and whether it is a string with an escape.
+#[inline]
 fn value_end(b: &[u8], i: usize, depth: usize) -> Option<(usize, bool)> {
     let end = match *b.get(i)? {
         b'"' => return string_end(b, i),
@@ -102,11 +107,13 @@ fn container_end<M: FnMut(Range<usize>, bool, Range<usize>, bool) -> Option<()>>
     }
 }
 
+#[inline]
 fn literal_end(b: &[u8], i: usize, literal: &[u8]) -> Option<usize> {
     b[i..].starts_with(literal).then_some(i + literal.len())
 }
 
 /// `-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?`
+#[inline]
 fn number_end(b: &[u8], mut i: usize) -> Option<usize> {
     if b.get(i) == Some(&b'-') {
         i += 1;
@@ -137,6 +144,7 @@ fn number_end(b: &[u8], mut i: usize) -> Option<usize> {
     Some(i)
 }
 
+#[inline]
 fn digits_end(b: &[u8], mut i: usize) -> usize {
     while b.get(i).is_some_and(u8::is_ascii_digit) {
         i += 1;
@@ -146,6 +154,7 @@ fn digits_end(b: &[u8], mut i: usize) -> usize {
 
 /// The string starting at `i`: the end past its closing quote, and whether it has an escape.
 /// Simple escapes are checked and passed; `\u` escapes and control characters make it unsure.
+#[inline]
 fn string_end(b: &[u8], i: usize) -> Option<(usize, bool)> {
     if b.get(i) != Some(&b'"') {
         return None;
