@@ -193,6 +193,52 @@ pub fn next_special(b: &[u8], mut i: usize) -> usize {
     i
 }
 
+/// Texts for the tests of every JSON fast path in front of serde_json (this scan, the agent's
+/// transcoder): what each must leave to serde_json, and the one-character edits of a record
+/// that each must answer as serde_json would or not at all.
+#[doc(hidden)]
+pub mod corpus {
+    /// Not one JSON object, or one with what a fast path is unsure of (a `\u` escape, an escaped
+    /// key, a control character in a string).
+    pub const UNSURE_OR_INVALID: &[&str] = &[
+        r#"[1, 2]"#,
+        r#"{"a": 1} x"#,
+        r#"{"a": 1"#,
+        r#""a""#,
+        r#"{"a": 01}"#,
+        r#"{"a": 1.}"#,
+        r#"{"a": .5}"#,
+        r#"{"a": 1e}"#,
+        r#"{"a": tru}"#,
+        r#"{"a": truex}"#,
+        r#"{"a": "\u0041"}"#,
+        r#"{"\u0061": 1}"#,
+        r#"{"a\"b": 1}"#,
+        "{\"a\": \"tab\tinside\"}",
+        r#"{"a": "\x"}"#,
+        r#"{"a": 1,}"#,
+        r#"{"a" 1}"#,
+        r#"{"a": [1,]}"#,
+        r#"{"a": {"b"}}"#,
+        r#"{a: 1}"#,
+        "",
+    ];
+
+    /// JSON-significant characters that [`single_edits`] puts in place of each character.
+    pub const ALPHABET: &[&str] =
+        &["{", "}", "[", "]", "\"", "\\", ":", ",", " ", "0", "9", "-", ".", "e", "t", "\t", "x", "é", "n"];
+
+    /// `record` with each character deleted, doubled, or replaced by each of `ALPHABET`.
+    pub fn single_edits(record: &str) -> impl Iterator<Item = String> + '_ {
+        record.char_indices().flat_map(move |(at, c)| {
+            let (head, rest) = (&record[..at], &record[at + c.len_utf8()..]);
+            [format!("{head}{rest}"), format!("{head}{c}{c}{rest}")]
+                .into_iter()
+                .chain(ALPHABET.iter().map(move |s| format!("{head}{s}{rest}")))
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,29 +305,7 @@ mod tests {
 
     #[test]
     fn unsure_or_invalid_texts_go_to_serde_json() {
-        for text in [
-            r#"[1, 2]"#,
-            r#"{"a": 1} x"#,
-            r#"{"a": 1"#,
-            r#""a""#,
-            r#"{"a": 01}"#,
-            r#"{"a": 1.}"#,
-            r#"{"a": .5}"#,
-            r#"{"a": 1e}"#,
-            r#"{"a": tru}"#,
-            r#"{"a": truex}"#,
-            r#"{"a": "\u0041"}"#,
-            r#"{"\u0061": 1}"#,
-            r#"{"a\"b": 1}"#,
-            "{\"a\": \"tab\tinside\"}",
-            r#"{"a": "\x"}"#,
-            r#"{"a": 1,}"#,
-            r#"{"a" 1}"#,
-            r#"{"a": [1,]}"#,
-            r#"{"a": {"b"}}"#,
-            r#"{a: 1}"#,
-            "",
-        ] {
+        for text in corpus::UNSURE_OR_INVALID {
             assert!(fast(text).is_none(), "{text}");
         }
         let deep = format!(r#"{{"a": {}1{}}}"#, "[".repeat(MAX_DEPTH), "]".repeat(MAX_DEPTH));
@@ -297,19 +321,11 @@ mod tests {
             r#"{"time":"2026-12-05T07:00:00Z","seq":12,"ok":true,"n":null,"a":[1,{"b":"c\"d"}],"f":-1.5e3}"#,
             r#"{ "x" : { "y" : [ "z" , 0 ] } , "w" : "é\\" }"#,
         ];
-        let alphabet = ["{", "}", "[", "]", "\"", "\\", ":", ",", " ", "0", "-", ".", "e", "t", "\t", "x", "é"];
         let (mut answered, mut total) = (0, 0);
         for record in records {
-            let chars: Vec<(usize, char)> = record.char_indices().collect();
-            for &(at, c) in &chars {
-                let rest = &record[at + c.len_utf8()..];
-                let head = &record[..at];
-                let mut variants = vec![format!("{head}{rest}"), format!("{head}{c}{c}{rest}")];
-                variants.extend(alphabet.iter().map(|s| format!("{head}{s}{rest}")));
-                for v in variants {
-                    total += 1;
-                    answered += usize::from(agrees(&v));
-                }
+            for v in corpus::single_edits(record) {
+                total += 1;
+                answered += usize::from(agrees(&v));
             }
         }
         eprintln!("answered {answered} of {total} mutations");
