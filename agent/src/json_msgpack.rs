@@ -14,8 +14,7 @@
 
 use forward::msgpack::{close_container, is_name, open_container, ObjectPairs, WatchedValue};
 use std::borrow::Cow;
-use tron_service::json_scan::skip_ws;
-use tron_service::swar;
+use tron_service::json_scan::{skip_ws, string_end, unescaped, JsonString};
 
 /// Deeper nesting goes to serde_json (its own limit is 128).
 const MAX_DEPTH: usize = 64;
@@ -46,7 +45,7 @@ pub fn object_pairs<'t>(
         i += 1;
     } else {
         loop {
-            let (key_end, escapes, non_ascii) = string_end(b, i)?;
+            let JsonString { end: key_end, escapes, non_ascii } = string_end(b, i)?;
             if escapes > 0 {
                 return None;
             }
@@ -62,7 +61,11 @@ pub fn object_pairs<'t>(
             let start = skip_ws(b, i + 1);
             i = value(b, start, 1, out)?;
             if watch.is_some_and(|watch| is_name(key, watch)) {
-                seen.watched = Some(watched(std::str::from_utf8(&b[start..i]).ok()?)?);
+                // An array or an object is left to serde_json's path, which writes it from a tree.
+                if matches!(b[start], b'[' | b'{') {
+                    return None;
+                }
+                seen.watched = Some(watched_value(std::str::from_utf8(&b[start..i]).ok()?)?);
             }
             i = skip_ws(b, i);
             match *b.get(i)? {
@@ -78,12 +81,12 @@ pub fn object_pairs<'t>(
     (skip_ws(b, i) == b.len()).then_some(seen)
 }
 
-/// The watched key's value as serde_json's path keeps it: a string borrowed from the line when it
-/// has no escape. An array or an object is left to serde_json, which writes it from a tree.
-fn watched(text: &str) -> Option<WatchedValue<'_>> {
+/// A watched key's value from its JSON text, as serde_json's path keeps it: a string borrowed
+/// from the line when it has no escape, anything else read by serde_json (rare: event times are
+/// mostly strings). `None` when serde_json refuses it.
+pub fn watched_value(text: &str) -> Option<WatchedValue<'_>> {
     match text.as_bytes()[0] {
         b'"' if !text.contains('\\') => Some(WatchedValue::Str(Cow::Borrowed(&text[1..text.len() - 1]))),
-        b'[' | b'{' => None,
         _ => serde_json::from_str(text).ok(),
     }
 }
@@ -147,69 +150,6 @@ fn container(b: &[u8], i: usize, depth: usize, object: bool, out: &mut Vec<u8>) 
     }
 }
 
-/// The string at `i`: the end past its closing quote, how many escapes it holds (each decodes
-/// to one byte), and whether it holds a byte of 0x80 or above. `\u` escapes and control
-/// characters make it unsure.
-#[inline]
-fn string_end(b: &[u8], i: usize) -> Option<(usize, usize, bool)> {
-    if b.get(i) != Some(&b'"') {
-        return None;
-    }
-    let mut at = i + 1;
-    let mut escapes = 0;
-    let mut non_ascii = false;
-    loop {
-        at = next_special(b, at, &mut non_ascii);
-        match *b.get(at)? {
-            b'"' => return Some((at + 1, escapes, non_ascii)),
-            b'\\' => {
-                unescaped(*b.get(at + 1)?)?;
-                escapes += 1;
-                at += 2;
-            }
-            _ => return None,
-        }
-    }
-}
-
-/// The byte a simple escape stands for.
-fn unescaped(c: u8) -> Option<u8> {
-    Some(match c {
-        b'"' => b'"',
-        b'\\' => b'\\',
-        b'/' => b'/',
-        b'b' => 0x08,
-        b'f' => 0x0c,
-        b'n' => b'\n',
-        b'r' => b'\r',
-        b't' => b'\t',
-        _ => return None,
-    })
-}
-
-/// The first `"`, `\` or control character at or after `i` (or the end); `non_ascii` is set
-/// when a byte of 0x80 or above comes before it.
-#[inline]
-fn next_special(b: &[u8], mut i: usize, non_ascii: &mut bool) -> usize {
-    while let Some(word) = swar::word_at(b, i) {
-        let flags = swar::equal(word, b'"') | swar::equal(word, b'\\') | swar::below(word, 0x20);
-        if let Some(at) = swar::first(flags) {
-            *non_ascii |= swar::before(swar::non_ascii(word), at) != 0;
-            return i + at;
-        }
-        *non_ascii |= swar::non_ascii(word) != 0;
-        i += 8;
-    }
-    while let Some(&c) = b.get(i) {
-        if c == b'"' || c == b'\\' || c < 0x20 {
-            break;
-        }
-        *non_ascii |= c >= 0x80;
-        i += 1;
-    }
-    i
-}
-
 /// A string's bytes as text: checked to be UTF-8 only when the search saw a byte of 0x80 or
 /// above.
 fn text(raw: &[u8], non_ascii: bool) -> Option<&str> {
@@ -222,7 +162,7 @@ fn text(raw: &[u8], non_ascii: bool) -> Option<&str> {
 
 /// Writes the string at `i` (decoded) as a MessagePack str; its end.
 fn string(b: &[u8], i: usize, out: &mut Vec<u8>) -> Option<usize> {
-    let (end, escapes, non_ascii) = string_end(b, i)?;
+    let JsonString { end, escapes, non_ascii } = string_end(b, i)?;
     let raw = &b[i + 1..end - 1];
     text(raw, non_ascii)?; // escapes are ASCII: the raw bytes are UTF-8 if the decoded ones are
     write_str_header(out, raw.len() - escapes);

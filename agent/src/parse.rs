@@ -475,18 +475,15 @@ fn scan_object<'t>(line: &'t str, time_field: Option<&str>, added: &Added) -> Re
 fn scan_object_fast<'t>(line: &'t str, time_field: Option<&str>, added: &Added) -> Option<Scan<'t>> {
     let mut scan = Scan { time: None, names_added: false, pairs: 0 };
     let mut time_text = None;
-    tron_service::json_scan::top_level(line, |key, value, escaped| {
+    tron_service::json_scan::top_level(line, |key, value, _| {
         scan.pairs += 1;
         scan.names_added |= added.names().any(|n| is_name(key, n));
         if time_field.is_some_and(|field| is_name(key, field)) {
-            time_text = Some((value, escaped)); // the last one, if named twice
+            time_text = Some(value); // the last one, if named twice
         }
     })?;
-    if let Some((value, escaped)) = time_text {
-        scan.time = Some(match value.as_bytes()[0] {
-            b'"' if !escaped => WatchedValue::Str(std::borrow::Cow::Borrowed(&value[1..value.len() - 1])),
-            _ => serde_json::from_str(value).ok()?,
-        });
+    if let Some(value) = time_text {
+        scan.time = Some(crate::json_msgpack::watched_value(value)?);
     }
     Some(scan)
 }

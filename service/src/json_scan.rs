@@ -50,7 +50,7 @@ pub fn skip_ws(b: &[u8], mut i: usize) -> usize {
 #[inline]
 fn value_end(b: &[u8], i: usize, depth: usize) -> Option<(usize, bool)> {
     let end = match *b.get(i)? {
-        b'"' => return string_end(b, i),
+        b'"' => return string_end(b, i).map(|s| (s.end, s.escapes > 0)),
         b'{' => container_end(b, i, depth, b'}', true, &mut |_, _, _, _| Some(())),
         b'[' => container_end(b, i, depth, b']', false, &mut |_, _, _, _| Some(())),
         b't' => literal_end(b, i, b"true"),
@@ -86,7 +86,8 @@ fn container_end<M: FnMut(Range<usize>, bool, Range<usize>, bool) -> Option<()>>
         let mut key = i..i;
         let mut key_escaped = false;
         if object {
-            (key.end, key_escaped) = string_end(b, i)?;
+            let key_string = string_end(b, i)?;
+            (key.end, key_escaped) = (key_string.end, key_string.escapes > 0);
             i = skip_ws(b, key.end);
             if b.get(i) != Some(&b':') {
                 return None;
@@ -152,42 +153,75 @@ fn digits_end(b: &[u8], mut i: usize) -> usize {
     i
 }
 
-/// The string starting at `i`: the end past its closing quote, and whether it has an escape.
-/// Simple escapes are checked and passed; `\u` escapes and control characters make it unsure.
+/// What the search of one string found.
+pub struct JsonString {
+    /// Past its closing quote.
+    pub end: usize,
+    /// Simple escapes in it (each decodes to one byte: [`unescaped`]).
+    pub escapes: usize,
+    /// Whether it holds a byte of 0x80 or above, so its UTF-8 needs checking in text that is not
+    /// known to be UTF-8 already.
+    pub non_ascii: bool,
+}
+
+/// The string starting at `i`. Simple escapes are checked and passed; `\u` escapes and control
+/// characters make it unsure.
 #[inline]
-fn string_end(b: &[u8], i: usize) -> Option<(usize, bool)> {
+pub fn string_end(b: &[u8], i: usize) -> Option<JsonString> {
     if b.get(i) != Some(&b'"') {
         return None;
     }
     let mut at = i + 1;
-    let mut escaped = false;
+    let mut escapes = 0;
+    let mut non_ascii = false;
     loop {
-        at = next_special(b, at);
+        at = next_special(b, at, &mut non_ascii);
         match *b.get(at)? {
-            b'"' => return Some((at + 1, escaped)),
-            b'\\' => match *b.get(at + 1)? {
-                b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => {
-                    escaped = true;
-                    at += 2
-                }
-                _ => return None,
-            },
+            b'"' => return Some(JsonString { end: at + 1, escapes, non_ascii }),
+            b'\\' => {
+                unescaped(*b.get(at + 1)?)?;
+                escapes += 1;
+                at += 2;
+            }
             _ => return None,
         }
     }
 }
 
-/// The first `"`, `\` or control character at or after `i` (or the end).
+/// The byte a simple escape (`\` and this) stands for.
 #[inline]
-pub fn next_special(b: &[u8], mut i: usize) -> usize {
+pub fn unescaped(c: u8) -> Option<u8> {
+    Some(match c {
+        b'"' => b'"',
+        b'\\' => b'\\',
+        b'/' => b'/',
+        b'b' => 0x08,
+        b'f' => 0x0c,
+        b'n' => b'\n',
+        b'r' => b'\r',
+        b't' => b'\t',
+        _ => return None,
+    })
+}
+
+/// The first `"`, `\` or control character at or after `i` (or the end); `non_ascii` is set
+/// when a byte of 0x80 or above comes before it.
+#[inline]
+pub fn next_special(b: &[u8], mut i: usize, non_ascii: &mut bool) -> usize {
     while let Some(word) = swar::word_at(b, i) {
         let flags = swar::equal(word, b'"') | swar::equal(word, b'\\') | swar::below(word, 0x20);
         if let Some(at) = swar::first(flags) {
+            *non_ascii |= swar::before(swar::non_ascii(word), at) != 0;
             return i + at;
         }
+        *non_ascii |= swar::non_ascii(word) != 0;
         i += 8;
     }
-    while b.get(i).is_some_and(|&c| c != b'"' && c != b'\\' && c >= 0x20) {
+    while let Some(&c) = b.get(i) {
+        if c == b'"' || c == b'\\' || c < 0x20 {
+            break;
+        }
+        *non_ascii |= c >= 0x80;
         i += 1;
     }
     i
@@ -346,7 +380,9 @@ mod tests {
                         }
                     }
                     let expected = b.iter().position(|&c| c == b'"' || c == b'\\' || c < 0x20).unwrap_or(b.len());
-                    assert_eq!(next_special(&b, 0), expected, "{b:?}");
+                    let mut non_ascii = false;
+                    assert_eq!(next_special(&b, 0, &mut non_ascii), expected, "{b:?}");
+                    assert_eq!(non_ascii, b[..expected].iter().any(|&c| c >= 0x80), "{b:?}");
                 }
             }
         }
