@@ -8,7 +8,7 @@
 //! exponent or beyond the range it reproduces exactly, a watched value that is an array or an
 //! object, and nesting deeper than [`MAX_DEPTH`]. serde_json's visitor calls per token, and its
 //! byte-at-a-time string reads, were most of the relay destination's parse, 45 % of its CPU;
-//! here a string is searched eight bytes at a time and copied whole. The same search notes bytes
+//! here a string is searched sixteen bytes at a time and copied whole. The same search notes bytes
 //! of 0x80 and above, so UTF-8 is checked only in the strings that hold one (the only place a
 //! valid line can): a check of every whole line was 5 % of the relay destination's CPU.
 

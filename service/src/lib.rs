@@ -14,6 +14,8 @@ pub mod json_scan;
 pub mod kafka;
 pub mod net;
 pub mod shutdown;
+#[cfg(target_arch = "x86_64")]
+pub mod sse2;
 pub mod swar;
 pub mod systemd;
 pub mod telemetry;

@@ -4,10 +4,12 @@
 //! Written here rather than by the csv crate's writer (which the audit still reads with): a JSON
 //! cell doubles two quotes for every key and string, and the crate's loop searched for the next
 //! quote with one call per quote, then copied the cell a second time into its own buffer. That was
-//! about a tenth of the CSV sink's CPU; this finds quotes eight bytes at a time and writes each
-//! cell once.
+//! about a tenth of the CSV sink's CPU; this finds quotes sixteen bytes at a time (eight where
+//! there is no SSE2) and writes each cell once.
 
 use std::io::Write;
+#[cfg(target_arch = "x86_64")]
+use tron_service::sse2;
 use tron_service::swar;
 
 pub struct DelimitedRows<W: Write> {
@@ -75,13 +77,22 @@ impl<W: Write> DelimitedRows<W> {
     }
 }
 
-/// Whether the cell holds the delimiter, a quote or a line break: eight bytes at a time, in one
-/// pass (two memchr calls per cell, for four bytes, cost more on cells of a few dozen bytes).
+/// Whether the cell holds the delimiter, a quote or a line break: sixteen or eight bytes at a
+/// time, in one pass (two memchr calls per cell, for four bytes, cost more on cells of a few
+/// dozen bytes).
 fn needs_quotes(cell: &[u8], delimiter: u8) -> bool {
     let special = |word: u64| {
         swar::equal(word, delimiter) | swar::equal(word, b'"') | swar::equal(word, b'\n') | swar::equal(word, b'\r')
     };
     let mut at = 0;
+    #[cfg(target_arch = "x86_64")]
+    while let Some(block) = sse2::Block::at(cell, at) {
+        let special = block.equal(delimiter).or(block.equal(b'"')).or(block.equal(b'\n')).or(block.equal(b'\r'));
+        if special.bits() != 0 {
+            return true;
+        }
+        at += 16;
+    }
     while let Some(word) = swar::word_at(cell, at) {
         if special(word) != 0 {
             return true;
@@ -100,6 +111,24 @@ fn quote_into(cell: &[u8], out: &mut Vec<u8>) {
     let room = &mut out[start..];
     room[0] = b'"';
     let (mut from, mut to) = (0, 1);
+    // Sixteen bytes at a time, then a word, the same way: copied whole, then, if they hold a
+    // quote, written again from just after the first quote, one byte further on.
+    #[cfg(target_arch = "x86_64")]
+    while let Some(block) = sse2::Block::at(cell, from) {
+        room[to..to + 16].copy_from_slice(&cell[from..from + 16]);
+        match block.equal(b'"').bits() {
+            0 => {
+                from += 16;
+                to += 16;
+            }
+            quotes => {
+                let at = quotes.trailing_zeros() as usize;
+                room[to + at + 1] = b'"';
+                from += at + 1;
+                to += at + 2;
+            }
+        }
+    }
     // A word at a time: copied whole, then, if it holds a quote, written again from just after
     // its first quote, one byte further on.
     while let Some(word) = swar::word_at(cell, from) {
@@ -203,10 +232,10 @@ mod tests {
 
     #[test]
     fn a_special_byte_anywhere_in_cells_of_every_length_needs_quotes() {
-        // Every length up to three words and a half, the special byte at every place, the
+        // Every length past three sixteen-byte blocks, the special byte at every place, the
         // other bytes everything but the four special ones (high bytes included).
         for delimiter in [b',', b'\t'] {
-            for len in 0..28 {
+            for len in 0..52 {
                 let other_delimiter = if delimiter == b',' { b'\t' } else { b',' };
                 let plain: Vec<u8> = (0..len).map(|i| [b'a', 0xff, 0x80, b' ', other_delimiter][i % 5]).collect();
                 assert!(!needs_quotes(&plain, delimiter), "{plain:?}");
