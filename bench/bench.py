@@ -572,8 +572,8 @@ def bench_senders_live(svc, certs, work, rate=50_000, seconds=20):
         scenarios = (("forward (TLS, gzip)", dict(receiver=receiver, tls=True)), ("S3", dict(s3=True)),
                      ("forward (TLS, gzip) + S3", dict(receiver=receiver, tls=True, s3=True)),
                      ("forward (TLS, zstd) + S3", dict(receiver=receiver, tls=True, s3=True, compression="zstd")))
-        for name, kw in [scenario for scenario in scenarios for _ in range(RUNS)]:
-            run = mk(work, "live-%d" % sum(map(len, results.values())))
+        for k, (name, kw) in enumerate(scenario for scenario in scenarios for _ in range(RUNS)):
+            run = mk(work, "live-%d" % k)
             log = os.path.join(mk(run, "logs"), "app.log")
             open(log, "wb").close()
             agent = agent_sender(svc, certs, run, log, **kw)

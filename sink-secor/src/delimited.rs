@@ -77,66 +77,64 @@ impl<W: Write> DelimitedRows<W> {
     }
 }
 
-/// Whether the cell holds the delimiter, a quote or a line break: sixteen or eight bytes at a
-/// time, in one pass (two memchr calls per cell, for four bytes, cost more on cells of a few
-/// dozen bytes).
+/// Whether the cell holds the delimiter, a quote or a line break: a block at a time, in one
+/// pass (two memchr calls per cell, for four bytes, cost more on cells of a few dozen bytes).
 fn needs_quotes(cell: &[u8], delimiter: u8) -> bool {
-    let special = |word: u64| {
-        swar::equal(word, delimiter) | swar::equal(word, b'"') | swar::equal(word, b'\n') | swar::equal(word, b'\r')
-    };
     let mut at = 0;
-    #[cfg(target_arch = "x86_64")]
-    while let Some(block) = sse2::Block::at(cell, at) {
-        let special = block.equal(delimiter).or(block.equal(b'"')).or(block.equal(b'\n')).or(block.equal(b'\r'));
-        if special.bits() != 0 {
+    while let Some((width, special)) = special_in_block(cell, at, delimiter) {
+        if special {
             return true;
         }
-        at += 16;
-    }
-    while let Some(word) = swar::word_at(cell, at) {
-        if special(word) != 0 {
-            return true;
-        }
-        at += 8;
+        at += width;
     }
     cell[at..].iter().any(|&b| b == delimiter || b == b'"' || b == b'\n' || b == b'\r')
 }
 
+/// Whether the block at `at` holds the delimiter, a quote or a line break, and its width:
+/// sixteen bytes with SSE2 (every x86-64), else eight; `None` when fewer than eight are left.
+#[inline]
+fn special_in_block(cell: &[u8], at: usize, delimiter: u8) -> Option<(usize, bool)> {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(block) = sse2::Block::at(cell, at) {
+        let special = block.equal(delimiter).or(block.equal(b'"')).or(block.equal(b'\n')).or(block.equal(b'\r'));
+        return Some((16, special.bits() != 0));
+    }
+    let word = swar::word_at(cell, at)?;
+    let special =
+        swar::equal(word, delimiter) | swar::equal(word, b'"') | swar::equal(word, b'\n') | swar::equal(word, b'\r');
+    Some((8, special != 0))
+}
+
+/// The index of the first quote in the block at `from`, and the block's width: sixteen bytes
+/// with SSE2 (every x86-64), else eight; `None` when fewer than eight are left.
+#[inline]
+fn quote_in_block(cell: &[u8], from: usize) -> Option<(usize, Option<usize>)> {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(block) = sse2::Block::at(cell, from) {
+        let quotes = block.equal(b'"').bits();
+        return Some((16, (quotes != 0).then(|| quotes.trailing_zeros() as usize)));
+    }
+    let word = swar::word_at(cell, from)?;
+    Some((8, swar::first(swar::equal(word, b'"'))))
+}
+
 /// `"cell"` with every quote in it doubled, appended to `out`.
 fn quote_into(cell: &[u8], out: &mut Vec<u8>) {
-    const WORD: usize = 8;
     let start = out.len();
-    // The most the quoted cell can take, plus a word of slack for the last word's copy.
-    out.resize(start + 2 * cell.len() + 2 + WORD, 0);
+    // The most the quoted cell can take. A block copied whole fits too: its end in `room` is at
+    // most twice its end in `cell`, less its width, plus one.
+    out.resize(start + 2 * cell.len() + 2, 0);
     let room = &mut out[start..];
     room[0] = b'"';
     let (mut from, mut to) = (0, 1);
-    // Sixteen bytes at a time, then a word, the same way: copied whole, then, if they hold a
-    // quote, written again from just after the first quote, one byte further on.
-    #[cfg(target_arch = "x86_64")]
-    while let Some(block) = sse2::Block::at(cell, from) {
-        room[to..to + 16].copy_from_slice(&cell[from..from + 16]);
-        match block.equal(b'"').bits() {
-            0 => {
-                from += 16;
-                to += 16;
-            }
-            quotes => {
-                let at = quotes.trailing_zeros() as usize;
-                room[to + at + 1] = b'"';
-                from += at + 1;
-                to += at + 2;
-            }
-        }
-    }
-    // A word at a time: copied whole, then, if it holds a quote, written again from just after
+    // A block at a time: copied whole, then, if it holds a quote, written again from just after
     // its first quote, one byte further on.
-    while let Some(word) = swar::word_at(cell, from) {
-        room[to..to + WORD].copy_from_slice(&word.to_le_bytes());
-        match swar::first(swar::equal(word, b'"')) {
+    while let Some((width, quote)) = quote_in_block(cell, from) {
+        room[to..to + width].copy_from_slice(&cell[from..from + width]);
+        match quote {
             None => {
-                from += WORD;
-                to += WORD;
+                from += width;
+                to += width;
             }
             Some(at) => {
                 room[to + at + 1] = b'"';
