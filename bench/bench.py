@@ -428,6 +428,10 @@ def bench_rotation(svc, certs, work, files=100, per_file=10_000, rate=20_000, ev
 
 
 def chunk_frames(client, n, per_chunk, compression="gzip"):
+    """Each client as tron-agent sends one file: every chunk says where its records came from
+    (`tron_source`, `tron_positions`: forward/src/origin.rs), so the relay keys and partitions them
+    by their source and the sink keeps each record's range for its duplicate filter, as for the
+    fleet's records."""
     compress = {"gzip": lambda b: gzip.compress(b, 1), "zstd": lambda b: zstandard.ZstdCompressor(level=1).compress(b)}
     now = time.time()
     frames = []
@@ -435,10 +439,23 @@ def chunk_frames(client, n, per_chunk, compression="gzip"):
         entries = b"".join(msgpack.packb([msgpack.ExtType(0, int(now).to_bytes(4, "big") + b"\0\0\0\0"),
                                           json.loads(record_line(client * n + i, "2026-11-22T00:00:00Z"))])
                            for i in range(c, min(c + per_chunk, n)))
+        size = min(per_chunk, n - c)
+        # The first record's offset, then each line's length (215 bytes): LEB128 varints.
+        positions = leb128(c * 215) + leb128(215) * size
         frames.append(("c%d-%d" % (client, c), msgpack.packb(
             ["bench", compress[compression](entries),
-             {"chunk": "c%d-%d" % (client, c), "size": min(per_chunk, n - c), "compressed": compression}])))
+             {"chunk": "c%d-%d" % (client, c), "size": size, "compressed": compression,
+              "tron_source": "bench-%d/%016x" % (client, client), "tron_positions": positions}])))
     return frames
+
+
+def leb128(n):
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
 
 
 def send_chunks(host, port, frames, window=16):

@@ -9,14 +9,14 @@ use forward::Records;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Message, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Partitioner, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use tron_service::headers::{self, Origin, RecordMeta};
 
-type KafkaProducer = ThreadedProducer<DeliveryContext>;
+type KafkaProducer = ThreadedProducer<DeliveryContext, SourcePartitioner>;
 
 /// Reports of one chunk's records.
 #[derive(Default)]
@@ -68,20 +68,59 @@ async fn enqueue<K: rdkafka::message::ToBytes + ?Sized>(
     }
 }
 
-/// The event time a record carries in its header (its Kafka timestamp is when the relay got it).
+/// The event time a record carries in its key or header (its Kafka timestamp is when the relay
+/// got it).
 fn event_time_ns(message: &rdkafka::message::BorrowedMessage<'_>) -> Option<i64> {
     use rdkafka::message::Headers;
+    if let Some(meta) = message.key().and_then(RecordMeta::decode_key) {
+        return Some(meta.event_time_ns);
+    }
     let headers = message.headers()?;
     let header = headers.iter().find(|h| h.key == headers::RECORD)?;
     Some(RecordMeta::decode(header.value?)?.event_time_ns)
 }
 
-struct DeliveryContext;
+struct DeliveryContext {
+    /// Set when records carry their [`RecordMeta`] in the key (see [`Kafka::meta_in_key`]).
+    partitioner: Option<SourcePartitioner>,
+}
 
 impl ClientContext for DeliveryContext {}
 
-impl ProducerContext for DeliveryContext {
+/// Picks a record's partition from [`headers::partition_key`] the way librdkafka's default
+/// partitioner (`consistent_random`) picks it from a key: the key's CRC-32 modulo the partitions,
+/// a random one for none. A record whose key is its [`RecordMeta`] thus goes where it went when
+/// its source was the key, and a file's records stay in one partition across the change (the
+/// sink's dedupe keeps each source's ranges per partition, docs/exactly-once.md).
+struct SourcePartitioner;
+
+impl Partitioner for SourcePartitioner {
+    fn partition(&self, _topic: &str, key: Option<&[u8]>, partitions: i32, available: impl Fn(i32) -> bool) -> i32 {
+        partition_of(key, partitions, available)
+    }
+}
+
+fn partition_of(key: Option<&[u8]>, partitions: i32, available: impl Fn(i32) -> bool) -> i32 {
+    match headers::partition_key(key) {
+        Some(key) if !key.is_empty() => (crc32fast::hash(key) % partitions as u32) as i32,
+        // As librdkafka's random partitioner: a second draw when the first has no leader.
+        _ => {
+            let p = rand::random_range(0..partitions);
+            if available(p) {
+                p
+            } else {
+                rand::random_range(0..partitions)
+            }
+        }
+    }
+}
+
+impl ProducerContext<SourcePartitioner> for DeliveryContext {
     type DeliveryOpaque = Arc<ChunkDelivery>;
+
+    fn get_custom_partitioner(&self) -> Option<&SourcePartitioner> {
+        self.partitioner.as_ref()
+    }
 
     fn delivery(&self, result: &DeliveryResult<'_>, chunk: Arc<ChunkDelivery>) {
         if let Err((error, message)) = result {
@@ -177,6 +216,10 @@ pub struct Kafka {
     producer: RwLock<Arc<KafkaProducer>>,
     client: ClientConfig,
     key_field: Option<String>,
+    /// A record with an origin carries its [`RecordMeta`] in its key, not in a header: unless the
+    /// key is a field's (`kafka.key_field`) or the operator chose librdkafka's partitioner
+    /// (`kafka.properties.partitioner`), which [`SourcePartitioner`] would override.
+    meta_in_key: bool,
 }
 
 /// Why a chunk was not delivered; the label goes into `tron_relay_delivery_failures_total`.
@@ -248,8 +291,9 @@ impl Kafka {
     /// so records waiting for Kafka are held once, within the bound, not twice.
     pub fn new(cfg: &KafkaConfig, max_inflight_bytes: usize) -> anyhow::Result<Self> {
         let client = client_config(cfg, max_inflight_bytes);
-        let producer: KafkaProducer = client.create_with_context(DeliveryContext)?;
-        Ok(Kafka { producer: RwLock::new(Arc::new(producer)), client, key_field: cfg.key_field.clone() })
+        let meta_in_key = cfg.key_field.is_none() && !cfg.properties.contains_key("partitioner");
+        let producer: KafkaProducer = client.create_with_context(delivery_context(meta_in_key))?;
+        Ok(Kafka { producer: RwLock::new(Arc::new(producer)), client, key_field: cfg.key_field.clone(), meta_in_key })
     }
 
     fn producer(&self) -> Arc<KafkaProducer> {
@@ -281,7 +325,7 @@ impl Kafka {
         if !Arc::ptr_eq(&current, used) {
             return;
         }
-        match self.client.create_with_context::<_, KafkaProducer>(DeliveryContext) {
+        match self.client.create_with_context::<_, KafkaProducer>(delivery_context(self.meta_in_key)) {
             Ok(fresh) => {
                 tracing::error!(?code, %reason, "Kafka producer unusable (fatal error, or its producer id is no longer accepted); replaced it with a new one");
                 metrics::counter!("tron_relay_producer_restarts_total").increment(1);
@@ -314,25 +358,34 @@ impl Kafka {
         for (index, entry) in records.records.iter().enumerate() {
             let payload = records.get(index);
             let key = self.key_field.as_ref().and_then(|f| key_of(payload, f));
-            // One header says everything beside the payload (tron_service::headers). The source
-            // is also the key (unless `kafka.key_field`), so one file's records stay in one partition, where the sink keeps
-            // the ranges it wrote and drops a record re-sent after a crash (docs/exactly-once.md).
+            // One key or one header says everything beside the payload (tron_service::headers).
+            // The source decides the partition (unless `kafka.key_field`), so one file's records
+            // stay in one partition, where the sink keeps the ranges it wrote and drops a record
+            // re-sent after a crash (docs/exactly-once.md).
             let origin = records.origin.as_ref().map(|o| {
                 let (start, end) = o.range(index);
                 Origin { source: &o.source, start, end }
             });
-            RecordMeta { event_time_ns: entry.time.unix_nanos(), tag, origin }.encode(&mut meta);
-            let headers =
-                OwnedHeaders::new_with_capacity(1).insert(Header { key: headers::RECORD, value: Some(&meta) });
-            let mut rec = BaseRecord::with_opaque_to(topic, chunk.clone())
-                .payload(payload)
-                .timestamp(received_ms)
-                .headers(headers);
-            match (&key, &records.origin) {
-                (Some(k), _) => rec = rec.key(k.as_str()),
-                (None, Some(origin)) => rec = rec.key(origin.source.as_str()),
-                (None, None) => {}
-            }
+            let record_meta = RecordMeta { event_time_ns: entry.time.unix_nanos(), tag, origin };
+            let rec = BaseRecord::with_opaque_to(topic, chunk.clone()).payload(payload).timestamp(received_ms);
+            let rec = match (&key, &records.origin) {
+                // The meta is the key, and the partitioner reads the source from it.
+                (None, Some(_)) if self.meta_in_key => {
+                    record_meta.encode_key(&mut meta);
+                    rec.key(&meta[..])
+                }
+                (key, origin) => {
+                    record_meta.encode(&mut meta);
+                    let headers =
+                        OwnedHeaders::new_with_capacity(1).insert(Header { key: headers::RECORD, value: Some(&meta) });
+                    let rec = rec.headers(headers);
+                    match (key, origin) {
+                        (Some(k), _) => rec.key(k.as_bytes()),
+                        (None, Some(origin)) => rec.key(origin.source.as_bytes()),
+                        (None, None) => rec,
+                    }
+                }
+            };
             if let Err(error) = enqueue(producer, rec, &chunk).await {
                 match classify(topic, error) {
                     error @ (DeliveryError::TooLarge { .. } | DeliveryError::Refused { .. }) => {
@@ -402,6 +455,10 @@ impl Kafka {
     }
 }
 
+fn delivery_context(meta_in_key: bool) -> DeliveryContext {
+    DeliveryContext { partitioner: meta_in_key.then_some(SourcePartitioner) }
+}
+
 /// The Kafka key from a record's field (`kafka.key_field`): a string as is, anything else as its
 /// JSON text. Parses the record again, which only a relay configured with a key field pays.
 fn key_of(json: &[u8], field: &str) -> Option<String> {
@@ -447,6 +504,45 @@ mod tests {
 
     fn delivery(code: RDKafkaErrorCode) -> KafkaError {
         KafkaError::MessageProduction(code)
+    }
+
+    /// What librdkafka's default partitioner does with a key (`consistent_random`: its
+    /// `consistent` half for a key, which reads nothing but the key).
+    fn librdkafka_partition(key: &[u8], partitions: i32) -> i32 {
+        // SAFETY: for a key, this partitioner hashes `key[..len]` and touches no other argument.
+        unsafe {
+            rdkafka::bindings::rd_kafka_msg_partitioner_consistent(
+                std::ptr::null(),
+                key.as_ptr().cast(),
+                key.len(),
+                partitions,
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            )
+        }
+    }
+
+    #[test]
+    fn a_record_whose_key_is_its_meta_goes_to_the_partition_its_source_as_the_key_went_to() {
+        let mut key = Vec::new();
+        for n in 0..500u64 {
+            let source = format!("web-{n}/{:016x}", n.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let origin = Origin { source: &source, start: n * 215, end: n * 215 + 215 };
+            RecordMeta { event_time_ns: 1_733_300_000_000_000_000 + n as i64, tag: "app.log", origin: Some(origin) }
+                .encode_key(&mut key);
+            for partitions in [1, 2, 3, 7, 12, 64] {
+                let expected = librdkafka_partition(source.as_bytes(), partitions);
+                assert_eq!(partition_of(Some(&key), partitions, |_| true), expected, "{source} over {partitions}");
+                // A `kafka.key_field` key is partitioned as librdkafka would partition it.
+                assert_eq!(partition_of(Some(source.as_bytes()), partitions, |_| true), expected);
+            }
+        }
+        // No source: any partition, as for a record without a key.
+        RecordMeta { event_time_ns: 1, tag: "docker.web", origin: None }.encode_key(&mut key);
+        for _ in 0..100 {
+            assert!((0..3).contains(&partition_of(Some(&key), 3, |_| true)));
+            assert!((0..3).contains(&partition_of(None, 3, |_| true)));
+        }
     }
 
     #[test]

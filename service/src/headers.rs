@@ -9,6 +9,14 @@
 //! CPU (bench/RESULTS.md). The tag is length-prefixed and the source is last, so neither needs
 //! escaping. Records written by relays before this header carry the four older headers
 //! ([`TAG`], [`EVENT_TIME_NS`], [`SOURCE`], [`RANGE`]); the sink still reads them.
+//!
+//! A record that came with an origin (every tron-agent record) carries the same text in its
+//! **key** instead, after [`KEY_PREFIX`], and no header at all, unless the relay's key is taken
+//! (`kafka.key_field`) or its partitioner is configured (`kafka.properties.partitioner`). Why:
+//! librdkafka parses and allocates a consumed message's headers on first access, 7-8 % of the
+//! CSV sink's CPU, and builds a header list for every produced one; a key is a pointer into the
+//! fetched batch. The relay's partitioner ([`partition_key`]) still partitions such a record by
+//! its source alone, so a file's records stay in the partition they always went to.
 
 use std::io::Write;
 
@@ -25,6 +33,20 @@ pub const RANGE: &str = "tron_range";
 /// Marks a relay's watermark message: its value is `{"tron_watermarks": {host: [watermark_ms,
 /// reported_ms]}}`, one per partition of a topic, and it is not a record.
 pub const WATERMARKS: &str = "tron_watermarks";
+
+/// Starts the key of a record whose [`RecordMeta`] is its key (see the module's documentation).
+/// A word no key of a field or of another producer starts with by chance.
+pub const KEY_PREFIX: &[u8] = b"tron:";
+
+/// What a record's partition is chosen from: the source of a key that is a [`RecordMeta`] with an
+/// origin (as when the source itself was the key), otherwise the key as it is; None for no key.
+pub fn partition_key(key: Option<&[u8]>) -> Option<&[u8]> {
+    let key = key?;
+    match RecordMeta::decode_key(key) {
+        Some(meta) => meta.origin.map(|o| o.source.as_bytes()),
+        None => Some(key),
+    }
+}
 
 /// Where a record came from: its source (`{host}/{file identity}`) and its byte range there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +88,24 @@ impl<'a> RecordMeta<'a> {
     /// Writes the header's value into `out` (cleared first).
     pub fn encode(&self, out: &mut Vec<u8>) {
         out.clear();
+        self.append_to(out);
+    }
+
+    /// Writes the record's key into `out` (cleared first): [`KEY_PREFIX`], then what the header
+    /// would say.
+    pub fn encode_key(&self, out: &mut Vec<u8>) {
+        out.clear();
+        out.extend_from_slice(KEY_PREFIX);
+        self.append_to(out);
+    }
+
+    /// What a key written by [`RecordMeta::encode_key`] says; None for any other key (a
+    /// `kafka.key_field` value, another producer's key).
+    pub fn decode_key(key: &'a [u8]) -> Option<Self> {
+        RecordMeta::decode(key.strip_prefix(KEY_PREFIX)?)
+    }
+
+    fn append_to(&self, out: &mut Vec<u8>) {
         write!(out, "{} {}:", self.event_time_ns, self.tag.len()).expect("writing to a Vec");
         out.extend_from_slice(self.tag.as_bytes());
         if let Some(o) = &self.origin {
@@ -146,6 +186,25 @@ mod tests {
         assert_eq!(round_trip(meta), "1733300000123456789 7:app.log 0-215 web-1/8a7c");
         let meta = RecordMeta { event_time_ns: -5, tag: "docker.web", origin: None };
         assert_eq!(round_trip(meta), "-5 10:docker.web");
+    }
+
+    #[test]
+    fn a_key_says_the_same_after_its_prefix_and_partitions_by_the_source_alone() {
+        let origin = Origin { source: "web-1/8a7c", start: 0, end: 215 };
+        let meta = RecordMeta { event_time_ns: 1_733_300_000_123_456_789, tag: "app.log", origin: Some(origin) };
+        let mut key = Vec::new();
+        meta.encode_key(&mut key);
+        assert_eq!(key, b"tron:1733300000123456789 7:app.log 0-215 web-1/8a7c");
+        assert_eq!(RecordMeta::decode_key(&key), Some(meta));
+        assert_eq!(partition_key(Some(&key)), Some(&b"web-1/8a7c"[..]));
+        // Not ours: a header's value without the prefix, a field's value, no key.
+        assert_eq!(RecordMeta::decode_key(b"1733300000123456789 7:app.log"), None);
+        assert_eq!(partition_key(Some(b"user-42")), Some(&b"user-42"[..]));
+        assert_eq!(partition_key(Some(b"tron:garbage")), Some(&b"tron:garbage"[..]));
+        assert_eq!(partition_key(None), None);
+        let no_origin = RecordMeta { event_time_ns: 1, tag: "docker.web", origin: None };
+        no_origin.encode_key(&mut key);
+        assert_eq!(partition_key(Some(&key)), None);
     }
 
     #[test]
