@@ -62,7 +62,7 @@ fn main() -> ExitCode {
         Ok(cfg) => cfg,
         Err(code) => return code,
     };
-    daemon::run(|d| run(cfg, args.config, d))
+    daemon::run(daemon::LargeAllocations::LongLived, |d| run(cfg, args.config, d))
 }
 
 async fn run(cfg: AgentConfig, config_path: PathBuf, daemon: Daemon) -> anyhow::Result<()> {

@@ -46,7 +46,7 @@ fn main() -> ExitCode {
         Ok(cfg) => cfg,
         Err(code) => return code,
     };
-    daemon::run(|d| run(cfg, args.config, d))
+    daemon::run(daemon::LargeAllocations::ShortLived, |d| run(cfg, args.config, d))
 }
 
 fn acceptor(cfg: &RelayConfig) -> anyhow::Result<Option<tokio_rustls::TlsAcceptor>> {

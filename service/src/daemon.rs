@@ -57,13 +57,26 @@ impl Daemon {
     }
 }
 
+/// How a daemon's large allocations live, which decides glibc's settings for it ([`tune_malloc`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LargeAllocations {
+    /// Many buffers of 64 KiB and more that live long and are freed in any order (the agent's
+    /// encoders, one per busy file): each gets its own mapping, so a freed one leaves no hole that
+    /// stays resident.
+    LongLived,
+    /// A stream of buffers up to a few MiB, each freed soon after (decompressed chunks,
+    /// librdkafka's batches and fetch buffers): they come from the heap, which keeps what they
+    /// freed for the next, instead of a fresh mapping whose pages are faulted in every time.
+    ShortLived,
+}
+
 /// Runs `main` on a multi-threaded runtime; an error is logged and exits 1.
-pub fn run<F, Fut>(main: F) -> ExitCode
+pub fn run<F, Fut>(large: LargeAllocations, main: F) -> ExitCode
 where
     F: FnOnce(Daemon) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
 {
-    tune_malloc();
+    tune_malloc(large);
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let result = runtime.block_on(async {
         tls::install_default_provider();
@@ -107,13 +120,29 @@ fn exit_without_teardown() -> ! {
 /// Measured with the agent (`tests/e2e/test_agent_memory.py`, `bench/bench.py files`): 1,200
 /// files with a 24 MiB budget peaked at 178 MiB, 65 MiB with two arenas; 4,000 files with 288 MiB
 /// of budgets at 496 MiB with two arenas, 249 MiB with this function's settings (jemalloc: 98 MiB
-/// in the first case, so not taken). Must run before any thread starts; the `MALLOC_*`
-/// environment variables still decide when set.
-fn tune_malloc() {
+/// in the first case, so not taken).
+///
+/// The relay and the sink free what they allocate within a chunk or a fetch. With the agent's
+/// 64 KiB threshold every decompressed chunk and librdkafka buffer was a fresh mapping, and the
+/// heap was trimmed back after each burst: 114,000-138,000 page faults for the relay's bench
+/// (1,000,000 records), 66,000-83,000 for the sink's. A 4 MiB threshold and 16 MiB of free heap
+/// kept before trimming: 12,000-15,000 for the relay, and its CPU 2.31 -> 2.05 CPU-s per million
+/// records (medians of six alternating pairs), at the same peak RSS (bench/RESULTS.md). Larger
+/// blocks (a frame near `max_frame_bytes`) are still mapped and returned whole.
+///
+/// Must run before any thread starts; the `MALLOC_*` environment variables still decide when set.
+fn tune_malloc(large: LargeAllocations) {
+    let (mmap_threshold, trim_threshold) = match large {
+        LargeAllocations::LongLived => (64 << 10, None),
+        LargeAllocations::ShortLived => (4 << 20, Some(16 << 20)),
+    };
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    for (env, param, value) in
-        [("MALLOC_ARENA_MAX", libc::M_ARENA_MAX, 2), ("MALLOC_MMAP_THRESHOLD_", libc::M_MMAP_THRESHOLD, 64 << 10)]
-    {
+    for (env, param, value) in [
+        ("MALLOC_ARENA_MAX", libc::M_ARENA_MAX, Some(2)),
+        ("MALLOC_MMAP_THRESHOLD_", libc::M_MMAP_THRESHOLD, Some(mmap_threshold)),
+        ("MALLOC_TRIM_THRESHOLD_", libc::M_TRIM_THRESHOLD, trim_threshold),
+    ] {
+        let Some(value) = value else { continue };
         if std::env::var_os(env).is_none() {
             // SAFETY: mallopt only sets an allocator parameter; no other thread exists yet.
             unsafe {
@@ -121,4 +150,6 @@ fn tune_malloc() {
             }
         }
     }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = (mmap_threshold, trim_threshold);
 }

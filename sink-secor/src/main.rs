@@ -171,7 +171,7 @@ fn main() -> ExitCode {
         }
         None => {}
     }
-    daemon::run(|d| run(cfg, d))
+    daemon::run(daemon::LargeAllocations::ShortLived, |d| run(cfg, d))
 }
 
 async fn run(cfg: SinkConfig, daemon: Daemon) -> anyhow::Result<()> {

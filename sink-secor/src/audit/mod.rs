@@ -67,7 +67,7 @@ pub struct AuditArgs {
 /// Exit codes: 0 every hour matches, 1 something is missing or doubled, 2 the audit could not run.
 pub fn main(cfg: SinkConfig, args: AuditArgs) -> ExitCode {
     if args.watch {
-        return daemon::run(|d| watch(cfg, args, d));
+        return daemon::run(daemon::LargeAllocations::ShortLived, |d| watch(cfg, args, d));
     }
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     let result = runtime.block_on(async {
