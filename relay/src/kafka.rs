@@ -368,22 +368,18 @@ impl Kafka {
             });
             let record_meta = RecordMeta { event_time_ns: entry.time.unix_nanos(), tag, origin };
             let rec = BaseRecord::with_opaque_to(topic, chunk.clone()).payload(payload).timestamp(received_ms);
-            let rec = match (&key, &records.origin) {
+            let rec = if self.meta_in_key && origin.is_some() {
                 // The meta is the key, and the partitioner reads the source from it.
-                (None, Some(_)) if self.meta_in_key => {
-                    record_meta.encode_key(&mut meta);
-                    rec.key(&meta[..])
-                }
-                (key, origin) => {
-                    record_meta.encode(&mut meta);
-                    let headers =
-                        OwnedHeaders::new_with_capacity(1).insert(Header { key: headers::RECORD, value: Some(&meta) });
-                    let rec = rec.headers(headers);
-                    match (key, origin) {
-                        (Some(k), _) => rec.key(k.as_bytes()),
-                        (None, Some(origin)) => rec.key(origin.source.as_bytes()),
-                        (None, None) => rec,
-                    }
+                record_meta.encode_key(&mut meta);
+                rec.key(&meta[..])
+            } else {
+                record_meta.encode(&mut meta);
+                let headers =
+                    OwnedHeaders::new_with_capacity(1).insert(Header { key: headers::RECORD, value: Some(&meta) });
+                // The field's value, or else the source, decides the partition.
+                match key.as_deref().or(origin.map(|o| o.source)) {
+                    Some(key) => rec.headers(headers).key(key.as_bytes()),
+                    None => rec.headers(headers),
                 }
             };
             if let Err(error) = enqueue(producer, rec, &chunk).await {
