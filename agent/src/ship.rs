@@ -472,7 +472,7 @@ impl<D: Destination> Shipper<D> {
                 return None;
             }
         };
-        if !file.is_intact(&handle) {
+        if !file.confirm_read(&handle, read_from, &self.buf[..outcome.bytes_read]) {
             return None; // truncated while we read: what we read may be new content; drop it
         }
         if outcome.splits > 0 {

@@ -89,29 +89,39 @@ pub(super) fn gather(sources: &[Arc<Source>], complain: impl Fn(&Path, &str)) ->
     let matched: Vec<(PathBuf, Arc<Source>, bool)> =
         found.iter().map(|f| (f.path.clone(), f.source.clone(), f.first)).collect();
     for (path, source, first) in matched {
-        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { continue };
-        let name = name.to_string_lossy().into_owned();
-        let dirs = std::iter::once(dir.to_path_buf()).chain(source.cfg.olddir.clone());
-        for dir in dirs {
-            let siblings: Vec<PathBuf> = view
-                .names_starting_with(&dir, &name)
-                .filter(|(n, _)| matches!(n.as_bytes().get(name.len()), Some(b'.' | b'-')))
-                .map(|(_, p)| p.clone())
-                .collect();
-            for sibling in siblings {
-                if paths.contains(&sibling) || source.exclude.iter().any(|p| p.matches_path(&sibling)) {
-                    continue;
-                }
-                // Not following links, as a directory listing reports them.
-                let Ok(meta) = std::fs::symlink_metadata(&sibling) else { continue };
-                if meta.is_file() {
-                    paths.insert(sibling.clone());
-                    found.push(Found::new(sibling, &source, first, false, &meta));
-                }
+        for sibling in rotated_siblings(&mut view, &path, &source, first) {
+            if paths.insert(sibling.path.clone()) {
+                found.push(sibling);
             }
         }
     }
     found
+}
+
+/// The files rotation left next to `path`: `path.*` and `path-*`, in its directory and the
+/// source's `olddir`, regular files only (links are not followed, as a listing reports them).
+pub(super) fn rotated_siblings(view: &mut ScanView, path: &Path, source: &Arc<Source>, first: bool) -> Vec<Found> {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else { return Vec::new() };
+    let name = name.to_string_lossy().into_owned();
+    let dirs = std::iter::once(dir.to_path_buf()).chain(source.cfg.olddir.clone());
+    let mut out = Vec::new();
+    for dir in dirs {
+        let siblings: Vec<PathBuf> = view
+            .names_starting_with(&dir, &name)
+            .filter(|(n, _)| matches!(n.as_bytes().get(name.len()), Some(b'.' | b'-')))
+            .map(|(_, p)| p.clone())
+            .collect();
+        for sibling in siblings {
+            if source.exclude.iter().any(|p| p.matches_path(&sibling)) {
+                continue;
+            }
+            let Ok(meta) = std::fs::symlink_metadata(&sibling) else { continue };
+            if meta.is_file() {
+                out.push(Found::new(sibling, source, first, false, &meta));
+            }
+        }
+    }
+    out
 }
 
 /// After a restart, the files near where a file of the previous run was last seen (`dir/app.log`

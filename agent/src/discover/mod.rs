@@ -294,16 +294,26 @@ impl Registry {
 
     /// Whether a rotated sibling holds the beginning of a followed file of the same directory
     /// (copytruncate copies before it truncates): its head bytes equal that file's first bytes.
+    /// Also when that file was truncated since step 1 found it intact and the sibling begins
+    /// with its head: the next scan sees the truncate and follows the copy under the file's id
+    /// (followed as a new file now, its lines would ship twice and the file's rest count as lost).
     fn is_copy_of_followed(&self, path: &Path, head: &[u8], size: u64) -> bool {
         let dir = path.parent();
         self.all_files().iter().any(|tf| {
             let life = tf.inner.lock().expect("lifecycle lock");
-            if !life.at_path || Path::new(&life.path).parent() != dir || life.size < size {
+            if !life.at_path || Path::new(&life.path).parent() != dir {
                 return false;
             }
+            let (recorded, seen_size) = (life.head, life.size);
             drop(life);
+            let handle = tf.handle();
             let mut theirs = Vec::new();
-            Head::read(&tf.handle(), head.len(), &mut theirs).is_ok() && theirs == head
+            if Head::read(&handle, head.len(), &mut theirs).is_err() {
+                return false;
+            }
+            let before_the_truncate = seen_size >= size && theirs == head;
+            let truncated_since = !recorded.is_prefix_of(&theirs) && recorded.is_prefix_of(head);
+            before_the_truncate || truncated_since
         })
     }
 
@@ -342,8 +352,15 @@ impl Registry {
             size,
             last_growth: now,
         };
-        let tf =
-            Arc::new(TrackedFile::new(id, source.settings.clone(), start_offset, self.destinations.len(), file, life));
+        let tf = Arc::new(TrackedFile::new(
+            id,
+            source.settings.clone(),
+            start_offset,
+            self.destinations.len(),
+            file,
+            life,
+            self.cfg.head_bytes,
+        ));
         self.by_inode.lock().expect("by_inode lock").insert(dev_ino, id);
         self.files.write().expect("files lock").insert(id, tf.clone());
         tf

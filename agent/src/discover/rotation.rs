@@ -23,29 +23,41 @@ impl Registry {
         if read.is_err() {
             return true; // unreadable for now: decide nothing
         }
-        if size >= life.size && life.head.is_prefix_of(&bytes) {
+        // Destinations have read up to their acked offsets: the file held at least that much.
+        let delivered = tf.acked().filter(|a| *a != u64::MAX).max().unwrap_or(0);
+        if size >= life.size.max(delivered) && life.head.is_prefix_of(&bytes) {
             if size > life.size {
                 life.size = size;
                 life.last_growth = Instant::now();
             }
             if bytes.len() > life.head.len as usize {
                 life.head = Head::of(&bytes);
-                let head = life.head;
-                self.table
-                    .lock()
-                    .expect("table lock")
-                    .update(tf.id, |e| (e.head_len, e.head_hash) = (head.len, head.hash));
             }
-            self.table.lock().expect("table lock").note_size(tf.id, size);
+            // Also what the destinations' reads made of it (`TrackedFile::confirm_read`).
+            let head = life.head;
+            let mut table = self.table.lock().expect("table lock");
+            table.update(tf.id, |e| (e.head_len, e.head_hash) = (head.len, head.hash));
+            table.note_size(tf.id, size);
             return true;
         }
-        let (old_size, old_head, path) = (life.size, life.head, found[at].path.clone());
+        let (old_size, old_head, path) = (life.size.max(delivered), life.head, found[at].path.clone());
         drop(life);
         self.by_inode.lock().expect("by_inode lock").remove(&found[at].dev_ino);
         // The rotation tool copied the file next to it first: follow the copy, so lines written
-        // before the copy are not lost for a destination that had not read them yet.
-        if let Some(copy) = self.find_copy(old_head, old_size, found) {
-            let c = &mut found[copy];
+        // before the copy are not lost for a destination that had not read them yet. The copy
+        // exists before the truncate, but may have been made after this scan listed the
+        // directory: then the directory is listed again.
+        let mut fresh: Vec<Found>;
+        let copy = match self.find_copy(old_head, old_size, found) {
+            Some(i) => Some(&mut found[i]),
+            None => {
+                let (source, first) = (found[at].source.clone(), found[at].first);
+                fresh = super::found::rotated_siblings(&mut Default::default(), &path, &source, first);
+                fresh.retain(|f| !found.iter().any(|known| known.path == f.path));
+                self.find_copy(old_head, old_size, &mut fresh).map(|i| &mut fresh[i])
+            }
+        };
+        if let Some(c) = copy {
             c.claimed = true;
             let copy_path = c.path.to_string_lossy().into_owned();
             if let Some(file) = c.take_file() {
@@ -107,7 +119,10 @@ impl Registry {
         for tf in self.all_files() {
             let size = tf.size();
             let mut life = tf.inner.lock().expect("lifecycle lock");
-            if size > life.size {
+            // A file seen at its path had its size taken in step 1, with its head checked: taken
+            // again here, unchecked, it could be a truncated file's new content, too long for
+            // the copy of the old one to be recognised in the next scan.
+            if size > life.size && !seen.contains(&tf.id) {
                 life.size = size;
                 life.last_growth = now;
             }

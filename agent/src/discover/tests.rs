@@ -109,6 +109,84 @@ fn copytruncate_follows_the_copy_even_when_the_file_starts_again_with_the_same_h
     assert_ne!(id_at(&r, &s.path("app.log")), old);
 }
 
+/// logrotate's copy and truncate: the copy beside the file, then the file emptied in place.
+fn copy_and_truncate(s: &Setup, name: &str, copy: &str) {
+    std::fs::copy(s.path(name), s.path(copy)).unwrap();
+    std::fs::OpenOptions::new().write(true).open(s.path(name)).unwrap().set_len(0).unwrap();
+}
+
+/// One scan by hand, with `between` run after step 1 (followed files checked) and before step 3
+/// (new files and copies decided); `before` runs after the directories were listed.
+fn scan_with(r: &Registry, before: impl FnOnce(), between: impl FnOnce()) {
+    let sources = r.sources.read().unwrap().clone();
+    let mut found = found::gather(&sources, |_, _| {});
+    before();
+    let mut seen = HashSet::new();
+    r.match_followed(&mut found, &mut seen);
+    between();
+    r.follow_new(&mut found, &mut seen);
+    r.retire(&seen);
+    r.publish();
+}
+
+#[test]
+fn a_file_read_while_empty_to_the_scans_then_truncated_and_refilled_before_the_next_scan_follows_its_copy() {
+    let s = Setup::new();
+    std::fs::write(s.path("app.log"), b"").unwrap();
+    let r = s.registry(PreviousRun::default(), None);
+    r.scan(); // followed empty: its head is empty
+    let old = id_at(&r, &s.path("app.log"));
+    s.append("app.log", 0..300);
+    // A destination reads the lines before any scan sees them.
+    let tf = r.snapshot().into_iter().find(|tf| tf.id == old).unwrap();
+    let read = std::fs::read(s.path("app.log")).unwrap();
+    assert!(tf.confirm_read(&tf.handle(), 0, &read));
+    copy_and_truncate(&s, "app.log", "app.log.1");
+    s.append("app.log", 1000..1700); // the same header, longer than what was read
+    assert!(!tf.confirm_read(&tf.handle(), 0, &read), "what was read is no longer there");
+    r.scan();
+    assert_eq!(id_at(&r, &s.path("app.log.1")), old, "the copy holds what was read: the file's id follows it");
+    assert_ne!(id_at(&r, &s.path("app.log")), old, "the refilled file is a new file, read from its start");
+    assert_eq!(followed(&r).len(), 2);
+}
+
+#[test]
+fn a_truncate_between_the_steps_of_a_scan_still_follows_the_copy_under_the_files_id() {
+    let s = Setup::new();
+    s.append("app.log", 0..10);
+    let r = s.registry(PreviousRun::default(), None);
+    r.scan();
+    let old = id_at(&r, &s.path("app.log"));
+    std::fs::copy(s.path("app.log"), s.path("app.log.1")).unwrap();
+    let truncate_and_write = || {
+        std::fs::OpenOptions::new().write(true).open(s.path("app.log")).unwrap().set_len(0).unwrap();
+        s.append("app.log", 100..120);
+    };
+    scan_with(&r, || {}, truncate_and_write); // step 1 saw the file intact, step 3 its copy
+    assert_eq!(followed(&r).len(), 1, "the copy is not a new file: {:?}", followed(&r));
+    r.scan();
+    assert_eq!(id_at(&r, &s.path("app.log.1")), old);
+    assert_ne!(id_at(&r, &s.path("app.log")), old);
+    assert_eq!(followed(&r).len(), 2);
+}
+
+#[test]
+fn a_copy_made_after_the_scan_listed_the_directory_is_still_found_when_the_truncate_is_seen() {
+    let s = Setup::new();
+    s.append("app.log", 0..10);
+    let r = s.registry(PreviousRun::default(), None);
+    r.scan();
+    let old = id_at(&r, &s.path("app.log"));
+    let rotate = || {
+        copy_and_truncate(&s, "app.log", "app.log.1");
+        s.append("app.log", 100..120);
+    };
+    scan_with(&r, rotate, || {});
+    assert_eq!(id_at(&r, &s.path("app.log.1")), old);
+    assert_ne!(id_at(&r, &s.path("app.log")), old);
+    assert_eq!(followed(&r).len(), 2);
+}
+
 #[test]
 fn a_restart_finds_files_again_by_inode_by_content_and_inside_gzip() {
     let s = Setup::new();

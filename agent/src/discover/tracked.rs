@@ -24,6 +24,8 @@ pub struct TrackedFile {
     given_up: Vec<AtomicBool>,
     /// Written to the file table: only then may a destination read it (`Registry::snapshot`).
     pub(super) published: AtomicBool,
+    /// How far the head grows (`files.head_bytes`).
+    head_max: usize,
     pub(super) handle: RwLock<Arc<File>>,
     pub(super) inner: Mutex<Lifecycle>,
 }
@@ -31,7 +33,8 @@ pub struct TrackedFile {
 pub(super) struct Lifecycle {
     pub(super) path: String,
     pub(super) dev_ino: (u64, u64),
-    /// What the file began with when last checked; grows with the file up to `head_bytes`.
+    /// What the file began with when last checked; grows with the file up to `head_bytes`, as
+    /// scans see it and as destinations read it (see [`TrackedFile::confirm_read`]).
     pub(super) head: Head,
     pub(super) at_path: bool,
     pub(super) rotated_since: Option<Instant>,
@@ -84,11 +87,43 @@ impl TrackedFile {
         self.given_up[index].store(true, Ordering::SeqCst);
     }
 
-    /// Whether `handle` still begins with what this file began with. Readers check before and
-    /// after a read, so a copytruncate that lands mid-read never passes new content off as old.
+    /// Whether `handle` still begins with what this file began with. Readers check before a
+    /// read, so as not to parse what a copytruncate has already replaced.
     pub fn is_intact(&self, handle: &File) -> bool {
         let head = self.inner.lock().expect("lifecycle lock").head;
         head.matches(handle)
+    }
+
+    /// After a read of `read` at offset `from` of `handle`: whether the file still begins with
+    /// its head and, within the head's reach (`files.head_bytes`), still holds the bytes read.
+    /// The head then grows over them, so it is always what the destinations read there.
+    ///
+    /// Why the head must grow with the reads and not only with the scans: a file followed while
+    /// still empty has an empty head. If a destination reads its first lines, and logrotate
+    /// copies and truncates it, and the writer refills it past that size, all before the next
+    /// scan, that scan would find the new content beginning with the (empty) head and no shorter
+    /// than before: the file would pass for intact, and the lines written after the truncate up
+    /// to the offset already read would be skipped by every destination.
+    pub fn confirm_read(&self, handle: &File, from: u64, read: &[u8]) -> bool {
+        let mut life = self.inner.lock().expect("lifecycle lock");
+        let reach = (from.saturating_add(read.len() as u64)).min(self.head_max as u64) as usize;
+        let recorded = life.head.len as usize;
+        if from as usize >= reach && recorded >= reach {
+            return life.head.matches(handle); // a read past the head: the head alone tells
+        }
+        let mut live = Vec::new();
+        let want = reach.max(recorded);
+        if Head::read(handle, want, &mut live).is_err() || live.len() < want || !life.head.is_prefix_of(&live) {
+            return false;
+        }
+        let from = from as usize;
+        if from < reach && live[from..reach] != read[..reach - from] {
+            return false; // rewritten since the read: what was read is not what the head will say
+        }
+        if reach > recorded {
+            life.head = Head::of(&live[..reach]);
+        }
+        true
     }
 
     /// Records that destination `index` has everything before `offset`.
@@ -116,6 +151,7 @@ impl TrackedFile {
         destinations: usize,
         handle: File,
         life: Lifecycle,
+        head_max: usize,
     ) -> Self {
         TrackedFile {
             id,
@@ -126,6 +162,7 @@ impl TrackedFile {
             gone: AtomicBool::new(false),
             given_up: (0..destinations).map(|_| AtomicBool::new(false)).collect(),
             published: AtomicBool::new(false),
+            head_max,
             handle: RwLock::new(Arc::new(handle)),
             inner: Mutex::new(life),
         }
