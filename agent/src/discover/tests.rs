@@ -94,19 +94,31 @@ fn rename_rotation_keeps_the_id_and_the_new_file_with_the_same_header_gets_its_o
 
 #[test]
 fn copytruncate_follows_the_copy_even_when_the_file_starts_again_with_the_same_header() {
-    let s = Setup::new();
-    s.append("app.log", 0..10);
-    let r = s.registry(PreviousRun::default(), None);
-    r.scan();
-    let old = id_at(&r, &s.path("app.log"));
+    let (s, r, old) = followed_app_log();
     std::fs::copy(s.path("app.log"), s.path("app.log.1")).unwrap();
     r.scan(); // a scan between the copy and the truncate: the copy is not a new file
     assert_eq!(followed(&r).len(), 1, "{:?}", followed(&r));
     std::fs::OpenOptions::new().write(true).open(s.path("app.log")).unwrap().set_len(0).unwrap();
     s.append("app.log", 100..120); // longer than before: only the head tells
     r.scan();
-    assert_eq!(id_at(&r, &s.path("app.log.1")), old);
-    assert_ne!(id_at(&r, &s.path("app.log")), old);
+    assert_the_copy_has_the_id(&s, &r, old);
+}
+
+/// `app.log` with ten lines, followed: the setup, the registry and the file's id.
+fn followed_app_log() -> (Setup, Arc<Registry>, u64) {
+    let s = Setup::new();
+    s.append("app.log", 0..10);
+    let r = s.registry(PreviousRun::default(), None);
+    r.scan();
+    let id = id_at(&r, &s.path("app.log"));
+    (s, r, id)
+}
+
+/// After a copytruncate: the copy `app.log.1` holds the file's id, `app.log` is a new file.
+fn assert_the_copy_has_the_id(s: &Setup, r: &Registry, id: u64) {
+    assert_eq!(id_at(r, &s.path("app.log.1")), id, "the copy holds what was read: the file's id follows it");
+    assert_ne!(id_at(r, &s.path("app.log")), id, "the refilled file is a new file, read from its start");
+    assert_eq!(followed(r).len(), 2);
 }
 
 /// logrotate's copy and truncate: the copy beside the file, then the file emptied in place.
@@ -145,18 +157,12 @@ fn a_file_read_while_empty_to_the_scans_then_truncated_and_refilled_before_the_n
     s.append("app.log", 1000..1700); // the same header, longer than what was read
     assert!(!tf.confirm_read(&tf.handle(), 0, &read), "what was read is no longer there");
     r.scan();
-    assert_eq!(id_at(&r, &s.path("app.log.1")), old, "the copy holds what was read: the file's id follows it");
-    assert_ne!(id_at(&r, &s.path("app.log")), old, "the refilled file is a new file, read from its start");
-    assert_eq!(followed(&r).len(), 2);
+    assert_the_copy_has_the_id(&s, &r, old);
 }
 
 #[test]
 fn a_truncate_between_the_steps_of_a_scan_still_follows_the_copy_under_the_files_id() {
-    let s = Setup::new();
-    s.append("app.log", 0..10);
-    let r = s.registry(PreviousRun::default(), None);
-    r.scan();
-    let old = id_at(&r, &s.path("app.log"));
+    let (s, r, old) = followed_app_log();
     std::fs::copy(s.path("app.log"), s.path("app.log.1")).unwrap();
     let truncate_and_write = || {
         std::fs::OpenOptions::new().write(true).open(s.path("app.log")).unwrap().set_len(0).unwrap();
@@ -165,26 +171,18 @@ fn a_truncate_between_the_steps_of_a_scan_still_follows_the_copy_under_the_files
     scan_with(&r, || {}, truncate_and_write); // step 1 saw the file intact, step 3 its copy
     assert_eq!(followed(&r).len(), 1, "the copy is not a new file: {:?}", followed(&r));
     r.scan();
-    assert_eq!(id_at(&r, &s.path("app.log.1")), old);
-    assert_ne!(id_at(&r, &s.path("app.log")), old);
-    assert_eq!(followed(&r).len(), 2);
+    assert_the_copy_has_the_id(&s, &r, old);
 }
 
 #[test]
 fn a_copy_made_after_the_scan_listed_the_directory_is_still_found_when_the_truncate_is_seen() {
-    let s = Setup::new();
-    s.append("app.log", 0..10);
-    let r = s.registry(PreviousRun::default(), None);
-    r.scan();
-    let old = id_at(&r, &s.path("app.log"));
+    let (s, r, old) = followed_app_log();
     let rotate = || {
         copy_and_truncate(&s, "app.log", "app.log.1");
         s.append("app.log", 100..120);
     };
     scan_with(&r, rotate, || {});
-    assert_eq!(id_at(&r, &s.path("app.log.1")), old);
-    assert_ne!(id_at(&r, &s.path("app.log")), old);
-    assert_eq!(followed(&r).len(), 2);
+    assert_the_copy_has_the_id(&s, &r, old);
 }
 
 #[test]
