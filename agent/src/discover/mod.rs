@@ -306,9 +306,8 @@ impl Registry {
             }
             let (recorded, seen_size) = (life.head, life.size);
             drop(life);
-            let handle = tf.handle();
             let mut theirs = Vec::new();
-            if Head::read(&handle, head.len(), &mut theirs).is_err() {
+            if Head::read(&tf.handle(), head.len(), &mut theirs).is_err() {
                 return false;
             }
             let before_the_truncate = seen_size >= size && theirs == head;

@@ -98,7 +98,7 @@ fn copytruncate_follows_the_copy_even_when_the_file_starts_again_with_the_same_h
     std::fs::copy(s.path("app.log"), s.path("app.log.1")).unwrap();
     r.scan(); // a scan between the copy and the truncate: the copy is not a new file
     assert_eq!(followed(&r).len(), 1, "{:?}", followed(&r));
-    std::fs::OpenOptions::new().write(true).open(s.path("app.log")).unwrap().set_len(0).unwrap();
+    truncate(&s, "app.log");
     s.append("app.log", 100..120); // longer than before: only the head tells
     r.scan();
     assert_the_copy_has_the_id(&s, &r, old);
@@ -121,10 +121,15 @@ fn assert_the_copy_has_the_id(s: &Setup, r: &Registry, id: u64) {
     assert_eq!(followed(r).len(), 2);
 }
 
+/// The file emptied in place (its inode kept, as a writer with O_APPEND goes on writing it).
+fn truncate(s: &Setup, name: &str) {
+    std::fs::OpenOptions::new().write(true).open(s.path(name)).unwrap().set_len(0).unwrap();
+}
+
 /// logrotate's copy and truncate: the copy beside the file, then the file emptied in place.
 fn copy_and_truncate(s: &Setup, name: &str, copy: &str) {
     std::fs::copy(s.path(name), s.path(copy)).unwrap();
-    std::fs::OpenOptions::new().write(true).open(s.path(name)).unwrap().set_len(0).unwrap();
+    truncate(s, name);
 }
 
 /// One scan by hand, with `between` run after step 1 (followed files checked) and before step 3
@@ -165,7 +170,7 @@ fn a_truncate_between_the_steps_of_a_scan_still_follows_the_copy_under_the_files
     let (s, r, old) = followed_app_log();
     std::fs::copy(s.path("app.log"), s.path("app.log.1")).unwrap();
     let truncate_and_write = || {
-        std::fs::OpenOptions::new().write(true).open(s.path("app.log")).unwrap().set_len(0).unwrap();
+        truncate(&s, "app.log");
         s.append("app.log", 100..120);
     };
     scan_with(&r, || {}, truncate_and_write); // step 1 saw the file intact, step 3 its copy

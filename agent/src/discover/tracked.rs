@@ -109,7 +109,9 @@ impl TrackedFile {
         let reach = (from.saturating_add(read.len() as u64)).min(self.head_max as u64) as usize;
         let recorded = life.head.len as usize;
         if from as usize >= reach && recorded >= reach {
-            return life.head.matches(handle); // a read past the head: the head alone tells
+            let head = life.head;
+            drop(life); // the usual case: no read of the file under the lock
+            return head.matches(handle); // a read past the head: the head alone tells
         }
         let mut live = Vec::new();
         let want = reach.max(recorded);
