@@ -704,6 +704,20 @@ mod tests {
     }
 
     #[test]
+    fn added_names_that_need_escaping_are_escaped_in_both_forms() {
+        // The added keys are encoded once per file (the id's too): a name with a quote or a
+        // backslash must still come out as that name, in the archive's JSON and in Forward's.
+        let fields = FieldsConfig { host: "h\"ost".into(), file: "fi\\le".into(), id: "i\"d".into() };
+        let (_, archived, forwarded) = parse(br#"{"msg":"x"}"#, 5, &src(Parser::Json, None, "rfc3339"), &fields, 7);
+        for record in [&archived, &forwarded] {
+            assert_eq!(record["h\"ost"], "h1", "{record}");
+            assert_eq!(record["fi\\le"], "/var/log/a.log", "{record}");
+            assert_eq!(record["i\"d"], record_id("h1", 42, 5).as_str(), "{record}");
+            assert_eq!(record["msg"], "x", "{record}");
+        }
+    }
+
+    #[test]
     fn the_archive_keeps_a_json_line_as_written_with_the_added_fields_after_it() {
         let origin = origin();
         let fields = FieldsConfig::default();
