@@ -118,6 +118,38 @@ fn quote_in_block(cell: &[u8], from: usize) -> Option<(usize, Option<usize>)> {
     Some((8, swar::first(swar::equal(word, b'"'))))
 }
 
+/// The blocks of `cell` from `from` that have another sixteen bytes after them, quoted into
+/// `room` from `to`; returns where the next block starts in each.
+///
+/// A block is copied whole, then, for each of its quotes in turn, the sixteen bytes after that
+/// quote are written again one byte further on, behind the doubled quote. The quotes are taken
+/// from one mask of the block: a JSON cell has a quote every few bytes, and finding each one
+/// with a fresh load and compare (what [`quote_in_block`] does) made every quote wait for the
+/// one before it. A write may reach past the block, into bytes the next block overwrites;
+/// `room` holds them: the farthest is `to + 48`, within the `2 * cell.len() + 2` it has, since
+/// `to <= 2 * from + 1` and `from + 32 <= cell.len()`.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn quote_blocks_followed_by_a_block(cell: &[u8], room: &mut [u8], mut from: usize, mut to: usize) -> (usize, usize) {
+    while from + 32 <= cell.len() {
+        let Some(block) = sse2::Block::at(cell, from) else { break };
+        let mut quotes = block.equal(b'"').bits();
+        room[to..to + 16].copy_from_slice(&cell[from..from + 16]);
+        let mut doubled = 0;
+        while quotes != 0 {
+            let at = quotes.trailing_zeros() as usize;
+            quotes &= quotes - 1;
+            // The quote is at `to + at + doubled`: its double follows, then the rest, shifted.
+            room[to + at + doubled + 1] = b'"';
+            doubled += 1;
+            room[to + at + doubled + 1..][..16].copy_from_slice(&cell[from + at + 1..][..16]);
+        }
+        from += 16;
+        to += 16 + doubled;
+    }
+    (from, to)
+}
+
 /// `"cell"` with every quote in it doubled, appended to `out`.
 fn quote_into(cell: &[u8], out: &mut Vec<u8>) {
     let start = out.len();
@@ -127,6 +159,10 @@ fn quote_into(cell: &[u8], out: &mut Vec<u8>) {
     let room = &mut out[start..];
     room[0] = b'"';
     let (mut from, mut to) = (0, 1);
+    #[cfg(target_arch = "x86_64")]
+    {
+        (from, to) = quote_blocks_followed_by_a_block(cell, room, from, to);
+    }
     // A block at a time: copied whole, then, if it holds a quote, written again from just after
     // its first quote, one byte further on.
     while let Some((width, quote)) = quote_in_block(cell, from) {
@@ -209,9 +245,10 @@ mod tests {
 
     #[test]
     fn quotes_anywhere_in_cells_of_every_length_are_doubled() {
-        // Every length from 0 to 80 with quotes at pseudo-random places, and runs of quotes.
+        // Every length from 0 to 150 (nine blocks) with quotes at pseudo-random places, and runs
+        // of quotes.
         let mut seed = 0x9e37_79b9_u32;
-        for len in 0..80 {
+        for len in 0..150 {
             for _ in 0..50 {
                 let cell: Vec<u8> = (0..len)
                     .map(|_| {
@@ -225,6 +262,9 @@ mod tests {
                     .collect();
                 assert_eq!(our_row(&[&cell], b','), csv_crate_row(&[&cell], b','), "{cell:?}");
             }
+            // Nothing but quotes: every block doubles all sixteen, the farthest writes there are.
+            let quotes = vec![b'"'; len];
+            assert_eq!(our_row(&[&quotes], b','), csv_crate_row(&[&quotes], b','), "{len} quotes");
         }
     }
 
